@@ -1,0 +1,196 @@
+//! Bearer tokens: HS256 JWTs signed with `GAVEL_JWT_SECRET`. The algorithm
+//! is pinned (a token claiming `none` or any other algorithm is refused),
+//! and `exp`, `aud` and `sub` are required.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::UserId;
+
+/// A role a token may grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May bid (every authenticated user may).
+    Bidder,
+    /// May create auctions.
+    Seller,
+    /// May create auctions and read anything.
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "bidder" => Ok(Role::Bidder),
+            "seller" => Ok(Role::Seller),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role '{other}' (expected bidder, seller or admin)"
+            )),
+        }
+    }
+}
+
+/// The claims Gavel reads and writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Audience; must equal the configured one.
+    pub aud: String,
+    /// Issued at, seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Granted roles.
+    #[serde(default)]
+    pub roles: Vec<Role>,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// The token's `sub`.
+    pub id: UserId,
+    /// The token's roles.
+    pub roles: Vec<Role>,
+}
+
+impl User {
+    /// Whether the caller has `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// Whether the caller is an admin.
+    pub fn is_admin(&self) -> bool {
+        self.has(Role::Admin)
+    }
+}
+
+/// Why a token was refused (the message is safe to show).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Expired (`exp` in the past).
+    #[error("the token has expired")]
+    Expired,
+    /// Anything else: bad signature, wrong algorithm or audience, bad claims.
+    #[error("the token is invalid")]
+    Invalid,
+}
+
+/// Signing and verification keys for one secret and audience.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    audience: String,
+}
+
+impl JwtKeys {
+    /// Keys for `secret`, accepting tokens for `audience`.
+    pub fn new(secret: &str, audience: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "aud", "sub"]);
+        validation.leeway = 0;
+        JwtKeys {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+            audience: audience.to_owned(),
+        }
+    }
+
+    /// Verifies a token and returns its user.
+    pub fn verify(&self, token: &str) -> Result<User, TokenError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })?;
+        let id = UserId::parse(&data.claims.sub).map_err(|_| TokenError::Invalid)?;
+        Ok(User {
+            id,
+            roles: data.claims.roles,
+        })
+    }
+
+    /// Signs a token for `sub` with `roles`, valid for `ttl_s` seconds.
+    pub fn mint(&self, sub: &str, roles: &[Role], ttl_s: u64) -> String {
+        let now = unix_now();
+        let claims = Claims {
+            sub: sub.to_owned(),
+            exp: now + ttl_s,
+            aud: self.audience.clone(),
+            iat: Some(now),
+            roles: roles.to_vec(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing cannot fail")
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn b64(data: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+    }
+
+    #[test]
+    fn a_minted_token_verifies() {
+        let keys = JwtKeys::new(SECRET, "gavel");
+        let user = keys
+            .verify(&keys.mint("alice", &[Role::Seller], 60))
+            .unwrap();
+        assert_eq!(user.id.as_str(), "alice");
+        assert!(user.has(Role::Seller));
+        assert!(!user.is_admin());
+    }
+
+    #[test]
+    fn refuses_wrong_audience_secret_expiry_and_alg_none() {
+        let keys = JwtKeys::new(SECRET, "gavel");
+        let other_aud = JwtKeys::new(SECRET, "other").mint("alice", &[], 60);
+        assert_eq!(keys.verify(&other_aud).unwrap_err(), TokenError::Invalid);
+        let other_secret = JwtKeys::new(&"x".repeat(32), "gavel").mint("alice", &[], 60);
+        assert_eq!(keys.verify(&other_secret).unwrap_err(), TokenError::Invalid);
+
+        let expired = Claims {
+            sub: "a".into(),
+            exp: unix_now() - 10,
+            aud: "gavel".into(),
+            iat: None,
+            roles: vec![],
+        };
+        let token = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &expired,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(keys.verify(&token).unwrap_err(), TokenError::Expired);
+
+        let claims = format!(r#"{{"sub":"a","aud":"gavel","exp":{}}}"#, unix_now() + 60);
+        let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&claims));
+        assert_eq!(keys.verify(&unsigned).unwrap_err(), TokenError::Invalid);
+    }
+}

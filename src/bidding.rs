@@ -1,0 +1,300 @@
+//! The bid path: where a bid is accepted.
+//!
+//! A bid is checked against a short-lived snapshot of its auction (only to
+//! refuse what the resolver would certainly refuse), then durably appended
+//! to `bid_log` in one statement, and the resolver is signalled. Nothing
+//! here locks or writes the `auctions` row; a snapshot read is a plain MVCC
+//! read that never waits on that row's locks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::auth::User;
+use crate::db::{auctions, bids};
+use crate::domain::{Amount, IdempotencyKey};
+use crate::http::error::ApiError;
+use crate::rate_limit::RateLimiter;
+use crate::resolver::{Resolved, Signals};
+use crate::rules;
+
+/// How long an auction snapshot is trusted for the synchronous checks.
+const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
+/// Snapshots kept before the cache is emptied.
+const SNAPSHOT_CAPACITY: usize = 10_000;
+/// Fallback re-check interval while waiting for an outcome.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// What the synchronous checks need to know about an auction. Every field
+/// only ever moves one way (closed stays closed, the minimum only rises),
+/// so a slightly stale snapshot can refuse a bid only when the resolver
+/// would refuse it too.
+#[derive(Debug, Clone)]
+struct Snapshot {
+    seller_id: String,
+    starting_price: i64,
+    closed: bool,
+    next_min_bid: i64,
+    leader_bidder: Option<String>,
+}
+
+/// A snapshot and when it was read.
+type CachedSnapshot = (Instant, Arc<Snapshot>);
+
+/// The bid path's shared parts.
+#[derive(Clone)]
+pub struct BidDesk {
+    pool: Pool,
+    signals: Signals,
+    snapshots: Arc<Mutex<HashMap<Uuid, CachedSnapshot>>>,
+    rate_limit: Arc<RateLimiter>,
+}
+
+/// The result of placing a bid.
+pub struct Placed {
+    /// The bid as stored (possibly already resolved).
+    pub bid: bids::BidRecord,
+    /// Whether this request repeated an earlier one with the same key.
+    pub replayed: bool,
+    /// Whether the outcome arrived while the client waited.
+    pub resolved_in_wait: bool,
+    /// The primary's WAL position after the write, for read-your-writes.
+    pub wal_position: Option<String>,
+}
+
+impl BidDesk {
+    /// A bid desk appending through `pool`, waking the resolver via
+    /// `signals`, and holding each bidder to `rate_limit`.
+    pub fn new(pool: Pool, signals: Signals, rate_limit: RateLimiter) -> Self {
+        BidDesk {
+            pool,
+            signals,
+            snapshots: Arc::default(),
+            rate_limit: Arc::new(rate_limit),
+        }
+    }
+
+    /// Places `amount` (the bidder's maximum) on `auction_id` for `user`,
+    /// idempotently under `key`; waits up to `wait` for the outcome.
+    pub async fn place(
+        &self,
+        user: &User,
+        auction_id: Uuid,
+        amount: Amount,
+        key: &IdempotencyKey,
+        wait: Option<Duration>,
+    ) -> Result<Placed, ApiError> {
+        metrics::counter!("gavel_bids_received_total").increment(1);
+        let bidder = user.id.as_str();
+        if let Err(wait) = self.rate_limit.check(bidder) {
+            metrics::counter!("gavel_bids_rejected_total", "reason" => "rate_limited").increment(1);
+            return Err(ApiError::RateLimited {
+                retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+            });
+        }
+        if let Err(refusal) = self.precheck(bidder, auction_id, amount.get()).await {
+            // A retry of a request that was accepted before the auction moved
+            // on must still replay, not be refused.
+            return match self.replay(bidder, key, auction_id, amount).await? {
+                Some(bid) => self.finish(bid, true, wait, None, None).await,
+                None => {
+                    if let ApiError::BidTooLow { .. }
+                    | ApiError::AuctionClosed
+                    | ApiError::SellerCannotBid = refusal
+                    {
+                        metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
+                            .increment(1);
+                    }
+                    Err(refusal)
+                }
+            };
+        }
+        // Subscribe before the append so no resolution can slip past.
+        let resolutions = wait.map(|_| self.signals.subscribe());
+        let client = self.pool.get().await?;
+        let appended =
+            bids::append(&client, bidder, key.as_str(), auction_id, amount.get()).await?;
+        let wal_position = bids::wal_position(&client).await.ok();
+        drop(client);
+        match appended {
+            bids::Append::Inserted(bid) => {
+                metrics::counter!("gavel_bids_accepted_total").increment(1);
+                self.signals.bid_appended(auction_id);
+                self.finish(bid, false, wait, resolutions, wal_position)
+                    .await
+            }
+            bids::Append::KeyExists(existing) => {
+                let bid = self.replayed_bid(&existing, auction_id, amount).await?;
+                self.finish(bid, true, wait, resolutions, wal_position)
+                    .await
+            }
+        }
+    }
+
+    /// The bid a replayed key refers to, or 422 when the key was used for
+    /// a different request.
+    async fn replayed_bid(
+        &self,
+        existing: &bids::KeyRecord,
+        auction_id: Uuid,
+        amount: Amount,
+    ) -> Result<bids::BidRecord, ApiError> {
+        if existing.auction_id != auction_id || existing.amount != amount.get() {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        let client = self.pool.get().await?;
+        bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))
+        })
+    }
+
+    async fn replay(
+        &self,
+        bidder: &str,
+        key: &IdempotencyKey,
+        auction_id: Uuid,
+        amount: Amount,
+    ) -> Result<Option<bids::BidRecord>, ApiError> {
+        let client = self.pool.get().await?;
+        let Some(existing) = bids::find_key(&client, bidder, key.as_str()).await? else {
+            return Ok(None);
+        };
+        drop(client);
+        self.replayed_bid(&existing, auction_id, amount)
+            .await
+            .map(Some)
+    }
+
+    async fn finish(
+        &self,
+        bid: bids::BidRecord,
+        replayed: bool,
+        wait: Option<Duration>,
+        resolutions: Option<broadcast::Receiver<Resolved>>,
+        wal_position: Option<String>,
+    ) -> Result<Placed, ApiError> {
+        if replayed {
+            metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
+        }
+        // Every bid response carries a consistency token; a replay that did
+        // not write still hands out the current position.
+        let wal_position = match wal_position {
+            Some(position) => Some(position),
+            None => bids::wal_position(&self.pool.get().await?).await.ok(),
+        };
+        match wait {
+            Some(wait) if bid.status == "pending" && !wait.is_zero() => {
+                let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
+                let bid = self.wait_for_outcome(bid, wait, resolutions).await?;
+                let resolved_in_wait = bid.status != "pending";
+                Ok(Placed {
+                    bid,
+                    replayed,
+                    resolved_in_wait,
+                    wal_position,
+                })
+            }
+            _ => Ok(Placed {
+                bid,
+                replayed,
+                resolved_in_wait: false,
+                wal_position,
+            }),
+        }
+    }
+
+    /// Refuses only what the resolver would certainly refuse.
+    async fn precheck(&self, bidder: &str, auction_id: Uuid, amount: i64) -> Result<(), ApiError> {
+        let snapshot = self
+            .snapshot(auction_id)
+            .await?
+            .ok_or(ApiError::NotFound("auction"))?;
+        if snapshot.seller_id == bidder {
+            return Err(ApiError::SellerCannotBid);
+        }
+        if snapshot.closed {
+            return Err(ApiError::AuctionClosed);
+        }
+        if amount < snapshot.starting_price {
+            return Err(ApiError::BidTooLow {
+                next_min_bid: snapshot.starting_price,
+            });
+        }
+        // The leader may raise their own maximum by any amount, so only a
+        // bidder who was not leading can be held to the minimum. One who
+        // became leader since the snapshot has a maximum at or above it, so
+        // a lower amount is refused as `not_above_own_max` anyway.
+        if snapshot.leader_bidder.as_deref() != Some(bidder) && amount < snapshot.next_min_bid {
+            return Err(ApiError::BidTooLow {
+                next_min_bid: snapshot.next_min_bid,
+            });
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&self, auction_id: Uuid) -> Result<Option<Arc<Snapshot>>, ApiError> {
+        if let Some((at, snapshot)) = self
+            .snapshots
+            .lock()
+            .expect("snapshot lock")
+            .get(&auction_id)
+        {
+            if at.elapsed() < SNAPSHOT_TTL {
+                return Ok(Some(snapshot.clone()));
+            }
+        }
+        let client = self.pool.get().await?;
+        let Some(auction) = auctions::get(&client, auction_id).await? else {
+            return Ok(None);
+        };
+        let snapshot = Arc::new(Snapshot {
+            next_min_bid: rules::next_min_bid(&auction.terms, &auction.state),
+            seller_id: auction.terms.seller_id,
+            starting_price: auction.terms.starting_price,
+            closed: auction.state.closed,
+            leader_bidder: auction.state.leader.map(|l| l.bidder_id),
+        });
+        let mut snapshots = self.snapshots.lock().expect("snapshot lock");
+        if snapshots.len() >= SNAPSHOT_CAPACITY {
+            snapshots.clear();
+        }
+        snapshots.insert(auction_id, (Instant::now(), snapshot.clone()));
+        Ok(Some(snapshot))
+    }
+
+    /// Waits until the resolver has decided `bid`, or `wait` has passed;
+    /// returns the bid's latest view either way.
+    async fn wait_for_outcome(
+        &self,
+        mut bid: bids::BidRecord,
+        wait: Duration,
+        mut resolutions: broadcast::Receiver<Resolved>,
+    ) -> Result<bids::BidRecord, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let recheck = tokio::select! {
+                () = tokio::time::sleep_until(deadline) => return Ok(bid),
+                () = tokio::time::sleep(WAIT_POLL) => true,
+                event = resolutions.recv() => match event {
+                    Ok(resolved) => resolved.may_concern(bid.auction_id, bid.id),
+                    // Missed events: look for ourselves.
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => true,
+                },
+            };
+            if recheck {
+                let client = self.pool.get().await?;
+                if let Some(latest) = bids::get(&client, bid.id).await? {
+                    bid = latest;
+                }
+                if bid.status != "pending" {
+                    return Ok(bid);
+                }
+            }
+        }
+    }
+}

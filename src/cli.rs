@@ -1,0 +1,100 @@
+//! The `gavel` command line: `serve`, `migrate`, `dev` and `token`.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{JwtKeys, Role};
+use crate::config::{Config, MIN_JWT_SECRET_LEN};
+use crate::{db, dev, server, telemetry};
+
+/// Gavel: auction bidding backend.
+#[derive(Debug, Parser)]
+#[command(name = "gavel", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API, the resolver and the admin listener.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Zero-configuration local run on a private PostgreSQL.
+    Dev,
+    /// Print a JWT signed with GAVEL_JWT_SECRET (development and load tests).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// A role to grant (bidder, seller, admin); repeatable.
+        #[arg(long = "role")]
+        roles: Vec<Role>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::Token { sub, roles, ttl } = &cli.command {
+        return print_token(sub, roles, *ttl);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => serve().await,
+            Command::Migrate => migrate().await,
+            Command::Dev => dev::run().await,
+            Command::Token { .. } => unreachable!("handled above"),
+        }
+    })
+}
+
+fn load_config() -> anyhow::Result<Config> {
+    Config::from_env().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let config = load_config()?;
+    telemetry::init_tracing(&config.log_filter, config.log_json);
+    let server = server::Server::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        trigger.cancel();
+    });
+    server.run(shutdown).await
+}
+
+async fn migrate() -> anyhow::Result<()> {
+    let config = load_config()?;
+    telemetry::init_tracing(&config.log_filter, config.log_json);
+    db::migrate(&config.database_url).await?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+fn print_token(sub: &str, roles: &[Role], ttl: u64) -> anyhow::Result<()> {
+    let secret = std::env::var("GAVEL_JWT_SECRET").unwrap_or_default();
+    if secret.len() < MIN_JWT_SECRET_LEN {
+        anyhow::bail!(
+            "GAVEL_JWT_SECRET: must be set to at least {MIN_JWT_SECRET_LEN} bytes to sign tokens"
+        );
+    }
+    let audience = std::env::var("GAVEL_JWT_AUDIENCE")
+        .ok()
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "gavel".into());
+    crate::domain::UserId::parse(sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
+    println!("{}", JwtKeys::new(&secret, &audience).mint(sub, roles, ttl));
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Gavel's configuration: one typed struct read from `GAVEL_*` environment
+//! variables and validated at start-up, so a bad value stops the process
+//! with one line naming the variable instead of failing later under load.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Minimum length of the HS256 secret, in bytes (API.md).
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+/// Everything `gavel serve` needs, validated.
+#[derive(Clone)]
+pub struct Config {
+    /// Primary PostgreSQL URL (`GAVEL_DATABASE_URL`).
+    pub database_url: String,
+    /// Streaming replica URLs (`GAVEL_REPLICA_URLS`, comma-separated).
+    pub replica_urls: Vec<String>,
+    /// Public API listener (`GAVEL_LISTEN`).
+    pub listen: SocketAddr,
+    /// Admin listener serving `/metrics` (`GAVEL_ADMIN_LISTEN`).
+    pub admin_listen: SocketAddr,
+    /// HS256 signing secret (`GAVEL_JWT_SECRET`).
+    pub jwt_secret: String,
+    /// Expected `aud` claim (`GAVEL_JWT_AUDIENCE`).
+    pub jwt_audience: String,
+    /// Tracing filter (`GAVEL_LOG`).
+    pub log_filter: String,
+    /// Log output format (`GAVEL_LOG_FORMAT`: `text` or `json`).
+    pub log_json: bool,
+    /// Connections the API may hold on the primary (`GAVEL_API_POOL_SIZE`).
+    pub api_pool_size: usize,
+    /// Connections the resolver may hold on the primary (`GAVEL_RESOLVER_POOL_SIZE`).
+    pub resolver_pool_size: usize,
+    /// How long a request waits for a pooled connection before 503 (`GAVEL_POOL_WAIT_TIMEOUT_MS`).
+    pub pool_wait_timeout: Duration,
+    /// `statement_timeout` of every connection (`GAVEL_STATEMENT_TIMEOUT_MS`).
+    pub statement_timeout: Duration,
+    /// Whether this process runs the resolver (`GAVEL_RESOLVER`: `on` or `off`).
+    pub resolver_enabled: bool,
+    /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
+    pub resolver_poll: Duration,
+    /// Sustained bids per second one bidder may place (`GAVEL_BID_RATE_LIMIT`, 0 = off).
+    pub bid_rate_limit: u32,
+    /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
+    pub bid_rate_burst: u32,
+    /// Wait after `ends_at` before settling, so bids still committing are
+    /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
+    pub settle_grace: Duration,
+}
+
+/// A setting that is missing or invalid; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct ConfigError {
+    /// The full variable name, e.g. `GAVEL_JWT_SECRET`.
+    pub name: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let statement_timeout = env.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
+        let default_grace = statement_timeout.as_millis() as u64 + 1_000;
+        Ok(Config {
+            database_url: env.database_url("GAVEL_DATABASE_URL")?,
+            replica_urls: env.replica_urls("GAVEL_REPLICA_URLS")?,
+            listen: env.socket_addr("GAVEL_LISTEN", "127.0.0.1:8080")?,
+            admin_listen: env.socket_addr("GAVEL_ADMIN_LISTEN", "127.0.0.1:9090")?,
+            jwt_secret: env.jwt_secret("GAVEL_JWT_SECRET")?,
+            jwt_audience: env.non_empty("GAVEL_JWT_AUDIENCE", "gavel")?,
+            log_filter: env.non_empty("GAVEL_LOG", "info")?,
+            log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
+            api_pool_size: env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?,
+            resolver_pool_size: env.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
+            pool_wait_timeout: env.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?,
+            statement_timeout,
+            resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
+            resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
+            bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
+            bid_rate_burst: env.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
+            settle_grace: env.millis("GAVEL_SETTLE_GRACE_MS", default_grace, 0..=3_600_000)?,
+        })
+    }
+}
+
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name).filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &str) -> Result<String, ConfigError> {
+        self.get(name)
+            .ok_or_else(|| err(name, "is required but not set"))
+    }
+
+    fn non_empty(&self, name: &str, default: &str) -> Result<String, ConfigError> {
+        Ok(self.get(name).unwrap_or_else(|| default.to_owned()))
+    }
+
+    fn database_url(&self, name: &str) -> Result<String, ConfigError> {
+        let url = self.required(name)?;
+        check_postgres_url(name, &url)?;
+        Ok(url)
+    }
+
+    fn replica_urls(&self, name: &str) -> Result<Vec<String>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|url| check_postgres_url(name, url).map(|()| url.to_owned()))
+            .collect()
+    }
+
+    fn socket_addr(&self, name: &str, default: &str) -> Result<SocketAddr, ConfigError> {
+        let raw = self.non_empty(name, default)?;
+        raw.parse().map_err(|_| {
+            err(
+                name,
+                &format!("'{raw}' is not a socket address like 127.0.0.1:8080"),
+            )
+        })
+    }
+
+    fn jwt_secret(&self, name: &str) -> Result<String, ConfigError> {
+        let secret = self.required(name)?;
+        if secret.len() < MIN_JWT_SECRET_LEN {
+            return Err(err(
+                name,
+                &format!(
+                    "must be at least {MIN_JWT_SECRET_LEN} bytes (got {})",
+                    secret.len()
+                ),
+            ));
+        }
+        Ok(secret)
+    }
+
+    fn choice(&self, name: &str, default: &str, allowed: &[&str]) -> Result<String, ConfigError> {
+        let value = self.non_empty(name, default)?;
+        if allowed.contains(&value.as_str()) {
+            Ok(value)
+        } else {
+            Err(err(
+                name,
+                &format!("'{value}' is not one of {}", allowed.join(", ")),
+            ))
+        }
+    }
+
+    fn number(
+        &self,
+        name: &str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        match raw.parse::<usize>() {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => Err(err(
+                name,
+                &format!(
+                    "'{raw}' must be an integer in {}..={}",
+                    range.start(),
+                    range.end()
+                ),
+            )),
+        }
+    }
+
+    fn millis(
+        &self,
+        name: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        let start = *range.start() as usize;
+        let end = *range.end() as usize;
+        self.number(name, default as usize, start..=end)
+            .map(|ms| Duration::from_millis(ms as u64))
+    }
+}
+
+fn check_postgres_url(name: &str, url: &str) -> Result<(), ConfigError> {
+    url.parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|_| {
+            err(
+                name,
+                "is not a valid PostgreSQL URL (postgres://user@host:port/db)",
+            )
+        })
+}
+
+fn err(name: &str, problem: &str) -> ConfigError {
+    ConfigError {
+        name: name.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    const URL: &str = "postgres://gavel@127.0.0.1:5999/gavel";
+
+    #[test]
+    fn defaults_apply_when_only_required_settings_are_given() {
+        let c = config(&[("GAVEL_DATABASE_URL", URL), ("GAVEL_JWT_SECRET", SECRET)]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.jwt_audience, "gavel");
+        assert!(c.replica_urls.is_empty());
+        assert_eq!(c.settle_grace, Duration::from_millis(6_000));
+        assert!(c.resolver_enabled);
+    }
+
+    #[test]
+    fn each_bad_setting_is_named() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("GAVEL_JWT_SECRET", SECRET)], "GAVEL_DATABASE_URL"),
+            (&[("GAVEL_DATABASE_URL", URL)], "GAVEL_JWT_SECRET"),
+            (
+                &[("GAVEL_DATABASE_URL", URL), ("GAVEL_JWT_SECRET", "short")],
+                "GAVEL_JWT_SECRET",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", "mysql://x"),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                ],
+                "GAVEL_DATABASE_URL",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_LISTEN", "nope"),
+                ],
+                "GAVEL_LISTEN",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_API_POOL_SIZE", "0"),
+                ],
+                "GAVEL_API_POOL_SIZE",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_LOG_FORMAT", "xml"),
+                ],
+                "GAVEL_LOG_FORMAT",
+            ),
+        ];
+        for (vars, name) in cases {
+            let e = config(vars)
+                .err()
+                .unwrap_or_else(|| panic!("{name} should be rejected"));
+            assert_eq!(&e.name, name);
+            assert!(e.to_string().starts_with(name));
+        }
+    }
+}

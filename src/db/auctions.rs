@@ -1,0 +1,223 @@
+//! Queries on `auctions`: creation, reads, and the resolver's compare-and-set
+//! on `version`. Nothing on the bid path writes or locks this table.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::rules::{AuctionState, AuctionTerms, Increments, Leader};
+
+/// One auction as stored: fixed terms plus the resolver-owned state.
+#[derive(Debug, Clone)]
+pub struct AuctionRecord {
+    /// The auction id.
+    pub id: Uuid,
+    /// Display title.
+    pub title: String,
+    /// ISO-style currency code (three uppercase letters).
+    pub currency: String,
+    /// Terms the rules apply.
+    pub terms: AuctionTerms,
+    /// `ends_at` as created, before any soft-close extension.
+    pub original_ends_at: DateTime<Utc>,
+    /// `soft_close_s` as created.
+    pub soft_close_s: i32,
+    /// State the resolver maintains.
+    pub state: AuctionState,
+    /// How many bids the resolver has applied (rejected ones included).
+    pub resolved_count: i64,
+    /// The winner once settled with the reserve met.
+    pub winner_id: Option<String>,
+    /// Optimistic concurrency version; also the `ETag`.
+    pub version: i64,
+}
+
+/// A validated request to create an auction.
+pub struct NewAuction {
+    /// The new auction's id (UUIDv7).
+    pub id: Uuid,
+    /// Display title.
+    pub title: String,
+    /// Currency code.
+    pub currency: String,
+    /// Terms, including the seller.
+    pub terms: AuctionTerms,
+    /// Scheduled end.
+    pub ends_at: DateTime<Utc>,
+    /// Soft-close window in seconds.
+    pub soft_close_s: i32,
+}
+
+const COLUMNS: &str = "id, title, currency, seller_id, starting_price, reserve_price, increments, \
+    starts_at, original_ends_at, ends_at, soft_close_s, max_end_at, status, leader_bid_id, \
+    leader_bidder_id, leader_max, current_price, bid_count, resolved_count, winner_id, version";
+
+impl AuctionRecord {
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        let increments: serde_json::Value = row.try_get("increments")?;
+        // Stored increments were validated on insert; a bad value here means
+        // the row was edited by hand, and the default table is the safe reading.
+        let increments: Increments =
+            serde_json::from_value(increments).unwrap_or_else(|_| Increments::default_table());
+        let soft_close_s: i32 = row.try_get("soft_close_s")?;
+        let leader = match (
+            row.try_get::<_, Option<Uuid>>("leader_bid_id")?,
+            row.try_get::<_, Option<String>>("leader_bidder_id")?,
+            row.try_get::<_, Option<i64>>("leader_max")?,
+        ) {
+            (Some(bid_id), Some(bidder_id), Some(max_amount)) => Some(Leader {
+                bid_id,
+                bidder_id,
+                max_amount,
+            }),
+            _ => None,
+        };
+        let status: String = row.try_get("status")?;
+        Ok(AuctionRecord {
+            id: row.try_get("id")?,
+            title: row.try_get("title")?,
+            currency: row.try_get("currency")?,
+            terms: AuctionTerms {
+                seller_id: row.try_get("seller_id")?,
+                starting_price: row.try_get("starting_price")?,
+                reserve_price: row.try_get("reserve_price")?,
+                increments,
+                starts_at: row.try_get("starts_at")?,
+                soft_close: chrono::Duration::seconds(i64::from(soft_close_s)),
+                max_end_at: row.try_get("max_end_at")?,
+            },
+            original_ends_at: row.try_get("original_ends_at")?,
+            soft_close_s,
+            state: AuctionState {
+                leader,
+                price: row.try_get("current_price")?,
+                bid_count: row.try_get("bid_count")?,
+                ends_at: row.try_get("ends_at")?,
+                closed: status == "closed",
+            },
+            resolved_count: row.try_get("resolved_count")?,
+            winner_id: row.try_get("winner_id")?,
+            version: row.try_get("version")?,
+        })
+    }
+}
+
+/// Inserts a new auction and returns it as stored.
+pub async fn insert(
+    client: &impl GenericClient,
+    new: &NewAuction,
+) -> Result<AuctionRecord, tokio_postgres::Error> {
+    let increments =
+        serde_json::to_value(new.terms.increments.tiers()).expect("increment tiers serialize");
+    let sql = format!(
+        "INSERT INTO auctions (id, title, currency, seller_id, starting_price, reserve_price, \
+         increments, starts_at, original_ends_at, ends_at, soft_close_s, max_end_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11) RETURNING {COLUMNS}"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let row = client
+        .query_one(
+            &stmt,
+            &[
+                &new.id,
+                &new.title,
+                &new.currency,
+                &new.terms.seller_id,
+                &new.terms.starting_price,
+                &new.terms.reserve_price,
+                &increments,
+                &new.terms.starts_at,
+                &new.ends_at,
+                &new.soft_close_s,
+                &new.terms.max_end_at,
+            ],
+        )
+        .await?;
+    AuctionRecord::from_row(&row)
+}
+
+/// Reads one auction (a plain MVCC read: never waits on the row's locks).
+pub async fn get(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<AuctionRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM auctions WHERE id = $1"))
+        .await?;
+    client
+        .query_opt(&stmt, &[&id])
+        .await?
+        .map(|row| AuctionRecord::from_row(&row))
+        .transpose()
+}
+
+/// The resolver's new state for an auction, written only if nobody else
+/// committed since `expected_version` was read.
+pub struct StateUpdate<'a> {
+    /// The auction.
+    pub id: Uuid,
+    /// The version the resolver read.
+    pub expected_version: i64,
+    /// The new state.
+    pub state: &'a AuctionState,
+    /// Bids applied so far, rejected ones included.
+    pub resolved_count: i64,
+    /// The winner, set when this update settles the auction with a winner.
+    pub winner: Option<&'a Leader>,
+}
+
+/// Compare-and-set on `version`; returns whether this writer won.
+pub async fn compare_and_set(
+    client: &impl GenericClient,
+    update: &StateUpdate<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE auctions SET leader_bid_id = $3, leader_bidder_id = $4, leader_max = $5, \
+             current_price = $6, bid_count = $7, ends_at = $8, resolved_count = $9, \
+             status = CASE WHEN $10 THEN 'closed' ELSE 'open' END, \
+             settled_at = CASE WHEN $10 THEN coalesce(settled_at, now()) END, \
+             winner_id = $11, winner_bid_id = $12, version = version + 1 \
+             WHERE id = $1 AND version = $2",
+        )
+        .await?;
+    let state = update.state;
+    let leader = state.leader.as_ref();
+    let updated = client
+        .execute(
+            &stmt,
+            &[
+                &update.id,
+                &update.expected_version,
+                &leader.map(|l| l.bid_id),
+                &leader.map(|l| l.bidder_id.as_str()),
+                &leader.map(|l| l.max_amount),
+                &state.price,
+                &state.bid_count,
+                &state.ends_at,
+                &update.resolved_count,
+                &state.closed,
+                &update.winner.map(|w| w.bidder_id.as_str()),
+                &update.winner.map(|w| w.bid_id),
+            ],
+        )
+        .await?;
+    Ok(updated == 1)
+}
+
+/// Open auctions whose end (plus `grace`) has passed: candidates to settle.
+pub async fn due_to_settle(
+    client: &impl GenericClient,
+    grace: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT id FROM auctions WHERE status = 'open' \
+             AND ends_at < now() - make_interval(secs => $1) ORDER BY ends_at LIMIT $2",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&grace.as_secs_f64(), &limit]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}

@@ -1,0 +1,287 @@
+//! Queries on `bid_log` and `idempotency_keys`: the one-statement durable
+//! append of the bid path, reads of bids, and the resolver's outcome writes.
+//!
+//! The append touches only `bid_log` and `idempotency_keys`; it never reads,
+//! locks or references the `auctions` row.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+/// One row of the bid log.
+#[derive(Debug, Clone)]
+pub struct BidRecord {
+    /// The auction bid on.
+    pub auction_id: Uuid,
+    /// The bid id.
+    pub id: Uuid,
+    /// Insertion sequence (history order; not the resolution order).
+    pub seq: i64,
+    /// The bidder (token `sub`).
+    pub bidder_id: String,
+    /// The bidder's maximum.
+    pub amount: i64,
+    /// `pending`, `leading`, `outbid`, `rejected`, `won` or `lost`.
+    pub status: String,
+    /// Why the bid was rejected.
+    pub reason: Option<String>,
+    /// The auction price right after this bid was applied.
+    pub price_after: Option<i64>,
+    /// Database clock at insertion.
+    pub received_at: DateTime<Utc>,
+    /// When the resolver applied the bid.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Position in the auction's resolution order.
+    pub resolution_no: Option<i64>,
+}
+
+const COLUMNS: &str = "auction_id, id, seq, bidder_id, amount, status, reason, price_after, \
+    received_at, resolved_at, resolution_no";
+
+impl BidRecord {
+    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        Ok(BidRecord {
+            auction_id: row.try_get("auction_id")?,
+            id: row.try_get("id")?,
+            seq: row.try_get("seq")?,
+            bidder_id: row.try_get("bidder_id")?,
+            amount: row.try_get("amount")?,
+            status: row.try_get("status")?,
+            reason: row.try_get("reason")?,
+            price_after: row.try_get("price_after")?,
+            received_at: row.try_get("received_at")?,
+            resolved_at: row.try_get("resolved_at")?,
+            resolution_no: row.try_get("resolution_no")?,
+        })
+    }
+}
+
+/// A stored idempotency key: what the first request with it asked for.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    /// The auction of the first request.
+    pub auction_id: Uuid,
+    /// The amount of the first request.
+    pub amount: i64,
+    /// The bid the first request created.
+    pub bid_id: Uuid,
+}
+
+/// What an append did.
+pub enum Append {
+    /// A new bid is durably in the log.
+    Inserted(BidRecord),
+    /// The bidder already used this key; nothing was written.
+    KeyExists(KeyRecord),
+}
+
+/// The bid path's single durable write: the idempotency key and the bid in
+/// one statement (one transaction). A concurrent request with the same key
+/// waits on the key's unique index until the first commits, then sees
+/// `KeyExists`: never two bids.
+pub async fn append(
+    client: &impl GenericClient,
+    bidder_id: &str,
+    key: &str,
+    auction_id: Uuid,
+    amount: i64,
+) -> Result<Append, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "WITH key AS ( \
+               INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
+               VALUES ($1, $2, $3, $4, $5) ON CONFLICT (bidder_id, key) DO NOTHING \
+               RETURNING bid_id) \
+             INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+             SELECT $3, bid_id, $1, $4, $2 FROM key RETURNING {COLUMNS}"
+        ))
+        .await?;
+    let bid_id = Uuid::now_v7();
+    loop {
+        let inserted = client
+            .query_opt(&stmt, &[&bidder_id, &key, &auction_id, &amount, &bid_id])
+            .await?;
+        if let Some(row) = inserted {
+            return Ok(Append::Inserted(BidRecord::from_row(&row)?));
+        }
+        // If the conflicting key vanished between the two statements (purged),
+        // the next round inserts.
+        if let Some(existing) = find_key(client, bidder_id, key).await? {
+            return Ok(Append::KeyExists(existing));
+        }
+    }
+}
+
+/// The stored idempotency key of `bidder_id`, if any.
+pub async fn find_key(
+    client: &impl GenericClient,
+    bidder_id: &str,
+    key: &str,
+) -> Result<Option<KeyRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT auction_id, amount, bid_id FROM idempotency_keys \
+             WHERE bidder_id = $1 AND key = $2",
+        )
+        .await?;
+    Ok(client
+        .query_opt(&stmt, &[&bidder_id, &key])
+        .await?
+        .map(|row| KeyRecord {
+            auction_id: row.get(0),
+            amount: row.get(1),
+            bid_id: row.get(2),
+        }))
+}
+
+/// One bid by id.
+pub async fn get(
+    client: &impl GenericClient,
+    bid_id: Uuid,
+) -> Result<Option<BidRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM bid_log WHERE id = $1"))
+        .await?;
+    client
+        .query_opt(&stmt, &[&bid_id])
+        .await?
+        .map(|row| BidRecord::from_row(&row))
+        .transpose()
+}
+
+/// A page of an auction's bid history, newest first, strictly before `before_seq`.
+pub async fn history(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    before_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM bid_log WHERE auction_id = $1 AND seq < $2 \
+             ORDER BY seq DESC LIMIT $3"
+        ))
+        .await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&auction_id, &before_seq.unwrap_or(i64::MAX), &limit],
+        )
+        .await?;
+    rows.iter().map(BidRecord::from_row).collect()
+}
+
+/// The oldest pending bids of an auction, in sequence order.
+pub async fn pending(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    limit: i64,
+) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM bid_log WHERE auction_id = $1 AND status = 'pending' \
+             ORDER BY seq LIMIT $2"
+        ))
+        .await?;
+    let rows = client.query(&stmt, &[&auction_id, &limit]).await?;
+    rows.iter().map(BidRecord::from_row).collect()
+}
+
+/// Auctions that have pending bids (found by state, not by a watermark).
+pub async fn auctions_with_pending(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT DISTINCT auction_id FROM bid_log WHERE status = 'pending' LIMIT $1")
+        .await?;
+    let rows = client.query(&stmt, &[&limit]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The resolver's outcome for a batch of pending bids, column-wise.
+#[derive(Default)]
+pub struct Outcomes {
+    /// Bid ids.
+    pub ids: Vec<Uuid>,
+    /// New status of each bid.
+    pub statuses: Vec<&'static str>,
+    /// Rejection reason of each bid.
+    pub reasons: Vec<Option<&'static str>>,
+    /// Price right after each bid.
+    pub prices: Vec<Option<i64>>,
+    /// Position of each bid in the auction's resolution order.
+    pub resolution_nos: Vec<i64>,
+}
+
+/// Writes the outcomes of pending bids; returns how many rows were still
+/// pending (the caller aborts the transaction if that is not all of them).
+pub async fn record_outcomes(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    version: i64,
+    outcomes: &Outcomes,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE bid_log b SET status = u.status, reason = u.reason, price_after = u.price, \
+             resolution_no = u.no, resolved_version = $2, resolved_at = now() \
+             FROM unnest($3::uuid[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
+                  AS u(id, status, reason, price, no) \
+             WHERE b.auction_id = $1 AND b.id = u.id AND b.status = 'pending'",
+        )
+        .await?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &auction_id,
+                &version,
+                &outcomes.ids,
+                &outcomes.statuses,
+                &outcomes.reasons,
+                &outcomes.prices,
+                &outcomes.resolution_nos,
+            ],
+        )
+        .await
+}
+
+/// Marks a previously leading bid as outbid.
+pub async fn mark_outbid(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    bid_id: Uuid,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE bid_log SET status = 'outbid' \
+             WHERE auction_id = $1 AND id = $2 AND status = 'leading'",
+        )
+        .await?;
+    client.execute(&stmt, &[&auction_id, &bid_id]).await
+}
+
+/// Settlement: the winning bid becomes `won`, every other live bid `lost`.
+pub async fn settle_outcomes(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    winning_bid: Option<Uuid>,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE bid_log SET status = CASE WHEN id = $2 THEN 'won' ELSE 'lost' END \
+             WHERE auction_id = $1 AND status IN ('leading', 'outbid')",
+        )
+        .await?;
+    client.execute(&stmt, &[&auction_id, &winning_bid]).await
+}
+
+/// The primary's current WAL insert position (after this session's writes).
+pub async fn wal_position(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_current_wal_insert_lsn()::text")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}

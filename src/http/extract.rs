@@ -1,0 +1,169 @@
+//! Request extractors that turn HTTP input into checked values or into the
+//! contract's problem responses: the bearer-token user, JSON bodies, ids in
+//! paths, and the bid headers.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{TokenError, User};
+use crate::domain::IdempotencyKey;
+
+/// Largest accepted request body (API.md).
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("a bearer token is required"))?;
+        let token = header
+            .to_str()
+            .ok()
+            // The scheme is case-insensitive (RFC 9110, section 11.1).
+            .and_then(|h| h.split_once(' '))
+            .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer").then_some(token))
+            .ok_or(ApiError::Unauthorized(
+                "the Authorization header must be 'Bearer <token>'",
+            ))?;
+        state.jwt.verify(token.trim()).map_err(|e| match e {
+            TokenError::Expired => ApiError::Unauthorized("the token has expired"),
+            TokenError::Invalid => ApiError::Unauthorized("the token is invalid"),
+        })
+    }
+}
+
+/// A JSON object body: `application/json`, at most [`BODY_LIMIT`] bytes.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(BODY_LIMIT)
+            } else {
+                ApiError::InvalidRequest("the request body could not be read".into())
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::InvalidRequest(
+                "the body must be a JSON object".into(),
+            )),
+            Err(e) => Err(ApiError::InvalidRequest(format!("malformed JSON: {e}"))),
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Parses an id taken from a path: malformed is 400 `invalid_request`.
+pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::InvalidRequest(format!("'{raw}' is not a valid {what} id")))
+}
+
+/// The `Idempotency-Key` header: missing is 400 `idempotency_key_missing`,
+/// malformed 400 `invalid_request`.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
+    let raw = headers
+        .get("idempotency-key")
+        .ok_or(ApiError::IdempotencyKeyMissing)?;
+    let raw = raw
+        .to_str()
+        .map_err(|_| ApiError::InvalidRequest("Idempotency-Key must be visible ASCII".into()))?;
+    IdempotencyKey::parse(raw).map_err(ApiError::InvalidRequest)
+}
+
+/// Most seconds a client may ask to wait for its bid's outcome.
+pub const MAX_WAIT_S: u64 = 10;
+
+/// The `wait=N` preference of RFC 7240 (`Prefer: wait=3`), capped at
+/// [`MAX_WAIT_S`]; an absent or unreadable preference is ignored, as the
+/// RFC asks.
+pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .filter_map(|pref| {
+            let (name, value) = pref.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("wait")
+                .then(|| value.trim().trim_matches('"').parse::<u64>().ok())?
+        })
+        .next()
+        .map(|n| n.min(MAX_WAIT_S))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn prefer_wait_parses_rfc7240_forms() {
+        assert_eq!(prefer_wait(&headers(&[("prefer", "wait=3")])), Some(3));
+        assert_eq!(
+            prefer_wait(&headers(&[("prefer", "respond-async, wait=5")])),
+            Some(5)
+        );
+        assert_eq!(
+            prefer_wait(&headers(&[("prefer", "wait=100")])),
+            Some(MAX_WAIT_S)
+        );
+        assert_eq!(prefer_wait(&headers(&[("prefer", "wait=soon")])), None);
+        assert_eq!(prefer_wait(&headers(&[])), None);
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(&headers(&[("content-type", "application/json")])));
+        assert!(is_json(&headers(&[(
+            "content-type",
+            "application/json; charset=utf-8"
+        )])));
+        assert!(is_json(&headers(&[(
+            "content-type",
+            "application/merge-patch+json"
+        )])));
+        assert!(!is_json(&headers(&[("content-type", "text/plain")])));
+        assert!(!is_json(&headers(&[])));
+    }
+}

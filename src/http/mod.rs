@@ -1,0 +1,114 @@
+//! The HTTP layer: the public API router with its middleware (security
+//! headers, request ids, metrics, body limit) and the admin router.
+
+pub mod auctions;
+pub mod bids;
+pub mod error;
+pub mod extract;
+pub mod health;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+
+use crate::auth::JwtKeys;
+use crate::bidding::BidDesk;
+use crate::db::Pools;
+use crate::resolver::Signals;
+use error::ApiError;
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Connection pools.
+    pub pools: Pools,
+    /// Token verification.
+    pub jwt: Arc<JwtKeys>,
+    /// The bid path.
+    pub bids: BidDesk,
+    /// Wake-ups between the bid path and the resolver.
+    pub signals: Signals,
+}
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The public API with all its middleware.
+pub fn api_router(state: AppState) -> Router {
+    let routes = Router::new()
+        .merge(health::router())
+        .merge(auctions::router())
+        .merge(bids::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(middleware::from_fn(track_metrics))
+        .with_state(state);
+    routes.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+            .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id)
+                },
+            ))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+            .layer(security_header(header::STRICT_TRANSPORT_SECURITY, "max-age=31536000; includeSubDomains"))
+            .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
+            .layer(security_header(
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; frame-ancestors 'none'",
+            ))
+            .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+    )
+}
+
+fn security_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
+}
+
+/// Counts requests and records latency by method, matched route and status.
+async fn track_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("gavel_http_requests_total", &labels).increment(1);
+    metrics::histogram!("gavel_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The admin listener: Prometheus metrics. Never exposed publicly.
+pub fn admin_router(metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .with_state(metrics)
+}
+
+async fn render_metrics(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}

@@ -1,0 +1,24 @@
+//! Gavel: an auction bidding backend whose bid path only appends to a log,
+//! while one resolver per auction computes prices with optimistic versioning.
+//!
+//! - [`bidding`]: where a bid is accepted (checks, durable append).
+//! - [`rules`]: where the price is computed (pure auction rules).
+//! - [`resolver`]: the background writer of auction state.
+//! - [`http`]: the API; [`db`]: pools, migrations and queries.
+//! - [`server`], [`cli`], [`dev`]: running it; [`pg_cluster`]: private
+//!   PostgreSQL clusters for `gavel dev` and the tests.
+
+pub mod auth;
+pub mod bidding;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dev;
+pub mod domain;
+pub mod http;
+pub mod pg_cluster;
+pub mod rate_limit;
+pub mod resolver;
+pub mod rules;
+pub mod server;
+pub mod telemetry;

@@ -1,0 +1,93 @@
+//! Per-bidder rate limit of the bid path: a token bucket per bidder, kept in
+//! memory (each process limits what it receives). A bidder over the limit
+//! gets `429 rate_limited` with `Retry-After` before any database work.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Buckets kept before idle (full) ones are dropped.
+const SWEEP_AT: usize = 100_000;
+
+/// Token buckets keyed by bidder id.
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl RateLimiter {
+    /// `per_second` sustained bids per bidder, bursts of `burst`; a rate of 0 disables the limit.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        RateLimiter {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for `bidder`, or says how long until one is available.
+    pub fn check(&self, bidder: &str) -> Result<(), Duration> {
+        self.check_at(bidder, Instant::now())
+    }
+
+    fn check_at(&self, bidder: &str, now: Instant) -> Result<(), Duration> {
+        if self.per_second <= 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        if buckets.len() >= SWEEP_AT {
+            let full_after = Duration::from_secs_f64(self.burst / self.per_second);
+            buckets.retain(|_, b| now.duration_since(b.refilled) < full_after);
+        }
+        let bucket = buckets.entry(bidder.to_owned()).or_insert(Bucket {
+            tokens: self.burst,
+            refilled: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
+        bucket.refilled = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - bucket.tokens) / self.per_second,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_the_burst_then_refills_at_the_rate() {
+        let limiter = RateLimiter::new(10, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.check_at("alice", t0).is_ok());
+        }
+        let wait = limiter.check_at("alice", t0).unwrap_err();
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
+        // Another bidder has a bucket of their own.
+        assert!(limiter.check_at("bob", t0).is_ok());
+        // 100 ms later one token is back.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(limiter.check_at("alice", t1).is_ok());
+        assert!(limiter.check_at("alice", t1).is_err());
+    }
+
+    #[test]
+    fn a_zero_rate_disables_the_limit() {
+        let limiter = RateLimiter::new(0, 1);
+        let now = Instant::now();
+        assert!((0..1000).all(|_| limiter.check_at("alice", now).is_ok()));
+    }
+}

@@ -1,0 +1,136 @@
+//! Cross-process wake-ups over PostgreSQL LISTEN/NOTIFY.
+//!
+//! Channel `gavel_bids` carries an auction id with new bids that its
+//! appending process could not resolve itself (its resolver is off, or
+//! another process holds the auction); `gavel_resolved` carries an auction id
+//! whose state another process just committed. Both are hints: the resolver's
+//! polling fallback finds all pending work by state anyway.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::signals::{Resolved, Signals};
+
+/// Channel for "this auction has new pending bids".
+pub const BIDS_CHANNEL: &str = "gavel_bids";
+/// Channel for "this auction's bids were resolved".
+pub const RESOLVED_CHANNEL: &str = "gavel_resolved";
+
+/// Listens on both channels over a dedicated connection, reconnecting after
+/// failures, until `shutdown`. `wake_resolver` is false in processes that
+/// do not run a resolver.
+pub async fn listen(
+    config: tokio_postgres::Config,
+    signals: Signals,
+    wake_resolver: bool,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Err(e) = listen_once(&config, &signals, wake_resolver, &shutdown).await {
+            tracing::warn!(error = %e, "notification listener disconnected; reconnecting");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    signals: &Signals,
+    wake_resolver: bool,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The connection must be polled for queries to complete, so it runs in
+    // its own task and forwards notifications.
+    let driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    if tx
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    client
+        .batch_execute(&format!("LISTEN {BIDS_CHANNEL}; LISTEN {RESOLVED_CHANNEL}"))
+        .await?;
+    // Anything announced while we were disconnected is found by state.
+    if wake_resolver {
+        signals.bid_appended(Uuid::nil());
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            message = rx.recv() => {
+                let Some((channel, payload)) = message else { break };
+                let Ok(auction_id) = payload.parse::<Uuid>() else { continue };
+                match channel.as_str() {
+                    BIDS_CHANNEL if wake_resolver => signals.bid_appended(auction_id),
+                    RESOLVED_CHANNEL => signals.publish(Resolved { auction_id, bids: None }),
+                    _ => {}
+                }
+            }
+        }
+    }
+    drop(client);
+    match driver.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// In a process without a resolver, forwards local "new bids" signals to
+/// the resolvers of other processes, at most one NOTIFY per auction per
+/// round: NOTIFY serializes committing transactions, so it must never be
+/// sent per bid.
+pub async fn forward_bids(
+    pool: deadpool_postgres::Pool,
+    signals: Signals,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = signals.woken() => {}
+        }
+        let auctions = signals.take_dirty();
+        if let Err(e) = notify_bids(&pool, &auctions).await {
+            tracing::warn!(error = %e, "could not forward bid wake-ups; resolvers will poll");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends one `gavel_bids` notification per auction.
+pub async fn notify_bids(pool: &deadpool_postgres::Pool, auctions: &[Uuid]) -> anyhow::Result<()> {
+    if auctions.is_empty() {
+        return Ok(());
+    }
+    let client = pool.get().await?;
+    let ids: Vec<String> = auctions.iter().map(Uuid::to_string).collect();
+    client
+        .execute(
+            "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
+            &[&BIDS_CHANNEL, &ids],
+        )
+        .await?;
+    Ok(())
+}

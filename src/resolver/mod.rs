@@ -1,0 +1,306 @@
+//! The resolver: the only writer of auction state.
+//!
+//! It takes each auction's pending bids in sequence order, applies the pure
+//! [`rules`](crate::rules), and commits the new state with a compare-and-set
+//! on `auctions.version` in the same transaction as every bid's outcome.
+//! Several processes may run a resolver on one database: a transaction-level
+//! advisory lock per auction makes one of them the writer at a time, and the
+//! version check (plus `resolution_no`'s unique index) keeps a bid from being
+//! applied twice even if that lock were bypassed.
+//!
+//! Pending work is found by state (`status = 'pending'`), never by a
+//! sequence watermark, so a bid whose transaction commits late is not skipped.
+
+pub mod listener;
+pub mod signals;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use futures::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::{auctions, bids};
+use crate::rules::{self, BidInput, Outcome};
+pub use signals::{Resolved, Signals};
+
+/// Most bids applied in one transaction.
+pub const BATCH_LIMIT: i64 = 2_000;
+/// Version conflicts in a row before a drain gives up until the next round.
+const MAX_CONFLICTS: u32 = 10;
+/// Most auctions found by one polling scan.
+const SCAN_LIMIT: i64 = 1_000;
+
+/// What one resolution step did for an auction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do.
+    Idle,
+    /// Bids applied (and possibly the auction settled); `more` when pending
+    /// bids remain beyond the batch.
+    Applied {
+        /// Bids resolved in this step.
+        bids: usize,
+        /// Whether the auction was settled closed.
+        settled: bool,
+        /// Whether more pending bids remain.
+        more: bool,
+    },
+    /// Another resolver holds this auction right now.
+    Busy,
+    /// Another writer committed first; nothing was written. Retry.
+    Conflict,
+}
+
+/// The background resolver of one process.
+#[derive(Clone)]
+pub struct Resolver {
+    pool: Pool,
+    signals: Signals,
+    settle_grace: Duration,
+    poll: Duration,
+    concurrency: usize,
+}
+
+impl Resolver {
+    /// A resolver writing through `pool`, settling auctions `settle_grace`
+    /// after their end, scanning for missed work every `poll`.
+    pub fn new(pool: Pool, signals: Signals, settle_grace: Duration, poll: Duration) -> Self {
+        let concurrency = pool.status().max_size.max(1);
+        Resolver {
+            pool,
+            signals,
+            settle_grace,
+            poll,
+            concurrency,
+        }
+    }
+
+    /// Runs until `shutdown`, finishing the step in progress.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut next_scan = Instant::now();
+        loop {
+            let mut work: BTreeSet<Uuid> = self.signals.take_dirty().into_iter().collect();
+            if work.remove(&Uuid::nil()) || Instant::now() >= next_scan {
+                match self.scan().await {
+                    Ok(found) => work.extend(found),
+                    Err(e) => tracing::warn!(error = %e, "resolver scan failed"),
+                }
+                next_scan = Instant::now() + self.poll;
+            }
+            self.drain_all(work).await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.signals.woken() => {}
+                () = tokio::time::sleep_until(next_scan.into()) => {}
+            }
+        }
+    }
+
+    /// Finds and resolves all outstanding work once: every auction with
+    /// pending bids or due to settle. Returns the number of bids resolved.
+    pub async fn run_once(&self) -> anyhow::Result<usize> {
+        let work = self.scan().await?;
+        let mut total = 0;
+        for auction_id in work {
+            total += self.drain(auction_id).await?;
+        }
+        Ok(total)
+    }
+
+    async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {
+        let client = self.pool.get().await?;
+        let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)
+            .await?
+            .into_iter()
+            .collect();
+        work.extend(auctions::due_to_settle(&client, self.settle_grace, SCAN_LIMIT).await?);
+        Ok(work)
+    }
+
+    async fn drain_all(&self, work: BTreeSet<Uuid>) {
+        futures::stream::iter(work)
+            .for_each_concurrent(self.concurrency, |auction_id| async move {
+                if let Err(e) = self.drain(auction_id).await {
+                    tracing::warn!(%auction_id, error = format!("{e:#}"), "resolving failed; will retry");
+                }
+            })
+            .await;
+    }
+
+    /// Resolves an auction until nothing is pending; returns bids resolved.
+    #[tracing::instrument(skip(self), fields(%auction_id))]
+    pub async fn drain(&self, auction_id: Uuid) -> anyhow::Result<usize> {
+        let mut total = 0;
+        let mut conflicts = 0;
+        loop {
+            match self.resolve_auction(auction_id).await? {
+                Step::Applied { bids, more, .. } => {
+                    total += bids;
+                    if !more {
+                        return Ok(total);
+                    }
+                }
+                Step::Conflict => {
+                    metrics::counter!("gavel_resolver_conflicts_total").increment(1);
+                    conflicts += 1;
+                    if conflicts >= MAX_CONFLICTS {
+                        anyhow::bail!(
+                            "{conflicts} version conflicts in a row; leaving it to the next round"
+                        );
+                    }
+                }
+                Step::Busy => {
+                    // The holder may have read the pending set before our
+                    // bids committed: tell it to look again.
+                    listener::notify_bids(&self.pool, &[auction_id]).await?;
+                    return Ok(total);
+                }
+                Step::Idle => return Ok(total),
+            }
+        }
+    }
+
+    /// One transaction: lock the auction for this resolver, apply up to
+    /// [`BATCH_LIMIT`] pending bids, settle if due, compare-and-set.
+    pub async fn resolve_auction(&self, auction_id: Uuid) -> anyhow::Result<Step> {
+        let started = Instant::now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let lock = tx
+            .prepare_cached(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended($1::text, 0)), now()",
+            )
+            .await?;
+        let row = tx.query_one(&lock, &[&auction_id.to_string()]).await?;
+        if !row.get::<_, bool>(0) {
+            return Ok(Step::Busy);
+        }
+        let now: DateTime<Utc> = row.get(1);
+        let Some(auction) = auctions::get(&tx, auction_id).await? else {
+            tracing::error!(%auction_id, "pending bids reference an unknown auction");
+            return Ok(Step::Idle);
+        };
+        let pending = bids::pending(&tx, auction_id, BATCH_LIMIT).await?;
+        let more = pending.len() as i64 == BATCH_LIMIT;
+        let grace = chrono::Duration::from_std(self.settle_grace)?;
+        let settle_due = |ends_at: DateTime<Utc>| !more && now > ends_at + grace;
+        if pending.is_empty() && (auction.state.closed || !settle_due(auction.state.ends_at)) {
+            return Ok(Step::Idle);
+        }
+
+        let terms = &auction.terms;
+        let mut state = auction.state.clone();
+        let mut outcomes = bids::Outcomes::default();
+        let mut position: HashMap<Uuid, usize> = HashMap::with_capacity(pending.len());
+        let mut displaced_earlier = Vec::new();
+        let mut resolution_no = auction.resolved_count;
+        for bid in &pending {
+            let applied = rules::apply_bid(
+                terms,
+                &mut state,
+                &BidInput {
+                    id: bid.id,
+                    bidder_id: bid.bidder_id.clone(),
+                    amount: bid.amount,
+                    received_at: bid.received_at,
+                },
+            );
+            if let Some(displaced) = applied.displaced {
+                match position.get(&displaced) {
+                    Some(&i) => outcomes.statuses[i] = "outbid",
+                    None => displaced_earlier.push(displaced),
+                }
+            }
+            let (status, reason) = match applied.outcome {
+                Outcome::Leading => ("leading", None),
+                Outcome::Outbid => ("outbid", None),
+                Outcome::Rejected(reason) => ("rejected", Some(reason.as_str())),
+            };
+            resolution_no += 1;
+            position.insert(bid.id, outcomes.ids.len());
+            outcomes.ids.push(bid.id);
+            outcomes.statuses.push(status);
+            outcomes.reasons.push(reason);
+            outcomes.prices.push(applied.price_after);
+            outcomes.resolution_nos.push(resolution_no);
+        }
+        let settling = !state.closed && settle_due(state.ends_at);
+        let winner = if settling {
+            rules::settle(terms, &mut state)
+        } else {
+            None
+        };
+
+        let won = auctions::compare_and_set(
+            &tx,
+            &auctions::StateUpdate {
+                id: auction_id,
+                expected_version: auction.version,
+                state: &state,
+                resolved_count: resolution_no,
+                winner: winner.as_ref(),
+            },
+        )
+        .await?;
+        if !won {
+            return Ok(Step::Conflict);
+        }
+        let version = auction.version + 1;
+        let written = bids::record_outcomes(&tx, auction_id, version, &outcomes).await?;
+        if written != outcomes.ids.len() as u64 {
+            // Someone resolved some of these bids outside the version
+            // protocol; write nothing and start over from fresh state.
+            tracing::error!(%auction_id, written, expected = outcomes.ids.len(), "bids already resolved");
+            return Ok(Step::Conflict);
+        }
+        for displaced in displaced_earlier {
+            bids::mark_outbid(&tx, auction_id, displaced).await?;
+        }
+        if settling {
+            bids::settle_outcomes(&tx, auction_id, winner.as_ref().map(|w| w.bid_id)).await?;
+        }
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&listener::RESOLVED_CHANNEL, &auction_id.to_string()],
+        )
+        .await?;
+        tx.commit().await?;
+
+        let resolved: Arc<[Uuid]> = outcomes.ids.into();
+        self.record_metrics(&pending, now, started, settling);
+        self.signals.publish(Resolved {
+            auction_id,
+            bids: Some(resolved),
+        });
+        Ok(Step::Applied {
+            bids: pending.len(),
+            settled: settling,
+            more,
+        })
+    }
+
+    fn record_metrics(
+        &self,
+        pending: &[bids::BidRecord],
+        now: DateTime<Utc>,
+        started: Instant,
+        settled: bool,
+    ) {
+        metrics::histogram!("gavel_resolver_batch_size").record(pending.len() as f64);
+        metrics::histogram!("gavel_resolver_batch_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("gavel_resolver_bids_resolved_total").increment(pending.len() as u64);
+        if let Some(oldest) = pending.iter().map(|b| b.received_at).min() {
+            let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("gavel_resolver_lag_seconds").record(lag);
+        }
+        if settled {
+            metrics::counter!("gavel_auctions_settled_total").increment(1);
+        }
+    }
+}

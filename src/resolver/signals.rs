@@ -1,0 +1,93 @@
+//! In-process signals between the bid path and the resolver: which auctions
+//! have new bids (wake the resolver) and which bids were just resolved (wake
+//! requests waiting with `Prefer: wait`).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, Notify};
+use uuid::Uuid;
+
+/// A resolution committed for an auction.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The auction whose state moved.
+    pub auction_id: Uuid,
+    /// The bids resolved, when known (a resolution announced by another
+    /// process carries only the auction).
+    pub bids: Option<Arc<[Uuid]>>,
+}
+
+impl Resolved {
+    /// Whether this resolution may concern `bid_id` of `auction_id`.
+    pub fn may_concern(&self, auction_id: Uuid, bid_id: Uuid) -> bool {
+        self.auction_id == auction_id
+            && self.bids.as_ref().is_none_or(|bids| bids.contains(&bid_id))
+    }
+}
+
+/// Cheap-to-clone handle shared by the API, the resolver and the listener.
+#[derive(Clone)]
+pub struct Signals {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dirty: Mutex<HashSet<Uuid>>,
+    wake: Notify,
+    resolved: broadcast::Sender<Resolved>,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Signals {
+    /// Fresh signals with no pending work.
+    pub fn new() -> Self {
+        let (resolved, _) = broadcast::channel(1024);
+        Signals {
+            inner: Arc::new(Inner {
+                dirty: Mutex::new(HashSet::new()),
+                wake: Notify::new(),
+                resolved,
+            }),
+        }
+    }
+
+    /// Records that `auction_id` has new pending bids and wakes the consumer.
+    pub fn bid_appended(&self, auction_id: Uuid) {
+        self.inner
+            .dirty
+            .lock()
+            .expect("signals lock")
+            .insert(auction_id);
+        // notify_one keeps a permit when nobody waits, so a signal sent while
+        // the resolver is busy is not lost.
+        self.inner.wake.notify_one();
+    }
+
+    /// Takes the set of auctions marked since the last call.
+    pub fn take_dirty(&self) -> Vec<Uuid> {
+        let mut dirty = self.inner.dirty.lock().expect("signals lock");
+        dirty.drain().collect()
+    }
+
+    /// Waits until some auction is marked.
+    pub async fn woken(&self) {
+        self.inner.wake.notified().await;
+    }
+
+    /// Subscribes to resolutions (subscribe before appending to miss none).
+    pub fn subscribe(&self) -> broadcast::Receiver<Resolved> {
+        self.inner.resolved.subscribe()
+    }
+
+    /// Announces a committed resolution to waiting requests.
+    pub fn publish(&self, resolved: Resolved) {
+        // No subscriber is fine: nobody is waiting.
+        let _ = self.inner.resolved.send(resolved);
+    }
+}

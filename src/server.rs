@@ -1,0 +1,174 @@
+//! `gavel serve` as a library: binds the API and admin listeners, starts the
+//! resolver and the notification listener, and shuts everything down on one
+//! cancellation token (stop accepting, drain in-flight requests with a bound,
+//! let the resolver finish its step).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::JwtKeys;
+use crate::bidding::BidDesk;
+use crate::config::Config;
+use crate::db::{self, Pools};
+use crate::http::{self, AppState};
+use crate::rate_limit::RateLimiter;
+use crate::resolver::{listener, Resolver, Signals};
+use crate::telemetry;
+
+/// How long in-flight requests may take to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound, not yet running Gavel server.
+pub struct Server {
+    config: Config,
+    api: TcpListener,
+    admin: TcpListener,
+    state: AppState,
+}
+
+impl Server {
+    /// Binds both listeners (port 0 picks a free port) and builds the pools.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let api = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding GAVEL_LISTEN {}", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("binding GAVEL_ADMIN_LISTEN {}", config.admin_listen))?;
+        let pools = Pools::new(&config)?;
+        let signals = Signals::new();
+        let state = AppState {
+            bids: BidDesk::new(
+                pools.api.clone(),
+                signals.clone(),
+                RateLimiter::new(config.bid_rate_limit, config.bid_rate_burst),
+            ),
+            jwt: Arc::new(JwtKeys::new(&config.jwt_secret, &config.jwt_audience)),
+            pools,
+            signals,
+        };
+        Ok(Server {
+            config,
+            api,
+            admin,
+            state,
+        })
+    }
+
+    /// The API's bound address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and stops.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Server {
+            config,
+            api,
+            admin,
+            state,
+        } = self;
+        let metrics = telemetry::metrics_handle();
+        let mut tasks = tokio::task::JoinSet::new();
+
+        let listen_config = db::session_config(
+            &config.database_url,
+            "gavel-listener",
+            config.statement_timeout,
+        )?;
+        tasks.spawn(listener::listen(
+            listen_config,
+            state.signals.clone(),
+            config.resolver_enabled,
+            shutdown.clone(),
+        ));
+        if config.resolver_enabled {
+            let resolver = Resolver::new(
+                state.pools.resolver.clone(),
+                state.signals.clone(),
+                config.settle_grace,
+                config.resolver_poll,
+            );
+            tasks.spawn(resolver.run(shutdown.clone()));
+        } else {
+            tasks.spawn(listener::forward_bids(
+                state.pools.api.clone(),
+                state.signals.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let upkeep = metrics.clone();
+        let upkeep_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = upkeep_shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
+                }
+            }
+        });
+
+        tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
+        let pools = state.pools.clone();
+        let api_server = axum::serve(api, http::api_router(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let admin_server = axum::serve(admin, http::admin_router(metrics))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let servers = async {
+            let (a, b) = tokio::join!(
+                std::future::IntoFuture::into_future(api_server),
+                std::future::IntoFuture::into_future(admin_server)
+            );
+            a.and(b)
+        };
+        tokio::pin!(servers);
+        tokio::select! {
+            result = &mut servers => result.context("serving HTTP")?,
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(DRAIN_TIMEOUT).await;
+            } => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
+        }
+        while tasks.join_next().await.is_some() {}
+        pools.api.close();
+        pools.resolver.close();
+        tracing::info!("gavel stopped");
+        Ok(())
+    }
+}
+
+/// Resolves when the process receives Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

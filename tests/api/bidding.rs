@@ -1,0 +1,408 @@
+//! The bid path under concurrency: ordering, gaps, the hot row, idempotency.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gavel::auth::Role;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_bidders_each_get_one_outcome_and_state_matches_the_rules() {
+    let app = TestApp::spawn().await;
+    let auction = app
+        .create_auction("seller-1", json!({"reserve_price": 20_000}))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let db = app.db().await;
+
+    // A reader watches current_price throughout: it must never go down.
+    let prices = Arc::new(Mutex::new(Vec::new()));
+    let stop_reader = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/api/auctions/{auction_id}")),
+            app.token("watcher", &[]),
+        );
+        let (prices, stop) = (prices.clone(), stop_reader.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let view: Value = http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                prices
+                    .lock()
+                    .unwrap()
+                    .push(view["current_price"].as_i64().unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let mut bidders = Vec::new();
+    for b in 0..200 {
+        let (http, addr, accepted) = (app.http.clone(), app.addr, accepted.clone());
+        let token = app.token(&format!("bidder-{b}"), &[Role::Bidder]);
+        let auction_id = auction_id.clone();
+        bidders.push(tokio::spawn(async move {
+            let base = 1_000 + (b as i64 * 7_919) % 20_000;
+            for i in 0..5 {
+                let amount = base + i * (500 + b as i64 % 300);
+                let response =
+                    place_bid(&http, addr, &token, &auction_id, amount, &new_key()).await;
+                let status = response.status();
+                let body: Value = response.json().await.unwrap();
+                match status {
+                    StatusCode::ACCEPTED | StatusCode::CREATED => {
+                        accepted.lock().unwrap().push(id_of(&body));
+                    }
+                    StatusCode::UNPROCESSABLE_ENTITY => {
+                        assert_eq!(body["code"], "bid_too_low", "{body}")
+                    }
+                    other => panic!("unexpected {other}: {body}"),
+                }
+            }
+        }));
+    }
+    for bidder in bidders {
+        bidder.await.unwrap();
+    }
+    let auction_uuid: Uuid = auction_id.parse().unwrap();
+    wait_resolved(&db, auction_uuid, Duration::from_secs(60)).await;
+    stop_reader.cancel();
+    reader.await.unwrap();
+
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() >= 200,
+        "most bids are accepted ({})",
+        accepted.len()
+    );
+    let bids = assert_consistent(&db, auction_uuid).await;
+    // Every 2xx bid is in the log exactly once, with one outcome.
+    let logged: std::collections::HashSet<Uuid> = bids.iter().map(|b| b.id).collect();
+    assert_eq!(logged.len(), bids.len());
+    for id in &accepted {
+        assert!(logged.contains(id), "accepted bid {id} is in the log");
+    }
+    assert_eq!(bids.len(), accepted.len(), "no bid without a 2xx");
+    assert_eq!(
+        bids.iter().filter(|b| b.status == "leading").count(),
+        1,
+        "exactly one leading bid"
+    );
+    let observed = prices.lock().unwrap().clone();
+    assert!(observed.len() > 5, "the reader sampled the price");
+    assert!(
+        observed.windows(2).all(|w| w[0] <= w[1]),
+        "current_price never decreased: {observed:?}"
+    );
+    let view = app.auction(&auction_id).await;
+    assert_eq!(
+        view["bid_count"].as_i64().unwrap(),
+        bids.iter().filter(|b| b.status != "rejected").count() as i64
+    );
+}
+
+#[tokio::test]
+async fn a_bid_committing_after_a_later_sequenced_bid_is_still_resolved() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+
+    // Hold an insert's transaction open: it takes a sequence number now and
+    // commits only after a later bid has been resolved.
+    let mut held = app.db().await;
+    let tx = held.transaction().await.unwrap();
+    let early_id = Uuid::now_v7();
+    tx.execute(
+        "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
+         VALUES ('early', 'k-early', $1, 5000, $2) RETURNING bid_id) \
+         INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+         SELECT $1, bid_id, 'early', 5000, 'k-early' FROM key",
+        &[&auction_id, &early_id],
+    )
+    .await
+    .unwrap();
+
+    let response = app
+        .bid("late", &auction_id.to_string(), 1000, &new_key())
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let late: Value = response.json().await.unwrap();
+    let db = app.db().await;
+    wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+    let seqs: Vec<i64> = db
+        .query(
+            "SELECT seq FROM bid_log WHERE auction_id = $1 ORDER BY seq",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seqs.len(), 1, "only the later bid is visible so far");
+
+    tx.commit().await.unwrap();
+    wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+    let bids = assert_consistent(&db, auction_id).await;
+    assert_eq!(bids.len(), 2);
+    let early = bids
+        .iter()
+        .find(|b| b.id == early_id)
+        .expect("early bid resolved");
+    assert!(
+        early.resolution_no
+            > bids
+                .iter()
+                .find(|b| b.id == id_of(&late))
+                .unwrap()
+                .resolution_no
+    );
+    assert_eq!(
+        early.status, "leading",
+        "the early bid (5000) outbids the late one (1000)"
+    );
+}
+
+#[tokio::test]
+async fn bids_are_accepted_while_the_auction_row_is_locked() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    // Warm-up bid, so the lock below is taken on a row the resolver uses.
+    assert_eq!(
+        app.bid("warm", &auction_id.to_string(), 1000, &new_key())
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+
+    let mut locker = app.db().await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM auctions WHERE id = $1 FOR UPDATE",
+        &[&auction_id],
+    )
+    .await
+    .unwrap();
+
+    for i in 0..5 {
+        let started = Instant::now();
+        let response = app
+            .bid(
+                &format!("b{i}"),
+                &auction_id.to_string(),
+                5_000 + i * 1_000,
+                &new_key(),
+            )
+            .await;
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "bid took {elapsed:?} while the row was locked"
+        );
+    }
+    tx.rollback().await.unwrap();
+    let db = app.db().await;
+    wait_resolved(&db, auction_id, Duration::from_secs(20)).await;
+    assert_consistent(&db, auction_id).await;
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_refuses_reuse_and_never_creates_two_bids() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+
+    let key = new_key();
+    let first = app.bid("alice", &auction_id, 1500, &key).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+
+    let replay = app.bid("alice", &auction_id, 1500, &key).await;
+    assert!(replay.status().is_success());
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["id"], first["id"]);
+
+    // Another bidder may use the same key: keys are scoped by bidder.
+    let other = app.bid("bob", &auction_id, 2500, &key).await;
+    assert_eq!(other.status(), StatusCode::ACCEPTED);
+
+    let reused = app.bid("alice", &auction_id, 1600, &key).await;
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        reused.json::<Value>().await.unwrap()["code"],
+        "idempotency_key_reused"
+    );
+    let other_auction = app.create_auction("seller-1", json!({})).await;
+    let reused = app
+        .bid("alice", other_auction["id"].as_str().unwrap(), 1500, &key)
+        .await;
+    assert_eq!(
+        reused.json::<Value>().await.unwrap()["code"],
+        "idempotency_key_reused"
+    );
+
+    let missing = app
+        .http
+        .post(app.url(&format!("/api/auctions/{auction_id}/bids")))
+        .bearer_auth(app.token("alice", &[]))
+        .json(&json!({"amount": 1500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["code"],
+        "idempotency_key_missing"
+    );
+
+    // 50 identical requests at once: one bid, and every answer names it.
+    let key = new_key();
+    let mut requests = Vec::new();
+    for _ in 0..50 {
+        let (http, addr, token, auction_id, key) = (
+            app.http.clone(),
+            app.addr,
+            app.token("carol", &[]),
+            auction_id.clone(),
+            key.clone(),
+        );
+        requests.push(tokio::spawn(async move {
+            let response = place_bid(&http, addr, &token, &auction_id, 9_000, &key).await;
+            (response.status(), response.json::<Value>().await.unwrap())
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        match status {
+            s if s.is_success() => {
+                ids.insert(body["id"].as_str().unwrap().to_owned());
+            }
+            StatusCode::CONFLICT => assert_eq!(body["code"], "idempotency_key_in_flight"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(ids.len(), 1, "all successful answers name the same bid");
+    let db = app.db().await;
+    let count: i64 = db
+        .query_one(
+            "SELECT count(*) FROM bid_log WHERE bidder_id = 'carol' AND idempotency_key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    wait_resolved(&db, auction_id.parse().unwrap(), Duration::from_secs(10)).await;
+    assert_consistent(&db, auction_id.parse().unwrap()).await;
+}
+
+#[tokio::test]
+async fn prefer_wait_returns_the_resolved_outcome() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap();
+    let response = app
+        .http
+        .post(app.url(&format!("/api/auctions/{auction_id}/bids")))
+        .bearer_auth(app.token("alice", &[]))
+        .header("Idempotency-Key", new_key())
+        .header("Prefer", "wait=5")
+        .json(&json!({"amount": 1200}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["preference-applied"], "wait=5");
+    assert!(response.headers().contains_key("gavel-consistency-token"));
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let bid: Value = response.json().await.unwrap();
+    assert_eq!(bid["status"], "leading");
+    assert_eq!(bid["auction_price"], 1000);
+    assert_eq!(
+        location,
+        format!("/api/bids/{}", bid["id"].as_str().unwrap())
+    );
+
+    let own = app
+        .http
+        .get(app.url(&location))
+        .bearer_auth(app.token("alice", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), StatusCode::OK);
+    assert_eq!(own.json::<Value>().await.unwrap()["status"], "leading");
+    let other = app
+        .http
+        .get(app.url(&location))
+        .bearer_auth(app.token("mallory", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    let admin = app
+        .http
+        .get(app.url(&location))
+        .bearer_auth(app.token("root", &[Role::Admin]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_bidder_over_the_rate_limit_gets_429_with_retry_after() {
+    let app = TestApp::spawn_with(|c| {
+        c.bid_rate_limit = 1;
+        c.bid_rate_burst = 2;
+    })
+    .await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap();
+    for amount in [1000, 2000] {
+        assert_eq!(
+            app.bid("eager", auction_id, amount, &new_key())
+                .await
+                .status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    let limited = app.bid("eager", auction_id, 3000, &new_key()).await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after));
+    assert_eq!(
+        limited.json::<Value>().await.unwrap()["code"],
+        "rate_limited"
+    );
+    // Other bidders are not affected.
+    assert_eq!(
+        app.bid("patient", auction_id, 4000, &new_key())
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+}

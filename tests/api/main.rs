@@ -1,0 +1,8 @@
+//! Integration tests: the real server against a real, private PostgreSQL.
+
+mod bad_input;
+mod bidding;
+mod closing;
+mod helpers;
+mod processes;
+mod reads;

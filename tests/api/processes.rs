@@ -1,0 +1,143 @@
+//! Several `gavel serve` processes on one database, and a crash mid-flight.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_on_one_database_apply_every_bid_once() {
+    // One in-process app only to create the auction and mint tokens.
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let servers = [
+        ServeProcess::start(&app.database_url).await,
+        ServeProcess::start(&app.database_url).await,
+    ];
+    let addrs = [servers[0].addr, servers[1].addr];
+
+    let mut tasks = Vec::new();
+    for b in 0..60 {
+        let (http, token, auction_id) = (
+            app.http.clone(),
+            app.token(&format!("p-bidder-{b}"), &[]),
+            auction_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..5_i64 {
+                let addr = addrs[(b + i as usize) % 2];
+                let amount = 1_000 + (b as i64 * 131) % 4_000 + i * 400;
+                let response =
+                    place_bid(&http, addr, &token, &auction_id, amount, &new_key()).await;
+                let status = response.status();
+                let body: Value = response.json().await.unwrap();
+                if status.is_success() {
+                    accepted.push(id_of(&body));
+                } else {
+                    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+                }
+            }
+            accepted
+        }));
+    }
+    let mut accepted = Vec::new();
+    for task in tasks {
+        accepted.extend(task.await.unwrap());
+    }
+    let db = app.db().await;
+    let auction_uuid: Uuid = auction_id.parse().unwrap();
+    wait_resolved(&db, auction_uuid, Duration::from_secs(60)).await;
+    let bids = assert_consistent(&db, auction_uuid).await;
+    let logged: HashSet<Uuid> = bids.iter().map(|b| b.id).collect();
+    assert_eq!(logged.len(), accepted.len());
+    assert!(accepted.iter().all(|id| logged.contains(id)));
+    // Each committed version applied a distinct, contiguous slice of bids.
+    let versions: Vec<(i64, i64, i64)> = db
+        .query(
+            "SELECT resolved_version, min(resolution_no), max(resolution_no) FROM bid_log \
+             WHERE auction_id = $1 GROUP BY resolved_version ORDER BY resolved_version",
+            &[&auction_uuid],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    for pair in versions.windows(2) {
+        assert!(
+            pair[0].0 < pair[1].0 && pair[0].2 + 1 == pair[1].1,
+            "versions apply disjoint slices: {pair:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_server_loses_no_acknowledged_bid() {
+    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut server = ServeProcess::start(&app.database_url).await;
+    let addr = server.addr;
+
+    let mut tasks = Vec::new();
+    for b in 0..40 {
+        let (http, token, auction_id) = (
+            app.http.clone(),
+            app.token(&format!("k-bidder-{b}"), &[]),
+            auction_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for i in 0..50_i64 {
+                let amount = 1_000 + b * 10 + i * 1_000;
+                match http
+                    .post(format!("http://{addr}/api/auctions/{auction_id}/bids"))
+                    .bearer_auth(&token)
+                    .header("Idempotency-Key", new_key())
+                    .json(&json!({ "amount": amount }))
+                    .send()
+                    .await
+                {
+                    Ok(response) if response.status().is_success() => {
+                        if let Ok(body) = response.json::<Value>().await {
+                            acknowledged.push(id_of(&body));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break, // the server is gone
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill().await;
+    let mut acknowledged = Vec::new();
+    for task in tasks {
+        acknowledged.extend(task.await.unwrap());
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "some bids were acknowledged before the kill"
+    );
+
+    let restarted = ServeProcess::start(&app.database_url).await;
+    let db = app.db().await;
+    let auction_uuid: Uuid = auction_id.parse().unwrap();
+    wait_resolved(&db, auction_uuid, Duration::from_secs(60)).await;
+    let bids = assert_consistent(&db, auction_uuid).await;
+    let logged: HashSet<Uuid> = bids.iter().map(|b| b.id).collect();
+    for id in &acknowledged {
+        assert!(
+            logged.contains(id),
+            "acknowledged bid {id} survived the crash"
+        );
+    }
+    drop(restarted);
+}
