@@ -43,6 +43,8 @@ pub struct Config {
     pub bid_rate_limit: u32,
     /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
     pub bid_rate_burst: u32,
+    /// How long idempotency keys are kept (`GAVEL_IDEMPOTENCY_RETENTION_H`, at least 24).
+    pub idempotency_retention: Duration,
     /// Wait after `ends_at` before settling, so bids still committing are
     /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
     pub settle_grace: Duration,
@@ -86,6 +88,9 @@ impl Config {
             resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
             bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
             bid_rate_burst: env.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
+            idempotency_retention: Duration::from_secs(
+                3600 * env.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
+            ),
             settle_grace: env.millis("GAVEL_SETTLE_GRACE_MS", default_grace, 0..=3_600_000)?,
         })
     }

@@ -102,7 +102,8 @@ impl Server {
                 state.signals.clone(),
                 config.settle_grace,
                 config.resolver_poll,
-            );
+            )
+            .with_key_retention(config.idempotency_retention);
             tasks.spawn(resolver.run(shutdown.clone()));
         } else {
             tasks.spawn(listener::forward_bids(

@@ -285,3 +285,21 @@ pub async fn wal_position(client: &impl GenericClient) -> Result<String, tokio_p
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
+
+/// Deletes up to `limit` idempotency keys older than `retention`; returns how many.
+pub async fn purge_idempotency_keys(
+    client: &impl GenericClient,
+    retention: std::time::Duration,
+    limit: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "DELETE FROM idempotency_keys WHERE (bidder_id, key) IN ( \
+               SELECT bidder_id, key FROM idempotency_keys \
+               WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)",
+        )
+        .await?;
+    client
+        .execute(&stmt, &[&retention.as_secs_f64(), &limit])
+        .await
+}

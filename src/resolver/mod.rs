@@ -32,6 +32,10 @@ pub use signals::{Resolved, Signals};
 pub const BATCH_LIMIT: i64 = 2_000;
 /// Version conflicts in a row before a drain gives up until the next round.
 const MAX_CONFLICTS: u32 = 10;
+/// Idempotency keys deleted per housekeeping round.
+const PURGE_BATCH: i64 = 10_000;
+/// How often expired idempotency keys are looked for.
+const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Most auctions found by one polling scan.
 const SCAN_LIMIT: i64 = 1_000;
 
@@ -64,6 +68,7 @@ pub struct Resolver {
     settle_grace: Duration,
     poll: Duration,
     concurrency: usize,
+    key_retention: Duration,
 }
 
 impl Resolver {
@@ -77,13 +82,32 @@ impl Resolver {
             settle_grace,
             poll,
             concurrency,
+            key_retention: Duration::from_secs(48 * 3600),
         }
+    }
+
+    /// Keeps idempotency keys for `retention` (the contract promises 24 h at least).
+    pub fn with_key_retention(mut self, retention: Duration) -> Self {
+        self.key_retention = retention;
+        self
     }
 
     /// Runs until `shutdown`, finishing the step in progress.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut next_scan = Instant::now();
+        let mut next_purge = Instant::now();
         loop {
+            if Instant::now() >= next_purge {
+                // Bounded per round so housekeeping never delays resolution for long.
+                match self.purge_expired_keys().await {
+                    Ok(n) if n == PURGE_BATCH as u64 => {}
+                    Ok(_) => next_purge = Instant::now() + PURGE_EVERY,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "purging idempotency keys failed");
+                        next_purge = Instant::now() + PURGE_EVERY;
+                    }
+                }
+            }
             let mut work: BTreeSet<Uuid> = self.signals.take_dirty().into_iter().collect();
             if work.remove(&Uuid::nil()) || Instant::now() >= next_scan {
                 match self.scan().await {
@@ -110,6 +134,12 @@ impl Resolver {
             total += self.drain(auction_id).await?;
         }
         Ok(total)
+    }
+
+    /// Deletes one batch of idempotency keys past their retention.
+    pub async fn purge_expired_keys(&self) -> anyhow::Result<u64> {
+        let client = self.pool.get().await?;
+        Ok(bids::purge_idempotency_keys(&client, self.key_retention, PURGE_BATCH).await?)
     }
 
     async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {

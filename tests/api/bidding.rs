@@ -406,3 +406,71 @@ async fn a_bidder_over_the_rate_limit_gets_429_with_retry_after() {
         StatusCode::ACCEPTED
     );
 }
+
+#[tokio::test]
+async fn idempotency_keys_are_kept_for_their_retention_then_purged() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap();
+    let (old_key, fresh_key) = (new_key(), new_key());
+    for (key, amount) in [(&old_key, 1000), (&fresh_key, 2000)] {
+        assert_eq!(
+            app.bid("alice", auction_id, amount, key).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    let db = app.db().await;
+    // Age one key past the retention, the other just inside it.
+    db.execute(
+        "UPDATE idempotency_keys SET created_at = now() - CASE WHEN key = $1 \
+         THEN interval '25 hours' ELSE interval '23 hours' END WHERE bidder_id = 'alice'",
+        &[&old_key],
+    )
+    .await
+    .unwrap();
+
+    let config = test_config(&app.database_url);
+    let pool = gavel::db::build_pool(
+        &app.database_url,
+        &gavel::db::PoolSettings {
+            size: 1,
+            wait_timeout: config.pool_wait_timeout,
+            statement_timeout: config.statement_timeout,
+            application_name: "gavel-test",
+        },
+    )
+    .unwrap();
+    let resolver = gavel::resolver::Resolver::new(
+        pool,
+        gavel::resolver::Signals::new(),
+        config.settle_grace,
+        config.resolver_poll,
+    )
+    .with_key_retention(Duration::from_secs(24 * 3600));
+    assert_eq!(resolver.purge_expired_keys().await.unwrap(), 1);
+
+    let keys: Vec<String> = db
+        .query(
+            "SELECT key FROM idempotency_keys WHERE bidder_id = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, vec![fresh_key.clone()]);
+    // The bids themselves are facts and stay.
+    let bids: i64 = db
+        .query_one(
+            "SELECT count(*) FROM bid_log WHERE bidder_id = 'alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bids, 2);
+    // Inside the retention a retry still replays.
+    let replay = app.bid("alice", auction_id, 2000, &fresh_key).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}

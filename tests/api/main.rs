@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod bidding;
+mod cli;
 mod closing;
 mod helpers;
 mod processes;

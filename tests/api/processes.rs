@@ -126,6 +126,10 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
         !acknowledged.is_empty(),
         "some bids were acknowledged before the kill"
     );
+    assert!(
+        acknowledged.len() < 40 * 50,
+        "the kill happened while bids were still in flight"
+    );
 
     let restarted = ServeProcess::start(&app.database_url).await;
     let db = app.db().await;
