@@ -30,15 +30,17 @@ const SNAPSHOT_CAPACITY: usize = 10_000;
 const WAIT_POLL: Duration = Duration::from_millis(200);
 
 /// What the synchronous checks need to know about an auction. Every field
-/// only ever moves one way (closed stays closed, the minimum only rises),
-/// so a slightly stale snapshot can refuse a bid only when the resolver
-/// would refuse it too.
+/// only ever moves one way (closed stays closed, the price only rises, and
+/// `min_bid_floor` bounds the minimum at every price from here on), so a
+/// slightly stale snapshot can refuse a bid only when the resolver would
+/// refuse it too.
 #[derive(Debug, Clone)]
 struct Snapshot {
     seller_id: String,
     starting_price: i64,
     closed: bool,
-    next_min_bid: i64,
+    /// The lowest minimum any later state of the auction can have.
+    min_bid_floor: i64,
     leader_bidder: Option<String>,
 }
 
@@ -100,7 +102,7 @@ impl BidDesk {
             // A retry of a request that was accepted before the auction moved
             // on must still replay, not be refused.
             return match self.replay(bidder, key, auction_id, amount).await? {
-                Some(bid) => self.finish(bid, true, wait, None, None).await,
+                Some(bid) => Ok(self.finish(bid, true, wait, None, None).await),
                 None => {
                     if let ApiError::BidTooLow { .. }
                     | ApiError::AuctionClosed
@@ -115,24 +117,46 @@ impl BidDesk {
         }
         // Subscribe before the append so no resolution can slip past.
         let resolutions = wait.map(|_| self.signals.subscribe());
-        let client = self.pool.get().await?;
-        let appended =
-            bids::append(&client, bidder, key.as_str(), auction_id, amount.get()).await?;
-        let wal_position = bids::wal_position(&client).await.ok();
-        drop(client);
+        let (appended, wal_position) = self.append(bidder, key, auction_id, amount).await?;
         match appended {
             bids::Append::Inserted(bid) => {
                 metrics::counter!("gavel_bids_accepted_total").increment(1);
-                self.signals.bid_appended(auction_id);
-                self.finish(bid, false, wait, resolutions, wal_position)
-                    .await
+                Ok(self
+                    .finish(bid, false, wait, resolutions, wal_position)
+                    .await)
             }
             bids::Append::KeyExists(existing) => {
                 let bid = self.replayed_bid(&existing, auction_id, amount).await?;
-                self.finish(bid, true, wait, resolutions, wal_position)
-                    .await
+                Ok(self
+                    .finish(bid, true, wait, resolutions, wal_position)
+                    .await)
             }
         }
+    }
+
+    /// The durable append and the resolver's wake-up, run as a task of its
+    /// own so that a client hanging up mid-request cannot cut them apart.
+    async fn append(
+        &self,
+        bidder: &str,
+        key: &IdempotencyKey,
+        auction_id: Uuid,
+        amount: Amount,
+    ) -> Result<(bids::Append, Option<String>), ApiError> {
+        let (pool, signals) = (self.pool.clone(), self.signals.clone());
+        let (bidder, key) = (bidder.to_owned(), key.as_str().to_owned());
+        tokio::spawn(async move {
+            let client = pool.get().await?;
+            let appended = bids::append(&client, &bidder, &key, auction_id, amount.get()).await?;
+            if let bids::Append::Inserted(_) = appended {
+                signals.bid_appended(auction_id);
+            }
+            // From here on the bid is committed: nothing may fail the request.
+            let wal_position = bids::wal_position(&client).await.ok();
+            Ok((appended, wal_position))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))?
     }
 
     /// The bid a replayed key refers to, or 422 when the key was used for
@@ -169,6 +193,8 @@ impl BidDesk {
             .map(Some)
     }
 
+    /// Completes the answer for a bid that is in the log. Infallible: a
+    /// committed bid is acknowledged even when the database is struggling.
     async fn finish(
         &self,
         bid: bids::BidRecord,
@@ -176,7 +202,7 @@ impl BidDesk {
         wait: Option<Duration>,
         resolutions: Option<broadcast::Receiver<Resolved>>,
         wal_position: Option<String>,
-    ) -> Result<Placed, ApiError> {
+    ) -> Placed {
         if replayed {
             metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
         }
@@ -184,26 +210,24 @@ impl BidDesk {
         // not write still hands out the current position.
         let wal_position = match wal_position {
             Some(position) => Some(position),
-            None => bids::wal_position(&self.pool.get().await?).await.ok(),
+            None => match self.pool.get().await {
+                Ok(client) => bids::wal_position(&client).await.ok(),
+                Err(_) => None,
+            },
         };
-        match wait {
+        let bid = match wait {
             Some(wait) if bid.status == "pending" && !wait.is_zero() => {
                 let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
-                let bid = self.wait_for_outcome(bid, wait, resolutions).await?;
-                let resolved_in_wait = bid.status != "pending";
-                Ok(Placed {
-                    bid,
-                    replayed,
-                    resolved_in_wait,
-                    wal_position,
-                })
+                self.wait_for_outcome(bid, wait, resolutions).await
             }
-            _ => Ok(Placed {
-                bid,
-                replayed,
-                resolved_in_wait: false,
-                wal_position,
-            }),
+            _ => bid,
+        };
+        let resolved_in_wait = wait.is_some() && bid.status != "pending";
+        Placed {
+            bid,
+            replayed,
+            resolved_in_wait,
+            wal_position,
         }
     }
 
@@ -228,9 +252,9 @@ impl BidDesk {
         // bidder who was not leading can be held to the minimum. One who
         // became leader since the snapshot has a maximum at or above it, so
         // a lower amount is refused as `not_above_own_max` anyway.
-        if snapshot.leader_bidder.as_deref() != Some(bidder) && amount < snapshot.next_min_bid {
+        if snapshot.leader_bidder.as_deref() != Some(bidder) && amount < snapshot.min_bid_floor {
             return Err(ApiError::BidTooLow {
-                next_min_bid: snapshot.next_min_bid,
+                next_min_bid: snapshot.min_bid_floor,
             });
         }
         Ok(())
@@ -252,7 +276,12 @@ impl BidDesk {
             return Ok(None);
         };
         let snapshot = Arc::new(Snapshot {
-            next_min_bid: rules::next_min_bid(&auction.terms, &auction.state),
+            min_bid_floor: match auction.state.price {
+                Some(price) if auction.state.leader.is_some() => {
+                    rules::min_bid_floor(&auction.terms, price)
+                }
+                _ => auction.terms.starting_price,
+            },
             seller_id: auction.terms.seller_id,
             starting_price: auction.terms.starting_price,
             closed: auction.state.closed,
@@ -267,34 +296,47 @@ impl BidDesk {
     }
 
     /// Waits until the resolver has decided `bid`, or `wait` has passed;
-    /// returns the bid's latest view either way.
+    /// returns the bid's latest known view either way.
     async fn wait_for_outcome(
         &self,
         mut bid: bids::BidRecord,
         wait: Duration,
         mut resolutions: broadcast::Receiver<Resolved>,
-    ) -> Result<bids::BidRecord, ApiError> {
+    ) -> bids::BidRecord {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let recheck = tokio::select! {
-                () = tokio::time::sleep_until(deadline) => return Ok(bid),
+                () = tokio::time::sleep_until(deadline) => return bid,
                 () = tokio::time::sleep(WAIT_POLL) => true,
                 event = resolutions.recv() => match event {
                     Ok(resolved) => resolved.may_concern(bid.auction_id, bid.id),
                     // Missed events: look for ourselves.
                     Err(broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(broadcast::error::RecvError::Closed) => true,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        resolutions = self.signals.subscribe();
+                        true
+                    }
                 },
             };
             if recheck {
-                let client = self.pool.get().await?;
-                if let Some(latest) = bids::get(&client, bid.id).await? {
-                    bid = latest;
+                match self.latest(bid.id).await {
+                    Ok(Some(latest)) => bid = latest,
+                    Ok(None) => {}
+                    // The bid is safe in the log; answer with what we know.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not re-read a bid while waiting");
+                        return bid;
+                    }
                 }
                 if bid.status != "pending" {
-                    return Ok(bid);
+                    return bid;
                 }
             }
         }
+    }
+
+    async fn latest(&self, bid_id: Uuid) -> Result<Option<bids::BidRecord>, ApiError> {
+        let client = self.pool.get().await?;
+        Ok(bids::get(&client, bid_id).await?)
     }
 }

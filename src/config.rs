@@ -70,7 +70,6 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
         let statement_timeout = env.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
-        let default_grace = statement_timeout.as_millis() as u64 + 1_000;
         Ok(Config {
             database_url: env.database_url("GAVEL_DATABASE_URL")?,
             replica_urls: env.replica_urls("GAVEL_REPLICA_URLS")?,
@@ -78,7 +77,7 @@ impl Config {
             admin_listen: env.socket_addr("GAVEL_ADMIN_LISTEN", "127.0.0.1:9090")?,
             jwt_secret: env.jwt_secret("GAVEL_JWT_SECRET")?,
             jwt_audience: env.non_empty("GAVEL_JWT_AUDIENCE", "gavel")?,
-            log_filter: env.non_empty("GAVEL_LOG", "info")?,
+            log_filter: env.log_filter("GAVEL_LOG")?,
             log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
             api_pool_size: env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?,
             resolver_pool_size: env.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
@@ -91,7 +90,7 @@ impl Config {
             idempotency_retention: Duration::from_secs(
                 3600 * env.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
             ),
-            settle_grace: env.millis("GAVEL_SETTLE_GRACE_MS", default_grace, 0..=3_600_000)?,
+            settle_grace: env.settle_grace("GAVEL_SETTLE_GRACE_MS", statement_timeout)?,
         })
     }
 }
@@ -101,6 +100,31 @@ struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
 impl Env<'_> {
     fn get(&self, name: &str) -> Option<String> {
         (self.0)(name).filter(|v| !v.is_empty())
+    }
+
+    fn log_filter(&self, name: &str) -> Result<String, ConfigError> {
+        let filter = self.non_empty(name, "info")?;
+        tracing_subscriber::EnvFilter::try_new(&filter)
+            .map(|_| filter.clone())
+            .map_err(|e| err(name, &format!("'{filter}' is not a tracing filter: {e}")))
+    }
+
+    /// The settle grace must cover a bid insert still committing at the end,
+    /// so it is never shorter than the statement timeout.
+    fn settle_grace(
+        &self,
+        name: &str,
+        statement_timeout: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let floor = statement_timeout.as_millis() as u64;
+        let grace = self.millis(name, floor + 1_000, 0..=3_600_000)?;
+        if grace < statement_timeout {
+            return Err(err(
+                name,
+                &format!("must be at least GAVEL_STATEMENT_TIMEOUT_MS ({floor}), so bids still committing at the end are resolved before settling"),
+            ));
+        }
+        Ok(grace)
     }
 
     fn required(&self, name: &str) -> Result<String, ConfigError> {
@@ -284,6 +308,22 @@ mod tests {
                     ("GAVEL_LOG_FORMAT", "xml"),
                 ],
                 "GAVEL_LOG_FORMAT",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_LOG", "gavel=[[[bogus"),
+                ],
+                "GAVEL_LOG",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_SETTLE_GRACE_MS", "100"),
+                ],
+                "GAVEL_SETTLE_GRACE_MS",
             ),
         ];
         for (vars, name) in cases {

@@ -91,13 +91,14 @@ impl fmt::Display for UserId {
     }
 }
 
-/// Masks a user id for public display: first and last character around `***`.
+/// Masks a user id for public display: first and last character around
+/// `***`; ids of three characters or fewer show only the first.
 pub fn mask_user(id: &str) -> String {
     let mut chars = id.chars();
-    match (chars.next(), chars.next_back()) {
-        (Some(first), Some(last)) => format!("{first}***{last}"),
-        (Some(first), None) => format!("{first}***"),
-        _ => "***".into(),
+    match (chars.next(), id.chars().count()) {
+        (Some(first), n) if n > 3 => format!("{first}***{}", chars.next_back().unwrap_or(first)),
+        (Some(first), _) => format!("{first}***"),
+        (None, _) => "***".into(),
     }
 }
 
@@ -150,6 +151,8 @@ mod tests {
         assert_eq!(UserId::parse("alice").unwrap().as_str(), "alice");
         assert_eq!(mask_user("alice"), "a***e");
         assert_eq!(mask_user("x"), "x***");
+        assert_eq!(mask_user("ab"), "a***");
+        assert_eq!(mask_user("bob"), "b***");
         assert_eq!(mask_user(""), "***");
     }
 }

@@ -293,6 +293,21 @@ pub fn next_min_bid(terms: &AuctionTerms, state: &AuctionState) -> i64 {
     }
 }
 
+/// The lowest `p + step(p)` over every price `p >= price`: a floor under
+/// the minimum bid at this price and at any later (higher) price. It equals
+/// `price + step(price)` for tables whose steps never shrink; a table with a
+/// smaller step in a higher tier can make a later minimum lower.
+pub fn min_bid_floor(terms: &AuctionTerms, price: i64) -> i64 {
+    let here = price.saturating_add(terms.increments.step_at(price));
+    terms
+        .increments
+        .tiers()
+        .iter()
+        .filter(|tier| tier.from > price)
+        .map(|tier| tier.from.saturating_add(tier.step))
+        .fold(here, i64::min)
+}
+
 /// Some(true/false) when there is a reserve, None otherwise (met = leader's max >= reserve).
 pub fn reserve_met(terms: &AuctionTerms, state: &AuctionState) -> Option<bool> {
     terms.reserve_price.map(|reserve| {
@@ -1573,6 +1588,44 @@ mod tests {
                 .find(|t| t.from <= price)
                 .map_or(inc.tiers()[0].step, |t| t.step);
             prop_assert_eq!(inc.step_at(price), expected);
+        }
+    }
+
+    #[test]
+    fn min_bid_floor_follows_shrinking_steps() {
+        let mut t = terms();
+        t.increments = Increments::new(vec![
+            IncrementTier { from: 0, step: 100 },
+            IncrementTier { from: 150, step: 1 },
+        ])
+        .unwrap();
+        // At 100 the next minimum is 200, but at 150 it is 151.
+        assert_eq!(min_bid_floor(&t, 100), 151);
+        assert_eq!(min_bid_floor(&t, 150), 151);
+        let default = terms();
+        assert_eq!(
+            min_bid_floor(&default, 1000),
+            1000 + default.increments.step_at(1000)
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn prop_min_bid_floor_bounds_every_later_minimum(
+            steps in proptest::collection::vec((1i64..500, 1i64..300), 1..6),
+            price in 0i64..5_000,
+            later in 0i64..5_000,
+        ) {
+            let mut from = 0;
+            let mut tiers = Vec::new();
+            for (gap, step) in steps {
+                tiers.push(IncrementTier { from, step });
+                from += gap;
+            }
+            let mut t = terms();
+            t.increments = Increments::new(tiers).unwrap();
+            let p = price + later;
+            prop_assert!(min_bid_floor(&t, price) <= p + t.increments.step_at(p));
         }
     }
 }

@@ -163,8 +163,9 @@ pub struct StateUpdate<'a> {
     pub state: &'a AuctionState,
     /// Bids applied so far, rejected ones included.
     pub resolved_count: i64,
-    /// The winner, set when this update settles the auction with a winner.
-    pub winner: Option<&'a Leader>,
+    /// `Some(winner)` when this update settles the auction (`Some(None)`:
+    /// settled without a winner); `None` leaves any earlier settlement as is.
+    pub settlement: Option<Option<&'a Leader>>,
 }
 
 /// Compare-and-set on `version`; returns whether this writer won.
@@ -177,13 +178,16 @@ pub async fn compare_and_set(
             "UPDATE auctions SET leader_bid_id = $3, leader_bidder_id = $4, leader_max = $5, \
              current_price = $6, bid_count = $7, ends_at = $8, resolved_count = $9, \
              status = CASE WHEN $10 THEN 'closed' ELSE 'open' END, \
-             settled_at = CASE WHEN $10 THEN coalesce(settled_at, now()) END, \
-             winner_id = $11, winner_bid_id = $12, version = version + 1 \
+             settled_at = CASE WHEN $13 THEN now() ELSE settled_at END, \
+             winner_id = CASE WHEN $13 THEN $11 ELSE winner_id END, \
+             winner_bid_id = CASE WHEN $13 THEN $12 ELSE winner_bid_id END, \
+             version = version + 1 \
              WHERE id = $1 AND version = $2",
         )
         .await?;
     let state = update.state;
     let leader = state.leader.as_ref();
+    let winner = update.settlement.flatten();
     let updated = client
         .execute(
             &stmt,
@@ -198,8 +202,9 @@ pub async fn compare_and_set(
                 &state.ends_at,
                 &update.resolved_count,
                 &state.closed,
-                &update.winner.map(|w| w.bidder_id.as_str()),
-                &update.winner.map(|w| w.bid_id),
+                &winner.map(|w| w.bidder_id.as_str()),
+                &winner.map(|w| w.bid_id),
+                &update.settlement.is_some(),
             ],
         )
         .await?;

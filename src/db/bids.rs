@@ -194,7 +194,19 @@ pub async fn auctions_with_pending(
     limit: i64,
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
     let stmt = client
-        .prepare_cached("SELECT DISTINCT auction_id FROM bid_log WHERE status = 'pending' LIMIT $1")
+        // A skip scan over the pending index: one probe per auction,
+        // however many bids a hot auction has waiting.
+        .prepare_cached(
+            "WITH RECURSIVE auction AS ( \
+               (SELECT auction_id FROM bid_log WHERE status = 'pending' \
+                ORDER BY auction_id LIMIT 1) \
+               UNION ALL \
+               SELECT (SELECT b.auction_id FROM bid_log b \
+                       WHERE b.status = 'pending' AND b.auction_id > auction.auction_id \
+                       ORDER BY b.auction_id LIMIT 1) \
+               FROM auction WHERE auction.auction_id IS NOT NULL) \
+             SELECT auction_id FROM auction WHERE auction_id IS NOT NULL LIMIT $1",
+        )
         .await?;
     let rows = client.query(&stmt, &[&limit]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -296,7 +308,8 @@ pub async fn purge_idempotency_keys(
         .prepare_cached(
             "DELETE FROM idempotency_keys WHERE (bidder_id, key) IN ( \
                SELECT bidder_id, key FROM idempotency_keys \
-               WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)",
+               WHERE created_at < now() - make_interval(secs => $1) LIMIT $2 \
+               FOR UPDATE SKIP LOCKED)",
         )
         .await?;
     client

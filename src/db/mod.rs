@@ -74,6 +74,8 @@ pub fn session_config(
     // holding locks is cut off so it cannot stall the resolver.
     pg.application_name(application_name)
         .connect_timeout(Duration::from_secs(5))
+        // Notice a silently dead connection (the listener idles for long).
+        .keepalives_idle(Duration::from_secs(30))
         .options(format!(
             "-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} \
              -c idle_in_transaction_session_timeout={}",
@@ -128,5 +130,6 @@ pub async fn schema_is_current(
         )
         .await?;
     let applied: Option<i64> = row.and_then(|r| r.get(0));
-    Ok(applied == Some(latest))
+    // A newer schema than this binary knows is fine (rolling deploys).
+    Ok(applied.is_some_and(|v| v >= latest))
 }

@@ -1,7 +1,7 @@
 //! Auction endpoints: create, read (with `ETag`/`If-None-Match`), and the
 //! public bid history.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
-use super::extract::{parse_id, JsonObject};
+use super::extract::{parse_id, JsonObject, PathId};
 use super::AppState;
 use crate::auth::{Role, User};
 use crate::db::auctions::{self, AuctionRecord, NewAuction};
@@ -125,13 +125,14 @@ fn auction_response(status: StatusCode, auction: &AuctionRecord, viewer: &User) 
 async fn create(
     State(state): State<AppState>,
     user: User,
-    JsonObject(body): JsonObject,
+    body: Result<JsonObject, ApiError>,
 ) -> Result<Response, ApiError> {
     if !(user.has(Role::Seller) || user.is_admin()) {
         return Err(ApiError::Forbidden(
             "creating an auction needs the seller or admin role",
         ));
     }
+    let JsonObject(body) = body?;
     let new = validate_new_auction(&body, user.id.as_str(), Utc::now())?;
     let client = state.pools.api.get().await?;
     let auction = auctions::insert(&client, &new).await?;
@@ -145,7 +146,7 @@ async fn create(
 async fn show(
     State(state): State<AppState>,
     user: User,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "auction")?;
@@ -203,7 +204,7 @@ struct HistoryPage {
 async fn history(
     State(state): State<AppState>,
     _user: User,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<HistoryPage>, ApiError> {
     let id = parse_id(&id, "auction")?;
@@ -406,6 +407,9 @@ fn optional(value: Option<&Value>) -> Option<&Value> {
 
 fn title(value: Option<&Value>) -> Result<String, String> {
     match required(value)? {
+        Value::String(t) if t.chars().any(char::is_control) => {
+            Err("must not contain control characters".into())
+        }
         Value::String(t) if (1..=200).contains(&t.chars().count()) => Ok(t.clone()),
         _ => Err("must be a string of 1 to 200 characters".into()),
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -14,7 +14,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::error::{ApiError, FieldError};
-use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject};
+use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject, PathId};
 use super::AppState;
 use crate::auth::User;
 use crate::db::bids::BidRecord;
@@ -60,12 +60,13 @@ impl From<BidRecord> for BidView {
 pub async fn place(
     State(state): State<AppState>,
     user: User,
-    Path(auction_id): Path<String>,
+    PathId(auction_id): PathId,
     headers: HeaderMap,
-    JsonObject(body): JsonObject,
+    body: Result<JsonObject, ApiError>,
 ) -> Result<Response, ApiError> {
     let auction_id = parse_id(&auction_id, "auction")?;
     let key = idempotency_key(&headers)?;
+    let JsonObject(body) = body?;
     let amount = match body.get("amount") {
         None => Err("is required".to_owned()),
         Some(value) => Amount::from_json(value),
@@ -126,7 +127,7 @@ fn consistency_token(wal_position: &str) -> Option<HeaderValue> {
 async fn show(
     State(state): State<AppState>,
     user: User,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<BidView>, ApiError> {
     let id = parse_id(&id, "bid")?;
     let client = state.pools.api.get().await?;

@@ -84,6 +84,21 @@ fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// The `{id}` segment of a path, as sent; a segment that is not even
+/// UTF-8 is 400 `invalid_request` like any malformed id.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(id)| PathId(id))
+            .map_err(|_| ApiError::InvalidRequest("the id in the path is malformed".into()))
+    }
+}
+
 /// Parses an id taken from a path: malformed is 400 `invalid_request`.
 pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw)

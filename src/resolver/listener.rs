@@ -1,10 +1,11 @@
 //! Cross-process wake-ups over PostgreSQL LISTEN/NOTIFY.
 //!
-//! Channel `gavel_bids` carries an auction id with new bids that its
-//! appending process could not resolve itself (its resolver is off, or
-//! another process holds the auction); `gavel_resolved` carries an auction id
-//! whose state another process just committed. Both are hints: the resolver's
-//! polling fallback finds all pending work by state anyway.
+//! Channel `gavel_bids` carries an auction id with new bids appended by a
+//! process that runs no resolver of its own (`GAVEL_RESOLVER=off`);
+//! `gavel_resolved` carries an auction id whose state another process just
+//! committed, for requests waiting with `Prefer: wait`. Payloads name the
+//! sending process so nobody reacts to its own announcements. Both are
+//! hints: the resolver's polling fallback finds all pending work by state.
 
 use std::time::Duration;
 
@@ -81,7 +82,7 @@ async fn listen_once(
             () = shutdown.cancelled() => break,
             message = rx.recv() => {
                 let Some((channel, payload)) = message else { break };
-                let Ok(auction_id) = payload.parse::<Uuid>() else { continue };
+                let Some(auction_id) = signals.foreign_notification(&payload) else { continue };
                 match channel.as_str() {
                     BIDS_CHANNEL if wake_resolver => signals.bid_appended(auction_id),
                     RESOLVED_CHANNEL => signals.publish(Resolved { auction_id, bids: None }),
@@ -112,7 +113,7 @@ pub async fn forward_bids(
             () = signals.woken() => {}
         }
         let auctions = signals.take_dirty();
-        if let Err(e) = notify_bids(&pool, &auctions).await {
+        if let Err(e) = notify_bids(&pool, &signals, &auctions).await {
             tracing::warn!(error = %e, "could not forward bid wake-ups; resolvers will poll");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -120,16 +121,20 @@ pub async fn forward_bids(
 }
 
 /// Sends one `gavel_bids` notification per auction.
-pub async fn notify_bids(pool: &deadpool_postgres::Pool, auctions: &[Uuid]) -> anyhow::Result<()> {
+pub async fn notify_bids(
+    pool: &deadpool_postgres::Pool,
+    signals: &Signals,
+    auctions: &[Uuid],
+) -> anyhow::Result<()> {
     if auctions.is_empty() {
         return Ok(());
     }
     let client = pool.get().await?;
-    let ids: Vec<String> = auctions.iter().map(Uuid::to_string).collect();
+    let payloads: Vec<String> = auctions.iter().map(|a| signals.notification(*a)).collect();
     client
         .execute(
-            "SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id",
-            &[&BIDS_CHANNEL, &ids],
+            "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
+            &[&BIDS_CHANNEL, &payloads],
         )
         .await?;
     Ok(())

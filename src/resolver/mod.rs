@@ -10,12 +10,17 @@
 //!
 //! Pending work is found by state (`status = 'pending'`), never by a
 //! sequence watermark, so a bid whose transaction commits late is not skipped.
+//! Within a batch bids are applied in receipt order (`received_at`, then
+//! `seq`). Near the end of a soft-close auction a bid received after the
+//! current end is held back until every bid received before it must have
+//! committed (the settle grace), because such an earlier bid may still
+//! extend the end and make the later one valid.
 
 pub mod listener;
 pub mod signals;
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -30,6 +35,10 @@ pub use signals::{Resolved, Signals};
 
 /// Most bids applied in one transaction.
 pub const BATCH_LIMIT: i64 = 2_000;
+/// Batches one auction may take before others get a turn.
+const BATCHES_PER_TURN: usize = 4;
+/// Wait before retrying an auction another resolver holds.
+const BUSY_RETRY: Duration = Duration::from_millis(20);
 /// Version conflicts in a row before a drain gives up until the next round.
 const MAX_CONFLICTS: u32 = 10;
 /// Idempotency keys deleted per housekeeping round.
@@ -69,6 +78,8 @@ pub struct Resolver {
     poll: Duration,
     concurrency: usize,
     key_retention: Duration,
+    /// Auctions with a delayed retry scheduled (one at a time per auction).
+    retrying: Arc<Mutex<HashSet<Uuid>>>,
 }
 
 impl Resolver {
@@ -83,6 +94,7 @@ impl Resolver {
             poll,
             concurrency,
             key_retention: Duration::from_secs(48 * 3600),
+            retrying: Arc::default(),
         }
     }
 
@@ -162,16 +174,24 @@ impl Resolver {
             .await;
     }
 
-    /// Resolves an auction until nothing is pending; returns bids resolved.
+    /// Resolves an auction until nothing is pending, or until it has had its
+    /// turn; returns bids resolved.
     #[tracing::instrument(skip(self), fields(%auction_id))]
     pub async fn drain(&self, auction_id: Uuid) -> anyhow::Result<usize> {
         let mut total = 0;
         let mut conflicts = 0;
+        let mut batches = 0;
         loop {
             match self.resolve_auction(auction_id).await? {
                 Step::Applied { bids, more, .. } => {
                     total += bids;
+                    batches += 1;
                     if !more {
+                        return Ok(total);
+                    }
+                    if batches >= BATCHES_PER_TURN {
+                        // A hot auction must not starve the others: requeue.
+                        self.signals.bid_appended(auction_id);
                         return Ok(total);
                     }
                 }
@@ -186,13 +206,25 @@ impl Resolver {
                 }
                 Step::Busy => {
                     // The holder may have read the pending set before our
-                    // bids committed: tell it to look again.
-                    listener::notify_bids(&self.pool, &[auction_id]).await?;
+                    // bids committed; look again once it is likely done.
+                    self.retry_later(auction_id);
                     return Ok(total);
                 }
                 Step::Idle => return Ok(total),
             }
         }
+    }
+
+    fn retry_later(&self, auction_id: Uuid) {
+        if !self.retrying.lock().expect("retry set").insert(auction_id) {
+            return;
+        }
+        let (signals, retrying) = (self.signals.clone(), self.retrying.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(BUSY_RETRY).await;
+            retrying.lock().expect("retry set").remove(&auction_id);
+            signals.bid_appended(auction_id);
+        });
     }
 
     /// One transaction: lock the auction for this resolver, apply up to
@@ -215,21 +247,31 @@ impl Resolver {
             tracing::error!(%auction_id, "pending bids reference an unknown auction");
             return Ok(Step::Idle);
         };
-        let pending = bids::pending(&tx, auction_id, BATCH_LIMIT).await?;
+        let mut pending = bids::pending(&tx, auction_id, BATCH_LIMIT).await?;
         let more = pending.len() as i64 == BATCH_LIMIT;
+        pending.sort_by_key(|b| (b.received_at, b.seq));
         let grace = chrono::Duration::from_std(self.settle_grace)?;
-        let settle_due = |ends_at: DateTime<Utc>| !more && now > ends_at + grace;
-        if pending.is_empty() && (auction.state.closed || !settle_due(auction.state.ends_at)) {
-            return Ok(Step::Idle);
-        }
-
         let terms = &auction.terms;
+        // Bids received after the current end of a soft-close auction wait
+        // until every earlier bid must have committed (see the module docs).
+        let held_back = |bid: &bids::BidRecord, ends_at: DateTime<Utc>| {
+            terms.soft_close > chrono::Duration::zero()
+                && !auction.state.closed
+                && bid.received_at > ends_at
+                && now < bid.received_at + grace
+        };
+
         let mut state = auction.state.clone();
         let mut outcomes = bids::Outcomes::default();
         let mut position: HashMap<Uuid, usize> = HashMap::with_capacity(pending.len());
         let mut displaced_earlier = Vec::new();
         let mut resolution_no = auction.resolved_count;
+        let mut applied_bids = Vec::with_capacity(pending.len());
         for bid in &pending {
+            // Sorted by receipt: every later bid would be held back too.
+            if held_back(bid, state.ends_at) {
+                break;
+            }
             let applied = rules::apply_bid(
                 terms,
                 &mut state,
@@ -258,8 +300,14 @@ impl Resolver {
             outcomes.reasons.push(reason);
             outcomes.prices.push(applied.price_after);
             outcomes.resolution_nos.push(resolution_no);
+            applied_bids.push(bid);
         }
-        let settling = !state.closed && settle_due(state.ends_at);
+        let all_applied = applied_bids.len() == pending.len();
+        // Settle only when nothing received before the end can still be pending.
+        let settling = !state.closed && !more && all_applied && now > state.ends_at + grace;
+        if applied_bids.is_empty() && !settling {
+            return Ok(Step::Idle);
+        }
         let winner = if settling {
             rules::settle(terms, &mut state)
         } else {
@@ -273,7 +321,7 @@ impl Resolver {
                 expected_version: auction.version,
                 state: &state,
                 resolved_count: resolution_no,
-                winner: winner.as_ref(),
+                settlement: settling.then_some(winner.as_ref()),
             },
         )
         .await?;
@@ -296,27 +344,30 @@ impl Resolver {
         }
         tx.execute(
             "SELECT pg_notify($1, $2)",
-            &[&listener::RESOLVED_CHANNEL, &auction_id.to_string()],
+            &[
+                &listener::RESOLVED_CHANNEL,
+                &self.signals.notification(auction_id),
+            ],
         )
         .await?;
         tx.commit().await?;
 
         let resolved: Arc<[Uuid]> = outcomes.ids.into();
-        self.record_metrics(&pending, now, started, settling);
+        self.record_metrics(&applied_bids, now, started, settling);
         self.signals.publish(Resolved {
             auction_id,
             bids: Some(resolved),
         });
         Ok(Step::Applied {
-            bids: pending.len(),
+            bids: applied_bids.len(),
             settled: settling,
-            more,
+            more: more && all_applied,
         })
     }
 
     fn record_metrics(
         &self,
-        pending: &[bids::BidRecord],
+        pending: &[&bids::BidRecord],
         now: DateTime<Utc>,
         started: Instant,
         settled: bool,

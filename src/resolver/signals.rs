@@ -33,6 +33,8 @@ pub struct Signals {
 }
 
 struct Inner {
+    /// This process, as named in the notifications it sends.
+    instance: Uuid,
     dirty: Mutex<HashSet<Uuid>>,
     wake: Notify,
     resolved: broadcast::Sender<Resolved>,
@@ -50,6 +52,7 @@ impl Signals {
         let (resolved, _) = broadcast::channel(1024);
         Signals {
             inner: Arc::new(Inner {
+                instance: Uuid::new_v4(),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
                 resolved,
@@ -89,5 +92,37 @@ impl Signals {
     pub fn publish(&self, resolved: Resolved) {
         // No subscriber is fine: nobody is waiting.
         let _ = self.inner.resolved.send(resolved);
+    }
+
+    /// The NOTIFY payload announcing `auction_id` from this process.
+    pub fn notification(&self, auction_id: Uuid) -> String {
+        format!("{auction_id}:{}", self.inner.instance)
+    }
+
+    /// The auction named by a NOTIFY payload, unless this process sent it
+    /// (a process never needs its own announcements: it acted on them already).
+    pub fn foreign_notification(&self, payload: &str) -> Option<Uuid> {
+        let (auction, sender) = payload.split_once(':')?;
+        let sender: Uuid = sender.parse().ok()?;
+        (sender != self.inner.instance)
+            .then(|| auction.parse().ok())
+            .flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_ignores_its_own_notifications() {
+        let (ours, theirs) = (Signals::new(), Signals::new());
+        let auction = Uuid::now_v7();
+        assert_eq!(ours.foreign_notification(&ours.notification(auction)), None);
+        assert_eq!(
+            ours.foreign_notification(&theirs.notification(auction)),
+            Some(auction)
+        );
+        assert_eq!(ours.foreign_notification("garbage"), None);
     }
 }

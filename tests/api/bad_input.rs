@@ -491,6 +491,9 @@ async fn every_bad_request_gets_its_problem_code() {
             .expect(422, "validation_failed")
             .fields(&["title"]),
         create("title missing", json!({"title": null})).expect(422, "validation_failed").fields(&["title"]),
+        create("title with a NUL", json!({"title": "Sword\u{0}of Dawn"}))
+            .expect(422, "validation_failed")
+            .fields(&["title"]),
         create("starting_price zero", json!({"starting_price": 0}))
             .expect(422, "validation_failed")
             .fields(&["starting_price"]),

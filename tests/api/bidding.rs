@@ -474,3 +474,36 @@ async fn idempotency_keys_are_kept_for_their_retention_then_purged() {
     let replay = app.bid("alice", auction_id, 2000, &fresh_key).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
 }
+
+#[tokio::test]
+async fn a_table_with_shrinking_steps_never_refuses_a_bid_the_resolver_accepts() {
+    let app = TestApp::spawn().await;
+    // At 100 the next minimum is 200; once the reserve lifts the price to
+    // 150 it is only 151.
+    let auction = app
+        .create_auction(
+            "seller-1",
+            json!({"starting_price": 100, "reserve_price": 150,
+                   "increments": [{"from": 0, "step": 100}, {"from": 150, "step": 1}]}),
+        )
+        .await;
+    let auction_id = auction["id"].as_str().unwrap();
+    let first = app.bid_resolved("alice", auction_id, 100).await;
+    assert_eq!(first["status"], "leading");
+    let raised = app.bid_resolved("alice", auction_id, 300).await;
+    assert_eq!(raised["auction_price"], 150);
+    let response = app.bid("bob", auction_id, 160, &new_key()).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::ACCEPTED,
+        "160 is above the real minimum of 151"
+    );
+    let db = app.db().await;
+    wait_resolved(&db, id_of(&auction), Duration::from_secs(10)).await;
+    let bids = assert_consistent(&db, id_of(&auction)).await;
+    let bob = bids.iter().find(|b| b.bidder_id == "bob").unwrap();
+    assert_eq!(
+        (bob.status.as_str(), bob.price_after),
+        ("outbid", Some(161))
+    );
+}

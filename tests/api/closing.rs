@@ -236,16 +236,16 @@ async fn settlement_names_the_leader_as_winner_and_finalises_every_bid() {
     assert_eq!(view["current_price"], 3_100);
     assert_eq!(view["bid_count"], 5);
     assert!(view["reserve_price_met"].is_null(), "no reserve");
-    assert_eq!(view["winner_id"], "b***b", "masked for other users");
+    assert_eq!(view["winner_id"], "b***", "masked for other users");
 
     // Unmasked for the winner, the seller and admins; masked for the rest.
     for (sub, roles, expected) in [
         ("bob", &[][..], "bob"),
         ("seller-1", &[Role::Seller][..], "bob"),
         ("root", &[Role::Admin][..], "bob"),
-        ("alice", &[][..], "b***b"),
-        ("dave", &[Role::Bidder][..], "b***b"),
-        ("other-seller", &[Role::Seller][..], "b***b"),
+        ("alice", &[][..], "b***"),
+        ("dave", &[Role::Bidder][..], "b***"),
+        ("other-seller", &[Role::Seller][..], "b***"),
     ] {
         let seen = app.auction_as(&auction_id, sub, roles).await;
         assert_eq!(seen["winner_id"], expected, "winner_id as {sub}");
@@ -333,4 +333,52 @@ async fn an_unmet_reserve_settles_without_a_winner() {
         .unwrap()
         .get(0);
     assert_eq!(stored, None);
+}
+
+#[tokio::test]
+async fn a_bid_committing_after_settlement_is_rejected_and_keeps_the_winner() {
+    let app = TestApp::spawn().await;
+    let ends_at = Utc::now() + chrono::Duration::milliseconds(1500);
+    let auction = app
+        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap();
+    let winning = app.bid("alice", auction_id, 2_000, &new_key()).await;
+    assert_eq!(winning.status(), StatusCode::ACCEPTED);
+    let settled = app.wait_settled(auction_id, Duration::from_secs(15)).await;
+    assert_eq!(settled["winner_id"], "a***e");
+
+    // A bid whose insert commits only now (it passed a stale check, or came
+    // through another process): the resolver must reject it and leave the
+    // settlement alone.
+    let db = app.db().await;
+    let auction_uuid = id_of(&auction);
+    let straggler = uuid::Uuid::now_v7();
+    db.execute(
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+         VALUES ($1, $2, 'bob', 9000, 'late-key')",
+        &[&auction_uuid, &straggler],
+    )
+    .await
+    .unwrap();
+    wait_resolved(&db, auction_uuid, Duration::from_secs(10)).await;
+    let row = db
+        .query_one(
+            "SELECT status, reason FROM bid_log WHERE id = $1",
+            &[&straggler],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "rejected");
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("auction_closed")
+    );
+    let after = app.auction_as(auction_id, "seller-1", &[]).await;
+    assert_eq!(after["status"], "closed");
+    assert_eq!(
+        after["winner_id"], "alice",
+        "the winner survives a late rejection"
+    );
+    assert_consistent(&db, auction_uuid).await;
 }

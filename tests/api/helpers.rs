@@ -96,7 +96,8 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
         ("GAVEL_LISTEN", "127.0.0.1:0".to_owned()),
         ("GAVEL_ADMIN_LISTEN", "127.0.0.1:0".to_owned()),
         ("GAVEL_RESOLVER_POLL_MS", "200".to_owned()),
-        ("GAVEL_SETTLE_GRACE_MS", "300".to_owned()),
+        ("GAVEL_STATEMENT_TIMEOUT_MS", "1000".to_owned()),
+        ("GAVEL_SETTLE_GRACE_MS", "1000".to_owned()),
         ("GAVEL_LOG", "warn".to_owned()),
         // Load-shaped tests send many bids per bidder; the limit has its own test.
         ("GAVEL_BID_RATE_LIMIT", "0".to_owned()),

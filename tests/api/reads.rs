@@ -334,7 +334,7 @@ async fn bid_history_is_newest_first_paginated_and_masked() {
                 HashSet::from(["id", "amount_shown", "bidder", "received_at", "status"]),
                 "{item}"
             );
-            let mask = format!("{}***{}", &bidder[..1], &bidder[bidder.len() - 1..]);
+            let mask = gavel::domain::mask_user(bidder);
             assert_eq!(item["bidder"], mask.as_str(), "{item}");
             assert_eq!(
                 item["amount_shown"], *price,
