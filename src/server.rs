@@ -1,7 +1,8 @@
 //! `gavel serve` as a library: binds the API and admin listeners, starts the
 //! resolver and the notification listener, and shuts everything down on one
-//! cancellation token (stop accepting, drain in-flight requests with a bound,
-//! let the resolver finish its step).
+//! cancellation token: stop accepting, drain in-flight requests with a bound
+//! (the resolver keeps resolving meanwhile), then stop the workers after
+//! their current step, then close the pools.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +85,9 @@ impl Server {
         } = self;
         let metrics = telemetry::metrics_handle();
         let mut tasks = tokio::task::JoinSet::new();
+        // Background workers outlive the HTTP drain, so requests waiting for
+        // their bid's outcome still get it while the server shuts down.
+        let workers = CancellationToken::new();
 
         let listen_config = db::session_config(
             &config.database_url,
@@ -94,7 +98,7 @@ impl Server {
             listen_config,
             state.signals.clone(),
             config.resolver_enabled,
-            shutdown.clone(),
+            workers.clone(),
         ));
         if config.resolver_enabled {
             let resolver = Resolver::new(
@@ -104,16 +108,16 @@ impl Server {
                 config.resolver_poll,
             )
             .with_key_retention(config.idempotency_retention);
-            tasks.spawn(resolver.run(shutdown.clone()));
+            tasks.spawn(resolver.run(workers.clone()));
         } else {
             tasks.spawn(listener::forward_bids(
                 state.pools.api.clone(),
                 state.signals.clone(),
-                shutdown.clone(),
+                workers.clone(),
             ));
         }
         let upkeep = metrics.clone();
-        let upkeep_shutdown = shutdown.clone();
+        let upkeep_shutdown = workers.clone();
         tasks.spawn(async move {
             loop {
                 tokio::select! {
@@ -144,7 +148,14 @@ impl Server {
                 tokio::time::sleep(DRAIN_TIMEOUT).await;
             } => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
         }
-        while tasks.join_next().await.is_some() {}
+        workers.cancel();
+        let joined = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if joined.is_err() {
+            tracing::warn!("background workers did not stop within {DRAIN_TIMEOUT:?}");
+        }
         pools.api.close();
         pools.resolver.close();
         tracing::info!("gavel stopped");
