@@ -145,3 +145,41 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
     }
     drop(restarted);
 }
+
+#[tokio::test]
+async fn an_api_only_process_wakes_another_processes_resolver_over_notify() {
+    // The resolver process polls only once a minute: a quick outcome proves
+    // it was woken by LISTEN/NOTIFY, and the 201 proves the API process heard
+    // the resolution the same way.
+    let resolver = TestApp::spawn_with(|c| c.resolver_poll = Duration::from_secs(60)).await;
+    let api_only = TestApp::spawn_on(&resolver.database_url, |c| c.resolver_enabled = false).await;
+    let auction = api_only.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap();
+    // Let the resolver finish its start-up scan before the bids arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (bidder, amount) in [("alice", 1_000), ("bob", 1_500)] {
+        let started = std::time::Instant::now();
+        let response = api_only
+            .http
+            .post(api_only.url(&format!("/api/auctions/{auction_id}/bids")))
+            .bearer_auth(api_only.token(bidder, &[]))
+            .header("Idempotency-Key", new_key())
+            .header("Prefer", "wait=10")
+            .json(&json!({ "amount": amount }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "{bidder}'s bid resolved while waiting"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "woken by NOTIFY, not by polling"
+        );
+        assert_eq!(response.json::<Value>().await.unwrap()["status"], "leading");
+    }
+    let db = api_only.db().await;
+    assert_consistent(&db, id_of(&auction)).await;
+}
