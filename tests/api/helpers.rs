@@ -256,6 +256,31 @@ pub async fn place_bid(
         .expect("bid request")
 }
 
+/// Places a bid the way a game client does: on `503` (the server shedding
+/// load) it retries with the same `Idempotency-Key`, so a retry can never
+/// become a second bid.
+pub async fn place_bid_retrying(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    token: &str,
+    auction_id: &str,
+    amount: i64,
+) -> Response {
+    let key = new_key();
+    for _ in 0..20 {
+        let response = place_bid(http, addr, token, auction_id, amount, &key).await;
+        if response.status() != StatusCode::SERVICE_UNAVAILABLE {
+            return response;
+        }
+        assert!(
+            response.headers().contains_key("retry-after"),
+            "503 carries Retry-After"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("still overloaded after 20 attempts");
+}
+
 /// Waits until no bid of `auction_id` is pending (or panics after `limit`).
 pub async fn wait_resolved(db: &tokio_postgres::Client, auction_id: Uuid, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;

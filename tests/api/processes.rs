@@ -33,8 +33,7 @@ async fn two_processes_on_one_database_apply_every_bid_once() {
             for i in 0..5_i64 {
                 let addr = addrs[(b + i as usize) % 2];
                 let amount = 1_000 + (b as i64 * 131) % 4_000 + i * 400;
-                let response =
-                    place_bid(&http, addr, &token, &auction_id, amount, &new_key()).await;
+                let response = place_bid_retrying(&http, addr, &token, &auction_id, amount).await;
                 let status = response.status();
                 let body: Value = response.json().await.unwrap();
                 if status.is_success() {
