@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// Minimum length of the HS256 secret, in bytes (API.md).
+/// Minimum length of the HS256 secret, in bytes (the API contract).
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 
 /// Everything `gavel serve` needs, validated.

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-/// Largest accepted amount in minor units (API.md: `1 <= amount <= 10^15`).
+/// Largest accepted amount in minor units (the API accepts `1 <= amount <= 10^15`).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
 /// An amount of money in minor units, `1..=10^15`.

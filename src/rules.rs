@@ -1,6 +1,17 @@
 //! Auction rules of Gavel: the pure, deterministic proxy-bidding logic
-//! (DESIGN.md "Auction rules", rules 1-11) and the increment table (API.md
-//! "increments").
+//! (rules 1-11 below, as numbered in the comments) and the increment table.
+//!
+//! The rules, applied one bid at a time: (1) a bid received before the start
+//! is rejected `auction_not_started`, after the current end `auction_closed`;
+//! (2) the seller cannot bid; (3) the first bid must reach the starting price
+//! and leads at it; (4) the leader may only raise their own maximum; (5) any
+//! other bid must reach price + step; (6) above the leader's maximum it takes
+//! the lead at min(amount, leader max + step); (7) a tie keeps the earlier
+//! bid leading at that amount; (8) below it the leader stays, at
+//! min(leader max, amount + step); (9) once the leader's maximum meets the
+//! reserve the price is at least the reserve; (10) a bid inside the soft-close
+//! window moves the end to its receipt + window, never past the cap; (11) the
+//! settled winner is the leader if the reserve is met.
 //!
 //! This module owns how one bid changes an auction's state, what the next
 //! minimum bid is, whether the reserve is met and who wins at settlement. It
@@ -32,7 +43,7 @@ pub struct IncrementTier {
 pub struct Increments(Vec<IncrementTier>);
 
 impl Increments {
-    /// The API.md default table: `[0:5, 100:25, 500:50, 2500:100, 10000:250, 25000:500, 50000:1000, 100000:2500, 250000:5000, 500000:10000]`.
+    /// The default table of the API: `[0:5, 100:25, 500:50, 2500:100, 10000:250, 25000:500, 50000:1000, 100000:2500, 250000:5000, 500000:10000]`.
     pub fn default_table() -> Self {
         const TABLE: [(i64, i64); 10] = [
             (0, 5),
@@ -194,7 +205,7 @@ pub struct BidInput {
     pub received_at: DateTime<Utc>,
 }
 
-/// Why a bid was rejected; the strings are the API.md `reason` values.
+/// Why a bid was rejected; the strings are the API's `reason` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     /// The amount is below the starting price or the next minimum bid.
@@ -219,7 +230,7 @@ impl RejectReason {
         RejectReason::SellerCannotBid,
     ];
 
-    /// The API.md `reason` string (e.g. `"below_minimum"`).
+    /// The API's `reason` string (e.g. `"below_minimum"`).
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::BelowMinimum => "below_minimum",
@@ -230,7 +241,7 @@ impl RejectReason {
         }
     }
 
-    /// The reason named by an API.md `reason` string, if any.
+    /// The reason named by an API `reason` string, if any.
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.as_str() == s)
     }
@@ -264,7 +275,7 @@ pub struct Applied {
     pub price_after: Option<i64>,
 }
 
-/// Applies one bid (DESIGN.md rules 1-10) to `state`, in place.
+/// Applies one bid (rules 1-10) to `state`, in place.
 pub fn apply_bid(terms: &AuctionTerms, state: &mut AuctionState, bid: &BidInput) -> Applied {
     match resolve(terms, state, bid) {
         Err(reason) => Applied {

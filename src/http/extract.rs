@@ -13,7 +13,7 @@ use super::AppState;
 use crate::auth::{TokenError, User};
 use crate::domain::IdempotencyKey;
 
-/// Largest accepted request body (API.md).
+/// Largest accepted request body (the API contract's 16 KiB).
 pub const BODY_LIMIT: usize = 16 * 1024;
 
 impl FromRequestParts<AppState> for User {

@@ -96,7 +96,7 @@ async fn send(app: &TestApp, case: &Case) -> Response {
         .unwrap_or_else(|e| panic!("{}: request failed: {e}", case.name))
 }
 
-/// The headers every response carries (API.md, Conventions).
+/// The headers every response carries (the API contract's conventions).
 fn assert_common_headers(what: &str, response: &Response) {
     let headers = response.headers();
     let header = |name: &str| {
