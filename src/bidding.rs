@@ -24,6 +24,8 @@ use crate::rules;
 
 /// How long an auction snapshot is trusted for the synchronous checks.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
+/// How stale a snapshot may be served while another request re-reads it.
+const SNAPSHOT_STALE_LIMIT: Duration = Duration::from_secs(2);
 /// Snapshots kept before the cache is emptied.
 const SNAPSHOT_CAPACITY: usize = 10_000;
 /// Fallback re-check interval while waiting for an outcome.
@@ -44,8 +46,12 @@ struct Snapshot {
     leader_bidder: Option<String>,
 }
 
-/// A snapshot and when it was read.
-type CachedSnapshot = (Instant, Arc<Snapshot>);
+/// A snapshot, when it was read, and whether a request is re-reading it.
+struct CachedSnapshot {
+    read_at: Instant,
+    snapshot: Arc<Snapshot>,
+    refreshing: bool,
+}
 
 /// The bid path's shared parts.
 #[derive(Clone)]
@@ -260,22 +266,58 @@ impl BidDesk {
         Ok(())
     }
 
+    /// The auction's snapshot. When it is out of date exactly one request
+    /// re-reads it while the others keep using the old one, so a hot
+    /// auction's row is read a few times a second, not once per bid; a stale
+    /// snapshot is as safe as a fresh one (see [`Snapshot`]), only less sharp.
     async fn snapshot(&self, auction_id: Uuid) -> Result<Option<Arc<Snapshot>>, ApiError> {
-        if let Some((at, snapshot)) = self
-            .snapshots
-            .lock()
-            .expect("snapshot lock")
-            .get(&auction_id)
         {
-            if at.elapsed() < SNAPSHOT_TTL {
-                return Ok(Some(snapshot.clone()));
+            let mut snapshots = self.snapshots.lock().expect("snapshot lock");
+            if let Some(cached) = snapshots.get_mut(&auction_id) {
+                let age = cached.read_at.elapsed();
+                if age < SNAPSHOT_TTL || (cached.refreshing && age < SNAPSHOT_STALE_LIMIT) {
+                    return Ok(Some(cached.snapshot.clone()));
+                }
+                cached.refreshing = true;
             }
         }
+        let read = self.read_snapshot(auction_id).await;
+        let mut snapshots = self.snapshots.lock().expect("snapshot lock");
+        match read {
+            Ok(Some(snapshot)) => {
+                if snapshots.len() >= SNAPSHOT_CAPACITY {
+                    snapshots.clear();
+                }
+                snapshots.insert(
+                    auction_id,
+                    CachedSnapshot {
+                        read_at: Instant::now(),
+                        snapshot: snapshot.clone(),
+                        refreshing: false,
+                    },
+                );
+                Ok(Some(snapshot))
+            }
+            Ok(None) => {
+                snapshots.remove(&auction_id);
+                Ok(None)
+            }
+            Err(e) => {
+                if let Some(cached) = snapshots.get_mut(&auction_id) {
+                    cached.refreshing = false;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_snapshot(&self, auction_id: Uuid) -> Result<Option<Arc<Snapshot>>, ApiError> {
         let client = self.pool.get().await?;
         let Some(auction) = auctions::get(&client, auction_id).await? else {
             return Ok(None);
         };
-        let snapshot = Arc::new(Snapshot {
+        metrics::counter!("gavel_auction_snapshot_reads_total").increment(1);
+        Ok(Some(Arc::new(Snapshot {
             min_bid_floor: match auction.state.price {
                 Some(price) if auction.state.leader.is_some() => {
                     rules::min_bid_floor(&auction.terms, price)
@@ -286,13 +328,7 @@ impl BidDesk {
             starting_price: auction.terms.starting_price,
             closed: auction.state.closed,
             leader_bidder: auction.state.leader.map(|l| l.bidder_id),
-        });
-        let mut snapshots = self.snapshots.lock().expect("snapshot lock");
-        if snapshots.len() >= SNAPSHOT_CAPACITY {
-            snapshots.clear();
-        }
-        snapshots.insert(auction_id, (Instant::now(), snapshot.clone()));
-        Ok(Some(snapshot))
+        })))
     }
 
     /// Waits until the resolver has decided `bid`, or `wait` has passed;
