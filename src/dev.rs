@@ -34,8 +34,6 @@ pub async fn run() -> anyhow::Result<()> {
     let cluster = tokio::task::spawn_blocking(move || PgCluster::start(options))
         .await?
         .context("starting the private PostgreSQL")?;
-    let admin_url = cluster.url("postgres");
-    cluster.psql("postgres", "SELECT 1").ok();
     if cluster.psql(
         "postgres",
         "SELECT 1 FROM pg_database WHERE datname = 'gavel'",
@@ -44,7 +42,6 @@ pub async fn run() -> anyhow::Result<()> {
         cluster.psql("postgres", "CREATE DATABASE gavel")?;
     }
     let database_url = cluster.url("gavel");
-    tracing::debug!(%admin_url, "cluster up");
 
     let defaults: HashMap<&str, String> = HashMap::from([
         ("GAVEL_DATABASE_URL", database_url.clone()),

@@ -21,6 +21,14 @@ fn gavel() -> Command {
     cmd
 }
 
+fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn a_bad_setting_stops_startup_with_one_line_naming_it() {
     let cases: &[(&[(&str, &str)], &str)] = &[
@@ -69,11 +77,7 @@ fn token_prints_a_verifiable_jwt_with_roles() {
         .env("GAVEL_JWT_SECRET", SECRET)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let token = String::from_utf8(out.stdout).unwrap();
     let user = JwtKeys::new(SECRET, "gavel").verify(token.trim()).unwrap();
     assert_eq!(user.id.as_str(), "alice");
@@ -113,11 +117,7 @@ async fn migrate_brings_an_empty_database_to_ready() {
             .env("GAVEL_JWT_SECRET", SECRET)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out);
     };
     migrate();
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap();

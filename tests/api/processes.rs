@@ -158,26 +158,13 @@ async fn an_api_only_process_wakes_another_processes_resolver_over_notify() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (bidder, amount) in [("alice", 1_000), ("bob", 1_500)] {
         let started = std::time::Instant::now();
-        let response = api_only
-            .http
-            .post(api_only.url(&format!("/api/auctions/{auction_id}/bids")))
-            .bearer_auth(api_only.token(bidder, &[]))
-            .header("Idempotency-Key", new_key())
-            .header("Prefer", "wait=10")
-            .json(&json!({ "amount": amount }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response.status(),
-            StatusCode::CREATED,
-            "{bidder}'s bid resolved while waiting"
-        );
+        // `bid_resolved` waits with `Prefer: wait` and asserts the 201.
+        let bid = api_only.bid_resolved(bidder, auction_id, amount).await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "woken by NOTIFY, not by polling"
         );
-        assert_eq!(response.json::<Value>().await.unwrap()["status"], "leading");
+        assert_eq!(bid["status"], "leading");
     }
     let db = api_only.db().await;
     assert_consistent(&db, id_of(&auction)).await;
