@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tokio::sync::broadcast;
+use tokio_postgres::types::PgLsn;
 use uuid::Uuid;
 
 use crate::auth::User;
-use crate::db::{auctions, bids};
+use crate::db::{auctions, bids, reads};
 use crate::domain::{Amount, IdempotencyKey};
 use crate::http::error::ApiError;
 use crate::rate_limit::RateLimiter;
@@ -71,7 +72,7 @@ pub struct Placed {
     /// Whether the outcome arrived while the client waited.
     pub resolved_in_wait: bool,
     /// The primary's WAL position after the write, for read-your-writes.
-    pub wal_position: Option<String>,
+    pub wal_position: Option<PgLsn>,
 }
 
 impl BidDesk {
@@ -104,22 +105,29 @@ impl BidDesk {
                 retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
             });
         }
-        if let Err(refusal) = self.precheck(bidder, auction_id, amount.get()).await {
+        match self.precheck(bidder, auction_id, amount.get()).await {
+            Ok(()) => {}
             // A retry of a request that was accepted before the auction moved
             // on must still replay, not be refused.
-            return match self.replay(bidder, key, auction_id, amount).await? {
-                Some(bid) => Ok(self.finish(bid, true, wait, None, None).await),
-                None => {
-                    if let ApiError::BidTooLow { .. }
-                    | ApiError::AuctionClosed
-                    | ApiError::SellerCannotBid = refusal
-                    {
-                        metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
-                            .increment(1);
+            Err(
+                refusal @ (ApiError::BidTooLow { .. }
+                | ApiError::AuctionClosed
+                | ApiError::SellerCannotBid
+                | ApiError::NotFound(_)),
+            ) => {
+                return match self.replay(bidder, key, auction_id, amount).await? {
+                    Some(bid) => Ok(self.finish(bid, true, wait, None, None).await),
+                    None => {
+                        if !matches!(refusal, ApiError::NotFound(_)) {
+                            metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
+                                .increment(1);
+                        }
+                        Err(refusal)
                     }
-                    Err(refusal)
-                }
-            };
+                };
+            }
+            // The database could not be asked: nothing to replay from either.
+            Err(unavailable) => return Err(unavailable),
         }
         // Subscribe before the append so no resolution can slip past.
         let resolutions = wait.map(|_| self.signals.subscribe());
@@ -148,7 +156,7 @@ impl BidDesk {
         key: &IdempotencyKey,
         auction_id: Uuid,
         amount: Amount,
-    ) -> Result<(bids::Append, Option<String>), ApiError> {
+    ) -> Result<(bids::Append, Option<PgLsn>), ApiError> {
         let (pool, signals) = (self.pool.clone(), self.signals.clone());
         let (bidder, key) = (bidder.to_owned(), key.as_str().to_owned());
         tokio::spawn(async move {
@@ -158,7 +166,7 @@ impl BidDesk {
                 signals.bid_appended(auction_id);
             }
             // From here on the bid is committed: nothing may fail the request.
-            let wal_position = bids::wal_position(&client).await.ok();
+            let wal_position = reads::wal_position(&client).await.ok();
             Ok((appended, wal_position))
         })
         .await
@@ -207,7 +215,7 @@ impl BidDesk {
         replayed: bool,
         wait: Option<Duration>,
         resolutions: Option<broadcast::Receiver<Resolved>>,
-        wal_position: Option<String>,
+        wal_position: Option<PgLsn>,
     ) -> Placed {
         if replayed {
             metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
@@ -217,7 +225,7 @@ impl BidDesk {
         let wal_position = match wal_position {
             Some(position) => Some(position),
             None => match self.pool.get().await {
-                Ok(client) => bids::wal_position(&client).await.ok(),
+                Ok(client) => reads::wal_position(&client).await.ok(),
                 Err(_) => None,
             },
         };

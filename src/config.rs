@@ -31,10 +31,30 @@ pub struct Config {
     pub api_pool_size: usize,
     /// Connections the resolver may hold on the primary (`GAVEL_RESOLVER_POOL_SIZE`).
     pub resolver_pool_size: usize,
+    /// Connections the API may hold on each replica (`GAVEL_REPLICA_POOL_SIZE`).
+    pub replica_pool_size: usize,
     /// How long a request waits for a pooled connection before 503 (`GAVEL_POOL_WAIT_TIMEOUT_MS`).
     pub pool_wait_timeout: Duration,
+    /// How long opening a new connection may take (`GAVEL_CONNECT_TIMEOUT_MS`).
+    pub connect_timeout: Duration,
     /// `statement_timeout` of every connection (`GAVEL_STATEMENT_TIMEOUT_MS`).
     pub statement_timeout: Duration,
+    /// `lock_timeout` of every connection (`GAVEL_LOCK_TIMEOUT_MS`, at most the statement timeout).
+    pub lock_timeout: Duration,
+    /// Deadline of every API request (`GAVEL_REQUEST_TIMEOUT_MS`).
+    pub request_timeout: Duration,
+    /// API requests in flight before new ones are shed with 503 (`GAVEL_MAX_IN_FLIGHT`).
+    pub max_in_flight: usize,
+    /// Percentage of the API pool that reads may hold on the primary
+    /// (`GAVEL_PRIMARY_READ_SHARE_PCT`), so reads cannot starve bids.
+    pub primary_read_share_pct: usize,
+    /// How often replica health and lag are checked (`GAVEL_REPLICA_CHECK_MS`).
+    pub replica_check_interval: Duration,
+    /// How stale a replica may be and still serve reads (`GAVEL_REPLICA_MAX_LAG_MS`).
+    pub replica_max_lag: Duration,
+    /// How far behind the primary's WAL a replica may be and still serve
+    /// reads (`GAVEL_REPLICA_MAX_LAG_BYTES`).
+    pub replica_max_lag_bytes: u64,
     /// Whether this process runs the resolver (`GAVEL_RESOLVER`: `on` or `off`).
     pub resolver_enabled: bool,
     /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
@@ -70,6 +90,8 @@ impl Config {
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
         let statement_timeout = env.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
+        let pool_wait_timeout = env.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?;
+        let replica_check_interval = env.millis("GAVEL_REPLICA_CHECK_MS", 500, 50..=60_000)?;
         Ok(Config {
             database_url: env.database_url("GAVEL_DATABASE_URL")?,
             replica_urls: env.replica_urls("GAVEL_REPLICA_URLS")?,
@@ -81,8 +103,33 @@ impl Config {
             log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
             api_pool_size: env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?,
             resolver_pool_size: env.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
-            pool_wait_timeout: env.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?,
+            replica_pool_size: env.number("GAVEL_REPLICA_POOL_SIZE", 8, 1..=1000)?,
+            pool_wait_timeout,
+            connect_timeout: env.millis("GAVEL_CONNECT_TIMEOUT_MS", 1_000, 50..=60_000)?,
             statement_timeout,
+            lock_timeout: env.at_most(
+                "GAVEL_LOCK_TIMEOUT_MS",
+                1_000,
+                ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
+            )?,
+            request_timeout: env.at_least(
+                "GAVEL_REQUEST_TIMEOUT_MS",
+                12_000,
+                ("GAVEL_POOL_WAIT_TIMEOUT_MS", pool_wait_timeout * 2),
+            )?,
+            max_in_flight: env.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
+            primary_read_share_pct: env.number("GAVEL_PRIMARY_READ_SHARE_PCT", 50, 1..=100)?,
+            replica_check_interval,
+            replica_max_lag: env.at_least(
+                "GAVEL_REPLICA_MAX_LAG_MS",
+                2_000,
+                ("GAVEL_REPLICA_CHECK_MS", replica_check_interval * 2),
+            )?,
+            replica_max_lag_bytes: env.number(
+                "GAVEL_REPLICA_MAX_LAG_BYTES",
+                16 << 20,
+                8_192..=(1 << 40),
+            )? as u64,
             resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
             resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
             bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
@@ -90,7 +137,12 @@ impl Config {
             idempotency_retention: Duration::from_secs(
                 3600 * env.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
             ),
-            settle_grace: env.settle_grace("GAVEL_SETTLE_GRACE_MS", statement_timeout)?,
+            // The grace covers a bid insert still committing at the end.
+            settle_grace: env.at_least(
+                "GAVEL_SETTLE_GRACE_MS",
+                statement_timeout.as_millis() as u64 + 1_000,
+                ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
+            )?,
         })
     }
 }
@@ -109,22 +161,47 @@ impl Env<'_> {
             .map_err(|e| err(name, &format!("'{filter}' is not a tracing filter: {e}")))
     }
 
-    /// The settle grace must cover a bid insert still committing at the end,
-    /// so it is never shorter than the statement timeout.
-    fn settle_grace(
+    /// A duration setting that must be at least `floor`, the value of
+    /// another setting (named for the error message) or a multiple of it.
+    fn at_least(
         &self,
         name: &str,
-        statement_timeout: Duration,
+        default_ms: u64,
+        (other, floor): (&str, Duration),
     ) -> Result<Duration, ConfigError> {
-        let floor = statement_timeout.as_millis() as u64;
-        let grace = self.millis(name, floor + 1_000, 0..=3_600_000)?;
-        if grace < statement_timeout {
+        let value = self.millis(
+            name,
+            default_ms.max(floor.as_millis() as u64),
+            0..=3_600_000,
+        )?;
+        if value < floor {
             return Err(err(
                 name,
-                &format!("must be at least GAVEL_STATEMENT_TIMEOUT_MS ({floor}), so bids still committing at the end are resolved before settling"),
+                &format!("must be at least {} ms (from {other})", floor.as_millis()),
             ));
         }
-        Ok(grace)
+        Ok(value)
+    }
+
+    /// A duration setting that must not exceed `ceiling`, the value of another setting.
+    fn at_most(
+        &self,
+        name: &str,
+        default_ms: u64,
+        (other, ceiling): (&str, Duration),
+    ) -> Result<Duration, ConfigError> {
+        let value = self.millis(
+            name,
+            default_ms.min(ceiling.as_millis() as u64),
+            1..=3_600_000,
+        )?;
+        if value > ceiling {
+            return Err(err(
+                name,
+                &format!("must be at most {other} ({} ms)", ceiling.as_millis()),
+            ));
+        }
+        Ok(value)
     }
 
     fn required(&self, name: &str) -> Result<String, ConfigError> {
@@ -267,6 +344,17 @@ mod tests {
         assert!(c.replica_urls.is_empty());
         assert_eq!(c.settle_grace, Duration::from_millis(6_000));
         assert!(c.resolver_enabled);
+        assert_eq!(c.lock_timeout, Duration::from_millis(1_000));
+        assert_eq!(c.request_timeout, Duration::from_millis(12_000));
+        assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
+        // A short statement timeout caps the default lock timeout.
+        let c = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_STATEMENT_TIMEOUT_MS", "300"),
+        ])
+        .unwrap();
+        assert_eq!(c.lock_timeout, Duration::from_millis(300));
     }
 
     #[test]
@@ -324,6 +412,47 @@ mod tests {
                     ("GAVEL_SETTLE_GRACE_MS", "100"),
                 ],
                 "GAVEL_SETTLE_GRACE_MS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_LOCK_TIMEOUT_MS", "9000"),
+                ],
+                "GAVEL_LOCK_TIMEOUT_MS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_REQUEST_TIMEOUT_MS", "1500"),
+                ],
+                "GAVEL_REQUEST_TIMEOUT_MS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_REPLICA_CHECK_MS", "2000"),
+                    ("GAVEL_REPLICA_MAX_LAG_MS", "3000"),
+                ],
+                "GAVEL_REPLICA_MAX_LAG_MS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_REPLICA_URLS", "postgres://a@127.0.0.1/x, not a url"),
+                ],
+                "GAVEL_REPLICA_URLS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_PRIMARY_READ_SHARE_PCT", "0"),
+                ],
+                "GAVEL_PRIMARY_READ_SHARE_PCT",
             ),
         ];
         for (vars, name) in cases {

@@ -1,7 +1,9 @@
 //! `gavel dev`: a zero-configuration local run. Starts a private PostgreSQL
-//! from the machine's server binaries under `.gavel/dev`, migrates, seeds a
-//! demo auction ending a few minutes later, serves, prints what to try, and
-//! stops its cluster on Ctrl-C.
+//! primary and a streaming replica from the machine's server binaries under
+//! `.gavel/dev`, migrates, seeds a demo auction ending a few minutes later,
+//! serves (reads from the replica), prints what to try, and stops both
+//! servers on Ctrl-C. The primary's data is kept between runs; the replica
+//! is cloned from it afresh each time.
 
 use std::collections::HashMap;
 
@@ -31,20 +33,28 @@ pub async fn run() -> anyhow::Result<()> {
     println!("Starting a private PostgreSQL in {} ...", dir.display());
     let mut options = ClusterOptions::new(dir.join("primary"));
     options.reuse = true;
-    let cluster = tokio::task::spawn_blocking(move || PgCluster::start(options))
-        .await?
-        .context("starting the private PostgreSQL")?;
-    if cluster.psql(
-        "postgres",
-        "SELECT 1 FROM pg_database WHERE datname = 'gavel'",
-    )? != "1"
-    {
-        cluster.psql("postgres", "CREATE DATABASE gavel")?;
-    }
+    let replica_options = ClusterOptions::new(dir.join("replica"));
+    let (cluster, replica) = tokio::task::spawn_blocking(move || {
+        let cluster = PgCluster::start(options).context("starting the private PostgreSQL")?;
+        if cluster.psql(
+            "postgres",
+            "SELECT 1 FROM pg_database WHERE datname = 'gavel'",
+        )? != "1"
+        {
+            cluster.psql("postgres", "CREATE DATABASE gavel")?;
+        }
+        let replica = cluster
+            .start_replica(replica_options)
+            .context("starting the streaming replica")?;
+        anyhow::Ok((cluster, replica))
+    })
+    .await??;
     let database_url = cluster.url("gavel");
+    let replica_url = replica.url("gavel");
 
     let defaults: HashMap<&str, String> = HashMap::from([
         ("GAVEL_DATABASE_URL", database_url.clone()),
+        ("GAVEL_REPLICA_URLS", replica_url.clone()),
         ("GAVEL_JWT_SECRET", DEV_JWT_SECRET.to_owned()),
     ]);
     let config = Config::from_lookup(|name| {
@@ -64,7 +74,8 @@ pub async fn run() -> anyhow::Result<()> {
     println!("Gavel is running.");
     println!("  API:        http://{api}");
     println!("  Metrics:    http://{}/metrics", server.admin_addr());
-    println!("  PostgreSQL: {database_url}");
+    println!("  PostgreSQL: {database_url} (primary)");
+    println!("              {replica_url} (streaming replica, serves reads)");
     println!("  Demo auction {auction_id} ends in 5 minutes (30 s soft close).");
     println!();
     println!("Place a bid:");
@@ -86,7 +97,11 @@ pub async fn run() -> anyhow::Result<()> {
         trigger.cancel();
     });
     let served = server.run(shutdown).await;
-    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    tokio::task::spawn_blocking(move || {
+        drop(replica);
+        drop(cluster);
+    })
+    .await?;
     println!("Stopped.");
     served
 }
@@ -94,12 +109,7 @@ pub async fn run() -> anyhow::Result<()> {
 async fn seed_demo_auction(config: &Config) -> anyhow::Result<Uuid> {
     let pool = db::build_pool(
         &config.database_url,
-        &db::PoolSettings {
-            size: 1,
-            wait_timeout: config.pool_wait_timeout,
-            statement_timeout: config.statement_timeout,
-            application_name: "gavel-dev-seed",
-        },
+        &db::PoolSettings::new(config, 1, "gavel-dev-seed"),
     )?;
     let client = pool
         .get()

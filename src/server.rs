@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
 use crate::config::Config;
-use crate::db::{self, Pools};
+use crate::db::reads::Reads;
+use crate::db::{self, Pools, SessionLimits};
 use crate::http::{self, AppState};
 use crate::rate_limit::RateLimiter;
 use crate::resolver::{listener, Resolver, Signals};
@@ -42,8 +43,12 @@ impl Server {
             .await
             .with_context(|| format!("binding GAVEL_ADMIN_LISTEN {}", config.admin_listen))?;
         let pools = Pools::new(&config)?;
+        let reads = Reads::new(&config, pools.api.clone(), pools.monitor.clone())?;
         let signals = Signals::new();
         let state = AppState {
+            reads,
+            request_timeout: config.request_timeout,
+            max_in_flight: config.max_in_flight,
             bids: BidDesk::new(
                 pools.api.clone(),
                 signals.clone(),
@@ -92,8 +97,9 @@ impl Server {
         let listen_config = db::session_config(
             &config.database_url,
             "gavel-listener",
-            config.statement_timeout,
+            &SessionLimits::from_config(&config),
         )?;
+        tasks.spawn(state.reads.clone().watch(workers.clone()));
         tasks.spawn(listener::listen(
             listen_config,
             state.signals.clone(),
@@ -128,7 +134,7 @@ impl Server {
         });
 
         tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
-        let pools = state.pools.clone();
+        let (pools, reads) = (state.pools.clone(), state.reads.clone());
         let api_server = axum::serve(api, http::api_router(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let admin_server = axum::serve(admin, http::admin_router(metrics))
@@ -156,8 +162,8 @@ impl Server {
         if joined.is_err() {
             tracing::warn!("background workers did not stop within {DRAIN_TIMEOUT:?}");
         }
-        pools.api.close();
-        pools.resolver.close();
+        pools.close();
+        reads.close();
         tracing::info!("gavel stopped");
         Ok(())
     }

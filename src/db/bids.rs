@@ -290,14 +290,6 @@ pub async fn settle_outcomes(
     client.execute(&stmt, &[&auction_id, &winning_bid]).await
 }
 
-/// The primary's current WAL insert position (after this session's writes).
-pub async fn wal_position(client: &impl GenericClient) -> Result<String, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached("SELECT pg_current_wal_insert_lsn()::text")
-        .await?;
-    Ok(client.query_one(&stmt, &[]).await?.get(0))
-}
-
 /// Deletes up to `limit` idempotency keys older than `retention`; returns how many.
 pub async fn purge_idempotency_keys(
     client: &impl GenericClient,

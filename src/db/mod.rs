@@ -1,11 +1,13 @@
-//! Database access: bounded connection pools on the primary, the embedded
-//! migrations, and the queries of each table (`auctions`, `bids`).
+//! Database access: bounded connection pools on the primary, read routing
+//! to replicas, the embedded migrations, and the queries of each table
+//! (`auctions`, `bids`).
 //!
 //! Runtime queries go through deadpool-postgres and tokio-postgres prepared
 //! statements; sqlx is used only for its migrator.
 
 pub mod auctions;
 pub mod bids;
+pub mod reads;
 
 use std::time::Duration;
 
@@ -18,35 +20,70 @@ use crate::config::Config;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// The pools of one Gavel process, split so API pressure cannot starve the
-/// resolver and the other way round.
+/// The primary pools of one Gavel process, split so API pressure cannot
+/// starve the resolver and the other way round. Replica pools live in
+/// [`reads::Reads`].
 #[derive(Clone)]
 pub struct Pools {
     /// Request handlers' connections to the primary.
     pub api: Pool,
     /// The resolver's connections to the primary.
     pub resolver: Pool,
+    /// Health checks and probes: `/readyz` and replica lag checks keep
+    /// working while the other pools are saturated.
+    pub monitor: Pool,
 }
 
 impl Pools {
     /// Builds (lazily connecting) pools from the configuration.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let settings = |size, name| PoolSettings {
-            size,
-            wait_timeout: config.pool_wait_timeout,
-            statement_timeout: config.statement_timeout,
-            application_name: name,
-        };
+        let url = &config.database_url;
         Ok(Pools {
             api: build_pool(
-                &config.database_url,
-                &settings(config.api_pool_size, "gavel-api"),
+                url,
+                &PoolSettings::new(config, config.api_pool_size, "gavel-api"),
             )?,
             resolver: build_pool(
-                &config.database_url,
-                &settings(config.resolver_pool_size, "gavel-resolver"),
+                url,
+                &PoolSettings::new(config, config.resolver_pool_size, "gavel-resolver"),
+            )?,
+            monitor: build_pool(
+                url,
+                &PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor"),
             )?,
         })
+    }
+
+    /// Closes every pool; connections are dropped as they are returned.
+    pub fn close(&self) {
+        self.api.close();
+        self.resolver.close();
+        self.monitor.close();
+    }
+}
+
+/// Connections of a monitor pool: one for checks, one for a probe.
+pub const MONITOR_POOL_SIZE: usize = 2;
+
+/// The time limits every Gavel connection carries.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    /// How long opening a connection may take.
+    pub connect_timeout: Duration,
+    /// `statement_timeout`.
+    pub statement_timeout: Duration,
+    /// `lock_timeout`.
+    pub lock_timeout: Duration,
+}
+
+impl SessionLimits {
+    /// The limits configured for this process.
+    pub fn from_config(config: &Config) -> Self {
+        SessionLimits {
+            connect_timeout: config.connect_timeout,
+            statement_timeout: config.statement_timeout,
+            lock_timeout: config.lock_timeout,
+        }
     }
 }
 
@@ -56,37 +93,51 @@ pub struct PoolSettings {
     pub size: usize,
     /// How long a caller waits for a free connection.
     pub wait_timeout: Duration,
-    /// `statement_timeout` (and, derived from it, the lock and idle timeouts).
-    pub statement_timeout: Duration,
+    /// Connect, statement and lock timeouts.
+    pub limits: SessionLimits,
     /// `application_name`, so SREs can attribute backends in `pg_stat_activity`.
     pub application_name: &'static str,
+}
+
+impl PoolSettings {
+    /// A pool of `size` connections with the configured timeouts.
+    pub fn new(config: &Config, size: usize, application_name: &'static str) -> Self {
+        PoolSettings {
+            size,
+            wait_timeout: config.pool_wait_timeout,
+            limits: SessionLimits::from_config(config),
+            application_name,
+        }
+    }
 }
 
 /// The tokio-postgres configuration for `url` with Gavel's session settings.
 pub fn session_config(
     url: &str,
     application_name: &str,
-    statement_timeout: Duration,
+    limits: &SessionLimits,
 ) -> anyhow::Result<tokio_postgres::Config> {
     let mut pg: tokio_postgres::Config = url.parse().context("invalid PostgreSQL URL")?;
-    let statement_ms = statement_timeout.as_millis();
-    // A lock wait can never be longer than a statement; an idle transaction
-    // holding locks is cut off so it cannot stall the resolver.
+    let statement_ms = limits.statement_timeout.as_millis();
+    // An idle transaction holding locks is cut off so it cannot stall the
+    // resolver; Gavel's own transactions never wait on the client.
     pg.application_name(application_name)
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(limits.connect_timeout)
         // Notice a silently dead connection (the listener idles for long).
         .keepalives_idle(Duration::from_secs(30))
         .options(format!(
-            "-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} \
+            "-c statement_timeout={statement_ms} -c lock_timeout={} \
              -c idle_in_transaction_session_timeout={}",
+            limits.lock_timeout.as_millis(),
             statement_ms * 2
         ));
     Ok(pg)
 }
 
-/// A bounded pool whose callers wait at most `wait_timeout` for a connection.
+/// A bounded pool whose callers wait at most `wait_timeout` for a connection
+/// and `connect_timeout` for a new one.
 pub fn build_pool(url: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
-    let pg = session_config(url, settings.application_name, settings.statement_timeout)?;
+    let pg = session_config(url, settings.application_name, &settings.limits)?;
     let manager = Manager::from_config(
         pg,
         NoTls,
@@ -98,8 +149,8 @@ pub fn build_pool(url: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
         .max_size(settings.size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(settings.wait_timeout))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(settings.limits.connect_timeout))
+        .recycle_timeout(Some(settings.limits.connect_timeout))
         .build()
         .context("building the connection pool")
 }

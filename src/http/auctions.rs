@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use super::consistency::{self, ReadToken};
 use super::error::{ApiError, FieldError};
 use super::extract::{parse_id, JsonObject, PathId};
 use super::AppState;
 use crate::auth::{Role, User};
 use crate::db::auctions::{self, AuctionRecord, NewAuction};
-use crate::db::bids;
+use crate::db::{bids, reads};
 use crate::domain::{mask_user, Amount, MAX_AMOUNT};
 use crate::rules::{self, AuctionTerms, IncrementTier, Increments};
 
@@ -136,10 +137,20 @@ async fn create(
     let new = validate_new_auction(&body, user.id.as_str(), Utc::now())?;
     let client = state.pools.api.get().await?;
     let auction = auctions::insert(&client, &new).await?;
+    // The seller's next read must find the auction, even on a replica.
+    let position = reads::wal_position(&client).await.ok();
+    drop(client);
     let mut response = auction_response(StatusCode::CREATED, &auction, &user);
     let location = HeaderValue::from_str(&format!("/api/auctions/{}", auction.id))
         .expect("a path is a valid header value");
-    response.headers_mut().insert(header::LOCATION, location);
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, location);
+    if let Some(position) = position {
+        headers.insert(
+            consistency::CONSISTENCY_TOKEN.clone(),
+            consistency::encode(position),
+        );
+    }
     Ok(response)
 }
 
@@ -147,24 +158,27 @@ async fn show(
     State(state): State<AppState>,
     user: User,
     PathId(id): PathId,
+    ReadToken(token): ReadToken,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "auction")?;
-    let client = state.pools.api.get().await?;
-    let auction = auctions::get(&client, id)
-        .await?
-        .ok_or(ApiError::NotFound("auction"))?;
-    if if_none_match(&headers, auction.version) {
-        let mut response = StatusCode::NOT_MODIFIED.into_response();
-        response
-            .headers_mut()
-            .insert(header::ETAG, etag(auction.version));
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(response);
-    }
-    Ok(auction_response(StatusCode::OK, &auction, &user))
+    let (auction, source) = state
+        .reads
+        .run(token, |client| Box::pin(auctions::get(client, id)))
+        .await?;
+    let mut response = match auction {
+        None => ApiError::NotFound("auction").into_response(),
+        Some(auction) if if_none_match(&headers, auction.version) => {
+            let mut response = StatusCode::NOT_MODIFIED.into_response();
+            let headers = response.headers_mut();
+            headers.insert(header::ETAG, etag(auction.version));
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            response
+        }
+        Some(auction) => auction_response(StatusCode::OK, &auction, &user),
+    };
+    consistency::mark_read(&mut response, &source, token, false);
+    Ok(response)
 }
 
 /// Whether `If-None-Match` names the current version (weak comparison, as
@@ -205,8 +219,9 @@ async fn history(
     State(state): State<AppState>,
     _user: User,
     PathId(id): PathId,
+    ReadToken(token): ReadToken,
     params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<HistoryPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_id(&id, "auction")?;
     let Query(params) = params.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = match params.limit.as_deref() {
@@ -221,11 +236,22 @@ async fn history(
         },
     };
     let before = params.cursor.as_deref().map(decode_cursor).transpose()?;
-    let client = state.pools.api.get().await?;
-    if auctions::get(&client, id).await?.is_none() {
-        return Err(ApiError::NotFound("auction"));
-    }
-    let rows = bids::history(&client, id, before, limit).await?;
+    let (rows, source) = state
+        .reads
+        .run(token, |client| {
+            Box::pin(async move {
+                match auctions::get(client, id).await? {
+                    None => Ok(None),
+                    Some(_) => bids::history(client, id, before, limit).await.map(Some),
+                }
+            })
+        })
+        .await?;
+    let Some(rows) = rows else {
+        let mut response = ApiError::NotFound("auction").into_response();
+        consistency::mark_read(&mut response, &source, token, false);
+        return Ok(response);
+    };
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|b| encode_cursor(b.seq)))
         .flatten();
@@ -239,7 +265,9 @@ async fn history(
             status: b.status,
         })
         .collect();
-    Ok(Json(HistoryPage { items, next_cursor }))
+    let mut response = Json(HistoryPage { items, next_cursor }).into_response();
+    consistency::mark_read(&mut response, &source, token, false);
+    Ok(response)
 }
 
 fn encode_cursor(seq: i64) -> String {

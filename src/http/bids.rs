@@ -8,17 +8,20 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::consistency::{self, ReadToken};
 use super::error::{ApiError, FieldError};
 use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject, PathId};
 use super::AppState;
 use crate::auth::User;
 use crate::db::bids::BidRecord;
 use crate::domain::Amount;
+
+/// Time left between the end of a `Prefer: wait` and the request deadline.
+const WAIT_MARGIN: Duration = Duration::from_secs(1);
 
 /// Routes under `/api/bids`.
 pub fn router() -> Router<AppState> {
@@ -81,10 +84,13 @@ pub async fn place(
             auction_id,
             amount,
             &key,
-            wait.map(Duration::from_secs),
+            // The wait ends before the request's deadline does.
+            wait.map(|n| {
+                Duration::from_secs(n).min(state.request_timeout.saturating_sub(WAIT_MARGIN))
+            }),
         )
         .await?;
-    let token = placed.wal_position.as_deref().and_then(consistency_token);
+    let token = placed.wal_position.map(consistency::encode);
     let status = match (
         placed.resolved_in_wait,
         placed.replayed,
@@ -102,7 +108,7 @@ pub async fn place(
         HeaderValue::from_str(&location).expect("valid path"),
     );
     if let Some(token) = token {
-        headers.insert("gavel-consistency-token", token);
+        headers.insert(consistency::CONSISTENCY_TOKEN.clone(), token);
     }
     if placed.replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -116,24 +122,22 @@ pub async fn place(
     Ok(response)
 }
 
-/// Wraps a WAL position into the opaque `Gavel-Consistency-Token`.
-fn consistency_token(wal_position: &str) -> Option<HeaderValue> {
-    let token =
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("lsn:{wal_position}"));
-    HeaderValue::from_str(&token).ok()
-}
-
 /// `GET /api/bids/{id}`: the caller's own bid (any bid for admins).
 async fn show(
     State(state): State<AppState>,
     user: User,
     PathId(id): PathId,
-) -> Result<Json<BidView>, ApiError> {
+    ReadToken(token): ReadToken,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id, "bid")?;
-    let client = state.pools.api.get().await?;
-    let bid = crate::db::bids::get(&client, id)
-        .await?
-        .filter(|b| user.is_admin() || b.bidder_id == user.id.as_str())
-        .ok_or(ApiError::NotFound("bid"))?;
-    Ok(Json(bid.into()))
+    let (bid, source) = state
+        .reads
+        .run(token, |client| Box::pin(crate::db::bids::get(client, id)))
+        .await?;
+    let mut response = match bid.filter(|b| user.is_admin() || b.bidder_id == user.id.as_str()) {
+        Some(bid) => Json(BidView::from(bid)).into_response(),
+        None => ApiError::NotFound("bid").into_response(),
+    };
+    consistency::mark_read(&mut response, &source, token, true);
+    Ok(response)
 }

@@ -82,6 +82,9 @@ pub enum ApiError {
     /// 503 `overloaded`: shed load now, retry soon.
     #[error("the service is overloaded; retry shortly")]
     Overloaded,
+    /// 503 `overloaded`: the request did not finish within its deadline.
+    #[error("the request did not finish in time; retry shortly")]
+    DeadlineExceeded,
     /// 503 `unavailable`: a dependency is down.
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
@@ -110,7 +113,7 @@ impl ApiError {
             AuctionClosed => (StatusCode::UNPROCESSABLE_ENTITY, "auction_closed"),
             IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Overloaded | DeadlineExceeded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -163,7 +166,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::Overloaded | ApiError::Unavailable(_) => {
+            ApiError::Overloaded | ApiError::DeadlineExceeded | ApiError::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::RateLimited { retry_after_s } => {
@@ -180,7 +183,8 @@ impl From<deadpool_postgres::PoolError> for ApiError {
         use deadpool_postgres::PoolError;
         match e {
             // No free connection in time: shed load instead of queueing.
-            PoolError::Timeout(_) => ApiError::Overloaded,
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => ApiError::Overloaded,
+            // Connecting took too long, or the server refused: it is down.
             other => ApiError::Unavailable(other.into()),
         }
     }

@@ -1,5 +1,7 @@
 //! Liveness and readiness probes.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -20,12 +22,21 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// How long the readiness check may take.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Ready when the primary answers and every embedded migration is applied.
+/// Checked over the monitor pool, so a saturated API pool (a load problem,
+/// answered with 503s) does not take the process out of rotation.
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let ready = match state.pools.api.get().await {
-        Ok(client) => db::schema_is_current(&client).await.unwrap_or(false),
-        Err(_) => false,
+    let check = async {
+        let client = state.pools.monitor.get().await.ok()?;
+        db::schema_is_current(&client).await.ok()
     };
+    let ready = matches!(
+        tokio::time::timeout(READY_TIMEOUT, check).await,
+        Ok(Some(true))
+    );
     if ready {
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {

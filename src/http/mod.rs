@@ -3,13 +3,15 @@
 
 pub mod auctions;
 pub mod bids;
+pub mod consistency;
 pub mod error;
 pub mod extract;
 pub mod health;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
@@ -17,12 +19,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
+use crate::db::reads::Reads;
 use crate::db::Pools;
 use crate::resolver::Signals;
 use error::ApiError;
@@ -30,8 +34,14 @@ use error::ApiError;
 /// State shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
-    /// Connection pools.
+    /// Connection pools on the primary.
     pub pools: Pools,
+    /// Where reads go: a replica within bounds, or the primary.
+    pub reads: Reads,
+    /// The deadline of every API request.
+    pub request_timeout: Duration,
+    /// Requests in flight before new ones are shed.
+    pub max_in_flight: usize,
     /// Token verification.
     pub jwt: Arc<JwtKeys>,
     /// The bid path.
@@ -42,15 +52,25 @@ pub struct AppState {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The public API with all its middleware.
+/// The public API with all its middleware. API routes are bounded: a
+/// request beyond the in-flight limit is shed at once and every request
+/// has a deadline, both answered `503 overloaded` with `Retry-After`.
+/// Health probes stay outside those bounds so an overloaded process is
+/// not mistaken for a dead one.
 pub fn api_router(state: AppState) -> Router {
+    let bounds = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overload_response))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight))
+        .timeout(state.request_timeout);
     let routes = Router::new()
-        .merge(health::router())
         .merge(auctions::router())
         .merge(bids::router())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
+        .layer(bounds)
+        .merge(health::router())
         .layer(middleware::from_fn(track_metrics))
         .with_state(state);
     routes.layer(
@@ -79,6 +99,20 @@ pub fn api_router(state: AppState) -> Router {
 
 fn security_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
     SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
+}
+
+/// The answer to a request shed by the in-flight limit or cut off by its deadline.
+async fn overload_response(error: BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        metrics::counter!("gavel_http_shed_total", "reason" => "in_flight_limit").increment(1);
+        ApiError::Overloaded
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        metrics::counter!("gavel_http_shed_total", "reason" => "deadline").increment(1);
+        tracing::warn!("a request did not finish within its deadline");
+        ApiError::DeadlineExceeded
+    } else {
+        ApiError::Internal(anyhow::anyhow!(error))
+    }
 }
 
 /// Counts requests and records latency by method, matched route and status.

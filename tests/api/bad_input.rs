@@ -395,6 +395,15 @@ async fn every_bad_request_gets_its_problem_code() {
         get("malformed auction id (history)", "/api/auctions/12345/bids".into()).expect(400, "invalid_request"),
         get("malformed bid id", "/api/bids/not-a-uuid".into()).expect(400, "invalid_request"),
         get("almost a uuid", format!("/api/bids/{}", &unknown.to_string()[..35])).expect(400, "invalid_request"),
+        get("consistency token not base64", format!("/api/auctions/{auction_id}"))
+            .header("gavel-consistency-token", "%%%")
+            .expect(400, "invalid_request"),
+        get("consistency token without a position", format!("/api/auctions/{auction_id}/bids"))
+            .header("gavel-consistency-token", "bHNuOnh5eg")
+            .expect(400, "invalid_request"),
+        get("consistency token of another kind", format!("/api/bids/{unknown}"))
+            .header("gavel-consistency-token", "aGVsbG8")
+            .expect(400, "invalid_request"),
         Case::new("unknown auction (bid)", Method::POST, format!("/api/auctions/{unknown}/bids"))
             .auth(&alice)
             .header("idempotency-key", new_key())

@@ -432,12 +432,7 @@ async fn idempotency_keys_are_kept_for_their_retention_then_purged() {
     let config = test_config(&app.database_url);
     let pool = gavel::db::build_pool(
         &app.database_url,
-        &gavel::db::PoolSettings {
-            size: 1,
-            wait_timeout: config.pool_wait_timeout,
-            statement_timeout: config.statement_timeout,
-            application_name: "gavel-test",
-        },
+        &gavel::db::PoolSettings::new(&config, 1, "gavel-test"),
     )
     .unwrap();
     let resolver = gavel::resolver::Resolver::new(

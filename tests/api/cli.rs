@@ -189,6 +189,26 @@ async fn gavel_dev_serves_the_printed_demo_and_stops_its_cluster_on_ctrl_c() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(response.json::<Value>().await.unwrap()["status"], "leading");
+    // Reads come from the streaming replica once it has replayed the bid.
+    eventually(
+        Duration::from_secs(10),
+        "the replica serves the demo auction",
+        || async {
+            let response = http
+                .get(format!("{api}/api/auctions/{auction_id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            let from = response.headers()["gavel-read-from"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let auction: Value = response.json().await.unwrap();
+            (from == "replica" && auction["bid_count"] == 1).then_some(())
+        },
+    )
+    .await;
 
     let pid = child.id().unwrap().to_string();
     assert!(Command::new("kill")
@@ -201,7 +221,12 @@ async fn gavel_dev_serves_the_printed_demo_and_stops_its_cluster_on_ctrl_c() {
         .expect("gavel dev stopped after Ctrl-C")
         .unwrap();
     assert!(status.success(), "gavel dev exited with {status}");
-    let pid_file = workdir.join(".gavel/dev/primary/data/postmaster.pid");
-    assert!(!pid_file.exists(), "the private PostgreSQL was stopped");
+    for server in ["primary", "replica"] {
+        let pid_file = workdir.join(format!(".gavel/dev/{server}/data/postmaster.pid"));
+        assert!(
+            !pid_file.exists(),
+            "the private PostgreSQL {server} was stopped"
+        );
+    }
     std::fs::remove_dir_all(&workdir).unwrap();
 }

@@ -24,17 +24,26 @@ use uuid::Uuid;
 pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
 pub const TEMPLATE_DB: &str = "gavel_template";
 
+/// Options of a throwaway test cluster in the temp directory.
+fn test_cluster_options(name: &str) -> ClusterOptions {
+    let dir = std::env::temp_dir().join(format!("gavel-test-{}{name}", std::process::id()));
+    let mut options = ClusterOptions::new(dir);
+    options.settings = vec![
+        ("fsync".into(), "off".into()),
+        // A standby needs at least the primary's max_connections.
+        ("max_connections".into(), "300".into()),
+        // Every test database is written to the WAL; keep enough of it that
+        // a replica being cloned or catching up never misses a segment.
+        ("wal_keep_size".into(), "2GB".into()),
+    ];
+    options
+}
+
 /// The process-wide cluster with its migrated template database.
 pub fn cluster() -> &'static PgCluster {
     static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("gavel-test-{}", std::process::id()));
-        let mut options = ClusterOptions::new(dir);
-        options.settings = vec![
-            ("fsync".into(), "off".into()),
-            ("max_connections".into(), "300".into()),
-        ];
-        let cluster = PgCluster::start(options).unwrap_or_else(|e| {
+        let cluster = PgCluster::start(test_cluster_options("")).unwrap_or_else(|e| {
             panic!(
                 "the integration tests need PostgreSQL server binaries \
                  (Debian: apt-get install -y postgresql): {e:#}"
@@ -57,6 +66,56 @@ pub fn cluster() -> &'static PgCluster {
         .expect("migrate template database");
         cluster
     })
+}
+
+/// A streaming replica of the process-wide cluster, for one test: pausing
+/// or stopping it affects no other test.
+pub async fn start_replica() -> PgCluster {
+    let name = format!("-replica-{}", Uuid::new_v4().simple());
+    tokio::task::spawn_blocking(move || cluster().start_replica(test_cluster_options(&name)))
+        .await
+        .unwrap()
+        .expect("start a streaming replica")
+}
+
+/// A primary of its own (migrated `gavel` database), for a test that
+/// restarts it.
+pub async fn start_private_primary() -> PgCluster {
+    cluster(); // fail early with the install hint when PostgreSQL is missing
+    let name = format!("-primary-{}", Uuid::new_v4().simple());
+    let primary = tokio::task::spawn_blocking(move || {
+        let primary = PgCluster::start(test_cluster_options(&name))?;
+        primary.psql("postgres", "CREATE DATABASE gavel")?;
+        anyhow::Ok(primary)
+    })
+    .await
+    .unwrap()
+    .expect("start a private primary");
+    gavel::db::migrate(&primary.url("gavel"))
+        .await
+        .expect("migrate the private primary");
+    primary
+}
+
+/// The URL of the database named in `database_url` on `server`.
+pub fn same_database_on(server: &PgCluster, database_url: &str) -> String {
+    let name = database_url.rsplit('/').next().expect("a database name");
+    server.url(name)
+}
+
+/// Runs a blocking cluster operation (`stop`, `start_again`) off the runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// A response header as text ("" when absent).
+pub fn header(response: &Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// A fresh database cloned from the migrated template; returns its URL.

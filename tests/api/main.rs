@@ -5,5 +5,7 @@ mod bidding;
 mod cli;
 mod closing;
 mod helpers;
+mod overload;
 mod processes;
 mod reads;
+mod replicas;

@@ -1,6 +1,8 @@
 //! Several `gavel serve` processes on one database, and a crash mid-flight.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -84,16 +86,21 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
     let mut server = ServeProcess::start(&app.database_url).await;
     let addr = server.addr;
 
+    // Far more bids than get answered before the kill, which comes once a
+    // few hundred were acknowledged.
+    const BIDS_PER_BIDDER: i64 = 200;
+    let answered = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for b in 0..40 {
-        let (http, token, auction_id) = (
+        let (http, token, auction_id, answered) = (
             app.http.clone(),
             app.token(&format!("k-bidder-{b}"), &[]),
             auction_id.clone(),
+            answered.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = Vec::new();
-            for i in 0..50_i64 {
+            for i in 0..BIDS_PER_BIDDER {
                 let amount = 1_000 + b * 10 + i * 1_000;
                 match http
                     .post(format!("http://{addr}/api/auctions/{auction_id}/bids"))
@@ -106,6 +113,7 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
                     Ok(response) if response.status().is_success() => {
                         if let Ok(body) = response.json::<Value>().await {
                             acknowledged.push(id_of(&body));
+                            answered.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok(_) => {}
@@ -115,7 +123,12 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
             acknowledged
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually(
+        Duration::from_secs(30),
+        "bids to be acknowledged",
+        || async { (answered.load(Ordering::Relaxed) >= 300).then_some(()) },
+    )
+    .await;
     server.kill().await;
     let mut acknowledged = Vec::new();
     for task in tasks {
@@ -126,7 +139,7 @@ async fn a_killed_server_loses_no_acknowledged_bid() {
         "some bids were acknowledged before the kill"
     );
     assert!(
-        acknowledged.len() < 40 * 50,
+        acknowledged.len() < 40 * BIDS_PER_BIDDER as usize,
         "the kill happened while bids were still in flight"
     );
 

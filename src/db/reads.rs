@@ -1,0 +1,530 @@
+//! Read routing. GET endpoints read from a streaming replica whose lag is
+//! within bounds, spreading load over the healthy ones; a client that sends
+//! back the WAL position of its last write (the consistency token) is served
+//! by a replica only once that replica has replayed past it. Otherwise the
+//! read goes to the primary, through a bounded share of the API pool so a
+//! replica outage cannot take every connection from bids.
+//!
+//! Lag is checked in the background over dedicated monitor connections. A
+//! replica's staleness is measured against samples of the primary's WAL
+//! position: a replica that has replayed the position the primary had at
+//! time `t` holds every write committed before `t`, so it is at most
+//! `now - t` stale. This needs no clock agreement between servers and does
+//! not count an idle primary as lag.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{GenericClient, Object, Pool, PoolError, TimeoutType};
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::PgLsn;
+use tokio_util::sync::CancellationToken;
+
+use super::{build_pool, PoolSettings, MONITOR_POOL_SIZE};
+use crate::config::Config;
+use crate::http::error::ApiError;
+
+/// Size of a WAL page (PostgreSQL's default `XLOG_BLCKSZ`).
+const WAL_PAGE: u64 = 8_192;
+/// Size of a WAL segment (PostgreSQL's default `wal_segment_size`).
+const WAL_SEGMENT: u64 = 16 << 20;
+/// Header at the start of every WAL page, and of every segment's first page.
+const WAL_PAGE_HEADER: u64 = 24;
+const WAL_SEGMENT_HEADER: u64 = 40;
+
+/// The primary's current WAL insert position: after this session's writes.
+pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_current_wal_insert_lsn()")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// A WAL position as a number, moved back over a page header: an insert
+/// position at the start of a page points just past the header, while a
+/// replica that replayed everything before it reports the page boundary.
+/// No WAL record ends inside a header, so both mean the same data.
+fn position(lsn: PgLsn) -> u64 {
+    let lsn = u64::from(lsn);
+    let header = if lsn % WAL_SEGMENT == WAL_SEGMENT_HEADER {
+        WAL_SEGMENT_HEADER
+    } else if lsn % WAL_PAGE == WAL_PAGE_HEADER {
+        WAL_PAGE_HEADER
+    } else {
+        0
+    };
+    lsn - header
+}
+
+/// A read to run on whichever server routing picks.
+pub type Query<'c, T> = BoxFuture<'c, Result<T, tokio_postgres::Error>>;
+
+/// Which server answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The primary.
+    Primary,
+    /// A streaming replica.
+    Replica,
+}
+
+impl Target {
+    /// The name used in the `Gavel-Read-From` header and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Primary => "primary",
+            Target::Replica => "replica",
+        }
+    }
+}
+
+/// Why a read went where it went (a metric label).
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    /// A replica within the lag bounds, no token.
+    Fresh,
+    /// A replica that has replayed past the client's token.
+    CaughtUp,
+    /// No replica has replayed the client's token yet.
+    TokenAhead,
+    /// No replica is configured.
+    NoReplicas,
+    /// Every replica is down or beyond the lag bounds.
+    NoHealthyReplica,
+    /// The chosen replica had no free connection in time.
+    ReplicaBusy,
+    /// The chosen replica failed the read (down, or a recovery conflict).
+    ReplicaFailed,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Fresh => "fresh",
+            Reason::CaughtUp => "caught_up",
+            Reason::TokenAhead => "token_ahead",
+            Reason::NoReplicas => "no_replicas",
+            Reason::NoHealthyReplica => "no_healthy_replica",
+            Reason::ReplicaBusy => "replica_busy",
+            Reason::ReplicaFailed => "replica_failed",
+        }
+    }
+}
+
+/// Where a read was served, and a WAL position its data is at least as new as.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadSource {
+    /// The server that answered.
+    pub target: Target,
+    /// A lower bound of the position the read saw, when known.
+    pub position: Option<PgLsn>,
+}
+
+/// The read router of one process. Cheap to clone.
+#[derive(Clone)]
+pub struct Reads {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    primary: Pool,
+    primary_share: Arc<Semaphore>,
+    wait_timeout: Duration,
+    monitor: Pool,
+    replicas: Vec<Replica>,
+    check_interval: Duration,
+    max_lag: Duration,
+    max_lag_bytes: u64,
+    next: AtomicUsize,
+    /// Recent samples of the primary's WAL position, oldest first.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+struct Replica {
+    name: String,
+    pool: Pool,
+    monitor: Pool,
+    state: Mutex<ReplicaState>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ReplicaState {
+    healthy: bool,
+    /// The replay position last seen.
+    replayed: u64,
+    /// The latest sample time whose primary position the replica has replayed.
+    covered_at: Option<Instant>,
+    /// How far the replica is behind the latest primary sample.
+    lag_bytes: u64,
+}
+
+impl ReplicaState {
+    fn staleness(&self, now: Instant) -> Option<Duration> {
+        self.covered_at.map(|t| now.saturating_duration_since(t))
+    }
+}
+
+/// What routing decided before the query runs.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a short-lived return value, never stored"
+)]
+enum Route {
+    Replica(usize, Object, Reason),
+    Primary(Reason),
+}
+
+impl Reads {
+    /// A router over `primary` (the API pool) and the configured replicas,
+    /// checking lag through `monitor`. Builds pools; connects lazily.
+    pub fn new(config: &Config, primary: Pool, monitor: Pool) -> anyhow::Result<Self> {
+        let share = (config.api_pool_size * config.primary_read_share_pct).div_ceil(100);
+        let replicas = config
+            .replica_urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                let mut reads = PoolSettings::new(config, config.replica_pool_size, "gavel-api");
+                // Half the wait on a busy replica leaves time for the primary.
+                reads.wait_timeout = config.pool_wait_timeout / 2;
+                let checks = PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor");
+                Ok(Replica {
+                    name: format!("replica-{}", i + 1),
+                    pool: build_pool(url, &reads)?,
+                    monitor: build_pool(url, &checks)?,
+                    state: Mutex::default(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Reads {
+            inner: Arc::new(Inner {
+                primary,
+                primary_share: Arc::new(Semaphore::new(share.max(1))),
+                wait_timeout: config.pool_wait_timeout,
+                monitor,
+                replicas,
+                check_interval: config.replica_check_interval,
+                max_lag: config.replica_max_lag,
+                max_lag_bytes: config.replica_max_lag_bytes,
+                next: AtomicUsize::new(0),
+                samples: Mutex::default(),
+            }),
+        })
+    }
+
+    /// Closes the replica pools.
+    pub fn close(&self) {
+        for replica in &self.inner.replicas {
+            replica.pool.close();
+            replica.monitor.close();
+        }
+    }
+
+    /// Runs `query` on a replica when one may serve it, else on the primary.
+    /// A read with `token` sees every write up to that WAL position.
+    pub async fn run<T>(
+        &self,
+        token: Option<PgLsn>,
+        query: impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync,
+    ) -> Result<(T, ReadSource), ApiError> {
+        let reason = match self.route(token).await {
+            Route::Replica(index, client, reason) => {
+                let replica = &self.inner.replicas[index];
+                let position = replica.state.lock().expect("replica state").replayed;
+                match query(&client).await {
+                    Ok(value) => {
+                        count_read(Target::Replica, reason);
+                        let source = ReadSource {
+                            target: Target::Replica,
+                            position: Some(PgLsn::from(position)),
+                        };
+                        return Ok((value, source));
+                    }
+                    Err(e) if recovery_conflict(&e) => Reason::ReplicaFailed,
+                    Err(e) if connection_lost(&e) => {
+                        self.mark_down(index, &e);
+                        Reason::ReplicaFailed
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Route::Primary(reason) => reason,
+        };
+        let position = self.latest_sample().map(PgLsn::from);
+        let value = self.on_primary(query).await?;
+        count_read(Target::Primary, reason);
+        Ok((
+            value,
+            ReadSource {
+                target: Target::Primary,
+                position,
+            },
+        ))
+    }
+
+    /// Runs `query` on the primary within the reads' share of the API pool.
+    async fn on_primary<T>(
+        &self,
+        query: impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync,
+    ) -> Result<T, ApiError> {
+        let inner = &self.inner;
+        let acquired = tokio::time::timeout(inner.wait_timeout, async {
+            let permit = inner
+                .primary_share
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the read share is never closed");
+            let client = inner.primary.get().await?;
+            Ok::<_, PoolError>((permit, client))
+        })
+        .await;
+        let (_permit, client) = match acquired {
+            Ok(acquired) => acquired?,
+            Err(_) => return Err(ApiError::Overloaded),
+        };
+        Ok(query(&client).await?)
+    }
+
+    async fn route(&self, token: Option<PgLsn>) -> Route {
+        let inner = &self.inner;
+        if inner.replicas.is_empty() {
+            return Route::Primary(Reason::NoReplicas);
+        }
+        let now = Instant::now();
+        let token = token.map(position);
+        // Round-robin over the replicas within bounds, preferring one whose
+        // last known position already covers the token.
+        let start = inner.next.fetch_add(1, Ordering::Relaxed);
+        let count = inner.replicas.len();
+        let mut candidates: Vec<(usize, ReplicaState)> = (0..count)
+            .map(|k| (start + k) % count)
+            .map(|i| (i, *inner.replicas[i].state.lock().expect("replica state")))
+            .filter(|(_, state)| self.within_bounds(state, now))
+            .collect();
+        if candidates.is_empty() {
+            return Route::Primary(Reason::NoHealthyReplica);
+        }
+        if let Some(token) = token {
+            candidates.sort_by_key(|(_, state)| state.replayed < token);
+        }
+        let (index, state) = candidates[0];
+        let replica = &inner.replicas[index];
+        let client = match replica.pool.get().await {
+            Ok(client) => client,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {
+                return Route::Primary(Reason::ReplicaBusy)
+            }
+            Err(e) => {
+                self.mark_down(index, &e);
+                return Route::Primary(Reason::ReplicaFailed);
+            }
+        };
+        let Some(token) = token else {
+            return Route::Replica(index, client, Reason::Fresh);
+        };
+        if state.replayed >= token {
+            return Route::Replica(index, client, Reason::CaughtUp);
+        }
+        // The last check is older than the token: ask the replica itself.
+        match replay_position(&client).await {
+            Ok(Some(replayed)) => {
+                let replayed = position(replayed);
+                let mut state = replica.state.lock().expect("replica state");
+                state.replayed = state.replayed.max(replayed);
+                if replayed >= token {
+                    drop(state);
+                    Route::Replica(index, client, Reason::CaughtUp)
+                } else {
+                    Route::Primary(Reason::TokenAhead)
+                }
+            }
+            Ok(None) => Route::Primary(Reason::TokenAhead),
+            Err(e) => {
+                if connection_lost(&e) {
+                    self.mark_down(index, &e);
+                }
+                Route::Primary(Reason::ReplicaFailed)
+            }
+        }
+    }
+
+    fn within_bounds(&self, state: &ReplicaState, now: Instant) -> bool {
+        state.healthy
+            && state.lag_bytes <= self.inner.max_lag_bytes
+            && state
+                .staleness(now)
+                .is_some_and(|stale| stale <= self.inner.max_lag)
+    }
+
+    fn mark_down(&self, index: usize, error: &dyn std::fmt::Display) {
+        let replica = &self.inner.replicas[index];
+        let mut state = replica.state.lock().expect("replica state");
+        if state.healthy {
+            tracing::warn!(replica = %replica.name, %error, "replica failed a read; reading from the primary until it checks healthy");
+        }
+        state.healthy = false;
+    }
+
+    fn latest_sample(&self) -> Option<u64> {
+        let samples = self.inner.samples.lock().expect("samples");
+        samples.back().map(|(_, lsn)| *lsn)
+    }
+
+    /// Checks the replicas every check interval until `shutdown`.
+    pub async fn watch(self, shutdown: CancellationToken) {
+        for replica in &self.inner.replicas {
+            tracing::info!(replica = %replica.name, "reading from a streaming replica when it is within the lag bounds");
+        }
+        loop {
+            self.check().await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.inner.check_interval) => {}
+            }
+        }
+    }
+
+    /// One round of checks: the primary's position, then every replica's.
+    pub async fn check(&self) {
+        let inner = &self.inner;
+        let limit = inner.check_interval.max(Duration::from_secs(1));
+        let sampled = tokio::time::timeout(limit, async {
+            let client = inner.monitor.get().await.map_err(anyhow::Error::from)?;
+            Ok::<_, anyhow::Error>(wal_position(&client).await?)
+        })
+        .await;
+        match sampled {
+            Ok(Ok(lsn)) => {
+                let mut samples = inner.samples.lock().expect("samples");
+                let now = Instant::now();
+                samples.push_back((now, position(lsn)));
+                // Keep what can still prove a replica within the bound.
+                while samples.len() > 1
+                    && samples
+                        .front()
+                        .is_some_and(|(t, _)| now.duration_since(*t) > inner.max_lag * 2)
+                {
+                    samples.pop_front();
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not read the primary's WAL position"),
+            Err(_) => tracing::debug!("reading the primary's WAL position timed out"),
+        }
+        let checks = inner
+            .replicas
+            .iter()
+            .map(|replica| tokio::time::timeout(limit, check_replica(replica)));
+        let results = futures::future::join_all(checks).await;
+        let now = Instant::now();
+        for (replica, result) in inner.replicas.iter().zip(results) {
+            let replayed = match result {
+                Ok(Ok(replayed)) => Ok(replayed),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(_) => Err(format!("no answer within {limit:?}")),
+            };
+            self.record_check(replica, replayed, now);
+        }
+    }
+
+    fn record_check(&self, replica: &Replica, replayed: Result<u64, String>, now: Instant) {
+        let samples = self.inner.samples.lock().expect("samples");
+        let mut state = replica.state.lock().expect("replica state");
+        let was_healthy = state.healthy;
+        match replayed {
+            Ok(replayed) => {
+                state.healthy = true;
+                state.replayed = replayed;
+                let covered = samples.iter().rev().find(|(_, lsn)| *lsn <= replayed);
+                if let Some((t, _)) = covered {
+                    state.covered_at = Some(state.covered_at.map_or(*t, |c| c.max(*t)));
+                }
+                let latest = samples.back().map_or(replayed, |(_, lsn)| *lsn);
+                state.lag_bytes = latest.saturating_sub(replayed);
+                if !was_healthy {
+                    tracing::info!(replica = %replica.name, "replica is healthy");
+                }
+            }
+            Err(error) => {
+                state.healthy = false;
+                if was_healthy {
+                    tracing::warn!(replica = %replica.name, %error, "replica check failed; reading from the primary");
+                }
+            }
+        }
+        let labels = [("replica", replica.name.clone())];
+        metrics::gauge!("gavel_replica_healthy", &labels).set(f64::from(u8::from(state.healthy)));
+        metrics::gauge!("gavel_replica_lag_bytes", &labels).set(state.lag_bytes as f64);
+        if let Some(stale) = state.staleness(now) {
+            metrics::gauge!("gavel_replica_lag_seconds", &labels).set(stale.as_secs_f64());
+        }
+    }
+}
+
+/// A replica's replay position, failing when it is not a standby.
+async fn check_replica(replica: &Replica) -> anyhow::Result<u64> {
+    let client = replica.monitor.get().await?;
+    let stmt = client
+        .prepare_cached("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
+        .await?;
+    let row = client.query_one(&stmt, &[]).await?;
+    let (in_recovery, replayed): (bool, Option<PgLsn>) = (row.get(0), row.get(1));
+    match (in_recovery, replayed) {
+        (true, Some(replayed)) => Ok(position(replayed)),
+        (true, None) => anyhow::bail!("the replica has not replayed any WAL yet"),
+        (false, _) => anyhow::bail!("the server is not a standby (promoted?)"),
+    }
+}
+
+async fn replay_position(client: &Object) -> Result<Option<PgLsn>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_last_wal_replay_lsn()")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+fn count_read(target: Target, reason: Reason) {
+    metrics::counter!(
+        "gavel_db_reads_total",
+        "target" => target.as_str(),
+        "reason" => reason.as_str()
+    )
+    .increment(1);
+}
+
+/// A standby cancelled the query because replay needed what it read.
+fn recovery_conflict(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+}
+
+/// The server went away (no SQL state), or is shutting down.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => {
+            *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_just_past_a_page_header_means_the_page_boundary() {
+        let lsn = |n: u64| PgLsn::from(n);
+        assert_eq!(position(lsn(3 * WAL_PAGE + 24)), 3 * WAL_PAGE);
+        assert_eq!(position(lsn(2 * WAL_SEGMENT + 40)), 2 * WAL_SEGMENT);
+        // Inside a page, or 40 bytes into a page that does not start a segment.
+        assert_eq!(position(lsn(3 * WAL_PAGE + 40)), 3 * WAL_PAGE + 40);
+        assert_eq!(position(lsn(3 * WAL_PAGE + 25)), 3 * WAL_PAGE + 25);
+        assert_eq!(position(lsn(12_345_678)), 12_345_678);
+    }
+}

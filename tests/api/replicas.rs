@@ -1,0 +1,218 @@
+//! Read routing against a real streaming replica: reads without a token are
+//! served by the replica, a client's consistency token sends it to the
+//! primary until the replica has replayed its write, and a lost replica
+//! only moves reads to the primary.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// How often the test servers check their replicas.
+const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A server reading from `replica`, with a lag bound wide enough that a
+/// replica paused for the length of a test still serves reads without a token.
+async fn app_with_replica(database_url: &str, replica: &gavel::pg_cluster::PgCluster) -> TestApp {
+    let replica_url = same_database_on(replica, database_url);
+    TestApp::spawn_on(database_url, |config| {
+        config.replica_urls = vec![replica_url];
+        config.replica_check_interval = CHECK_INTERVAL;
+        config.replica_max_lag = Duration::from_secs(60);
+    })
+    .await
+}
+
+/// `GET path` as `sub`, with a consistency token when given.
+async fn read(app: &TestApp, path: &str, sub: &str, token: Option<&str>) -> Response {
+    let mut request = app.http.get(app.url(path)).bearer_auth(app.token(sub, &[]));
+    if let Some(token) = token {
+        request = request.header("Gavel-Consistency-Token", token);
+    }
+    request.send().await.expect("GET request")
+}
+
+/// Places a bid and returns its id and consistency token.
+async fn bid_with_token(
+    app: &TestApp,
+    bidder: &str,
+    auction_id: &str,
+    amount: i64,
+) -> (String, String) {
+    let response = app.bid(bidder, auction_id, amount, &new_key()).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let token = header(&response, "gavel-consistency-token");
+    assert!(
+        !token.is_empty(),
+        "a bid response carries a consistency token"
+    );
+    let bid: Value = response.json().await.unwrap();
+    (bid["id"].as_str().unwrap().to_owned(), token)
+}
+
+#[tokio::test]
+async fn a_token_reads_its_own_write_while_the_replica_is_paused() {
+    let database_url = fresh_database().await;
+    let replica = start_replica().await;
+    let app = app_with_replica(&database_url, &replica).await;
+    let replica_db = connect(&same_database_on(&replica, &database_url)).await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let (first, first_token) = bid_with_token(&app, "alice", &auction_id, 1_000).await;
+    let path = |id: &str| format!("/api/bids/{id}");
+
+    // Once the replica has replayed the first bid, the token read uses it.
+    eventually(
+        Duration::from_secs(10),
+        "the replica to serve the first bid",
+        || async {
+            let response = read(&app, &path(&first), "alice", Some(&first_token)).await;
+            (response.status() == StatusCode::OK
+                && header(&response, "gavel-read-from") == "replica")
+                .then_some(())
+        },
+    )
+    .await;
+
+    replica_db
+        .execute("SELECT pg_wal_replay_pause()", &[])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "replay to pause", || async {
+        let state: String = replica_db
+            .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (state == "paused").then_some(())
+    })
+    .await;
+    let (second, second_token) = bid_with_token(&app, "bob", &auction_id, 2_000).await;
+
+    // Without the token the replica answers, and it has not seen the bid.
+    let stale = read(&app, &path(&second), "bob", None).await;
+    assert_eq!(header(&stale, "gavel-read-from"), "replica");
+    assert_eq!(
+        stale.status(),
+        StatusCode::NOT_FOUND,
+        "the paused replica is stale"
+    );
+    let stale_auction = read(&app, &format!("/api/auctions/{auction_id}"), "bob", None).await;
+    assert_eq!(header(&stale_auction, "gavel-read-from"), "replica");
+
+    // With it the primary answers, and the bid is there.
+    let fresh = read(&app, &path(&second), "bob", Some(&second_token)).await;
+    assert_eq!(header(&fresh, "gavel-read-from"), "primary");
+    assert_eq!(fresh.status(), StatusCode::OK);
+    assert!(
+        !header(&fresh, "gavel-consistency-token").is_empty(),
+        "a bid read hands the token back"
+    );
+    let bid: Value = fresh.json().await.unwrap();
+    assert_eq!(bid["id"], second.as_str());
+    let history = read(
+        &app,
+        &format!("/api/auctions/{auction_id}/bids"),
+        "bob",
+        Some(&second_token),
+    )
+    .await;
+    assert_eq!(header(&history, "gavel-read-from"), "primary");
+    let history: Value = history.json().await.unwrap();
+    assert!(
+        history["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["id"] == second.as_str()),
+        "the history read with the token lists the new bid: {history}"
+    );
+    // An older token is already covered by the paused replica.
+    let old = read(&app, &path(&first), "alice", Some(&first_token)).await;
+    assert_eq!(header(&old, "gavel-read-from"), "replica");
+
+    replica_db
+        .execute("SELECT pg_wal_replay_resume()", &[])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "token reads to return to the replica",
+        || async {
+            let response = read(&app, &path(&second), "bob", Some(&second_token)).await;
+            (response.status() == StatusCode::OK
+                && header(&response, "gavel-read-from") == "replica")
+                .then_some(())
+        },
+    )
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reads_survive_a_lost_replica_and_return_to_it() {
+    let database_url = fresh_database().await;
+    let mut replica = start_replica().await;
+    let app = app_with_replica(&database_url, &replica).await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let (bid_id, _) = bid_with_token(&app, "alice", &auction_id, 1_000).await;
+    let auction_path = format!("/api/auctions/{auction_id}");
+    let read_from = async |path: &str, sub: &str| {
+        let response = read(&app, path, sub, None).await;
+        let from = header(&response, "gavel-read-from");
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        from
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the replica to serve reads",
+        || async { (read_from(&auction_path, "reader").await == "replica").then_some(()) },
+    )
+    .await;
+
+    let replica = blocking(move || {
+        replica.stop().expect("stop the replica");
+        replica
+    })
+    .await;
+    // Every read answers, from the primary, from the first one on.
+    let outage = Instant::now();
+    while outage.elapsed() < CHECK_INTERVAL * 5 {
+        assert_eq!(read_from(&auction_path, "reader").await, "primary");
+        assert_eq!(
+            read_from(&format!("/api/bids/{bid_id}"), "alice").await,
+            "primary"
+        );
+        assert_eq!(
+            read_from(&format!("{auction_path}/bids"), "reader").await,
+            "primary"
+        );
+    }
+
+    let mut replica = replica;
+    let replica = blocking(move || {
+        replica.start_again().expect("start the replica again");
+        replica
+    })
+    .await;
+    let back = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "reads to return to the replica",
+        || async { (read_from(&auction_path, "reader").await == "replica").then_some(()) },
+    )
+    .await;
+    let took = back.elapsed();
+    eprintln!("reads returned to the restarted replica after {took:?}");
+    assert!(
+        took < CHECK_INTERVAL + Duration::from_millis(800),
+        "reads returned to the replica {took:?} after it was back (check interval {CHECK_INTERVAL:?})"
+    );
+    app.stop().await;
+    drop(replica);
+}
