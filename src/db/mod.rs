@@ -184,3 +184,33 @@ pub async fn schema_is_current(
     // A newer schema than this binary knows is fine (rolling deploys).
     Ok(applied.is_some_and(|v| v >= latest))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_carries_its_name_and_time_limits() {
+        let limits = SessionLimits {
+            connect_timeout: Duration::from_millis(700),
+            statement_timeout: Duration::from_millis(5_000),
+            lock_timeout: Duration::from_millis(1_000),
+        };
+        let pg = session_config(
+            "postgres://gavel@127.0.0.1:5999/gavel",
+            "gavel-api",
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(pg.get_application_name(), Some("gavel-api"));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_millis(700)));
+        let options = pg.get_options().unwrap();
+        for setting in [
+            "statement_timeout=5000",
+            "lock_timeout=1000",
+            "idle_in_transaction_session_timeout=10000",
+        ] {
+            assert!(options.contains(setting), "{setting} in {options:?}");
+        }
+    }
+}

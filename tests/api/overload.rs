@@ -330,3 +330,36 @@ async fn a_primary_restart_fails_fast_recovers_by_itself_and_loses_no_bid() {
     app.stop().await;
     drop(primary);
 }
+
+#[tokio::test]
+async fn every_backend_says_which_part_of_gavel_it_serves() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap();
+    app.bid_resolved("alice", auction_id, 1_000).await;
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let db = app.db().await;
+    let names: Vec<String> = db
+        .query(
+            "SELECT DISTINCT application_name FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'gavel-%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "gavel-api",
+            "gavel-listener",
+            "gavel-monitor",
+            "gavel-resolver"
+        ],
+        "backends of this server in pg_stat_activity"
+    );
+    app.stop().await;
+}
