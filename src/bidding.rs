@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use tokio::sync::broadcast;
 use tokio_postgres::types::PgLsn;
 use uuid::Uuid;
@@ -29,6 +29,8 @@ const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
 const SNAPSHOT_STALE_LIMIT: Duration = Duration::from_secs(2);
 /// Snapshots kept before the cache is emptied.
 const SNAPSHOT_CAPACITY: usize = 10_000;
+/// The wait for connections of a pool built without one.
+const DEFAULT_POOL_WAIT: Duration = Duration::from_secs(1);
 /// Fallback re-check interval while waiting for an outcome.
 const WAIT_POLL: Duration = Duration::from_millis(200);
 
@@ -88,15 +90,18 @@ impl BidDesk {
     }
 
     /// Places `amount` (the bidder's maximum) on `auction_id` for `user`,
-    /// idempotently under `key`; waits up to `wait` for the outcome.
+    /// idempotently under `key`; waits until `wait_until` for the outcome.
+    /// All waits for connections together take at most the pool wait, so an
+    /// overloaded database is answered `503` in about a second.
     pub async fn place(
         &self,
         user: &User,
         auction_id: Uuid,
         amount: Amount,
         key: &IdempotencyKey,
-        wait: Option<Duration>,
+        wait_until: Option<Instant>,
     ) -> Result<Placed, ApiError> {
+        let budget = Instant::now() + self.pool_wait();
         metrics::counter!("gavel_bids_received_total").increment(1);
         let bidder = user.id.as_str();
         if let Err(wait) = self.rate_limit.check(bidder) {
@@ -105,7 +110,10 @@ impl BidDesk {
                 retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
             });
         }
-        match self.precheck(bidder, auction_id, amount.get()).await {
+        match self
+            .precheck(bidder, auction_id, amount.get(), budget)
+            .await
+        {
             Ok(()) => {}
             // A retry of a request that was accepted before the auction moved
             // on must still replay, not be refused.
@@ -115,8 +123,8 @@ impl BidDesk {
                 | ApiError::SellerCannotBid
                 | ApiError::NotFound(_)),
             ) => {
-                return match self.replay(bidder, key, auction_id, amount).await? {
-                    Some(bid) => Ok(self.finish(bid, true, wait, None, None).await),
+                return match self.replay(bidder, key, auction_id, amount, budget).await? {
+                    Some(bid) => Ok(self.finish(bid, true, wait_until, None, None, budget).await),
                     None => {
                         if !matches!(refusal, ApiError::NotFound(_)) {
                             metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
@@ -130,19 +138,21 @@ impl BidDesk {
             Err(unavailable) => return Err(unavailable),
         }
         // Subscribe before the append so no resolution can slip past.
-        let resolutions = wait.map(|_| self.signals.subscribe());
-        let (appended, wal_position) = self.append(bidder, key, auction_id, amount).await?;
+        let resolutions = wait_until.map(|_| self.signals.subscribe());
+        let (appended, wal_position) = self.append(bidder, key, auction_id, amount, budget).await?;
         match appended {
             bids::Append::Inserted(bid) => {
                 metrics::counter!("gavel_bids_accepted_total").increment(1);
                 Ok(self
-                    .finish(bid, false, wait, resolutions, wal_position)
+                    .finish(bid, false, wait_until, resolutions, wal_position, budget)
                     .await)
             }
             bids::Append::KeyExists(existing) => {
-                let bid = self.replayed_bid(&existing, auction_id, amount).await?;
+                let bid = self
+                    .replayed_bid(&existing, auction_id, amount, budget)
+                    .await?;
                 Ok(self
-                    .finish(bid, true, wait, resolutions, wal_position)
+                    .finish(bid, true, wait_until, resolutions, wal_position, budget)
                     .await)
             }
         }
@@ -156,11 +166,12 @@ impl BidDesk {
         key: &IdempotencyKey,
         auction_id: Uuid,
         amount: Amount,
+        budget: Instant,
     ) -> Result<(bids::Append, Option<PgLsn>), ApiError> {
         let (pool, signals) = (self.pool.clone(), self.signals.clone());
         let (bidder, key) = (bidder.to_owned(), key.as_str().to_owned());
         tokio::spawn(async move {
-            let client = pool.get().await?;
+            let client = connection(&pool, budget).await?;
             let appended = bids::append(&client, &bidder, &key, auction_id, amount.get()).await?;
             if let bids::Append::Inserted(_) = appended {
                 signals.bid_appended(auction_id);
@@ -180,11 +191,12 @@ impl BidDesk {
         existing: &bids::KeyRecord,
         auction_id: Uuid,
         amount: Amount,
+        budget: Instant,
     ) -> Result<bids::BidRecord, ApiError> {
         if existing.auction_id != auction_id || existing.amount != amount.get() {
             return Err(ApiError::IdempotencyKeyReused);
         }
-        let client = self.pool.get().await?;
+        let client = connection(&self.pool, budget).await?;
         bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
             ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))
         })
@@ -196,13 +208,14 @@ impl BidDesk {
         key: &IdempotencyKey,
         auction_id: Uuid,
         amount: Amount,
+        budget: Instant,
     ) -> Result<Option<bids::BidRecord>, ApiError> {
-        let client = self.pool.get().await?;
+        let client = connection(&self.pool, budget).await?;
         let Some(existing) = bids::find_key(&client, bidder, key.as_str()).await? else {
             return Ok(None);
         };
         drop(client);
-        self.replayed_bid(&existing, auction_id, amount)
+        self.replayed_bid(&existing, auction_id, amount, budget)
             .await
             .map(Some)
     }
@@ -213,9 +226,10 @@ impl BidDesk {
         &self,
         bid: bids::BidRecord,
         replayed: bool,
-        wait: Option<Duration>,
+        wait_until: Option<Instant>,
         resolutions: Option<broadcast::Receiver<Resolved>>,
         wal_position: Option<PgLsn>,
+        budget: Instant,
     ) -> Placed {
         if replayed {
             metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
@@ -224,19 +238,19 @@ impl BidDesk {
         // not write still hands out the current position.
         let wal_position = match wal_position {
             Some(position) => Some(position),
-            None => match self.pool.get().await {
+            None => match connection(&self.pool, budget).await {
                 Ok(client) => reads::wal_position(&client).await.ok(),
                 Err(_) => None,
             },
         };
-        let bid = match wait {
-            Some(wait) if bid.status == "pending" && !wait.is_zero() => {
+        let bid = match wait_until {
+            Some(until) if bid.status == "pending" && until > Instant::now() => {
                 let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
-                self.wait_for_outcome(bid, wait, resolutions).await
+                self.wait_for_outcome(bid, until, resolutions).await
             }
             _ => bid,
         };
-        let resolved_in_wait = wait.is_some() && bid.status != "pending";
+        let resolved_in_wait = wait_until.is_some() && bid.status != "pending";
         Placed {
             bid,
             replayed,
@@ -246,9 +260,15 @@ impl BidDesk {
     }
 
     /// Refuses only what the resolver would certainly refuse.
-    async fn precheck(&self, bidder: &str, auction_id: Uuid, amount: i64) -> Result<(), ApiError> {
+    async fn precheck(
+        &self,
+        bidder: &str,
+        auction_id: Uuid,
+        amount: i64,
+        budget: Instant,
+    ) -> Result<(), ApiError> {
         let snapshot = self
-            .snapshot(auction_id)
+            .snapshot(auction_id, budget)
             .await?
             .ok_or(ApiError::NotFound("auction"))?;
         if snapshot.seller_id == bidder {
@@ -278,7 +298,11 @@ impl BidDesk {
     /// re-reads it while the others keep using the old one, so a hot
     /// auction's row is read a few times a second, not once per bid; a stale
     /// snapshot is as safe as a fresh one (see [`Snapshot`]), only less sharp.
-    async fn snapshot(&self, auction_id: Uuid) -> Result<Option<Arc<Snapshot>>, ApiError> {
+    async fn snapshot(
+        &self,
+        auction_id: Uuid,
+        budget: Instant,
+    ) -> Result<Option<Arc<Snapshot>>, ApiError> {
         {
             let mut snapshots = self.snapshots.lock().expect("snapshot lock");
             if let Some(cached) = snapshots.get_mut(&auction_id) {
@@ -289,7 +313,7 @@ impl BidDesk {
                 cached.refreshing = true;
             }
         }
-        let read = self.read_snapshot(auction_id).await;
+        let read = self.read_snapshot(auction_id, budget).await;
         let mut snapshots = self.snapshots.lock().expect("snapshot lock");
         match read {
             Ok(Some(snapshot)) => {
@@ -319,8 +343,12 @@ impl BidDesk {
         }
     }
 
-    async fn read_snapshot(&self, auction_id: Uuid) -> Result<Option<Arc<Snapshot>>, ApiError> {
-        let client = self.pool.get().await?;
+    async fn read_snapshot(
+        &self,
+        auction_id: Uuid,
+        budget: Instant,
+    ) -> Result<Option<Arc<Snapshot>>, ApiError> {
+        let client = connection(&self.pool, budget).await?;
         let Some(auction) = auctions::get(&client, auction_id).await? else {
             return Ok(None);
         };
@@ -339,15 +367,15 @@ impl BidDesk {
         })))
     }
 
-    /// Waits until the resolver has decided `bid`, or `wait` has passed;
+    /// Waits until the resolver has decided `bid`, or until `until`;
     /// returns the bid's latest known view either way.
     async fn wait_for_outcome(
         &self,
         mut bid: bids::BidRecord,
-        wait: Duration,
+        until: Instant,
         mut resolutions: broadcast::Receiver<Resolved>,
     ) -> bids::BidRecord {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::from(until);
         loop {
             let recheck = tokio::select! {
                 () = tokio::time::sleep_until(deadline) => return bid,
@@ -363,7 +391,7 @@ impl BidDesk {
                 },
             };
             if recheck {
-                match self.latest(bid.id).await {
+                match self.latest(bid.id, until).await {
                     Ok(Some(latest)) => bid = latest,
                     Ok(None) => {}
                     // The bid is safe in the log; answer with what we know.
@@ -379,8 +407,30 @@ impl BidDesk {
         }
     }
 
-    async fn latest(&self, bid_id: Uuid) -> Result<Option<bids::BidRecord>, ApiError> {
-        let client = self.pool.get().await?;
-        Ok(bids::get(&client, bid_id).await?)
+    /// The bid as stored now, unless that takes past `until`.
+    async fn latest(
+        &self,
+        bid_id: Uuid,
+        until: Instant,
+    ) -> Result<Option<bids::BidRecord>, ApiError> {
+        tokio::time::timeout_at(until.into(), async {
+            let client = connection(&self.pool, until).await?;
+            Ok(bids::get(&client, bid_id).await?)
+        })
+        .await
+        .unwrap_or(Err(ApiError::DeadlineExceeded))
+    }
+
+    fn pool_wait(&self) -> Duration {
+        self.pool.timeouts().wait.unwrap_or(DEFAULT_POOL_WAIT)
+    }
+}
+
+/// A connection from `pool`, unless none is free (or can be opened) by
+/// `budget`: then the request is shed.
+async fn connection(pool: &Pool, budget: Instant) -> Result<Object, ApiError> {
+    match tokio::time::timeout_at(budget.into(), pool.get()).await {
+        Ok(client) => Ok(client?),
+        Err(_) => Err(ApiError::Overloaded),
     }
 }

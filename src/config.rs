@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::db::reads::check_limit;
+
 /// Minimum length of the HS256 secret, in bytes (the API contract).
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 
@@ -112,18 +114,27 @@ impl Config {
                 1_000,
                 ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
             )?,
+            // Room for a connection wait and a whole statement, so a request
+            // is normally ended by its statement, not cut off mid-query.
             request_timeout: env.at_least(
                 "GAVEL_REQUEST_TIMEOUT_MS",
                 12_000,
-                ("GAVEL_POOL_WAIT_TIMEOUT_MS", pool_wait_timeout * 2),
+                (
+                    "GAVEL_POOL_WAIT_TIMEOUT_MS + GAVEL_STATEMENT_TIMEOUT_MS, and twice the pool wait",
+                    (pool_wait_timeout + statement_timeout).max(pool_wait_timeout * 2),
+                ),
             )?,
             max_in_flight: env.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
             primary_read_share_pct: env.number("GAVEL_PRIMARY_READ_SHARE_PCT", 50, 1..=100)?,
             replica_check_interval,
+            // Staleness is known to about two check rounds.
             replica_max_lag: env.at_least(
                 "GAVEL_REPLICA_MAX_LAG_MS",
                 2_000,
-                ("GAVEL_REPLICA_CHECK_MS", replica_check_interval * 2),
+                (
+                    "twice GAVEL_REPLICA_CHECK_MS plus one check's time limit",
+                    replica_check_interval * 2 + check_limit(replica_check_interval),
+                ),
             )?,
             replica_max_lag_bytes: env.number(
                 "GAVEL_REPLICA_MAX_LAG_BYTES",
@@ -425,7 +436,7 @@ mod tests {
                 &[
                     ("GAVEL_DATABASE_URL", URL),
                     ("GAVEL_JWT_SECRET", SECRET),
-                    ("GAVEL_REQUEST_TIMEOUT_MS", "1500"),
+                    ("GAVEL_REQUEST_TIMEOUT_MS", "5500"),
                 ],
                 "GAVEL_REQUEST_TIMEOUT_MS",
             ),

@@ -57,11 +57,14 @@ pub async fn run() -> anyhow::Result<()> {
         ("GAVEL_REPLICA_URLS", replica_url.clone()),
         ("GAVEL_JWT_SECRET", DEV_JWT_SECRET.to_owned()),
     ]);
-    let config = Config::from_lookup(|name| {
-        std::env::var(name)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .or_else(|| defaults.get(name).cloned())
+    // A variable that is set wins, even empty (`GAVEL_REPLICA_URLS=` reads
+    // from the primary only); the private replica is no replica of a
+    // database the user chose.
+    let own_database = std::env::var_os("GAVEL_DATABASE_URL").is_some();
+    let config = Config::from_lookup(|name| match std::env::var(name) {
+        Ok(value) => Some(value),
+        Err(_) if name == "GAVEL_REPLICA_URLS" && own_database => None,
+        Err(_) => defaults.get(name).cloned(),
     })?;
     db::migrate(&config.database_url).await?;
     let keys = JwtKeys::new(&config.jwt_secret, &config.jwt_audience);

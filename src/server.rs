@@ -43,7 +43,7 @@ impl Server {
             .await
             .with_context(|| format!("binding GAVEL_ADMIN_LISTEN {}", config.admin_listen))?;
         let pools = Pools::new(&config)?;
-        let reads = Reads::new(&config, pools.api.clone(), pools.monitor.clone())?;
+        let reads = Reads::new(&config, pools.api.clone())?;
         let signals = Signals::new();
         let state = AppState {
             reads,

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{GenericClient, Object, Pool, PoolError, TimeoutType};
@@ -28,14 +28,6 @@ use super::{build_pool, PoolSettings, MONITOR_POOL_SIZE};
 use crate::config::Config;
 use crate::http::error::ApiError;
 
-/// Size of a WAL page (PostgreSQL's default `XLOG_BLCKSZ`).
-const WAL_PAGE: u64 = 8_192;
-/// Size of a WAL segment (PostgreSQL's default `wal_segment_size`).
-const WAL_SEGMENT: u64 = 16 << 20;
-/// Header at the start of every WAL page, and of every segment's first page.
-const WAL_PAGE_HEADER: u64 = 24;
-const WAL_SEGMENT_HEADER: u64 = 40;
-
 /// The primary's current WAL insert position: after this session's writes.
 pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_postgres::Error> {
     let stmt = client
@@ -44,20 +36,47 @@ pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_po
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
-/// A WAL position as a number, moved back over a page header: an insert
-/// position at the start of a page points just past the header, while a
-/// replica that replayed everything before it reports the page boundary.
-/// No WAL record ends inside a header, so both mean the same data.
-fn position(lsn: PgLsn) -> u64 {
-    let lsn = u64::from(lsn);
-    let header = if lsn % WAL_SEGMENT == WAL_SEGMENT_HEADER {
-        WAL_SEGMENT_HEADER
-    } else if lsn % WAL_PAGE == WAL_PAGE_HEADER {
-        WAL_PAGE_HEADER
-    } else {
-        0
-    };
-    lsn - header
+/// The primary's WAL page and segment sizes, needed to compare positions.
+#[derive(Debug, Clone, Copy)]
+struct WalGeometry {
+    page: u64,
+    segment: u64,
+}
+
+/// Header at the start of every WAL page, and of every segment's first page.
+const WAL_PAGE_HEADER: u64 = 24;
+const WAL_SEGMENT_HEADER: u64 = 40;
+
+impl WalGeometry {
+    async fn read(client: &impl GenericClient) -> Result<Self, tokio_postgres::Error> {
+        let row = client
+            .query_one(
+                "SELECT current_setting('wal_block_size')::bigint, \
+                        pg_size_bytes(current_setting('wal_segment_size'))",
+                &[],
+            )
+            .await?;
+        let (page, segment): (i64, i64) = (row.get(0), row.get(1));
+        Ok(WalGeometry {
+            page: page as u64,
+            segment: segment as u64,
+        })
+    }
+
+    /// A WAL position moved back over a page header: an insert position at
+    /// the start of a page points just past the header, while a replica
+    /// that replayed everything before it reports the page boundary. No WAL
+    /// record ends inside a header, so both mean the same data.
+    fn normalize(self, lsn: u64) -> u64 {
+        let header = if lsn % self.segment == WAL_SEGMENT_HEADER {
+            WAL_SEGMENT_HEADER
+        } else if lsn % self.page == WAL_PAGE_HEADER {
+            WAL_PAGE_HEADER
+        } else {
+            0
+        };
+        lsn - header
+    }
 }
 
 /// A read to run on whichever server routing picks.
@@ -134,7 +153,11 @@ struct Inner {
     primary: Pool,
     primary_share: Arc<Semaphore>,
     wait_timeout: Duration,
-    monitor: Pool,
+    /// A connection of its own on the primary for the position samples.
+    sampler: Pool,
+    /// Known once the primary has been sampled; until then positions are
+    /// compared as they are, which only errs towards the primary.
+    geometry: OnceLock<WalGeometry>,
     replicas: Vec<Replica>,
     check_interval: Duration,
     max_lag: Duration,
@@ -168,29 +191,17 @@ impl ReplicaState {
     }
 }
 
-/// What routing decided before the query runs.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a short-lived return value, never stored"
-)]
-enum Route {
-    Replica(usize, Object, Reason),
-    Primary(Reason),
-}
-
 impl Reads {
-    /// A router over `primary` (the API pool) and the configured replicas,
-    /// checking lag through `monitor`. Builds pools; connects lazily.
-    pub fn new(config: &Config, primary: Pool, monitor: Pool) -> anyhow::Result<Self> {
+    /// A router over `primary` (the API pool) and the configured replicas.
+    /// Builds pools; connects lazily.
+    pub fn new(config: &Config, primary: Pool) -> anyhow::Result<Self> {
         let share = (config.api_pool_size * config.primary_read_share_pct).div_ceil(100);
         let replicas = config
             .replica_urls
             .iter()
             .enumerate()
             .map(|(i, url)| {
-                let mut reads = PoolSettings::new(config, config.replica_pool_size, "gavel-api");
-                // Half the wait on a busy replica leaves time for the primary.
-                reads.wait_timeout = config.pool_wait_timeout / 2;
+                let reads = PoolSettings::new(config, config.replica_pool_size, "gavel-api");
                 let checks = PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor");
                 Ok(Replica {
                     name: format!("replica-{}", i + 1),
@@ -205,7 +216,11 @@ impl Reads {
                 primary,
                 primary_share: Arc::new(Semaphore::new(share.max(1))),
                 wait_timeout: config.pool_wait_timeout,
-                monitor,
+                sampler: build_pool(
+                    &config.database_url,
+                    &PoolSettings::new(config, 1, "gavel-monitor"),
+                )?,
+                geometry: OnceLock::new(),
                 replicas,
                 check_interval: config.replica_check_interval,
                 max_lag: config.replica_max_lag,
@@ -216,8 +231,9 @@ impl Reads {
         })
     }
 
-    /// Closes the replica pools.
+    /// Closes the sampler's and the replicas' pools.
     pub fn close(&self) {
+        self.inner.sampler.close();
         for replica in &self.inner.replicas {
             replica.pool.close();
             replica.monitor.close();
@@ -225,37 +241,27 @@ impl Reads {
     }
 
     /// Runs `query` on a replica when one may serve it, else on the primary.
-    /// A read with `token` sees every write up to that WAL position.
+    /// A read with `token` sees every write up to that WAL position. Waiting
+    /// for connections takes at most the pool wait in all: half of it on a
+    /// replica, the rest on the primary.
     pub async fn run<T>(
         &self,
         token: Option<PgLsn>,
         query: impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync,
     ) -> Result<(T, ReadSource), ApiError> {
-        let reason = match self.route(token).await {
-            Route::Replica(index, client, reason) => {
-                let replica = &self.inner.replicas[index];
-                let position = replica.state.lock().expect("replica state").replayed;
-                match query(&client).await {
-                    Ok(value) => {
-                        count_read(Target::Replica, reason);
-                        let source = ReadSource {
-                            target: Target::Replica,
-                            position: Some(PgLsn::from(position)),
-                        };
-                        return Ok((value, source));
-                    }
-                    Err(e) if recovery_conflict(&e) => Reason::ReplicaFailed,
-                    Err(e) if connection_lost(&e) => {
-                        self.mark_down(index, &e);
-                        Reason::ReplicaFailed
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Route::Primary(reason) => reason,
+        let started = Instant::now();
+        let token = token.map(|t| self.position(t));
+        let reason = match self
+            .on_replica(token, &query, started + self.inner.wait_timeout / 2)
+            .await?
+        {
+            Ok((value, source)) => return Ok((value, source)),
+            Err(reason) => reason,
         };
         let position = self.latest_sample().map(PgLsn::from);
-        let value = self.on_primary(query).await?;
+        let value = self
+            .on_primary(&query, started + self.inner.wait_timeout)
+            .await?;
         count_read(Target::Primary, reason);
         Ok((
             value,
@@ -269,10 +275,11 @@ impl Reads {
     /// Runs `query` on the primary within the reads' share of the API pool.
     async fn on_primary<T>(
         &self,
-        query: impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync,
+        query: &(impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync),
+        until: Instant,
     ) -> Result<T, ApiError> {
         let inner = &self.inner;
-        let acquired = tokio::time::timeout(inner.wait_timeout, async {
+        let acquired = tokio::time::timeout_at(until.into(), async {
             let permit = inner
                 .primary_share
                 .clone()
@@ -290,15 +297,101 @@ impl Reads {
         Ok(query(&client).await?)
     }
 
-    async fn route(&self, token: Option<PgLsn>) -> Route {
+    /// Runs `query` on a replica that may serve it, finishing by `until`;
+    /// `Err(reason)` when the primary must answer instead.
+    async fn on_replica<T>(
+        &self,
+        token: Option<u64>,
+        query: &(impl for<'c> Fn(&'c Object) -> Query<'c, T> + Send + Sync),
+        until: Instant,
+    ) -> Result<Result<(T, ReadSource), Reason>, ApiError> {
+        let index = match self.pick(token) {
+            Ok(index) => index,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let replica = &self.inner.replicas[index];
+        let client = match tokio::time::timeout_at(until.into(), replica.pool.get()).await {
+            Ok(Ok(client)) => client,
+            Err(_) | Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => {
+                return Ok(Err(Reason::ReplicaBusy))
+            }
+            Ok(Err(e)) => {
+                self.mark_down(index, &e);
+                return Ok(Err(Reason::ReplicaFailed));
+            }
+        };
+        // The wait may have taken the replica out of bounds.
+        let state = *replica.state.lock().expect("replica state");
+        if !self.within_bounds(&state, Instant::now()) {
+            return Ok(Err(Reason::NoHealthyReplica));
+        }
+        let reason = match token {
+            None => Reason::Fresh,
+            // A new connection may be to a server that restarted since the
+            // last check and replayed less than it had: ask it.
+            Some(token)
+                if state.replayed >= token && Object::metrics(&client).recycle_count > 0 =>
+            {
+                Reason::CaughtUp
+            }
+            Some(token) => {
+                let asked = tokio::time::timeout_at(until.into(), replay_position(&client)).await;
+                match asked {
+                    Ok(Ok(Some(replayed))) => {
+                        let replayed = self.position(replayed);
+                        let mut state = replica.state.lock().expect("replica state");
+                        state.replayed = state.replayed.max(replayed);
+                        if replayed < token {
+                            return Ok(Err(Reason::TokenAhead));
+                        }
+                        Reason::CaughtUp
+                    }
+                    Ok(Ok(None)) => return Ok(Err(Reason::TokenAhead)),
+                    Ok(Err(e)) => {
+                        if connection_lost(&e) {
+                            self.mark_down(index, &e);
+                        }
+                        return Ok(Err(Reason::ReplicaFailed));
+                    }
+                    Err(_) => {
+                        self.give_up(index, client);
+                        return Ok(Err(Reason::ReplicaFailed));
+                    }
+                }
+            }
+        };
+        let position = replica.state.lock().expect("replica state").replayed;
+        let outcome = tokio::time::timeout_at(until.into(), query(&client)).await;
+        match outcome {
+            Ok(Ok(value)) => {
+                count_read(Target::Replica, reason);
+                let source = ReadSource {
+                    target: Target::Replica,
+                    position: Some(PgLsn::from(position)),
+                };
+                Ok(Ok((value, source)))
+            }
+            Ok(Err(e)) if recovery_conflict(&e) => Ok(Err(Reason::ReplicaFailed)),
+            Ok(Err(e)) if connection_lost(&e) => {
+                self.mark_down(index, &e);
+                Ok(Err(Reason::ReplicaFailed))
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => {
+                self.give_up(index, client);
+                Ok(Err(Reason::ReplicaFailed))
+            }
+        }
+    }
+
+    /// The replica to try: round-robin over those within bounds, preferring
+    /// one whose last known position already covers the token.
+    fn pick(&self, token: Option<u64>) -> Result<usize, Reason> {
         let inner = &self.inner;
         if inner.replicas.is_empty() {
-            return Route::Primary(Reason::NoReplicas);
+            return Err(Reason::NoReplicas);
         }
         let now = Instant::now();
-        let token = token.map(position);
-        // Round-robin over the replicas within bounds, preferring one whose
-        // last known position already covers the token.
         let start = inner.next.fetch_add(1, Ordering::Relaxed);
         let count = inner.replicas.len();
         let mut candidates: Vec<(usize, ReplicaState)> = (0..count)
@@ -306,50 +399,29 @@ impl Reads {
             .map(|i| (i, *inner.replicas[i].state.lock().expect("replica state")))
             .filter(|(_, state)| self.within_bounds(state, now))
             .collect();
-        if candidates.is_empty() {
-            return Route::Primary(Reason::NoHealthyReplica);
-        }
         if let Some(token) = token {
             candidates.sort_by_key(|(_, state)| state.replayed < token);
         }
-        let (index, state) = candidates[0];
-        let replica = &inner.replicas[index];
-        let client = match replica.pool.get().await {
-            Ok(client) => client,
-            Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                return Route::Primary(Reason::ReplicaBusy)
-            }
-            Err(e) => {
-                self.mark_down(index, &e);
-                return Route::Primary(Reason::ReplicaFailed);
-            }
-        };
-        let Some(token) = token else {
-            return Route::Replica(index, client, Reason::Fresh);
-        };
-        if state.replayed >= token {
-            return Route::Replica(index, client, Reason::CaughtUp);
-        }
-        // The last check is older than the token: ask the replica itself.
-        match replay_position(&client).await {
-            Ok(Some(replayed)) => {
-                let replayed = position(replayed);
-                let mut state = replica.state.lock().expect("replica state");
-                state.replayed = state.replayed.max(replayed);
-                if replayed >= token {
-                    drop(state);
-                    Route::Replica(index, client, Reason::CaughtUp)
-                } else {
-                    Route::Primary(Reason::TokenAhead)
-                }
-            }
-            Ok(None) => Route::Primary(Reason::TokenAhead),
-            Err(e) => {
-                if connection_lost(&e) {
-                    self.mark_down(index, &e);
-                }
-                Route::Primary(Reason::ReplicaFailed)
-            }
+        candidates
+            .first()
+            .map(|(index, _)| *index)
+            .ok_or(Reason::NoHealthyReplica)
+    }
+
+    /// A replica that did not answer in time: its connection may still be
+    /// busy, so it is dropped rather than pooled, and the replica is skipped
+    /// until its next successful check.
+    fn give_up(&self, index: usize, client: Object) {
+        drop(Object::take(client));
+        self.mark_down(index, &"no answer within the pool wait");
+    }
+
+    /// A WAL position as a number comparable with the replicas'.
+    fn position(&self, lsn: PgLsn) -> u64 {
+        let lsn = u64::from(lsn);
+        match self.inner.geometry.get() {
+            Some(geometry) => geometry.normalize(lsn),
+            None => lsn,
         }
     }
 
@@ -392,27 +464,36 @@ impl Reads {
     /// One round of checks: the primary's position, then every replica's.
     pub async fn check(&self) {
         let inner = &self.inner;
-        let limit = inner.check_interval.max(Duration::from_secs(1));
+        let limit = check_limit(inner.check_interval);
         let sampled = tokio::time::timeout(limit, async {
-            let client = inner.monitor.get().await.map_err(anyhow::Error::from)?;
-            Ok::<_, anyhow::Error>(wal_position(&client).await?)
+            let client = inner.sampler.get().await.map_err(anyhow::Error::from)?;
+            if inner.geometry.get().is_none() {
+                let _ = inner.geometry.set(WalGeometry::read(&client).await?);
+            }
+            // The time is taken before the position is read: every write
+            // committed before it is at or below the position.
+            let at = Instant::now();
+            Ok::<_, anyhow::Error>((at, wal_position(&client).await?))
         })
         .await;
         match sampled {
-            Ok(Ok(lsn)) => {
+            Ok(Ok((at, lsn))) => {
+                let lsn = self.position(lsn);
                 let mut samples = inner.samples.lock().expect("samples");
-                let now = Instant::now();
-                samples.push_back((now, position(lsn)));
+                samples.push_back((at, lsn));
                 // Keep what can still prove a replica within the bound.
                 while samples.len() > 1
                     && samples
                         .front()
-                        .is_some_and(|(t, _)| now.duration_since(*t) > inner.max_lag * 2)
+                        .is_some_and(|(t, _)| at.duration_since(*t) > inner.max_lag * 2)
                 {
                     samples.pop_front();
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "could not read the primary's WAL position"),
+            Ok(Err(e)) => tracing::debug!(
+                error = format!("{e:#}"),
+                "could not read the primary's WAL position"
+            ),
             Err(_) => tracing::debug!("reading the primary's WAL position timed out"),
         }
         let checks = inner
@@ -423,7 +504,7 @@ impl Reads {
         let now = Instant::now();
         for (replica, result) in inner.replicas.iter().zip(results) {
             let replayed = match result {
-                Ok(Ok(replayed)) => Ok(replayed),
+                Ok(Ok(replayed)) => Ok(self.position(replayed)),
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Err(_) => Err(format!("no answer within {limit:?}")),
             };
@@ -432,19 +513,27 @@ impl Reads {
     }
 
     fn record_check(&self, replica: &Replica, replayed: Result<u64, String>, now: Instant) {
-        let samples = self.inner.samples.lock().expect("samples");
+        let (covered_at, latest) = {
+            let samples = self.inner.samples.lock().expect("samples");
+            let covered_at = replayed.as_ref().ok().and_then(|replayed| {
+                samples
+                    .iter()
+                    .rev()
+                    .find(|(_, lsn)| lsn <= replayed)
+                    .map(|(t, _)| *t)
+            });
+            (covered_at, samples.back().map(|(_, lsn)| *lsn))
+        };
         let mut state = replica.state.lock().expect("replica state");
         let was_healthy = state.healthy;
         match replayed {
             Ok(replayed) => {
                 state.healthy = true;
+                // Assigned, not raised: a server that restarted may have
+                // replayed less than before.
                 state.replayed = replayed;
-                let covered = samples.iter().rev().find(|(_, lsn)| *lsn <= replayed);
-                if let Some((t, _)) = covered {
-                    state.covered_at = Some(state.covered_at.map_or(*t, |c| c.max(*t)));
-                }
-                let latest = samples.back().map_or(replayed, |(_, lsn)| *lsn);
-                state.lag_bytes = latest.saturating_sub(replayed);
+                state.covered_at = covered_at;
+                state.lag_bytes = latest.unwrap_or(replayed).saturating_sub(replayed);
                 if !was_healthy {
                     tracing::info!(replica = %replica.name, "replica is healthy");
                 }
@@ -456,6 +545,7 @@ impl Reads {
                 }
             }
         }
+        let state = *state;
         let labels = [("replica", replica.name.clone())];
         metrics::gauge!("gavel_replica_healthy", &labels).set(f64::from(u8::from(state.healthy)));
         metrics::gauge!("gavel_replica_lag_bytes", &labels).set(state.lag_bytes as f64);
@@ -465,8 +555,13 @@ impl Reads {
     }
 }
 
+/// How long one check may take: the interval, but at least a second.
+pub fn check_limit(interval: Duration) -> Duration {
+    interval.max(Duration::from_secs(1))
+}
+
 /// A replica's replay position, failing when it is not a standby.
-async fn check_replica(replica: &Replica) -> anyhow::Result<u64> {
+async fn check_replica(replica: &Replica) -> anyhow::Result<PgLsn> {
     let client = replica.monitor.get().await?;
     let stmt = client
         .prepare_cached("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
@@ -474,7 +569,7 @@ async fn check_replica(replica: &Replica) -> anyhow::Result<u64> {
     let row = client.query_one(&stmt, &[]).await?;
     let (in_recovery, replayed): (bool, Option<PgLsn>) = (row.get(0), row.get(1));
     match (in_recovery, replayed) {
-        (true, Some(replayed)) => Ok(position(replayed)),
+        (true, Some(replayed)) => Ok(replayed),
         (true, None) => anyhow::bail!("the replica has not replayed any WAL yet"),
         (false, _) => anyhow::bail!("the server is not a standby (promoted?)"),
     }
@@ -501,16 +596,15 @@ fn recovery_conflict(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
 }
 
-/// The server went away (no SQL state), or is shutting down.
+/// The server went away, or is shutting down.
 fn connection_lost(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(code) => {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
             *code == SqlState::ADMIN_SHUTDOWN
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
-        }
-    }
+                || code.code().starts_with("08")
+        })
 }
 
 #[cfg(test)]
@@ -519,12 +613,21 @@ mod tests {
 
     #[test]
     fn a_position_just_past_a_page_header_means_the_page_boundary() {
-        let lsn = |n: u64| PgLsn::from(n);
-        assert_eq!(position(lsn(3 * WAL_PAGE + 24)), 3 * WAL_PAGE);
-        assert_eq!(position(lsn(2 * WAL_SEGMENT + 40)), 2 * WAL_SEGMENT);
-        // Inside a page, or 40 bytes into a page that does not start a segment.
-        assert_eq!(position(lsn(3 * WAL_PAGE + 40)), 3 * WAL_PAGE + 40);
-        assert_eq!(position(lsn(3 * WAL_PAGE + 25)), 3 * WAL_PAGE + 25);
-        assert_eq!(position(lsn(12_345_678)), 12_345_678);
+        for (page, segment) in [(8_192, 16 << 20), (32_768, 64 << 20)] {
+            let geometry = WalGeometry { page, segment };
+            let position = |lsn| geometry.normalize(lsn);
+            assert_eq!(position(3 * page + 24), 3 * page);
+            assert_eq!(position(2 * segment + 40), 2 * segment);
+            // Inside a page, or 40 bytes into a page that does not start a segment.
+            assert_eq!(position(3 * page + 40), 3 * page + 40);
+            assert_eq!(position(3 * page + 25), 3 * page + 25);
+            assert_eq!(position(12_345_678), 12_345_678);
+        }
+        // 40 bytes past a 16 MiB boundary that does not start a 64 MiB segment.
+        let large = WalGeometry {
+            page: 8_192,
+            segment: 64 << 20,
+        };
+        assert_eq!(large.normalize((16 << 20) + 40), (16 << 20) + 40);
     }
 }

@@ -1,7 +1,7 @@
 //! Bid endpoints: placing a bid (`POST /api/auctions/{id}/bids`, handled by
 //! the [`BidDesk`](crate::bidding::BidDesk)) and reading one's own bid.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -67,6 +67,7 @@ pub async fn place(
     headers: HeaderMap,
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, ApiError> {
+    let started = Instant::now();
     let auction_id = parse_id(&auction_id, "auction")?;
     let key = idempotency_key(&headers)?;
     let JsonObject(body) = body?;
@@ -86,7 +87,8 @@ pub async fn place(
             &key,
             // The wait ends before the request's deadline does.
             wait.map(|n| {
-                Duration::from_secs(n).min(state.request_timeout.saturating_sub(WAIT_MARGIN))
+                started
+                    + Duration::from_secs(n).min(state.request_timeout.saturating_sub(WAIT_MARGIN))
             }),
         )
         .await?;

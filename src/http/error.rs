@@ -200,10 +200,14 @@ impl From<tokio_postgres::Error> for ApiError {
             {
                 ApiError::Overloaded
             }
+            // The server is shutting down, restarting, out of resources
+            // (class 53) or the connection broke (class 08).
             Some(code)
-                if *code == SqlState::TOO_MANY_CONNECTIONS
-                    || *code == SqlState::ADMIN_SHUTDOWN
-                    || *code == SqlState::CANNOT_CONNECT_NOW =>
+                if *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || code.code().starts_with("53")
+                    || code.code().starts_with("08") =>
             {
                 ApiError::Unavailable(e.into())
             }

@@ -8,6 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::db;
 
@@ -16,6 +17,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -581,6 +581,7 @@ async fn every_bad_request_gets_its_problem_code() {
         Case::new("method not allowed", Method::DELETE, format!("/api/auctions/{auction_id}"))
             .auth(&seller)
             .expect(405, "invalid_request"),
+        Case::new("method not allowed on a probe", Method::POST, "/healthz").expect(405, "invalid_request"),
         // Query strings.
         get("history limit 0", format!("/api/auctions/{auction_id}/bids?limit=0")).expect(400, "invalid_request"),
         get("history limit not a number", format!("/api/auctions/{auction_id}/bids?limit=ten"))

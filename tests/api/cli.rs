@@ -200,10 +200,7 @@ async fn gavel_dev_serves_the_printed_demo_and_stops_its_cluster_on_ctrl_c() {
                 .send()
                 .await
                 .unwrap();
-            let from = response.headers()["gavel-read-from"]
-                .to_str()
-                .unwrap()
-                .to_owned();
+            let from = header(&response, "gavel-read-from");
             let auction: Value = response.json().await.unwrap();
             (from == "replica" && auction["bid_count"] == 1).then_some(())
         },

@@ -34,7 +34,7 @@ fn test_cluster_options(name: &str) -> ClusterOptions {
         ("max_connections".into(), "300".into()),
         // Every test database is written to the WAL; keep enough of it that
         // a replica being cloned or catching up never misses a segment.
-        ("wal_keep_size".into(), "2GB".into()),
+        ("wal_keep_size".into(), "256MB".into()),
     ];
     options
 }
@@ -68,39 +68,37 @@ pub fn cluster() -> &'static PgCluster {
     })
 }
 
-/// A streaming replica of the process-wide cluster, for one test: pausing
-/// or stopping it affects no other test.
-pub async fn start_replica() -> PgCluster {
-    let name = format!("-replica-{}", Uuid::new_v4().simple());
-    tokio::task::spawn_blocking(move || cluster().start_replica(test_cluster_options(&name)))
-        .await
-        .unwrap()
-        .expect("start a streaming replica")
-}
-
-/// A primary of its own (migrated `gavel` database), for a test that
+/// A primary of its own with a migrated `gavel` database, for a test that
 /// restarts it.
 pub async fn start_private_primary() -> PgCluster {
+    start_private(false).await.0
+}
+
+/// A primary of its own and a streaming replica of it, for a test that
+/// pauses or stops the replica without touching any other test.
+pub async fn start_primary_and_replica() -> (PgCluster, PgCluster) {
+    let (primary, replica) = start_private(true).await;
+    (primary, replica.expect("a replica was asked for"))
+}
+
+async fn start_private(with_replica: bool) -> (PgCluster, Option<PgCluster>) {
     cluster(); // fail early with the install hint when PostgreSQL is missing
-    let name = format!("-primary-{}", Uuid::new_v4().simple());
-    let primary = tokio::task::spawn_blocking(move || {
-        let primary = PgCluster::start(test_cluster_options(&name))?;
+    let id = Uuid::new_v4().simple().to_string();
+    let (primary, replica) = tokio::task::spawn_blocking(move || {
+        let primary = PgCluster::start(test_cluster_options(&format!("-primary-{id}")))?;
         primary.psql("postgres", "CREATE DATABASE gavel")?;
-        anyhow::Ok(primary)
+        let replica = with_replica
+            .then(|| primary.start_replica(test_cluster_options(&format!("-replica-{id}"))))
+            .transpose()?;
+        anyhow::Ok((primary, replica))
     })
     .await
     .unwrap()
-    .expect("start a private primary");
+    .expect("start a private primary (and replica)");
     gavel::db::migrate(&primary.url("gavel"))
         .await
         .expect("migrate the private primary");
-    primary
-}
-
-/// The URL of the database named in `database_url` on `server`.
-pub fn same_database_on(server: &PgCluster, database_url: &str) -> String {
-    let name = database_url.rsplit('/').next().expect("a database name");
-    server.url(name)
+    (primary, replica)
 }
 
 /// Runs a blocking cluster operation (`stop`, `start_again`) off the runtime.

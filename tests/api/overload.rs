@@ -148,7 +148,25 @@ async fn requests_beyond_the_in_flight_limit_are_shed_at_once() {
             tokio::spawn(async move { request.send().await.unwrap().status() })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both waiting bids are in: they hold the two places.
+    let db = app.db().await;
+    let auction_uuid: Uuid = auction_id.parse().unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "both waiting bids to be logged",
+        || async {
+            let logged: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM bid_log WHERE auction_id = $1",
+                    &[&auction_uuid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (logged == 2).then_some(())
+        },
+    )
+    .await;
 
     let started = Instant::now();
     let shed = app
