@@ -77,6 +77,7 @@ async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
         let took = started.elapsed();
         assert_overloaded(response, "a bid while the pool is saturated").await;
         assert!(took < Duration::from_millis(1_500), "503 took {took:?}");
+        eprintln!("saturated pool: a bid answered 503 overloaded after {took:?}");
     }
     // Readiness is checked over its own connections: still ready.
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
@@ -86,9 +87,10 @@ async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
     for handle in blocked {
         let (took, response) = handle.await.unwrap();
         assert_overloaded(response, "a bid held past its deadline").await;
+        eprintln!("saturated pool: a held bid answered 503 after {took:?} ({DEADLINE:?} deadline)");
         assert!(
             took >= DEADLINE - Duration::from_millis(100)
-                && took < DEADLINE + Duration::from_millis(700),
+                && took < DEADLINE + Duration::from_millis(1_500),
             "a held request took {took:?} with a {DEADLINE:?} deadline"
         );
     }
