@@ -71,34 +71,29 @@ pub fn cluster() -> &'static PgCluster {
 /// A primary of its own with a migrated `gavel` database, for a test that
 /// restarts it.
 pub async fn start_private_primary() -> PgCluster {
-    start_private(false).await.0
+    start_primary_and_replicas(0).await.0
 }
 
-/// A primary of its own and a streaming replica of it, for a test that
-/// pauses or stops the replica without touching any other test.
-pub async fn start_primary_and_replica() -> (PgCluster, PgCluster) {
-    let (primary, replica) = start_private(true).await;
-    (primary, replica.expect("a replica was asked for"))
-}
-
-async fn start_private(with_replica: bool) -> (PgCluster, Option<PgCluster>) {
+/// A primary of its own and `count` streaming replicas of it, for a test
+/// that pauses or stops replicas without touching any other test.
+pub async fn start_primary_and_replicas(count: usize) -> (PgCluster, Vec<PgCluster>) {
     cluster(); // fail early with the install hint when PostgreSQL is missing
     let id = Uuid::new_v4().simple().to_string();
-    let (primary, replica) = tokio::task::spawn_blocking(move || {
+    let (primary, replicas) = tokio::task::spawn_blocking(move || {
         let primary = PgCluster::start(test_cluster_options(&format!("-primary-{id}")))?;
         primary.psql("postgres", "CREATE DATABASE gavel")?;
-        let replica = with_replica
-            .then(|| primary.start_replica(test_cluster_options(&format!("-replica-{id}"))))
-            .transpose()?;
-        anyhow::Ok((primary, replica))
+        let replicas = (1..=count)
+            .map(|n| primary.start_replica(test_cluster_options(&format!("-replica{n}-{id}"))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::Ok((primary, replicas))
     })
     .await
     .unwrap()
-    .expect("start a private primary (and replica)");
+    .expect("start a private primary and its replicas");
     gavel::db::migrate(&primary.url("gavel"))
         .await
         .expect("migrate the private primary");
-    (primary, replica)
+    (primary, replicas)
 }
 
 /// Runs a blocking cluster operation (`stop`, `start_again`) off the runtime.

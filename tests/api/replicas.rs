@@ -15,13 +15,13 @@ use crate::helpers::*;
 /// How often the test servers check their replicas.
 const CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
-/// A server on `primary` reading from `replica`, with lag bounds wide
+/// A server on `primary` reading from `replicas`, with lag bounds wide
 /// enough that a replica paused for the length of a test still serves reads
 /// without a token.
-async fn app_with_replica(primary: &PgCluster, replica: &PgCluster) -> TestApp {
-    let replica_url = replica.url("gavel");
+async fn app_with_replicas(primary: &PgCluster, replicas: &[PgCluster]) -> TestApp {
+    let replica_urls = replicas.iter().map(|r| r.url("gavel")).collect();
     TestApp::spawn_on(&primary.url("gavel"), |config| {
-        config.replica_urls = vec![replica_url];
+        config.replica_urls = replica_urls;
         config.replica_check_interval = CHECK_INTERVAL;
         config.replica_max_lag = Duration::from_secs(60);
         config.replica_max_lag_bytes = 1 << 40;
@@ -58,8 +58,9 @@ async fn bid_with_token(
 
 #[tokio::test]
 async fn a_token_reads_its_own_write_while_the_replica_is_paused() {
-    let (primary, replica) = start_primary_and_replica().await;
-    let app = app_with_replica(&primary, &replica).await;
+    let (primary, mut replicas) = start_primary_and_replicas(1).await;
+    let app = app_with_replicas(&primary, &replicas).await;
+    let replica = replicas.pop().unwrap();
     let replica_db = connect(&replica.url("gavel")).await;
     let auction = app.create_auction("seller", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
@@ -157,8 +158,9 @@ async fn a_token_reads_its_own_write_while_the_replica_is_paused() {
 
 #[tokio::test]
 async fn reads_survive_a_lost_replica_and_return_to_it() {
-    let (primary, mut replica) = start_primary_and_replica().await;
-    let app = app_with_replica(&primary, &replica).await;
+    let (primary, mut replicas) = start_primary_and_replicas(1).await;
+    let app = app_with_replicas(&primary, &replicas).await;
+    let mut replica = replicas.pop().unwrap();
     let auction = app.create_auction("seller", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
     let (bid_id, _) = bid_with_token(&app, "alice", &auction_id, 1_000).await;
@@ -219,4 +221,61 @@ async fn reads_survive_a_lost_replica_and_return_to_it() {
     );
     app.stop().await;
     drop((replica, primary));
+}
+
+#[tokio::test]
+async fn reads_are_spread_over_the_replicas_and_skip_a_lost_one() {
+    let (primary, mut replicas) = start_primary_and_replicas(2).await;
+    let app = app_with_replicas(&primary, &replicas).await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let path = format!("/api/auctions/{}", auction["id"].as_str().unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "both replicas to serve reads",
+        || async {
+            let mut served = 0;
+            for _ in 0..10 {
+                let response = read(&app, &path, "reader", None).await;
+                assert_eq!(response.status(), StatusCode::OK);
+                served += usize::from(header(&response, "gavel-read-from") == "replica");
+            }
+            // Every replica holds connections of Gavel's read pool.
+            let mut used = 0;
+            for replica in &replicas {
+                let db = connect(&replica.url("gavel")).await;
+                let readers: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gavel-api'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+                used += usize::from(readers > 0);
+            }
+            (served == 10 && used == 2).then_some(())
+        },
+    )
+    .await;
+
+    let mut lost = replicas.pop().unwrap();
+    let lost = blocking(move || {
+        lost.stop().expect("stop a replica");
+        lost
+    })
+    .await;
+    // The other replica serves the reads; at most the one read that finds
+    // the lost replica gone is answered by the primary instead.
+    let mut from_primary = 0;
+    for _ in 0..20 {
+        let response = read(&app, &path, "reader", None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        from_primary += usize::from(header(&response, "gavel-read-from") == "primary");
+    }
+    assert!(
+        from_primary <= 1,
+        "{from_primary} of 20 reads went to the primary"
+    );
+    app.stop().await;
+    drop((lost, replicas, primary));
 }
