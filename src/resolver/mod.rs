@@ -20,6 +20,7 @@ pub mod listener;
 pub mod signals;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub use signals::{Resolved, Signals};
 
 /// Most bids applied in one transaction.
 pub const BATCH_LIMIT: i64 = 2_000;
+/// Fewest bids a batch shrinks to after statement timeouts.
+const MIN_BATCH: i64 = 50;
 /// Batches one auction may take before others get a turn.
 const BATCHES_PER_TURN: usize = 4;
 /// Wait before retrying an auction another resolver holds.
@@ -80,6 +83,63 @@ pub struct Resolver {
     key_retention: Duration,
     /// Auctions with a delayed retry scheduled (one at a time per auction).
     retrying: Arc<Mutex<HashSet<Uuid>>>,
+    batch: Arc<BatchSize>,
+}
+
+/// The size of a resolution batch: halved when a batch hits the statement
+/// timeout (a struggling database still sees progress, in smaller steps),
+/// grown back a quarter at a time while batches succeed.
+#[derive(Debug)]
+pub struct BatchSize(AtomicI64);
+
+impl BatchSize {
+    /// Starts at the largest batch.
+    pub fn new() -> Self {
+        BatchSize(AtomicI64::new(BATCH_LIMIT))
+    }
+
+    /// Bids to take in the next batch.
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// A batch hit the statement timeout.
+    pub fn timed_out(&self) -> i64 {
+        self.update(|n| (n / 2).max(MIN_BATCH))
+    }
+
+    /// A batch was committed.
+    pub fn succeeded(&self) -> i64 {
+        self.update(|n| (n + (n / 4).max(MIN_BATCH)).min(BATCH_LIMIT))
+    }
+
+    fn update(&self, f: impl Fn(i64) -> i64) -> i64 {
+        let previous = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(f(n)))
+            .expect("the update always applies");
+        let now = f(previous);
+        if now != previous {
+            metrics::gauge!("gavel_resolver_batch_limit").set(now as f64);
+        }
+        now
+    }
+}
+
+impl Default for BatchSize {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether `error` is a statement cancelled by `statement_timeout`.
+fn is_statement_timeout(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<tokio_postgres::Error>()
+            .and_then(tokio_postgres::Error::code)
+            == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    })
 }
 
 impl Resolver {
@@ -95,7 +155,13 @@ impl Resolver {
             concurrency,
             key_retention: Duration::from_secs(48 * 3600),
             retrying: Arc::default(),
+            batch: Arc::default(),
         }
+    }
+
+    /// Bids the next resolution batch takes.
+    pub fn batch_size(&self) -> i64 {
+        self.batch.get()
     }
 
     /// Keeps idempotency keys for `retention` (the contract promises 24 h at least).
@@ -182,8 +248,18 @@ impl Resolver {
         let mut conflicts = 0;
         let mut batches = 0;
         loop {
-            match self.resolve_auction(auction_id).await? {
+            let step = match self.resolve_auction(auction_id).await {
+                Ok(step) => step,
+                Err(e) if is_statement_timeout(&e) => {
+                    let smaller = self.batch.timed_out();
+                    tracing::warn!(%auction_id, batch = smaller, "a resolution batch hit the statement timeout; trying smaller batches");
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            match step {
                 Step::Applied { bids, more, .. } => {
+                    self.batch.succeeded();
                     total += bids;
                     batches += 1;
                     if !more {
@@ -227,8 +303,9 @@ impl Resolver {
         });
     }
 
-    /// One transaction: lock the auction for this resolver, apply up to
-    /// [`BATCH_LIMIT`] pending bids, settle if due, compare-and-set.
+    /// One transaction: lock the auction for this resolver, apply a batch
+    /// of pending bids (at most [`BATCH_LIMIT`]), settle if due,
+    /// compare-and-set.
     pub async fn resolve_auction(&self, auction_id: Uuid) -> anyhow::Result<Step> {
         let started = Instant::now();
         let mut client = self.pool.get().await?;
@@ -247,8 +324,9 @@ impl Resolver {
             tracing::error!(%auction_id, "pending bids reference an unknown auction");
             return Ok(Step::Idle);
         };
-        let mut pending = bids::pending(&tx, auction_id, BATCH_LIMIT).await?;
-        let more = pending.len() as i64 == BATCH_LIMIT;
+        let limit = self.batch.get();
+        let mut pending = bids::pending(&tx, auction_id, limit).await?;
+        let more = pending.len() as i64 == limit;
         pending.sort_by_key(|b| (b.received_at, b.seq));
         let grace = chrono::Duration::from_std(self.settle_grace)?;
         let terms = &auction.terms;
@@ -383,5 +461,31 @@ impl Resolver {
         if settled {
             metrics::counter!("gavel_auctions_settled_total").increment(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_halve_on_timeouts_and_grow_back_while_they_succeed() {
+        let batch = BatchSize::new();
+        assert_eq!(batch.get(), BATCH_LIMIT);
+        assert_eq!(batch.timed_out(), 1_000);
+        assert_eq!(batch.timed_out(), 500);
+        for _ in 0..10 {
+            batch.timed_out();
+        }
+        assert_eq!(batch.get(), MIN_BATCH, "never below the floor");
+        assert_eq!(batch.succeeded(), 100);
+        assert_eq!(batch.succeeded(), 150);
+        assert_eq!(batch.succeeded(), 200);
+        assert_eq!(batch.succeeded(), 250);
+        assert_eq!(batch.succeeded(), 312);
+        for _ in 0..20 {
+            batch.succeeded();
+        }
+        assert_eq!(batch.get(), BATCH_LIMIT, "never above the limit");
     }
 }

@@ -502,3 +502,53 @@ async fn a_table_with_shrinking_steps_never_refuses_a_bid_the_resolver_accepts()
         ("outbid", Some(161))
     );
 }
+
+#[tokio::test]
+async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
+    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    for (bidder, amount) in [("alice", 1_000), ("bob", 1_500)] {
+        let response = app
+            .bid(bidder, &auction_id.to_string(), amount, &new_key())
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let mut config = test_config(&app.database_url);
+    config.statement_timeout = Duration::from_millis(200);
+    config.lock_timeout = Duration::from_secs(5);
+    let pool = gavel::db::build_pool(
+        &app.database_url,
+        &gavel::db::PoolSettings::new(&config, 1, "gavel-test"),
+    )
+    .unwrap();
+    let resolver = gavel::resolver::Resolver::new(
+        pool,
+        gavel::resolver::Signals::new(),
+        config.settle_grace,
+        config.resolver_poll,
+    );
+    let full = resolver.batch_size();
+
+    // Its statements wait on a lock until the statement timeout cancels them.
+    let locker = app.db().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE bid_log IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let error = resolver.drain(auction_id).await.unwrap_err();
+    assert!(
+        format!("{error:#}").contains("statement timeout"),
+        "{error:#}"
+    );
+    assert_eq!(resolver.batch_size(), full / 2);
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    assert_eq!(resolver.drain(auction_id).await.unwrap(), 2);
+    assert!(
+        resolver.batch_size() > full / 2,
+        "grows back after a success"
+    );
+    let db = app.db().await;
+    assert_consistent(&db, auction_id).await;
+}
