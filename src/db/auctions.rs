@@ -112,8 +112,9 @@ pub async fn insert(
         serde_json::to_value(new.terms.increments.tiers()).expect("increment tiers serialize");
     let sql = format!(
         "INSERT INTO auctions (id, title, currency, seller_id, starting_price, reserve_price, \
-         increments, starts_at, original_ends_at, ends_at, soft_close_s, max_end_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11) RETURNING {COLUMNS}"
+         increments, starts_at, original_ends_at, ends_at, soft_close_s, max_end_at, opened) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $8 <= now()) \
+         RETURNING {COLUMNS}"
     );
     let stmt = client.prepare_cached(&sql).await?;
     let row = client
@@ -135,6 +136,23 @@ pub async fn insert(
         )
         .await?;
     AuctionRecord::from_row(&row)
+}
+
+/// Marks up to `limit` auctions whose start has come as opened, bumping
+/// their version so their view's `ETag` changes with its status; returns
+/// how many.
+pub async fn open_started(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE auctions SET opened = true, version = version + 1 WHERE id IN ( \
+               SELECT id FROM auctions WHERE NOT opened AND starts_at <= now() \
+               ORDER BY starts_at LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .await?;
+    client.execute(&stmt, &[&limit]).await
 }
 
 /// Reads one auction (a plain MVCC read: never waits on the row's locks).

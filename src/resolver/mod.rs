@@ -222,6 +222,7 @@ impl Resolver {
 
     async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {
         let client = self.pool.get().await?;
+        auctions::open_started(&client, SCAN_LIMIT).await?;
         let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)
             .await?
             .into_iter()

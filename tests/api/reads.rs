@@ -3,6 +3,7 @@
 //! auction creation's 201.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use chrono::{SubsecRound as _, Utc};
 use gavel::auth::Role;
@@ -213,6 +214,47 @@ async fn a_scheduled_auction_rejects_bids_as_not_started() {
     assert_eq!(view["next_min_bid"], 1_000);
     let db = app.db().await;
     assert_consistent(&db, id_of(&auction)).await;
+}
+
+#[tokio::test]
+async fn the_etag_changes_when_a_scheduled_auction_opens() {
+    let app = TestApp::spawn().await;
+    let now = Utc::now();
+    let auction = app
+        .create_auction(
+            "seller-1",
+            json!({
+                "starts_at": (now + chrono::Duration::seconds(2)).to_rfc3339(),
+                "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+            }),
+        )
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let scheduled = get_auction_with(&app, &auction_id, None).await;
+    let tag = header(&scheduled, "etag");
+    assert_eq!(
+        scheduled.json::<Value>().await.unwrap()["status"],
+        "scheduled"
+    );
+    let unchanged = get_auction_with(&app, &auction_id, Some(&tag)).await;
+    assert_eq!(unchanged.status(), StatusCode::NOT_MODIFIED);
+
+    // Once it has started, the old tag no longer matches.
+    let opened = eventually(
+        Duration::from_secs(10),
+        "the view to change at the start",
+        || async {
+            let response = get_auction_with(&app, &auction_id, Some(&tag)).await;
+            (response.status() == StatusCode::OK).then_some(response)
+        },
+    )
+    .await;
+    assert!(
+        Utc::now() >= now + chrono::Duration::seconds(2),
+        "changed only at the start"
+    );
+    assert_ne!(header(&opened, "etag"), tag);
+    assert_eq!(opened.json::<Value>().await.unwrap()["status"], "open");
 }
 
 /// Walks the history with `limit` until `next_cursor` is null; returns the
