@@ -111,7 +111,7 @@ impl Config {
             statement_timeout,
             lock_timeout: env.at_most(
                 "GAVEL_LOCK_TIMEOUT_MS",
-                1_000,
+                500,
                 ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
             )?,
             // Room for a connection wait and a whole statement, so a request
@@ -355,7 +355,7 @@ mod tests {
         assert!(c.replica_urls.is_empty());
         assert_eq!(c.settle_grace, Duration::from_millis(6_000));
         assert!(c.resolver_enabled);
-        assert_eq!(c.lock_timeout, Duration::from_millis(1_000));
+        assert_eq!(c.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
         // A short statement timeout caps the default lock timeout.
