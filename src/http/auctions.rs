@@ -146,10 +146,7 @@ async fn create(
     let headers = response.headers_mut();
     headers.insert(header::LOCATION, location);
     if let Some(position) = position {
-        headers.insert(
-            consistency::CONSISTENCY_TOKEN.clone(),
-            consistency::encode(position),
-        );
+        consistency::insert_token(headers, position);
     }
     Ok(response)
 }
@@ -247,11 +244,16 @@ async fn history(
             })
         })
         .await?;
-    let Some(rows) = rows else {
-        let mut response = ApiError::NotFound("auction").into_response();
-        consistency::mark_read(&mut response, &source, token, false);
-        return Ok(response);
+    let mut response = match rows {
+        None => ApiError::NotFound("auction").into_response(),
+        Some(rows) => Json(history_page(rows, limit)).into_response(),
     };
+    consistency::mark_read(&mut response, &source, token, false);
+    Ok(response)
+}
+
+/// A page of the public history; a full page links to the next one.
+fn history_page(rows: Vec<bids::BidRecord>, limit: i64) -> HistoryPage {
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|b| encode_cursor(b.seq)))
         .flatten();
@@ -265,9 +267,7 @@ async fn history(
             status: b.status,
         })
         .collect();
-    let mut response = Json(HistoryPage { items, next_cursor }).into_response();
-    consistency::mark_read(&mut response, &source, token, false);
-    Ok(response)
+    HistoryPage { items, next_cursor }
 }
 
 fn encode_cursor(seq: i64) -> String {

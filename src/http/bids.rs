@@ -92,7 +92,6 @@ pub async fn place(
             }),
         )
         .await?;
-    let token = placed.wal_position.map(consistency::encode);
     let status = match (
         placed.resolved_in_wait,
         placed.replayed,
@@ -109,8 +108,8 @@ pub async fn place(
         header::LOCATION,
         HeaderValue::from_str(&location).expect("valid path"),
     );
-    if let Some(token) = token {
-        headers.insert(consistency::CONSISTENCY_TOKEN.clone(), token);
+    if let Some(position) = placed.wal_position {
+        consistency::insert_token(headers, position);
     }
     if placed.replayed {
         headers.insert("idempotent-replayed", HeaderValue::from_static("true"));

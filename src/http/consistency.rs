@@ -6,7 +6,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use base64::Engine as _;
 use tokio_postgres::types::PgLsn;
@@ -22,10 +22,15 @@ pub static READ_FROM: HeaderName = HeaderName::from_static("gavel-read-from");
 const PREFIX: &str = "lsn:";
 
 /// The token for a WAL position.
-pub fn encode(position: PgLsn) -> HeaderValue {
+fn encode(position: PgLsn) -> HeaderValue {
     let token =
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{PREFIX}{position}"));
     HeaderValue::from_str(&token).expect("base64 is a valid header value")
+}
+
+/// Puts the token for `position` on a response.
+pub fn insert_token(headers: &mut HeaderMap, position: PgLsn) {
+    headers.insert(CONSISTENCY_TOKEN.clone(), encode(position));
 }
 
 /// The WAL position in a token this service issued.
@@ -78,7 +83,7 @@ pub fn mark_read(
         (a, b) => a.or(b),
     };
     if let (true, Some(position)) = (with_token, position) {
-        headers.insert(CONSISTENCY_TOKEN.clone(), encode(position));
+        insert_token(headers, position);
     }
 }
 

@@ -430,18 +430,7 @@ async fn idempotency_keys_are_kept_for_their_retention_then_purged() {
     .unwrap();
 
     let config = test_config(&app.database_url);
-    let pool = gavel::db::build_pool(
-        &app.database_url,
-        &gavel::db::PoolSettings::new(&config, 1, "gavel-test"),
-    )
-    .unwrap();
-    let resolver = gavel::resolver::Resolver::new(
-        pool,
-        gavel::resolver::Signals::new(),
-        config.settle_grace,
-        config.resolver_poll,
-    )
-    .with_key_retention(Duration::from_secs(24 * 3600));
+    let resolver = resolver_on(&config).with_key_retention(Duration::from_secs(24 * 3600));
     assert_eq!(resolver.purge_expired_keys().await.unwrap(), 1);
 
     let keys: Vec<String> = db
@@ -517,17 +506,7 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
     let mut config = test_config(&app.database_url);
     config.statement_timeout = Duration::from_millis(200);
     config.lock_timeout = Duration::from_secs(5);
-    let pool = gavel::db::build_pool(
-        &app.database_url,
-        &gavel::db::PoolSettings::new(&config, 1, "gavel-test"),
-    )
-    .unwrap();
-    let resolver = gavel::resolver::Resolver::new(
-        pool,
-        gavel::resolver::Signals::new(),
-        config.settle_grace,
-        config.resolver_poll,
-    );
+    let resolver = resolver_on(&config);
     let full = resolver.batch_size();
 
     // Its statements wait on a lock until the statement timeout cancels them.
@@ -551,4 +530,20 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
     );
     let db = app.db().await;
     assert_consistent(&db, auction_id).await;
+}
+
+/// A resolver driven by the test itself, on one connection with `config`'s
+/// session limits.
+fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
+    let pool = gavel::db::build_pool(
+        &config.database_url,
+        &gavel::db::PoolSettings::new(config, 1, "gavel-test"),
+    )
+    .unwrap();
+    gavel::resolver::Resolver::new(
+        pool,
+        gavel::resolver::Signals::new(),
+        config.settle_grace,
+        config.resolver_poll,
+    )
 }
