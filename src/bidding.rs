@@ -10,13 +10,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Object;
 use tokio::sync::broadcast;
 use tokio_postgres::types::PgLsn;
 use uuid::Uuid;
 
 use crate::auth::User;
-use crate::db::{auctions, bids, reads};
+use crate::db::{auctions, bids, reads, Pool};
 use crate::domain::{Amount, IdempotencyKey};
 use crate::http::error::ApiError;
 use crate::rate_limit::RateLimiter;
@@ -81,6 +81,7 @@ impl BidDesk {
     /// A bid desk appending through `pool`, waking the resolver via
     /// `signals`, and holding each bidder to `rate_limit`.
     pub fn new(pool: Pool, signals: Signals, rate_limit: RateLimiter) -> Self {
+        register_metrics();
         BidDesk {
             pool,
             signals,
@@ -101,61 +102,65 @@ impl BidDesk {
         key: &IdempotencyKey,
         wait_until: Option<Instant>,
     ) -> Result<Placed, ApiError> {
-        let budget = Instant::now() + self.pool_wait();
         metrics::counter!("gavel_bids_received_total").increment(1);
-        let bidder = user.id.as_str();
-        if let Err(wait) = self.rate_limit.check(bidder) {
-            metrics::counter!("gavel_bids_rejected_total", "reason" => "rate_limited").increment(1);
-            return Err(ApiError::RateLimited {
-                retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
-            });
-        }
-        match self
-            .precheck(bidder, auction_id, amount.get(), budget)
-            .await
-        {
-            Ok(()) => {}
-            // A retry of a request that was accepted before the auction moved
-            // on must still replay, not be refused.
-            Err(
-                refusal @ (ApiError::BidTooLow { .. }
-                | ApiError::AuctionClosed
-                | ApiError::SellerCannotBid
-                | ApiError::NotFound(_)),
-            ) => {
-                return match self.replay(bidder, key, auction_id, amount, budget).await? {
-                    Some(bid) => Ok(self.finish(bid, true, wait_until, None, None, budget).await),
-                    None => {
-                        if !matches!(refusal, ApiError::NotFound(_)) {
-                            metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
-                                .increment(1);
+        // Every refusal is counted by its code, however it came about.
+        async {
+            let budget = Instant::now() + self.pool_wait();
+            let bidder = user.id.as_str();
+            if let Err(wait) = self.rate_limit.check(bidder) {
+                return Err(ApiError::RateLimited {
+                    retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
+            match self
+                .precheck(bidder, auction_id, amount.get(), budget)
+                .await
+            {
+                Ok(()) => {}
+                // A retry of a request that was accepted before the auction moved
+                // on must still replay, not be refused.
+                Err(
+                    refusal @ (ApiError::BidTooLow { .. }
+                    | ApiError::AuctionClosed
+                    | ApiError::SellerCannotBid
+                    | ApiError::NotFound(_)),
+                ) => {
+                    return match self.replay(bidder, key, auction_id, amount, budget).await? {
+                        Some(bid) => {
+                            Ok(self.finish(bid, true, wait_until, None, None, budget).await)
                         }
-                        Err(refusal)
-                    }
-                };
+                        None => Err(refusal),
+                    };
+                }
+                // The database could not be asked: nothing to replay from either.
+                Err(unavailable) => return Err(unavailable),
             }
-            // The database could not be asked: nothing to replay from either.
-            Err(unavailable) => return Err(unavailable),
+            // Subscribe before the append so no resolution can slip past.
+            let resolutions = wait_until.map(|_| self.signals.subscribe());
+            let (appended, wal_position) =
+                self.append(bidder, key, auction_id, amount, budget).await?;
+            match appended {
+                bids::Append::Inserted(bid) => {
+                    metrics::counter!("gavel_bids_accepted_total").increment(1);
+                    Ok(self
+                        .finish(bid, false, wait_until, resolutions, wal_position, budget)
+                        .await)
+                }
+                bids::Append::KeyExists(existing) => {
+                    let bid = self
+                        .replayed_bid(&existing, auction_id, amount, budget)
+                        .await?;
+                    Ok(self
+                        .finish(bid, true, wait_until, resolutions, wal_position, budget)
+                        .await)
+                }
+            }
         }
-        // Subscribe before the append so no resolution can slip past.
-        let resolutions = wait_until.map(|_| self.signals.subscribe());
-        let (appended, wal_position) = self.append(bidder, key, auction_id, amount, budget).await?;
-        match appended {
-            bids::Append::Inserted(bid) => {
-                metrics::counter!("gavel_bids_accepted_total").increment(1);
-                Ok(self
-                    .finish(bid, false, wait_until, resolutions, wal_position, budget)
-                    .await)
-            }
-            bids::Append::KeyExists(existing) => {
-                let bid = self
-                    .replayed_bid(&existing, auction_id, amount, budget)
-                    .await?;
-                Ok(self
-                    .finish(bid, true, wait_until, resolutions, wal_position, budget)
-                    .await)
-            }
-        }
+        .await
+        .inspect_err(|refusal| {
+            metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
+                .increment(1);
+        })
     }
 
     /// The durable append and the resolver's wake-up, run as a task of its
@@ -426,11 +431,38 @@ impl BidDesk {
     }
 }
 
+/// The `reason` labels of `gavel_bids_rejected_total`: the problem codes a
+/// bid can be refused with.
+const REFUSALS: [&str; 10] = [
+    "bid_too_low",
+    "auction_closed",
+    "seller_cannot_bid",
+    "not_found",
+    "rate_limited",
+    "idempotency_key_reused",
+    "idempotency_key_in_flight",
+    "overloaded",
+    "unavailable",
+    "internal",
+];
+
+/// Registers the bid counters at zero, so rates over them are 0 rather
+/// than missing before the first event.
+fn register_metrics() {
+    for name in [
+        "gavel_bids_received_total",
+        "gavel_bids_accepted_total",
+        "gavel_bids_idempotent_replays_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for reason in REFUSALS {
+        metrics::counter!("gavel_bids_rejected_total", "reason" => reason).increment(0);
+    }
+}
+
 /// A connection from `pool`, unless none is free (or can be opened) by
 /// `budget`: then the request is shed.
 async fn connection(pool: &Pool, budget: Instant) -> Result<Object, ApiError> {
-    match tokio::time::timeout_at(budget.into(), pool.get()).await {
-        Ok(client) => Ok(client?),
-        Err(_) => Err(ApiError::Overloaded),
-    }
+    Ok(pool.get_before(budget).await?)
 }

@@ -57,6 +57,9 @@ pub struct Config {
     /// How far behind the primary's WAL a replica may be and still serve
     /// reads (`GAVEL_REPLICA_MAX_LAG_BYTES`).
     pub replica_max_lag_bytes: u64,
+    /// How often `pg_stat_activity` and the resolver backlog are sampled
+    /// for metrics (`GAVEL_PG_SAMPLE_MS`).
+    pub pg_sample_interval: Duration,
     /// Whether this process runs the resolver (`GAVEL_RESOLVER`: `on` or `off`).
     pub resolver_enabled: bool,
     /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
@@ -141,6 +144,7 @@ impl Config {
                 16 << 20,
                 8_192..=(1 << 40),
             )? as u64,
+            pg_sample_interval: env.millis("GAVEL_PG_SAMPLE_MS", 2_000, 100..=60_000)?,
             resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
             resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
             bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,

@@ -27,7 +27,8 @@ const DEV_DIR: &str = ".gavel/dev";
 /// Runs `gavel dev` until Ctrl-C.
 pub async fn run() -> anyhow::Result<()> {
     let log = std::env::var("GAVEL_LOG").unwrap_or_else(|_| "info".into());
-    telemetry::init_tracing(&log, false);
+    let json = std::env::var("GAVEL_LOG_FORMAT").is_ok_and(|f| f == "json");
+    telemetry::init_tracing(&log, json);
 
     let dir = std::env::current_dir()?.join(DEV_DIR);
     println!("Starting a private PostgreSQL in {} ...", dir.display());
@@ -112,6 +113,7 @@ pub async fn run() -> anyhow::Result<()> {
 async fn seed_demo_auction(config: &Config) -> anyhow::Result<Uuid> {
     let pool = db::build_pool(
         &config.database_url,
+        "dev-seed",
         &db::PoolSettings::new(config, 1, "gavel-dev-seed"),
     )?;
     let client = pool

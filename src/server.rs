@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
 use crate::config::Config;
+use crate::db::activity::ActivitySampler;
 use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
 use crate::http::{self, AppState};
@@ -31,11 +32,14 @@ pub struct Server {
     api: TcpListener,
     admin: TcpListener,
     state: AppState,
+    activity: ActivitySampler,
 }
 
 impl Server {
     /// Binds both listeners (port 0 picks a free port) and builds the pools.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        // Before any pool registers its metrics.
+        telemetry::metrics_handle();
         let api = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding GAVEL_LISTEN {}", config.listen))?;
@@ -45,6 +49,7 @@ impl Server {
         let pools = Pools::new(&config)?;
         let reads = Reads::new(&config, pools.api.clone())?;
         let signals = Signals::new();
+        let activity = ActivitySampler::new(&config)?;
         let state = AppState {
             reads,
             request_timeout: config.request_timeout,
@@ -63,6 +68,7 @@ impl Server {
             api,
             admin,
             state,
+            activity,
         })
     }
 
@@ -87,6 +93,7 @@ impl Server {
             api,
             admin,
             state,
+            activity,
         } = self;
         let metrics = telemetry::metrics_handle();
         let mut tasks = tokio::task::JoinSet::new();
@@ -99,6 +106,12 @@ impl Server {
             "gavel-listener",
             &SessionLimits::from_config(&config),
         )?;
+        let exported: Vec<db::Pool> = (state.pools.all().into_iter())
+            .chain(state.reads.pools())
+            .chain([activity.pool()])
+            .cloned()
+            .collect();
+        tasks.spawn(activity.run(workers.clone()));
         tasks.spawn(state.reads.clone().watch(workers.clone()));
         tasks.spawn(listener::listen(
             listen_config,
@@ -137,7 +150,7 @@ impl Server {
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
         let api_server = axum::serve(api, http::api_router(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_server = axum::serve(admin, http::admin_router(metrics))
+        let admin_server = axum::serve(admin, http::admin_router(metrics, exported))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let servers = async {
             let (a, b) = tokio::join!(

@@ -1,5 +1,6 @@
 //! Observability plumbing: the tracing subscriber (text or JSON) and the
-//! process-wide Prometheus recorder behind the admin `/metrics` endpoint.
+//! process-wide Prometheus recorder behind the admin `/metrics` endpoint,
+//! with the list of every metric Gavel exports.
 
 use std::sync::OnceLock;
 
@@ -14,6 +15,117 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Batch-size buckets (bids per resolver transaction).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+];
+
+/// The kind of a Prometheus metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only goes up (`_total`).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets (`_bucket`, `_sum`, `_count`).
+    Histogram,
+}
+
+/// One metric Gavel exports: the single list behind the `# HELP` lines and
+/// the table in `dashboards/README.md` (a test keeps the two equal).
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDoc {
+    /// The metric's name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: Kind,
+    /// Its labels; every value set is bounded (no auction or bidder ids).
+    pub labels: &'static [&'static str],
+    /// What it measures.
+    pub help: &'static str,
+}
+
+const fn metric(
+    name: &'static str,
+    kind: Kind,
+    labels: &'static [&'static str],
+    help: &'static str,
+) -> MetricDoc {
+    MetricDoc {
+        name,
+        kind,
+        labels,
+        help,
+    }
+}
+
+use Kind::{Counter, Gauge, Histogram};
+
+/// Every metric Gavel exports.
+pub const METRICS: &[MetricDoc] = &[
+    metric("gavel_http_requests_total", Counter, &["method", "route", "status"],
+        "HTTP requests answered, by method, matched route and status."),
+    metric("gavel_http_request_duration_seconds", Histogram, &["method", "route", "status"],
+        "Time to answer an HTTP request."),
+    metric("gavel_http_shed_total", Counter, &["reason"],
+        "API requests answered 503 by the in-flight limit (in_flight_limit) or their deadline (deadline)."),
+    metric("gavel_bids_received_total", Counter, &[],
+        "Bids that reached the bid path (valid requests)."),
+    metric("gavel_bids_accepted_total", Counter, &[],
+        "Bids appended to bid_log and acknowledged (a new bid, not a replay)."),
+    metric("gavel_bids_rejected_total", Counter, &["reason"],
+        "Bids refused at the API, by problem code (overloaded and unavailable are overload rejections)."),
+    metric("gavel_bids_idempotent_replays_total", Counter, &[],
+        "Retries answered from an earlier bid with the same Idempotency-Key."),
+    metric("gavel_auction_snapshot_reads_total", Counter, &[],
+        "Auction snapshots read from the database by the bid path's pre-check (others come from its cache)."),
+    metric("gavel_resolver_bids_resolved_total", Counter, &["outcome"],
+        "Bids resolved, by outcome: accepted (leading or outbid) or the rules' rejection reason."),
+    metric("gavel_resolver_batch_size", Histogram, &[],
+        "Bids applied per resolver transaction."),
+    metric("gavel_resolver_batch_duration_seconds", Histogram, &[],
+        "Duration of one resolver transaction."),
+    metric("gavel_resolver_batch_limit", Gauge, &[],
+        "Bids the next resolver batch may take (halved after a statement timeout)."),
+    metric("gavel_resolver_lag_seconds", Histogram, &[],
+        "Age of the oldest bid of each batch when it was resolved."),
+    metric("gavel_resolver_conflicts_total", Counter, &[],
+        "Optimistic version conflicts (another writer changed the auction first)."),
+    metric("gavel_resolver_pending_bids", Gauge, &[],
+        "Bids in bid_log waiting for the resolver (sampled)."),
+    metric("gavel_resolver_oldest_pending_seconds", Gauge, &[],
+        "Age of the oldest pending bid: the resolver lag (sampled)."),
+    metric("gavel_auctions_settled_total", Counter, &[],
+        "Auctions settled (closed with a winner or none)."),
+    metric("gavel_db_pool_max_connections", Gauge, &["pool"],
+        "Maximum connections of a pool."),
+    metric("gavel_db_pool_connections", Gauge, &["pool"],
+        "Connections a pool holds open."),
+    metric("gavel_db_pool_available_connections", Gauge, &["pool"],
+        "Idle connections of a pool."),
+    metric("gavel_db_pool_waiting_requests", Gauge, &["pool"],
+        "Callers waiting for a connection of a pool."),
+    metric("gavel_db_pool_wait_seconds", Histogram, &["pool"],
+        "Time callers waited for a pooled connection (including opening one)."),
+    metric("gavel_db_pool_timeouts_total", Counter, &["pool"],
+        "Waits for a pooled connection that ran out of time."),
+    metric("gavel_db_reads_total", Counter, &["target", "reason"],
+        "API reads by the server that answered (primary, replica) and why it was chosen."),
+    metric("gavel_replica_healthy", Gauge, &["replica"],
+        "1 when the replica answered its last check, else 0."),
+    metric("gavel_replica_lag_bytes", Gauge, &["replica"],
+        "WAL bytes the replica is behind the primary's latest sampled position."),
+    metric("gavel_replica_lag_seconds", Gauge, &["replica"],
+        "How stale the replica's data is, at most."),
+    metric("gavel_pg_backends", Gauge, &["state", "wait_event_type", "wait_event"],
+        "Client backends of Gavel's database by state and wait event (pg_stat_activity; none = not waiting)."),
+    metric("gavel_pg_blocked_backends", Gauge, &[],
+        "Backends waiting for a heavyweight lock another backend holds (pg_blocking_pids)."),
+    metric("gavel_pg_lock_wait_max_seconds", Gauge, &[],
+        "The longest current wait for a heavyweight lock (pg_locks.waitstart)."),
+    metric("gavel_pg_deadlocks_total", Counter, &[],
+        "Deadlocks detected in Gavel's database (pg_stat_database)."),
+    metric("gavel_pg_last_sample_timestamp_seconds", Gauge, &[],
+        "Unix time of the last successful pg_stat_activity sample."),
+    metric("gavel_pg_sample_errors_total", Counter, &[],
+        "pg_stat_activity or backlog samples that failed."),
 ];
 
 /// Installs the global tracing subscriber; `filter` uses `EnvFilter` syntax.
@@ -35,14 +147,22 @@ pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), BATCH_BUCKETS)
                 })
                 .expect("bucket lists are non-empty")
                 .install_recorder()
-                .expect("the Prometheus recorder is installed once")
+                .expect("the Prometheus recorder is installed once");
+            for doc in METRICS {
+                match doc.kind {
+                    Counter => metrics::describe_counter!(doc.name, doc.help),
+                    Gauge => metrics::describe_gauge!(doc.name, doc.help),
+                    Histogram => metrics::describe_histogram!(doc.name, doc.help),
+                }
+            }
+            handle
         })
         .clone()
 }

@@ -5,14 +5,19 @@
 //! Runtime queries go through deadpool-postgres and tokio-postgres prepared
 //! statements; sqlx is used only for its migrator.
 
+pub mod activity;
 pub mod auctions;
 pub mod bids;
 pub mod reads;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, PoolError, RecyclingMethod, Runtime, Status, TimeoutType,
+};
+use metrics::{Counter, Gauge, Histogram};
 use tokio_postgres::NoTls;
 
 use crate::config::Config;
@@ -41,17 +46,25 @@ impl Pools {
         Ok(Pools {
             api: build_pool(
                 url,
+                "api",
                 &PoolSettings::new(config, config.api_pool_size, "gavel-api"),
             )?,
             resolver: build_pool(
                 url,
+                "resolver",
                 &PoolSettings::new(config, config.resolver_pool_size, "gavel-resolver"),
             )?,
             monitor: build_pool(
                 url,
+                "monitor",
                 &PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor"),
             )?,
         })
+    }
+
+    /// The primary pools, for exporting their occupancy.
+    pub fn all(&self) -> [&Pool; 3] {
+        [&self.api, &self.resolver, &self.monitor]
     }
 
     /// Closes every pool; connections are dropped as they are returned.
@@ -134,9 +147,100 @@ pub fn session_config(
     Ok(pg)
 }
 
-/// A bounded pool whose callers wait at most `wait_timeout` for a connection
-/// and `connect_timeout` for a new one.
-pub fn build_pool(url: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
+/// A bounded connection pool that measures itself: how long callers wait
+/// for a connection, how often a wait runs out, and (exported at each
+/// scrape) its size, idle connections and waiters. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: deadpool_postgres::Pool,
+    metrics: Arc<PoolMetrics>,
+}
+
+struct PoolMetrics {
+    wait: Histogram,
+    timeouts: Counter,
+    max: Gauge,
+    size: Gauge,
+    available: Gauge,
+    waiting: Gauge,
+}
+
+impl Pool {
+    /// Wraps `inner`, labelling its metrics `pool="{name}"`.
+    pub fn new(inner: deadpool_postgres::Pool, name: &str) -> Self {
+        let labels = [("pool", name.to_owned())];
+        let metrics = PoolMetrics {
+            wait: metrics::histogram!("gavel_db_pool_wait_seconds", &labels),
+            timeouts: metrics::counter!("gavel_db_pool_timeouts_total", &labels),
+            max: metrics::gauge!("gavel_db_pool_max_connections", &labels),
+            size: metrics::gauge!("gavel_db_pool_connections", &labels),
+            available: metrics::gauge!("gavel_db_pool_available_connections", &labels),
+            waiting: metrics::gauge!("gavel_db_pool_waiting_requests", &labels),
+        };
+        // Present from the start, so a rate over it is 0, not missing.
+        metrics.timeouts.increment(0);
+        let pool = Pool {
+            inner,
+            metrics: Arc::new(metrics),
+        };
+        pool.export_status();
+        pool
+    }
+
+    /// A connection, waiting at most the pool's wait timeout.
+    pub async fn get(&self) -> Result<Object, PoolError> {
+        let started = Instant::now();
+        let result = self.inner.get().await;
+        self.record_wait(started, &result);
+        result
+    }
+
+    /// A connection, waiting at most until `deadline` (and the pool's wait
+    /// timeout); running out of time is a wait timeout.
+    pub async fn get_before(&self, deadline: Instant) -> Result<Object, PoolError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout_at(deadline.into(), self.inner.get())
+            .await
+            .unwrap_or(Err(PoolError::Timeout(TimeoutType::Wait)));
+        self.record_wait(started, &result);
+        result
+    }
+
+    fn record_wait(&self, started: Instant, result: &Result<Object, PoolError>) {
+        self.metrics.wait.record(started.elapsed().as_secs_f64());
+        if let Err(PoolError::Timeout(TimeoutType::Wait)) = result {
+            self.metrics.timeouts.increment(1);
+        }
+    }
+
+    /// The pool's wait, create and recycle timeouts.
+    pub fn timeouts(&self) -> deadpool_postgres::Timeouts {
+        self.inner.timeouts()
+    }
+
+    /// Size, idle connections and waiters right now.
+    pub fn status(&self) -> Status {
+        self.inner.status()
+    }
+
+    /// Sets the pool's gauges to its current status.
+    pub fn export_status(&self) {
+        let status = self.inner.status();
+        self.metrics.max.set(status.max_size as f64);
+        self.metrics.size.set(status.size as f64);
+        self.metrics.available.set(status.available as f64);
+        self.metrics.waiting.set(status.waiting as f64);
+    }
+
+    /// Closes the pool; connections are dropped as they are returned.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// A bounded pool named `name` in metrics, whose callers wait at most
+/// `wait_timeout` for a connection and `connect_timeout` for a new one.
+pub fn build_pool(url: &str, name: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
     let pg = session_config(url, settings.application_name, &settings.limits)?;
     let manager = Manager::from_config(
         pg,
@@ -145,14 +249,15 @@ pub fn build_pool(url: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
-    Pool::builder(manager)
+    let inner = deadpool_postgres::Pool::builder(manager)
         .max_size(settings.size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(settings.wait_timeout))
         .create_timeout(Some(settings.limits.connect_timeout))
         .recycle_timeout(Some(settings.limits.connect_timeout))
         .build()
-        .context("building the connection pool")
+        .context("building the connection pool")?;
+    Ok(Pool::new(inner, name))
 }
 
 /// Applies pending migrations to the database at `url`.

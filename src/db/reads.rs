@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{GenericClient, Object, Pool, PoolError, TimeoutType};
+use deadpool_postgres::{GenericClient, Object, PoolError, TimeoutType};
 use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
-use super::{build_pool, PoolSettings, MONITOR_POOL_SIZE};
+use super::{build_pool, Pool, PoolSettings, MONITOR_POOL_SIZE};
 use crate::config::Config;
 use crate::http::error::ApiError;
 
@@ -203,10 +203,11 @@ impl Reads {
             .map(|(i, url)| {
                 let reads = PoolSettings::new(config, config.replica_pool_size, "gavel-api");
                 let checks = PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor");
+                let name = format!("replica-{}", i + 1);
                 Ok(Replica {
-                    name: format!("replica-{}", i + 1),
-                    pool: build_pool(url, &reads)?,
-                    monitor: build_pool(url, &checks)?,
+                    pool: build_pool(url, &name, &reads)?,
+                    monitor: build_pool(url, &format!("{name}-monitor"), &checks)?,
+                    name,
                     state: Mutex::default(),
                 })
             })
@@ -218,6 +219,7 @@ impl Reads {
                 wait_timeout: config.pool_wait_timeout,
                 sampler: build_pool(
                     &config.database_url,
+                    "wal-sampler",
                     &PoolSettings::new(config, 1, "gavel-monitor"),
                 )?,
                 geometry: OnceLock::new(),
@@ -229,6 +231,13 @@ impl Reads {
                 samples: Mutex::default(),
             }),
         })
+    }
+
+    /// The pools of the replicas and of the position sampler.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        let replicas = self.inner.replicas.iter();
+        std::iter::once(&self.inner.sampler)
+            .chain(replicas.flat_map(|replica| [&replica.pool, &replica.monitor]))
     }
 
     /// Closes the sampler's and the replicas' pools.
@@ -310,12 +319,10 @@ impl Reads {
             Err(reason) => return Ok(Err(reason)),
         };
         let replica = &self.inner.replicas[index];
-        let client = match tokio::time::timeout_at(until.into(), replica.pool.get()).await {
-            Ok(Ok(client)) => client,
-            Err(_) | Ok(Err(PoolError::Timeout(TimeoutType::Wait))) => {
-                return Ok(Err(Reason::ReplicaBusy))
-            }
-            Ok(Err(e)) => {
+        let client = match replica.pool.get_before(until).await {
+            Ok(client) => client,
+            Err(PoolError::Timeout(TimeoutType::Wait)) => return Ok(Err(Reason::ReplicaBusy)),
+            Err(e) => {
                 self.mark_down(index, &e);
                 return Ok(Err(Reason::ReplicaFailed));
             }

@@ -27,7 +27,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
 use crate::db::reads::Reads;
-use crate::db::Pools;
+use crate::db::{Pool, Pools};
 use crate::resolver::Signals;
 use error::ApiError;
 
@@ -63,6 +63,9 @@ pub fn api_router(state: AppState) -> Router {
         .load_shed()
         .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight))
         .timeout(state.request_timeout);
+    for reason in ["in_flight_limit", "deadline"] {
+        metrics::counter!("gavel_http_shed_total", "reason" => reason).increment(0);
+    }
     let routes = Router::new()
         .merge(auctions::router())
         .merge(bids::router())
@@ -76,18 +79,18 @@ pub fn api_router(state: AppState) -> Router {
     routes.layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
-            .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                |request: &Request| {
-                    let request_id = request
-                        .headers()
-                        .get(&REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    tracing::info_span!("request", method = %request.method(), uri = %request.uri(), request_id)
-                },
-            ))
+            .layer(
+                tower_http::trace::TraceLayer::new_for_http()
+                    .make_span_with(request_span)
+                    .on_request(())
+                    .on_response(log_response)
+                    .on_failure(()),
+            )
             .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-            .layer(security_header(header::STRICT_TRANSPORT_SECURITY, "max-age=31536000; includeSubDomains"))
+            .layer(security_header(
+                header::STRICT_TRANSPORT_SECURITY,
+                "max-age=31536000; includeSubDomains",
+            ))
             .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
             .layer(security_header(
                 header::CONTENT_SECURITY_POLICY,
@@ -95,6 +98,36 @@ pub fn api_router(state: AppState) -> Router {
             ))
             .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
     )
+}
+
+/// The span every request runs in: its id, method, matched route and path.
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str);
+    tracing::info_span!(
+        "request",
+        request_id,
+        method = %request.method(),
+        route,
+        path = request.uri().path(),
+    )
+}
+
+/// One access-log line per request, in the request's span: status and
+/// latency. (Failures are logged with their cause where they happen.)
+fn log_response(response: &Response, latency: Duration, _span: &tracing::Span) {
+    tracing::info!(
+        status = response.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        "request finished"
+    );
 }
 
 fn security_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
@@ -133,14 +166,20 @@ async fn track_metrics(request: Request, next: Next) -> Response {
     response
 }
 
-/// The admin listener: Prometheus metrics. Never exposed publicly.
-pub fn admin_router(metrics: PrometheusHandle) -> Router {
+/// The admin listener: Prometheus metrics, with the occupancy of `pools`
+/// read at each scrape. Never exposed publicly.
+pub fn admin_router(metrics: PrometheusHandle, pools: Vec<Pool>) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .with_state(metrics)
+        .with_state((metrics, Arc::new(pools)))
 }
 
-async fn render_metrics(State(handle): State<PrometheusHandle>) -> impl IntoResponse {
+async fn render_metrics(
+    State((handle, pools)): State<(PrometheusHandle, Arc<Vec<Pool>>)>,
+) -> impl IntoResponse {
+    for pool in pools.iter() {
+        pool.export_status();
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -102,11 +102,7 @@ async fn listen_once(
 /// the resolvers of other processes, at most one NOTIFY per auction per
 /// round: NOTIFY serializes committing transactions, so it must never be
 /// sent per bid.
-pub async fn forward_bids(
-    pool: deadpool_postgres::Pool,
-    signals: Signals,
-    shutdown: CancellationToken,
-) {
+pub async fn forward_bids(pool: crate::db::Pool, signals: Signals, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -122,7 +118,7 @@ pub async fn forward_bids(
 
 /// Sends one `gavel_bids` notification per auction.
 pub async fn notify_bids(
-    pool: &deadpool_postgres::Pool,
+    pool: &crate::db::Pool,
     signals: &Signals,
     auctions: &[Uuid],
 ) -> anyhow::Result<()> {

@@ -25,12 +25,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
 use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::db::{auctions, bids};
+use crate::db::{auctions, bids, Pool};
 use crate::rules::{self, BidInput, Outcome};
 pub use signals::{Resolved, Signals};
 
@@ -147,6 +146,7 @@ impl Resolver {
     /// after their end, scanning for missed work every `poll`.
     pub fn new(pool: Pool, signals: Signals, settle_grace: Duration, poll: Duration) -> Self {
         let concurrency = pool.status().max_size.max(1);
+        register_metrics();
         Resolver {
             pool,
             signals,
@@ -234,9 +234,8 @@ impl Resolver {
     async fn drain_all(&self, work: BTreeSet<Uuid>) {
         futures::stream::iter(work)
             .for_each_concurrent(self.concurrency, |auction_id| async move {
-                if let Err(e) = self.drain(auction_id).await {
-                    tracing::warn!(%auction_id, error = format!("{e:#}"), "resolving failed; will retry");
-                }
+                // Logged in the auction's span by `drain`.
+                let _ = self.drain(auction_id).await;
             })
             .await;
     }
@@ -245,6 +244,14 @@ impl Resolver {
     /// turn; returns bids resolved.
     #[tracing::instrument(skip(self), fields(%auction_id))]
     pub async fn drain(&self, auction_id: Uuid) -> anyhow::Result<usize> {
+        let drained = self.drain_turn(auction_id).await;
+        if let Err(e) = &drained {
+            tracing::warn!(error = format!("{e:#}"), "resolving failed; will retry");
+        }
+        drained
+    }
+
+    async fn drain_turn(&self, auction_id: Uuid) -> anyhow::Result<usize> {
         let mut total = 0;
         let mut conflicts = 0;
         let mut batches = 0;
@@ -253,7 +260,10 @@ impl Resolver {
                 Ok(step) => step,
                 Err(e) if is_statement_timeout(&e) => {
                     let smaller = self.batch.timed_out();
-                    tracing::warn!(%auction_id, batch = smaller, "a resolution batch hit the statement timeout; trying smaller batches");
+                    tracing::warn!(
+                        batch = smaller,
+                        "a resolution batch hit the statement timeout; trying smaller batches"
+                    );
                     return Err(e);
                 }
                 Err(e) => return Err(e),
@@ -431,8 +441,8 @@ impl Resolver {
         .await?;
         tx.commit().await?;
 
+        record_metrics(&applied_bids, &outcomes.reasons, now, started, settling);
         let resolved: Arc<[Uuid]> = outcomes.ids.into();
-        self.record_metrics(&applied_bids, now, started, settling);
         self.signals.publish(Resolved {
             auction_id,
             bids: Some(resolved),
@@ -443,25 +453,48 @@ impl Resolver {
             more: more && all_applied,
         })
     }
+}
 
-    fn record_metrics(
-        &self,
-        pending: &[&bids::BidRecord],
-        now: DateTime<Utc>,
-        started: Instant,
-        settled: bool,
-    ) {
-        metrics::histogram!("gavel_resolver_batch_size").record(pending.len() as f64);
-        metrics::histogram!("gavel_resolver_batch_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!("gavel_resolver_bids_resolved_total").increment(pending.len() as u64);
-        if let Some(oldest) = pending.iter().map(|b| b.received_at).min() {
-            let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
-            metrics::histogram!("gavel_resolver_lag_seconds").record(lag);
-        }
-        if settled {
-            metrics::counter!("gavel_auctions_settled_total").increment(1);
-        }
+/// The `outcome` label of a resolved bid: `accepted` (leading or outbid)
+/// or the rejection reason.
+fn outcome_label(reason: Option<&'static str>) -> &'static str {
+    reason.unwrap_or("accepted")
+}
+
+/// Registers the resolver's counters at zero, so rates over them are 0
+/// rather than missing before the first event (and a stalled resolver
+/// shows as no progress).
+fn register_metrics() {
+    let outcomes = std::iter::once(None).chain(rules::RejectReason::ALL.map(|r| Some(r.as_str())));
+    for reason in outcomes {
+        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(reason))
+            .increment(0);
+    }
+    metrics::counter!("gavel_resolver_conflicts_total").increment(0);
+    metrics::gauge!("gavel_resolver_batch_limit").set(BATCH_LIMIT as f64);
+    metrics::counter!("gavel_auctions_settled_total").increment(0);
+}
+
+fn record_metrics(
+    pending: &[&bids::BidRecord],
+    reasons: &[Option<&'static str>],
+    now: DateTime<Utc>,
+    started: Instant,
+    settled: bool,
+) {
+    metrics::histogram!("gavel_resolver_batch_size").record(pending.len() as f64);
+    metrics::histogram!("gavel_resolver_batch_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    for reason in reasons {
+        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(*reason))
+            .increment(1);
+    }
+    if let Some(oldest) = pending.iter().map(|b| b.received_at).min() {
+        let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!("gavel_resolver_lag_seconds").record(lag);
+    }
+    if settled {
+        metrics::counter!("gavel_auctions_settled_total").increment(1);
     }
 }
 

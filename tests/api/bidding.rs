@@ -537,6 +537,7 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
 fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
     let pool = gavel::db::build_pool(
         &config.database_url,
+        "test-resolver",
         &gavel::db::PoolSettings::new(config, 1, "gavel-test"),
     )
     .unwrap();

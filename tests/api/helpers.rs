@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -538,16 +538,25 @@ pub async fn assert_consistent(db: &tokio_postgres::Client, auction_id: Uuid) ->
 pub struct ServeProcess {
     pub child: tokio::process::Child,
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Every JSON log line it printed so far.
+    pub logs: Arc<Mutex<Vec<Value>>>,
 }
 
 impl ServeProcess {
     /// Starts the binary and waits for it to report its listening address.
     pub async fn start(database_url: &str) -> ServeProcess {
+        Self::start_with(database_url, &[]).await
+    }
+
+    /// Starts the binary with `GAVEL_*` settings on top of the test ones.
+    pub async fn start_with(database_url: &str, settings: &[(&str, &str)]) -> ServeProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_gavel"))
             .arg("serve")
             .envs(test_env(database_url))
             .env("GAVEL_LOG", "info")
             .env("GAVEL_LOG_FORMAT", "json")
+            .envs(settings.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -555,22 +564,50 @@ impl ServeProcess {
             .expect("spawn gavel serve");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr, admin_addr) = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 let Ok(event) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };
-                if let Some(api) = event["fields"]["api"].as_str() {
-                    return api.parse::<SocketAddr>().unwrap();
+                let fields = &event["fields"];
+                if let (Some(api), Some(admin)) = (fields["api"].as_str(), fields["admin"].as_str())
+                {
+                    return (api.parse().unwrap(), admin.parse().unwrap());
                 }
             }
             panic!("gavel serve exited before listening");
         })
         .await
         .expect("gavel serve started in time");
-        // Keep draining its output so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServeProcess { child, addr }
+        // Keep reading its output so it never blocks on a full pipe.
+        let kept = logs.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str::<Value>(&line) {
+                    kept.lock().unwrap().push(event);
+                }
+            }
+        });
+        ServeProcess {
+            child,
+            addr,
+            admin_addr,
+            logs,
+        }
+    }
+
+    /// A client of this process, with the helpers of [`TestApp`].
+    pub fn client(&self, database_url: &str) -> TestApp {
+        TestApp {
+            addr: self.addr,
+            admin_addr: self.admin_addr,
+            database_url: database_url.to_owned(),
+            http: http_client(),
+            keys: JwtKeys::new(SECRET, "gavel"),
+            shutdown: CancellationToken::new(),
+            task: None,
+        }
     }
 
     /// SIGKILL, no cleanup.

@@ -5,6 +5,7 @@ mod bidding;
 mod cli;
 mod closing;
 mod helpers;
+mod observability;
 mod overload;
 mod processes;
 mod reads;
