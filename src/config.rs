@@ -362,6 +362,7 @@ mod tests {
         assert_eq!(c.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
+        assert_eq!(c.pg_sample_interval, Duration::from_millis(2_000));
         // A short statement timeout caps the default lock timeout.
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
@@ -411,6 +412,14 @@ mod tests {
                     ("GAVEL_LOG_FORMAT", "xml"),
                 ],
                 "GAVEL_LOG_FORMAT",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_PG_SAMPLE_MS", "10"),
+                ],
+                "GAVEL_PG_SAMPLE_MS",
             ),
             (
                 &[
