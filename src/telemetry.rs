@@ -7,6 +7,8 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+use Kind::{Counter, Gauge, Histogram};
+
 /// Latency buckets in seconds: fine below 100 ms, where the bid path lives,
 /// and up to the request deadline.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -55,8 +57,6 @@ const fn metric(
         help,
     }
 }
-
-use Kind::{Counter, Gauge, Histogram};
 
 /// Every metric Gavel exports.
 pub const METRICS: &[MetricDoc] = &[

@@ -36,6 +36,18 @@ pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_po
     Ok(client.query_one(&stmt, &[]).await?.get(0))
 }
 
+/// How far the primary's WAL is durably flushed. Every write whose commit
+/// has returned is at or below it (with `synchronous_commit` on); unlike
+/// the insert position it does not run ahead of what a replica can receive,
+/// since WAL inserted but not flushed (such as a table lock logged for
+/// standbys on an idle primary) is not sent to replicas until a flush.
+async fn flushed_wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_current_wal_flush_lsn()")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
 /// The primary's WAL page and segment sizes, needed to compare positions.
 #[derive(Debug, Clone, Copy)]
 struct WalGeometry {
@@ -478,9 +490,12 @@ impl Reads {
                 let _ = inner.geometry.set(WalGeometry::read(&client).await?);
             }
             // The time is taken before the position is read: every write
-            // committed before it is at or below the position.
+            // committed before it is at or below the position. (With
+            // `synchronous_commit` off a commit may reach the flushed WAL
+            // up to a few WAL writer rounds later, and staleness is
+            // understated by that much.)
             let at = Instant::now();
-            Ok::<_, anyhow::Error>((at, wal_position(&client).await?))
+            Ok::<_, anyhow::Error>((at, flushed_wal_position(&client).await?))
         })
         .await;
         match sampled {
@@ -511,7 +526,10 @@ impl Reads {
         let now = Instant::now();
         for (replica, result) in inner.replicas.iter().zip(results) {
             let replayed = match result {
-                Ok(Ok(replayed)) => Ok(self.position(replayed)),
+                Ok(Ok(replayed)) => Ok(Replayed {
+                    position: self.position(replayed.position),
+                    caught_up_to: self.position(replayed.caught_up_to),
+                }),
                 Ok(Err(e)) => Err(format!("{e:#}")),
                 Err(_) => Err(format!("no answer within {limit:?}")),
             };
@@ -519,14 +537,19 @@ impl Reads {
         }
     }
 
-    fn record_check(&self, replica: &Replica, replayed: Result<u64, String>, now: Instant) {
+    fn record_check(
+        &self,
+        replica: &Replica,
+        replayed: Result<Replayed<u64>, String>,
+        now: Instant,
+    ) {
         let (covered_at, latest) = {
             let samples = self.inner.samples.lock().expect("samples");
             let covered_at = replayed.as_ref().ok().and_then(|replayed| {
                 samples
                     .iter()
                     .rev()
-                    .find(|(_, lsn)| lsn <= replayed)
+                    .find(|(_, lsn)| *lsn <= replayed.caught_up_to)
                     .map(|(t, _)| *t)
             });
             (covered_at, samples.back().map(|(_, lsn)| *lsn))
@@ -538,9 +561,10 @@ impl Reads {
                 state.healthy = true;
                 // Assigned, not raised: a server that restarted may have
                 // replayed less than before.
-                state.replayed = replayed;
+                state.replayed = replayed.position;
                 state.covered_at = covered_at;
-                state.lag_bytes = latest.unwrap_or(replayed).saturating_sub(replayed);
+                let caught_up_to = replayed.caught_up_to;
+                state.lag_bytes = latest.unwrap_or(caught_up_to).saturating_sub(caught_up_to);
                 if !was_healthy {
                     tracing::info!(replica = %replica.name, "replica is healthy");
                 }
@@ -568,15 +592,45 @@ pub fn check_limit(interval: Duration) -> Duration {
 }
 
 /// A replica's replay position, failing when it is not a standby.
-async fn check_replica(replica: &Replica) -> anyhow::Result<PgLsn> {
+/// What one check learned about a replica's WAL.
+#[derive(Debug, Clone, Copy)]
+struct Replayed<T> {
+    /// `pg_last_wal_replay_lsn()`: what queries on the replica see.
+    position: T,
+    /// Up to where the replica holds every complete WAL record, for
+    /// measuring lag. Ahead of `position` when the replica has received WAL
+    /// ending in an incomplete record and replayed everything before it:
+    /// an idle primary can leave a record cut at its last flush for long,
+    /// and the replica then lacks no committed write.
+    caught_up_to: T,
+}
+
+/// Asks a replica for its positions. The received position is read before
+/// the recovery process's wait: if that process is then waiting for WAL,
+/// it has replayed every complete record received up to that position.
+async fn check_replica(replica: &Replica) -> anyhow::Result<Replayed<PgLsn>> {
     let client = replica.monitor.get().await?;
     let stmt = client
-        .prepare_cached("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()")
+        .prepare_cached(
+            "SELECT pg_is_in_recovery(), pg_last_wal_receive_lsn(),                (SELECT wait_event = 'RecoveryWalStream' FROM pg_stat_activity                  WHERE backend_type = 'startup'),                pg_last_wal_replay_lsn()",
+        )
         .await?;
     let row = client.query_one(&stmt, &[]).await?;
-    let (in_recovery, replayed): (bool, Option<PgLsn>) = (row.get(0), row.get(1));
+    let in_recovery: bool = row.get(0);
+    let received: Option<PgLsn> = row.get(1);
+    let waiting_for_wal: Option<bool> = row.get(2);
+    let replayed: Option<PgLsn> = row.get(3);
     match (in_recovery, replayed) {
-        (true, Some(replayed)) => Ok(replayed),
+        (true, Some(position)) => {
+            let caught_up_to = match (waiting_for_wal, received) {
+                (Some(true), Some(received)) if received > position => received,
+                _ => position,
+            };
+            Ok(Replayed {
+                position,
+                caught_up_to,
+            })
+        }
         (true, None) => anyhow::bail!("the replica has not replayed any WAL yet"),
         (false, _) => anyhow::bail!("the server is not a standby (promoted?)"),
     }

@@ -493,21 +493,11 @@ async fn a_hot_spot_shows_in_the_lock_wait_pool_and_resolver_metrics() {
 }
 
 /// A Prometheus server on loopback scraping one Gavel every second and
-/// evaluating `alerts.yml` every second.
+/// evaluating `alerts.yml` every second; stopped and removed on drop.
 struct Prometheus {
     child: std::process::Child,
     url: String,
-    _data: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    dir: PathBuf,
 }
 
 impl Prometheus {
@@ -544,7 +534,7 @@ impl Prometheus {
         let prometheus = Prometheus {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            _data: tempdir::Dir(dir),
+            dir,
         };
         let http = http_client();
         eventually(Duration::from_secs(30), "Prometheus ready", || async {
@@ -584,6 +574,7 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -279,3 +279,45 @@ async fn reads_are_spread_over_the_replicas_and_skip_a_lost_one() {
     app.stop().await;
     drop((lost, replicas, primary));
 }
+
+/// An idle primary holding WAL that is inserted but not yet flushed (here a
+/// table lock, which is logged for standbys and flushed only with the next
+/// commit) has nothing the replica lacks: the replica keeps serving reads
+/// within the default lag bound.
+#[tokio::test]
+async fn unflushed_wal_on_an_idle_primary_does_not_count_as_replica_lag() {
+    let (primary, replicas) = start_primary_and_replicas(1).await;
+    let replica_urls = vec![replicas[0].url("gavel")];
+    let app = TestApp::spawn_on(&primary.url("gavel"), |config| {
+        config.replica_urls = replica_urls;
+        config.replica_check_interval = CHECK_INTERVAL;
+    })
+    .await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let path = format!("/api/auctions/{}", auction["id"].as_str().unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "a read from the replica",
+        || async {
+            let response = read(&app, &path, "reader", None).await;
+            (header(&response, "gavel-read-from") == "replica").then_some(())
+        },
+    )
+    .await;
+
+    let admin = connect(&primary.url("gavel")).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE scratch (n int); BEGIN; LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE",
+        )
+        .await
+        .unwrap();
+    // Longer than the lag bound (2 s by default).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..5 {
+        let response = read(&app, &path, "reader", None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(header(&response, "gavel-read-from"), "replica");
+    }
+    admin.batch_execute("COMMIT").await.unwrap();
+}
