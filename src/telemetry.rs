@@ -14,6 +14,11 @@ use Kind::{Counter, Gauge, Histogram};
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 ];
+/// Resolver lag buckets in seconds: a backlog can grow far past any
+/// request's deadline while the resolver is held up.
+const LAG_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 /// Batch-size buckets (bids per resolver transaction).
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
@@ -149,6 +154,13 @@ pub fn metrics_handle() -> PrometheusHandle {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                // A full name is matched before any suffix.
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("gavel_resolver_lag_seconds".into()),
+                        LAG_BUCKETS,
+                    )
+                })
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), BATCH_BUCKETS)
                 })

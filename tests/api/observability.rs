@@ -416,6 +416,15 @@ async fn a_hot_spot_shows_in_the_lock_wait_pool_and_resolver_metrics() {
         ],
     );
     assert!(waiting >= 1.0, "Lock/transactionid waiters: {waiting}");
+    // Resolver lag has buckets of its own, far past any request's deadline.
+    let lag_buckets = ["10", "300"].map(|le| {
+        spot.after
+            .sum("gavel_resolver_lag_seconds_bucket", &[("le", le)])
+    });
+    assert!(
+        lag_buckets[1] >= 1.0 && lag_buckets[1] >= lag_buckets[0],
+        "{lag_buckets:?}"
+    );
     // The pool gauges moved, and the wait timeouts were counted.
     let api = [("pool", "api")];
     assert!(spot.pool_full.sum("gavel_db_pool_waiting_requests", &api) >= 1.0);
