@@ -300,21 +300,13 @@ impl Reads {
         until: Instant,
     ) -> Result<T, ApiError> {
         let inner = &self.inner;
-        let acquired = tokio::time::timeout_at(until.into(), async {
-            let permit = inner
-                .primary_share
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the read share is never closed");
-            let client = inner.primary.get().await?;
-            Ok::<_, PoolError>((permit, client))
-        })
-        .await;
-        let (_permit, client) = match acquired {
-            Ok(acquired) => acquired?,
-            Err(_) => return Err(ApiError::Overloaded),
+        let share = inner.primary_share.acquire();
+        let Ok(permit) = tokio::time::timeout_at(until.into(), share).await else {
+            return Err(ApiError::Overloaded);
         };
+        let _permit = permit.expect("the read share is never closed");
+        // Counted as a pool wait timeout when it runs out, like any other.
+        let client = inner.primary.get_before(until).await?;
         Ok(query(&client).await?)
     }
 

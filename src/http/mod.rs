@@ -107,10 +107,7 @@ fn request_span(request: &Request) -> tracing::Span {
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str);
+    let route = matched_route(request);
     tracing::info_span!(
         "request",
         request_id,
@@ -118,6 +115,15 @@ fn request_span(request: &Request) -> tracing::Span {
         route,
         path = request.uri().path(),
     )
+}
+
+/// The route template a request matched (never the raw path, which would
+/// put ids in labels), or `unmatched`.
+fn matched_route(request: &Request) -> &str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
 }
 
 /// One access-log line per request, in the request's span: status and
@@ -151,11 +157,7 @@ async fn overload_response(error: BoxError) -> ApiError {
 /// Counts requests and records latency by method, matched route and status.
 async fn track_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = matched_route(&request).to_owned();
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
