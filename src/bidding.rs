@@ -5,6 +5,12 @@
 //! to `bid_log` in one statement, and the resolver is signalled. Nothing
 //! here locks or writes the `auctions` row; a snapshot read is a plain MVCC
 //! read that never waits on that row's locks.
+//!
+//! The one exception is opt-in: [`BidPath::RowLock`] selects the classic
+//! design that locks the row for every bid (`row_lock.rs`), kept only as the
+//! baseline load tests reproduce the incident with.
+
+mod row_lock;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -56,6 +62,18 @@ struct CachedSnapshot {
     refreshing: bool,
 }
 
+/// How a bid is written (`GAVEL_BID_PATH`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BidPath {
+    /// `log`: the durable append to `bid_log`, resolved in the background.
+    #[default]
+    Log,
+    /// `row_lock`: the classic transaction that locks the auction row
+    /// `FOR UPDATE` and resolves the bid at once; a reproduction baseline
+    /// for load tests, never for production (see `bidding/row_lock.rs`).
+    RowLock,
+}
+
 /// The bid path's shared parts.
 #[derive(Clone)]
 pub struct BidDesk {
@@ -63,6 +81,7 @@ pub struct BidDesk {
     signals: Signals,
     snapshots: Arc<Mutex<HashMap<Uuid, CachedSnapshot>>>,
     rate_limit: Arc<RateLimiter>,
+    path: BidPath,
 }
 
 /// The result of placing a bid.
@@ -87,7 +106,14 @@ impl BidDesk {
             signals,
             snapshots: Arc::default(),
             rate_limit: Arc::new(rate_limit),
+            path: BidPath::Log,
         }
+    }
+
+    /// Writes bids along `path` ([`BidPath::Log`] unless told otherwise).
+    pub fn with_bid_path(mut self, path: BidPath) -> Self {
+        self.path = path;
+        self
     }
 
     /// Places `amount` (the bidder's maximum) on `auction_id` for `user`,
@@ -111,6 +137,13 @@ impl BidDesk {
                 return Err(ApiError::RateLimited {
                     retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
+            }
+            if self.path == BidPath::RowLock {
+                // The classic design has no snapshot precheck: the locked
+                // row itself is read for every bid.
+                return self
+                    .place_row_locked(bidder, key, auction_id, amount, wait_until, budget)
+                    .await;
             }
             match self
                 .precheck(bidder, auction_id, amount.get(), budget)

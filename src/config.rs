@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::bidding::BidPath;
 use crate::db::reads::check_limit;
 
 /// Minimum length of the HS256 secret, in bytes (the API contract).
@@ -64,6 +65,9 @@ pub struct Config {
     pub resolver_enabled: bool,
     /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
     pub resolver_poll: Duration,
+    /// How a bid is written (`GAVEL_BID_PATH`: `log`, the append-only bid
+    /// log, or `row_lock`, the classic row-lock baseline for load tests).
+    pub bid_path: BidPath,
     /// Sustained bids per second one bidder may place (`GAVEL_BID_RATE_LIMIT`, 0 = off).
     pub bid_rate_limit: u32,
     /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
@@ -147,6 +151,13 @@ impl Config {
             pg_sample_interval: env.millis("GAVEL_PG_SAMPLE_MS", 2_000, 100..=60_000)?,
             resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
             resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
+            bid_path: match env
+                .choice("GAVEL_BID_PATH", "log", &["log", "row_lock"])?
+                .as_str()
+            {
+                "row_lock" => BidPath::RowLock,
+                _ => BidPath::Log,
+            },
             bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
             bid_rate_burst: env.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
             idempotency_retention: Duration::from_secs(
@@ -359,6 +370,7 @@ mod tests {
         assert!(c.replica_urls.is_empty());
         assert_eq!(c.settle_grace, Duration::from_millis(6_000));
         assert!(c.resolver_enabled);
+        assert_eq!(c.bid_path, BidPath::Log);
         assert_eq!(c.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
@@ -371,6 +383,28 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.lock_timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn the_bid_path_is_the_log_unless_the_row_lock_baseline_is_chosen() {
+        let c = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_BID_PATH", "row_lock"),
+        ])
+        .unwrap();
+        assert_eq!(c.bid_path, BidPath::RowLock);
+        let e = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_BID_PATH", "rowlock"),
+        ])
+        .err()
+        .expect("an unknown bid path is refused");
+        assert_eq!(
+            e.to_string(),
+            "GAVEL_BID_PATH: 'rowlock' is not one of log, row_lock"
+        );
     }
 
     #[test]
@@ -477,6 +511,14 @@ mod tests {
                     ("GAVEL_PRIMARY_READ_SHARE_PCT", "0"),
                 ],
                 "GAVEL_PRIMARY_READ_SHARE_PCT",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_BID_PATH", "for_update"),
+                ],
+                "GAVEL_BID_PATH",
             ),
         ];
         for (vars, name) in cases {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
-use crate::bidding::BidDesk;
+use crate::bidding::{BidDesk, BidPath};
 use crate::config::Config;
 use crate::db::activity::ActivitySampler;
 use crate::db::reads::Reads;
@@ -58,7 +58,8 @@ impl Server {
                 pools.api.clone(),
                 signals.clone(),
                 RateLimiter::new(config.bid_rate_limit, config.bid_rate_burst),
-            ),
+            )
+            .with_bid_path(config.bid_path),
             jwt: Arc::new(JwtKeys::new(&config.jwt_secret, &config.jwt_audience)),
             pools,
             signals,
@@ -147,6 +148,13 @@ impl Server {
         });
 
         tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
+        if config.bid_path == BidPath::RowLock {
+            tracing::warn!(
+                "GAVEL_BID_PATH=row_lock: the classic row-lock bid path, a reproduction \
+                 baseline for load tests; not for production (every bid queues on its \
+                 auction's row lock)"
+            );
+        }
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
         let api_server = axum::serve(api, http::api_router(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());

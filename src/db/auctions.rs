@@ -1,5 +1,6 @@
 //! Queries on `auctions`: creation, reads, and the resolver's compare-and-set
-//! on `version`. Nothing on the bid path writes or locks this table.
+//! on `version`. Nothing on the bid path writes or locks this table, except
+//! the row-lock baseline (`bidding::row_lock`), which exists to show why.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -160,14 +161,38 @@ pub async fn get(
     client: &impl GenericClient,
     id: Uuid,
 ) -> Result<Option<AuctionRecord>, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM auctions WHERE id = $1"))
-        .await?;
-    client
-        .query_opt(&stmt, &[&id])
+    select(client, id, false)
         .await?
         .map(|row| AuctionRecord::from_row(&row))
         .transpose()
+}
+
+/// Reads one auction and locks its row `FOR UPDATE` until the transaction
+/// ends, waiting for the lock at most the session's `lock_timeout`; with
+/// the transaction's `now()`, the time every `DEFAULT now()` it writes gets.
+/// Only the row-lock baseline (`bidding::row_lock`) takes this lock.
+pub async fn get_for_update(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
+    select(client, id, true)
+        .await?
+        .map(|row| Ok((AuctionRecord::from_row(&row)?, row.try_get("now")?)))
+        .transpose()
+}
+
+async fn select(
+    client: &impl GenericClient,
+    id: Uuid,
+    for_update: bool,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let sql = if for_update {
+        format!("SELECT {COLUMNS}, now() FROM auctions WHERE id = $1 FOR UPDATE")
+    } else {
+        format!("SELECT {COLUMNS} FROM auctions WHERE id = $1")
+    };
+    let stmt = client.prepare_cached(&sql).await?;
+    client.query_opt(&stmt, &[&id]).await
 }
 
 /// The resolver's new state for an auction, written only if nobody else

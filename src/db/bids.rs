@@ -2,7 +2,9 @@
 //! append of the bid path, reads of bids, and the resolver's outcome writes.
 //!
 //! The append touches only `bid_log` and `idempotency_keys`; it never reads,
-//! locks or references the `auctions` row.
+//! locks or references the `auctions` row. The row-lock baseline
+//! (`bidding::row_lock`) claims a key and inserts an already resolved bid
+//! through [`claim_key`] and [`insert_resolved`].
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -111,6 +113,98 @@ pub async fn append(
             return Ok(Append::KeyExists(existing));
         }
     }
+}
+
+/// Claims `key` of `bidder_id` for the new bid `bid_id`, in the caller's
+/// transaction (the row-lock baseline writes its bid later in it). Returns
+/// the earlier request's record when the bidder already used the key
+/// (nothing written), `None` once claimed. A concurrent request with the
+/// same key waits on the key's unique index until the first one ends.
+pub async fn claim_key(
+    client: &impl GenericClient,
+    bidder_id: &str,
+    key: &str,
+    auction_id: Uuid,
+    amount: i64,
+    bid_id: Uuid,
+) -> Result<Option<KeyRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (bidder_id, key) DO NOTHING \
+             RETURNING bid_id",
+        )
+        .await?;
+    loop {
+        let claimed = client
+            .query_opt(&stmt, &[&bidder_id, &key, &auction_id, &amount, &bid_id])
+            .await?;
+        if claimed.is_some() {
+            return Ok(None);
+        }
+        // If the conflicting key vanished in between (purged), claim again.
+        if let Some(existing) = find_key(client, bidder_id, key).await? {
+            return Ok(Some(existing));
+        }
+    }
+}
+
+/// A bid decided in the same transaction that writes it (the row-lock
+/// baseline), with its outcome.
+pub struct ResolvedBid<'a> {
+    /// The auction bid on.
+    pub auction_id: Uuid,
+    /// The bid id (the one its idempotency key names).
+    pub id: Uuid,
+    /// The bidder.
+    pub bidder_id: &'a str,
+    /// The bidder's maximum.
+    pub amount: i64,
+    /// The request's idempotency key.
+    pub idempotency_key: &'a str,
+    /// `leading`, `outbid` or `rejected`.
+    pub status: &'static str,
+    /// Why the bid was rejected.
+    pub reason: Option<&'static str>,
+    /// The auction price right after the bid.
+    pub price_after: Option<i64>,
+    /// Position in the auction's resolution order.
+    pub resolution_no: i64,
+    /// The auction version the bid's outcome was committed with.
+    pub resolved_version: i64,
+}
+
+/// Inserts a bid together with its outcome; `received_at` and
+/// `resolved_at` are both the transaction's `now()`.
+pub async fn insert_resolved(
+    client: &impl GenericClient,
+    bid: &ResolvedBid<'_>,
+) -> Result<BidRecord, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, status, \
+             reason, price_after, resolution_no, resolved_version, resolved_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now()) RETURNING {COLUMNS}"
+        ))
+        .await?;
+    let row = client
+        .query_one(
+            &stmt,
+            &[
+                &bid.auction_id,
+                &bid.id,
+                &bid.bidder_id,
+                &bid.amount,
+                &bid.idempotency_key,
+                &bid.status,
+                &bid.reason,
+                &bid.price_after,
+                &bid.resolution_no,
+                &bid.resolved_version,
+            ],
+        )
+        .await?;
+    BidRecord::from_row(&row)
 }
 
 /// The stored idempotency key of `bidder_id`, if any.

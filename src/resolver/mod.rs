@@ -377,11 +377,7 @@ impl Resolver {
                     None => displaced_earlier.push(displaced),
                 }
             }
-            let (status, reason) = match applied.outcome {
-                Outcome::Leading => ("leading", None),
-                Outcome::Outbid => ("outbid", None),
-                Outcome::Rejected(reason) => ("rejected", Some(reason.as_str())),
-            };
+            let (status, reason) = outcome_columns(applied.outcome);
             resolution_no += 1;
             position.insert(bid.id, outcomes.ids.len());
             outcomes.ids.push(bid.id);
@@ -455,10 +451,28 @@ impl Resolver {
     }
 }
 
+/// The `bid_log` status and reason a resolved bid is written with.
+pub(crate) fn outcome_columns(outcome: Outcome) -> (&'static str, Option<&'static str>) {
+    match outcome {
+        Outcome::Leading => ("leading", None),
+        Outcome::Outbid => ("outbid", None),
+        Outcome::Rejected(reason) => ("rejected", Some(reason.as_str())),
+    }
+}
+
 /// The `outcome` label of a resolved bid: `accepted` (leading or outbid)
 /// or the rejection reason.
 fn outcome_label(reason: Option<&'static str>) -> &'static str {
     reason.unwrap_or("accepted")
+}
+
+/// Counts resolved bids in `gavel_resolver_bids_resolved_total` by outcome,
+/// given each bid's rejection reason (`None`: accepted).
+pub(crate) fn count_resolved(reasons: &[Option<&'static str>]) {
+    for reason in reasons {
+        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(*reason))
+            .increment(1);
+    }
 }
 
 /// Registers the resolver's counters at zero, so rates over them are 0
@@ -485,10 +499,7 @@ fn record_metrics(
     metrics::histogram!("gavel_resolver_batch_size").record(pending.len() as f64);
     metrics::histogram!("gavel_resolver_batch_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    for reason in reasons {
-        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(*reason))
-            .increment(1);
-    }
+    count_resolved(reasons);
     if let Some(oldest) = pending.iter().map(|b| b.received_at).min() {
         let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
         metrics::histogram!("gavel_resolver_lag_seconds").record(lag);

@@ -10,3 +10,4 @@ mod overload;
 mod processes;
 mod reads;
 mod replicas;
+mod row_lock;

@@ -1,0 +1,495 @@
+//! The audit after every run, read from the database:
+//!
+//! - every bid answered 2xx is in `bid_log` exactly once, as sent;
+//! - no bid is in the log twice (one row per bidder and Idempotency-Key),
+//!   none that was refused is there, and nothing is there that the
+//!   generator did not send;
+//! - once the auctions settle, every bid has a final outcome;
+//! - each auction's final state equals Gavel's pure rules replayed over its
+//!   `bid_log` in resolution order, bid by bid (outcome, reason, price).
+//!
+//! It also measures the resolver lag of every bid (`resolved_at -
+//! received_at`), which no client can see.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Runtime;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::generator::{Fate, RunAuction, SentBid};
+use crate::record::Quantiles;
+use gavel::db::auctions;
+use gavel::rules::{self, AuctionState, BidInput, Outcome};
+
+/// How long the audit waits for the resolver to finish and ended auctions
+/// to settle after a run.
+pub const SETTLE_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Auctions ending within this long after a run are waited for to settle.
+pub const SETTLE_HORIZON: Duration = Duration::from_secs(30);
+
+/// At most this many problems of one kind are listed.
+const LISTED: usize = 5;
+
+/// What the audit found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AuditReport {
+    /// Whether every check passed.
+    pub passed: bool,
+    /// Bids the generator sent.
+    pub bids_sent: u64,
+    /// Of those, answered 2xx.
+    pub bids_acknowledged: u64,
+    /// Rows in `bid_log` for the run's auctions.
+    pub bids_in_log: u64,
+    /// Bids whose fate the client could not know (timeouts, 5xx) that
+    /// turned out to be in the log.
+    pub unknown_fate_in_log: u64,
+    /// One line per check: what it checked and what it found.
+    pub checks: Vec<Check>,
+    /// Resolver lag of every bid: `resolved_at - received_at`.
+    pub resolver_lag_ms: Quantiles,
+    /// How long settling took after the last auction's end.
+    pub settle_wait_s: f64,
+}
+
+/// One check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it held.
+    pub passed: bool,
+    /// Figures, or the first problems found.
+    pub detail: String,
+}
+
+struct LogRow {
+    auction_id: Uuid,
+    id: Uuid,
+    bidder_id: String,
+    amount: i64,
+    key: String,
+    received_at: DateTime<Utc>,
+    status: String,
+    reason: Option<String>,
+    price_after: Option<i64>,
+    resolution_no: Option<i64>,
+    resolved_at: Option<DateTime<Utc>>,
+}
+
+/// Waits until the run's bids are resolved and its ended auctions
+/// settled, then audits.
+pub async fn audit(
+    database_url: &str,
+    auctions: &[RunAuction],
+    sent: &[SentBid],
+    settle_timeout: Duration,
+) -> anyhow::Result<AuditReport> {
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(database_url.to_owned());
+    config.application_name = Some("gavel-loadtest-audit".into());
+    let pool = config
+        .create_pool(Some(Runtime::Tokio1), NoTls)
+        .context("the audit's database URL")?;
+    let client = pool
+        .get()
+        .await
+        .context("connecting to the database for the audit")?;
+    let ids: Vec<Uuid> = auctions.iter().map(|a| a.id).collect();
+
+    let settle_wait_s = wait_for_settlement(&client, &ids, settle_timeout).await?;
+    let rows = client
+        .query(
+            "SELECT auction_id, id, bidder_id, amount, idempotency_key, received_at, status, \
+                    reason, price_after, resolution_no, resolved_at \
+             FROM bid_log WHERE auction_id = ANY($1) ORDER BY auction_id, resolution_no, seq",
+            &[&ids],
+        )
+        .await?;
+    let log: Vec<LogRow> = rows
+        .iter()
+        .map(|r| LogRow {
+            auction_id: r.get(0),
+            id: r.get(1),
+            bidder_id: r.get(2),
+            amount: r.get(3),
+            key: r.get(4),
+            received_at: r.get(5),
+            status: r.get(6),
+            reason: r.get(7),
+            price_after: r.get(8),
+            resolution_no: r.get(9),
+            resolved_at: r.get(10),
+        })
+        .collect();
+
+    let mut report = AuditReport {
+        bids_sent: sent.len() as u64,
+        bids_acknowledged: sent
+            .iter()
+            .filter(|b| matches!(b.fate, Fate::Acked(_)))
+            .count() as u64,
+        bids_in_log: log.len() as u64,
+        settle_wait_s,
+        ..AuditReport::default()
+    };
+    check_acknowledged(&mut report, auctions, sent, &log);
+    let mut records = Vec::with_capacity(auctions.len());
+    for auction in auctions {
+        let record = auctions::get(&client, auction.id)
+            .await?
+            .with_context(|| format!("the auction {} is gone", auction.id))?;
+        records.push(record);
+    }
+    let closed: HashSet<Uuid> = records
+        .iter()
+        .filter(|r| r.state.closed)
+        .map(|r| r.id)
+        .collect();
+    check_outcomes(&mut report, &log, &closed);
+    for (auction, record) in auctions.iter().zip(&records) {
+        let bids: Vec<&LogRow> = log.iter().filter(|r| r.auction_id == auction.id).collect();
+        report.checks.push(replay(&auction.label, record, &bids));
+    }
+    report.resolver_lag_ms = resolver_lag(&log);
+    report.passed = report.checks.iter().all(|c| c.passed);
+    Ok(report)
+}
+
+/// Seconds waited until nothing is pending and every auction that ends
+/// within [`SETTLE_HORIZON`] has settled. An auction that ends later (a
+/// rate-finding run that stopped early) is audited as it stands.
+async fn wait_for_settlement(
+    client: &tokio_postgres::Client,
+    ids: &[Uuid],
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut last_said = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM auctions \
+                         WHERE id = ANY($1) AND status <> 'closed' \
+                           AND ends_at < now() + make_interval(secs => $2)), \
+                        (SELECT count(*) FROM bid_log WHERE auction_id = ANY($1) AND status = 'pending'), \
+                        (SELECT max(ends_at) FROM auctions WHERE id = ANY($1) AND status <> 'closed')",
+                &[&ids, &SETTLE_HORIZON.as_secs_f64()],
+            )
+            .await?;
+        let (open, pending): (i64, i64) = (row.get(0), row.get(1));
+        if open == 0 && pending == 0 {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "the auctions did not settle within {timeout:?}: {open} not closed, {pending} bids pending"
+        );
+        if last_said.elapsed() >= Duration::from_secs(5) {
+            let ends: Option<DateTime<Utc>> = row.get(2);
+            eprintln!(
+                "  waiting for settlement: {open} auctions to close (last end {}), {pending} bids pending",
+                ends.map_or("-".into(), |e| e.format("%H:%M:%S").to_string())
+            );
+            last_said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn listing<T: std::fmt::Display>(problems: &[T]) -> String {
+    let mut text = problems
+        .iter()
+        .take(LISTED)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > LISTED {
+        text.push_str(&format!("; and {} more", problems.len() - LISTED));
+    }
+    text
+}
+
+fn check(report: &mut AuditReport, name: &str, problems: Vec<String>, fine: String) {
+    report.checks.push(Check {
+        name: name.to_owned(),
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            fine
+        } else {
+            format!("{} problems: {}", problems.len(), listing(&problems))
+        },
+    });
+}
+
+fn check_acknowledged(
+    report: &mut AuditReport,
+    auctions: &[RunAuction],
+    sent: &[SentBid],
+    log: &[LogRow],
+) {
+    let mut by_key: HashMap<(&str, &str), Vec<&LogRow>> = HashMap::new();
+    for row in log {
+        by_key
+            .entry((row.bidder_id.as_str(), row.key.as_str()))
+            .or_default()
+            .push(row);
+    }
+    let mut lost = Vec::new();
+    let mut refused_in_log = Vec::new();
+    let mut unknown_in_log = 0;
+    for bid in sent {
+        let rows = by_key
+            .get(&(bid.bidder.as_str(), bid.key.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        let as_sent =
+            |r: &&LogRow| r.auction_id == auctions[bid.auction].id && r.amount == bid.amount;
+        match &bid.fate {
+            Fate::Acked(id) => {
+                if !(rows.len() == 1 && rows[0].id == *id && as_sent(&rows[0])) {
+                    lost.push(format!(
+                        "bid {id} (key {}) answered 2xx has {} matching rows",
+                        bid.key,
+                        rows.iter().filter(|r| r.id == *id && as_sent(r)).count()
+                    ));
+                }
+            }
+            Fate::Refused(code) => {
+                if !rows.is_empty() {
+                    refused_in_log.push(format!(
+                        "key {} was refused {code} but is in the log",
+                        bid.key
+                    ));
+                }
+            }
+            Fate::Unknown => {
+                if rows.len() == 1 && as_sent(&rows[0]) {
+                    unknown_in_log += 1;
+                }
+            }
+        }
+    }
+    report.unknown_fate_in_log = unknown_in_log;
+    check(
+        report,
+        "every bid answered 2xx is in bid_log exactly once, as sent",
+        lost,
+        format!(
+            "{} acknowledged bids found once each",
+            report.bids_acknowledged
+        ),
+    );
+    let sent_keys: std::collections::HashSet<(&str, &str)> = sent
+        .iter()
+        .map(|b| (b.bidder.as_str(), b.key.as_str()))
+        .collect();
+    let mut twice = Vec::new();
+    let mut phantom = Vec::new();
+    for (key, rows) in &by_key {
+        if rows.len() > 1 {
+            twice.push(format!(
+                "{} rows for bidder {} key {}",
+                rows.len(),
+                key.0,
+                key.1
+            ));
+        }
+        if !sent_keys.contains(key) {
+            phantom.push(format!(
+                "bid {} (bidder {}, key {}) was never sent",
+                rows[0].id, key.0, key.1
+            ));
+        }
+    }
+    check(
+        report,
+        "no bid is in bid_log twice (one row per bidder and Idempotency-Key)",
+        twice,
+        format!("{} rows, {} distinct keys", log.len(), by_key.len()),
+    );
+    refused_in_log.extend(phantom);
+    check(
+        report,
+        "no refused or unsent bid is in bid_log",
+        refused_in_log,
+        format!(
+            "{} bids refused by the API are absent; {} bids of unknown fate (timeouts, 5xx) were in the log",
+            sent.iter().filter(|b| matches!(b.fate, Fate::Refused(_))).count(),
+            unknown_in_log
+        ),
+    );
+}
+
+fn check_outcomes(report: &mut AuditReport, log: &[LogRow], closed: &HashSet<Uuid>) {
+    let problems: Vec<String> = log
+        .iter()
+        .filter(|r| {
+            let fine = if closed.contains(&r.auction_id) {
+                matches!(r.status.as_str(), "won" | "lost" | "rejected")
+            } else {
+                matches!(r.status.as_str(), "leading" | "outbid" | "rejected")
+            };
+            !fine || r.resolution_no.is_none()
+        })
+        .map(|r| format!("bid {} is {}", r.id, r.status))
+        .collect();
+    let mut by_status: HashMap<&str, u64> = HashMap::new();
+    for r in log {
+        *by_status.entry(r.status.as_str()).or_default() += 1;
+    }
+    let mut counts: Vec<_> = by_status.into_iter().collect();
+    counts.sort();
+    check(
+        report,
+        "every bid has a final outcome once its auction settled",
+        problems,
+        counts
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+}
+
+/// Replays the rules over one auction's bids in resolution order and
+/// compares every outcome and the final state.
+fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Check {
+    let terms = &record.terms;
+    let mut state = AuctionState::opening(record.original_ends_at);
+    let mut problems = Vec::new();
+    let mut accepted = Vec::new();
+    for (i, bid) in bids.iter().enumerate() {
+        let expected_no = i as i64 + 1;
+        if bid.resolution_no != Some(expected_no) {
+            problems.push(format!(
+                "resolution_no {:?} where {expected_no} was due (bid {})",
+                bid.resolution_no, bid.id
+            ));
+            break;
+        }
+        let applied = rules::apply_bid(
+            terms,
+            &mut state,
+            &BidInput {
+                id: bid.id,
+                bidder_id: bid.bidder_id.clone(),
+                amount: bid.amount,
+                received_at: bid.received_at,
+            },
+        );
+        match applied.outcome {
+            Outcome::Rejected(reason) => {
+                if bid.status != "rejected" || bid.reason.as_deref() != Some(reason.as_str()) {
+                    problems.push(format!(
+                        "bid #{expected_no} {}: the rules reject it ({reason}), the log says {} {:?}",
+                        bid.id, bid.status, bid.reason
+                    ));
+                }
+            }
+            Outcome::Leading | Outcome::Outbid => {
+                if bid.status == "rejected" {
+                    problems.push(format!(
+                        "bid #{expected_no} {}: the rules accept it, the log rejects it ({:?})",
+                        bid.id, bid.reason
+                    ));
+                }
+                accepted.push(*bid);
+            }
+        }
+        if bid.price_after != applied.price_after {
+            problems.push(format!(
+                "bid #{expected_no} {}: price after {:?} by the rules, {:?} in the log",
+                bid.id, applied.price_after, bid.price_after
+            ));
+        }
+    }
+    // An auction still running (it ends after the run) is compared unsettled.
+    let winner = if record.state.closed {
+        rules::settle(terms, &mut state)
+    } else {
+        None
+    };
+    let stored = &record.state;
+    if stored.leader != state.leader
+        || stored.price != state.price
+        || stored.bid_count != state.bid_count
+        || stored.ends_at != state.ends_at
+        || stored.closed != state.closed
+    {
+        problems.push(format!(
+            "final state differs: rules {:?}, auction row {:?}",
+            state, stored
+        ));
+    }
+    if record.winner_id != winner.as_ref().map(|w| w.bidder_id.clone()) {
+        problems.push(format!(
+            "winner: rules {:?}, auction row {:?}",
+            winner.as_ref().map(|w| &w.bidder_id),
+            record.winner_id
+        ));
+    }
+    if record.resolved_count != bids.len() as i64 {
+        problems.push(format!(
+            "resolved_count {} but {} bids in the log",
+            record.resolved_count,
+            bids.len()
+        ));
+    }
+    for bid in accepted {
+        let due = match (&winner, &state.leader) {
+            _ if !state.closed => {
+                if state.leader.as_ref().is_some_and(|l| l.bid_id == bid.id) {
+                    "leading"
+                } else {
+                    "outbid"
+                }
+            }
+            (Some(w), _) if w.bid_id == bid.id => "won",
+            _ => "lost",
+        };
+        if bid.status != due {
+            problems.push(format!(
+                "bid {} is {}, the rules say {due}",
+                bid.id, bid.status
+            ));
+        }
+    }
+    Check {
+        name: format!(
+            "auction {label}: the rules replayed over bid_log give its {} state",
+            if state.closed { "final" } else { "current" }
+        ),
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            format!(
+                "{} bids replayed; price {}, {} accepted, winner {}",
+                bids.len(),
+                state.price.map_or("-".into(), |p| p.to_string()),
+                state.bid_count,
+                winner.map_or("none".into(), |w| w.bidder_id)
+            )
+        } else {
+            format!("{} problems: {}", problems.len(), listing(&problems))
+        },
+    }
+}
+
+fn resolver_lag(log: &[LogRow]) -> Quantiles {
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
+        .expect("valid histogram bounds");
+    for r in log {
+        if let Some(resolved) = r.resolved_at {
+            let us = (resolved - r.received_at)
+                .num_microseconds()
+                .unwrap_or(i64::MAX);
+            h.saturating_record(us.clamp(1, 3_600_000_000) as u64);
+        }
+    }
+    Quantiles::of(&h)
+}

@@ -1,0 +1,416 @@
+//! One command for the whole comparison: start a private PostgreSQL
+//! (fsync on, as in production) with a streaming replica, run the scenario
+//! against Gavel in each bid-path mode on a fresh database, audit each run,
+//! measure the database's raw append ceiling with pgbench in the same
+//! session, and write the combined report.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use tokio_util::sync::CancellationToken;
+
+use crate::audit;
+use crate::generator::{self, Target};
+use crate::report::{Ceiling, Machine, Report, RunReport};
+use crate::scenario::Scenario;
+use crate::trace;
+use gavel::pg_cluster::{self, ClusterOptions, PgCluster};
+
+/// How Gavel is started for each mode.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    /// `gavel serve` from this binary, as a child process (its RSS is its own).
+    Process(PathBuf),
+    /// Inside this process (smoke tests: no binary to find).
+    InProcess,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The scenario file.
+    pub scenario_path: PathBuf,
+    /// The scenario, already scaled as asked.
+    pub scenario: Scenario,
+    /// Bid-path modes, in order (`log`, `row_lock`).
+    pub modes: Vec<String>,
+    /// How Gavel is started.
+    pub launcher: Launcher,
+    /// Where the report goes.
+    pub out_dir: PathBuf,
+    /// Where the private PostgreSQL lives while it runs.
+    pub work_dir: PathBuf,
+    /// Seconds of pgbench for the append ceiling (0: skip).
+    pub ceiling_s: u32,
+    /// Start a streaming replica for reads.
+    pub replica: bool,
+    /// `GAVEL_*` settings for every mode (the environment's win over these).
+    pub settings: Vec<(String, String)>,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+/// Rows per INSERT when measuring the append ceiling.
+const CEILING_BATCH: u32 = 100;
+/// pgbench clients when measuring the append ceiling.
+const CEILING_CLIENTS: u32 = 8;
+
+/// Runs every mode and writes the report; fails when an audit fails.
+pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
+    let trace = match &options.scenario.trace {
+        Some(source) => Some(trace::load(&source.file)?),
+        None => None,
+    };
+    std::fs::create_dir_all(&options.out_dir)
+        .with_context(|| format!("creating {}", options.out_dir.display()))?;
+    eprintln!(
+        "starting a private PostgreSQL in {} ...",
+        options.work_dir.display()
+    );
+    let (primary, replica) = start_clusters(&options).await?;
+    let postgres = primary.psql("postgres", "SHOW server_version")?;
+    let mut runs = Vec::new();
+    for mode in &options.modes {
+        let database = format!("gavel_{mode}");
+        primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
+        primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
+        let database_url = primary.url(&database);
+        gavel::db::migrate(&database_url).await?;
+        let mut settings: HashMap<String, String> = options.settings.iter().cloned().collect();
+        settings.insert("GAVEL_DATABASE_URL".into(), database_url.clone());
+        settings.insert(
+            "GAVEL_REPLICA_URLS".into(),
+            replica
+                .as_ref()
+                .map(|r| r.url(&database))
+                .unwrap_or_default(),
+        );
+        settings.insert("GAVEL_BID_PATH".into(), mode.clone());
+        eprintln!("\n== {mode} mode: {} ==", options.scenario.name);
+        let gavel = Gavel::start(&options.launcher, settings).await?;
+        let target = gavel.target();
+        let measured = async {
+            let output = generator::run(&options.scenario, trace.as_deref(), &target).await?;
+            let settle_timeout = audit::SETTLE_PATIENCE;
+            eprintln!("auditing the database ...");
+            let audit = audit::audit(
+                &database_url,
+                &output.auctions,
+                &output.sent,
+                settle_timeout,
+            )
+            .await?;
+            anyhow::Ok(RunReport::new(mode, &options.scenario, &output, audit))
+        }
+        .await;
+        gavel.stop().await?;
+        let run = measured?;
+        run.save(&options.out_dir.join(format!("{mode}.json")))?;
+        eprintln!("{}", run.summary_text());
+        runs.push(run);
+    }
+    let ceiling = if options.ceiling_s > 0 {
+        eprintln!(
+            "\n== raw append ceiling (pgbench, {} s) ==",
+            options.ceiling_s
+        );
+        Some(append_ceiling(
+            &primary,
+            options.ceiling_s,
+            &options.work_dir,
+        )?)
+    } else {
+        None
+    };
+    tokio::task::spawn_blocking(move || {
+        drop(replica);
+        drop(primary);
+    })
+    .await?;
+    let report = Report {
+        generated_at: chrono::Utc::now(),
+        command: options.command.clone(),
+        machine: Machine::detect(postgres),
+        scenario: options.scenario.name.clone(),
+        description: options.scenario.description.clone(),
+        runs,
+        ceiling,
+    };
+    report.write(&options.out_dir)?;
+    let failed: Vec<&str> = report
+        .runs
+        .iter()
+        .filter(|r| !r.audit.passed)
+        .map(|r| r.mode.as_str())
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "the audit failed for {}: see {}",
+        failed.join(", "),
+        options.out_dir.join("report.md").display()
+    );
+    Ok(report)
+}
+
+async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Option<PgCluster>)> {
+    let dir = options.work_dir.clone();
+    let with_replica = options.replica;
+    tokio::task::spawn_blocking(move || {
+        let mut primary_options = ClusterOptions::new(dir.join("primary"));
+        // Production-like durability: every commit waits for its WAL flush.
+        primary_options.settings = vec![
+            ("fsync".into(), "on".into()),
+            ("synchronous_commit".into(), "on".into()),
+            ("shared_buffers".into(), "256MB".into()),
+        ];
+        let primary =
+            PgCluster::start(primary_options).context("starting the private PostgreSQL")?;
+        let replica = if with_replica {
+            Some(
+                primary
+                    .start_replica(ClusterOptions::new(dir.join("replica")))
+                    .context("starting the streaming replica")?,
+            )
+        } else {
+            None
+        };
+        anyhow::Ok((primary, replica))
+    })
+    .await?
+}
+
+/// A running Gavel under test.
+struct Gavel {
+    api: SocketAddr,
+    admin: SocketAddr,
+    secret: String,
+    audience: String,
+    running: Running,
+}
+
+enum Running {
+    Process(Child),
+    InProcess(
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ),
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Gavel {
+    async fn start(
+        launcher: &Launcher,
+        mut settings: HashMap<String, String>,
+    ) -> anyhow::Result<Gavel> {
+        let secret = format!("loadtest-{}", uuid::Uuid::new_v4().simple());
+        settings.entry("GAVEL_JWT_SECRET".into()).or_insert(secret);
+        settings
+            .entry("GAVEL_LOG".into())
+            .or_insert_with(|| "warn".into());
+        // The environment wins over the defaults above (e.g. GAVEL_API_POOL_SIZE).
+        for (name, value) in std::env::vars() {
+            if name.starts_with("GAVEL_")
+                && !matches!(
+                    name.as_str(),
+                    "GAVEL_DATABASE_URL"
+                        | "GAVEL_REPLICA_URLS"
+                        | "GAVEL_BID_PATH"
+                        | "GAVEL_LISTEN"
+                        | "GAVEL_ADMIN_LISTEN"
+                )
+            {
+                settings.insert(name, value);
+            }
+        }
+        let running = match launcher {
+            Launcher::Process(binary) => {
+                settings.insert("GAVEL_LISTEN".into(), format!("127.0.0.1:{}", free_port()?));
+                settings.insert(
+                    "GAVEL_ADMIN_LISTEN".into(),
+                    format!("127.0.0.1:{}", free_port()?),
+                );
+                let mut command = Command::new(binary);
+                command
+                    .arg("serve")
+                    .envs(&settings)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
+                let child = command
+                    .spawn()
+                    .with_context(|| format!("starting {}", binary.display()))?;
+                Running::Process(child)
+            }
+            Launcher::InProcess => {
+                settings.insert("GAVEL_LISTEN".into(), "127.0.0.1:0".into());
+                settings.insert("GAVEL_ADMIN_LISTEN".into(), "127.0.0.1:0".into());
+                let config =
+                    gavel::config::Config::from_lookup(|name| settings.get(name).cloned())?;
+                let server = gavel::server::Server::bind(config).await?;
+                settings.insert("GAVEL_LISTEN".into(), server.api_addr().to_string());
+                settings.insert("GAVEL_ADMIN_LISTEN".into(), server.admin_addr().to_string());
+                let shutdown = CancellationToken::new();
+                let handle = tokio::spawn(server.run(shutdown.clone()));
+                Running::InProcess(shutdown, handle)
+            }
+        };
+        let gavel = Gavel {
+            api: settings["GAVEL_LISTEN"].parse()?,
+            admin: settings["GAVEL_ADMIN_LISTEN"].parse()?,
+            secret: settings["GAVEL_JWT_SECRET"].clone(),
+            audience: settings
+                .get("GAVEL_JWT_AUDIENCE")
+                .cloned()
+                .unwrap_or_else(|| "gavel".into()),
+            running,
+        };
+        gavel.wait_ready().await?;
+        Ok(gavel)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/readyz", self.api);
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(1)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                bail!("Gavel did not become ready at {url} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            api: format!("http://{}", self.api),
+            metrics: Some(format!("http://{}/metrics", self.admin)),
+            jwt_secret: self.secret.clone(),
+            jwt_audience: self.audience.clone(),
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self.running {
+            Running::Process(mut child) => {
+                // SIGTERM: Gavel drains in-flight requests and stops.
+                let _ = Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                tokio::task::spawn_blocking(move || child.wait()).await??;
+            }
+            Running::InProcess(shutdown, handle) => {
+                shutdown.cancel();
+                handle.await??;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The most rows per second PostgreSQL appends to a copy of `bid_log`
+/// (same columns, defaults and indexes) with batched UNNEST inserts.
+fn append_ceiling(primary: &PgCluster, seconds: u32, work_dir: &Path) -> anyhow::Result<Ceiling> {
+    let database = "gavel_ceiling";
+    primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
+    primary.psql("postgres", &format!("CREATE DATABASE {database} TEMPLATE gavel_log"))
+        .or_else(|_| -> anyhow::Result<String> {
+            bail!("the ceiling is measured on the schema of the log-mode database: run the log mode too")
+        })?;
+    primary.psql(
+        database,
+        "CREATE TABLE bid_log_scratch (LIKE bid_log INCLUDING ALL)",
+    )?;
+    let script = work_dir.join("append-ceiling.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "INSERT INTO bid_log_scratch (auction_id, id, bidder_id, amount, idempotency_key)\n\
+             SELECT '00000000-0000-7000-8000-000000000001'::uuid, gen_random_uuid(), 'bidder-' || (g % 20000), 1000 + g, gen_random_uuid()::text\n\
+             FROM unnest(ARRAY(SELECT generate_series(1, {CEILING_BATCH}))) AS g;\n"
+        ),
+    )?;
+    let pgbench = pg_cluster::find_bin_dir()?.join("pgbench");
+    ensure!(
+        pgbench.is_file(),
+        "pgbench was not found at {}: install it with apt-get install -y postgresql-contrib (or postgresql)",
+        pgbench.display()
+    );
+    let output = Command::new(&pgbench)
+        .args(["-n", "-M", "prepared", "-f"])
+        .arg(&script)
+        .args([
+            "-c",
+            &CEILING_CLIENTS.to_string(),
+            "-j",
+            "2",
+            "-T",
+            &seconds.to_string(),
+        ])
+        .arg(primary.url(database))
+        .env_remove("PGPASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "pgbench failed: {}{}",
+        stdout,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (tps, latency_ms) = parse_pgbench(&stdout)?;
+    primary.psql("postgres", &format!("DROP DATABASE {database}"))?;
+    let ceiling = Ceiling {
+        rows_per_s: tps * f64::from(CEILING_BATCH),
+        batch_rows: CEILING_BATCH,
+        clients: CEILING_CLIENTS,
+        tps,
+        latency_ms,
+        duration_s: seconds,
+    };
+    eprintln!(
+        "append ceiling: {:.0} rows/s ({tps:.0} tps of {CEILING_BATCH} rows, {latency_ms:.1} ms)",
+        ceiling.rows_per_s
+    );
+    Ok(ceiling)
+}
+
+/// Transactions per second and average latency from pgbench's output.
+fn parse_pgbench(text: &str) -> anyhow::Result<(f64, f64)> {
+    let number_after = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<f64>().ok())
+    };
+    let tps = number_after("tps = ").context("pgbench printed no tps")?;
+    let latency = number_after("latency average = ").context("pgbench printed no latency")?;
+    Ok((tps, latency))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgbench_output_is_read() {
+        let out = "transaction type: append-ceiling.sql\nnumber of clients: 8\n\
+                   latency average = 14.020 ms\ninitial connection time = 9.1 ms\n\
+                   tps = 570.588383 (without initial connection time)\n";
+        let (tps, latency) = parse_pgbench(out).unwrap();
+        assert!((tps - 570.588383).abs() < 1e-9);
+        assert!((latency - 14.02).abs() < 1e-9);
+    }
+}

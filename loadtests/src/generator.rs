@@ -1,0 +1,938 @@
+//! The open-model load generator.
+//!
+//! Bids and reads are sent on an arrival schedule drawn from the scenario
+//! (or a trace) that never waits for responses: each request is spawned at
+//! its intended send time, and its latency runs from that instant. When
+//! more than `client.max_in_flight` requests are open, new ones wait for a
+//! slot, and that wait counts as latency too. Bids are retried on a
+//! timeout, a transport error or a 503 with the same Idempotency-Key, as a
+//! game client would; every bid sent is remembered with what the client
+//! knows of its fate, for the audit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use chrono::{DateTime, Utc};
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::record::{Ended, Ending, Kind, Recorder, Window};
+use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
+use crate::scrape::{self, ServerSample};
+use crate::trace::TraceBid;
+use gavel::auth::{JwtKeys, Role};
+use gavel::rules::Increments;
+
+/// Where the Gavel under test is and how to sign its tokens.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Base URL of the API, e.g. `http://127.0.0.1:8080`.
+    pub api: String,
+    /// URL of the admin listener's `/metrics`, if it is reachable.
+    pub metrics: Option<String>,
+    /// `GAVEL_JWT_SECRET` of the target.
+    pub jwt_secret: String,
+    /// `GAVEL_JWT_AUDIENCE` of the target.
+    pub jwt_audience: String,
+}
+
+/// An auction created for the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunAuction {
+    /// Its id.
+    pub id: Uuid,
+    /// `hot`, `warm-3`, or the trace's label.
+    pub label: String,
+    /// Its planned end.
+    pub ends_at: DateTime<Utc>,
+    /// Latest end a soft close can move it to.
+    pub max_end_at: DateTime<Utc>,
+}
+
+/// What the client knows of a bid it sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// A 2xx named this bid id: it must be in the log exactly once.
+    Acked(Uuid),
+    /// Every attempt was answered with a refusal or a 503 that never
+    /// reached the log... or so the client must assume only when no
+    /// attempt was left without an answer: see [`Fate::Unknown`].
+    Refused(String),
+    /// Some attempt timed out, failed or got a 5xx: the bid may or may not
+    /// be in the log, but at most once.
+    Unknown,
+}
+
+/// One bid the generator sent (all its attempts shared one key).
+#[derive(Debug, Clone)]
+pub struct SentBid {
+    /// The Idempotency-Key.
+    pub key: String,
+    /// The bidder.
+    pub bidder: String,
+    /// Index into the run's auctions.
+    pub auction: usize,
+    /// The amount (the bidder's maximum).
+    pub amount: i64,
+    /// Milliseconds after the start it was meant to be sent.
+    pub offset_ms: u64,
+    /// What the client knows of it.
+    pub fate: Fate,
+}
+
+/// One step of a rate-finding run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Bids per second offered.
+    pub rate: f64,
+    /// First second of the step.
+    pub from_s: usize,
+    /// Figures of its bids.
+    #[serde(flatten)]
+    pub window: Window,
+    /// p99 within the bound and no errors.
+    pub sustainable: bool,
+}
+
+/// Everything a run produced, for the audit and the report.
+pub struct RunOutput {
+    /// When second 0 began.
+    pub started_at: DateTime<Utc>,
+    /// The bidding phase, in seconds.
+    pub duration_s: f64,
+    /// Per-second and total figures.
+    pub recorder: Recorder,
+    /// Every bid sent.
+    pub sent: Vec<SentBid>,
+    /// The auctions bid on.
+    pub auctions: Vec<RunAuction>,
+    /// Gavel's metrics, about once a second.
+    pub server: Vec<ServerSample>,
+    /// Steps of a rate-finding run, in order.
+    pub steps: Vec<StepResult>,
+}
+
+/// The auctions' last known next minimum bid and ETag, as the clients
+/// learn them from reads and bid answers.
+struct Book {
+    next_min: Vec<AtomicI64>,
+    etags: Vec<Mutex<Option<HeaderValue>>>,
+}
+
+/// What a bid task needs.
+struct Shared {
+    http: reqwest::Client,
+    t0: Instant,
+    bid_urls: Vec<String>,
+    read_urls: Vec<String>,
+    bearer: Vec<HeaderValue>,
+    bidder_names: Vec<String>,
+    increments: Increments,
+    book: Book,
+    recorder: Mutex<Recorder>,
+    sent: Mutex<Vec<SentBid>>,
+    slots: Semaphore,
+    open: AtomicUsize,
+    timeout: Duration,
+    max_attempts: u32,
+    backoff_ms: [u64; 2],
+    if_none_match: bool,
+    stop: AtomicBool,
+}
+
+/// How one bid's amount is chosen.
+#[derive(Debug, Clone, Copy)]
+enum Amount {
+    /// `steps` increments above the last known next minimum.
+    Steps(u32),
+    /// Exactly this (a trace).
+    Exact(i64),
+}
+
+/// Runs `scenario` against `target` and returns what it measured.
+pub async fn run(
+    scenario: &Scenario,
+    trace: Option<&[TraceBid]>,
+    target: &Target,
+) -> anyhow::Result<RunOutput> {
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(scenario.client.max_in_flight)
+        .connect_timeout(Duration::from_secs(2))
+        .build()?;
+    let keys = JwtKeys::new(&target.jwt_secret, &target.jwt_audience);
+    let duration_s = match (trace, &scenario.trace) {
+        (Some(bids), Some(source)) => {
+            let last = bids.last().map_or(0, |b| b.offset_ms) as f64 / 1000.0;
+            (last / source.speed).max(1.0)
+        }
+        _ => scenario.duration_s,
+    };
+    // Second 0 starts once setup is surely done; auctions end relative to it.
+    let lead = Duration::from_secs(3);
+    let start_wall = Utc::now() + chrono::Duration::from_std(lead)?;
+    let auctions = plan_auctions(scenario, trace, start_wall, duration_s);
+    eprintln!(
+        "setting up: {} auctions, minting tokens ...",
+        auctions.len()
+    );
+    let seller = keys.mint("loadtest-seller", &[Role::Seller], 24 * 3600);
+    let mut created = Vec::with_capacity(auctions.len());
+    for (planned, group) in &auctions {
+        created.push(create_auction(&http, &target.api, &seller, planned, group).await?);
+    }
+    let bidder_names: Vec<String> = match trace {
+        Some(bids) => {
+            let mut names: Vec<String> = bids.iter().map(|b| b.bidder.clone()).collect();
+            names.sort();
+            names.dedup();
+            names
+        }
+        None => (0..scenario.bidders.count)
+            .map(|i| format!("bidder-{i}"))
+            .collect(),
+    };
+    let bearer = bidder_names
+        .iter()
+        .map(|name| {
+            HeaderValue::from_str(&format!(
+                "Bearer {}",
+                keys.mint(name, &[Role::Bidder], 24 * 3600)
+            ))
+            .expect("a JWT is a valid header value")
+        })
+        .collect();
+    let starting: Vec<i64> = auctions.iter().map(|(_, g)| g.starting_price).collect();
+    let shared = Arc::new(Shared {
+        t0: Instant::now() + lead.saturating_sub(Duration::from_millis(200)),
+        bid_urls: created
+            .iter()
+            .map(|a| format!("{}/api/auctions/{}/bids", target.api, a.id))
+            .collect(),
+        read_urls: created
+            .iter()
+            .map(|a| format!("{}/api/auctions/{}", target.api, a.id))
+            .collect(),
+        bearer,
+        bidder_names,
+        increments: Increments::default_table(),
+        book: Book {
+            next_min: starting.iter().map(|&p| AtomicI64::new(p)).collect(),
+            etags: starting.iter().map(|_| Mutex::new(None)).collect(),
+        },
+        recorder: Mutex::new(Recorder::new()),
+        sent: Mutex::new(Vec::new()),
+        slots: Semaphore::new(scenario.client.max_in_flight),
+        open: AtomicUsize::new(0),
+        timeout: Duration::from_millis(scenario.client.timeout_ms),
+        max_attempts: scenario.client.max_attempts,
+        backoff_ms: scenario.client.backoff_ms,
+        if_none_match: scenario.readers.if_none_match,
+        stop: AtomicBool::new(false),
+        http,
+    });
+    // The wall-clock instant of second 0, for the report.
+    let started_at = Utc::now()
+        + chrono::Duration::from_std(shared.t0.saturating_duration_since(Instant::now()))?;
+
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let server = Arc::new(Mutex::new(Vec::new()));
+    let monitor = tokio::spawn(monitor(
+        shared.clone(),
+        scenario.clone(),
+        duration_s,
+        target.metrics.clone(),
+        steps.clone(),
+        server.clone(),
+    ));
+    let label_index: HashMap<&str, usize> = created
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.label.as_str(), i))
+        .collect();
+    let bidder_index: HashMap<&str, usize> = shared
+        .bidder_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let readers = tokio::spawn(schedule_reads(shared.clone(), scenario.clone(), duration_s));
+    match (trace, &scenario.trace) {
+        (Some(bids), Some(source)) => {
+            let plan = bids.iter().map(|b| {
+                let at = Duration::from_secs_f64(b.offset_ms as f64 / 1000.0 / source.speed);
+                (
+                    at,
+                    label_index[b.auction.as_str()],
+                    bidder_index[b.bidder.as_str()],
+                    Amount::Exact(b.amount),
+                )
+            });
+            schedule_bids(&shared, plan).await;
+        }
+        _ => {
+            let plan = synthetic_bids(scenario, duration_s, shared.bidder_names.len());
+            schedule_bids(&shared, plan).await;
+        }
+    }
+    readers.await?;
+    // Let every request finish (its retries included).
+    let patience = shared.timeout * shared.max_attempts
+        + Duration::from_millis(shared.backoff_ms[1] * u64::from(shared.max_attempts))
+        + Duration::from_secs(2);
+    let waited = Instant::now();
+    while shared.open.load(Ordering::Acquire) > 0 && waited.elapsed() < patience {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(
+        shared.open.load(Ordering::Acquire) == 0,
+        "{} requests were still open {:?} after the run",
+        shared.open.load(Ordering::Acquire),
+        patience
+    );
+    shared.stop.store(true, Ordering::Release);
+    monitor.await?;
+
+    let shared = Arc::into_inner(shared).context("every request task has finished")?;
+    let mut steps = std::mem::take(&mut *steps.lock().expect("steps"));
+    if scenario.arrival.shape == Shape::Steps {
+        // Judge the steps the monitor had no time to.
+        let judged = steps.len();
+        steps.extend(judge_steps(
+            &shared.recorder.lock().expect("recorder"),
+            scenario,
+            duration_s,
+            judged,
+        ));
+    }
+    let server = std::mem::take(&mut *server.lock().expect("server samples"));
+    Ok(RunOutput {
+        started_at,
+        duration_s,
+        recorder: shared.recorder.into_inner().expect("recorder"),
+        sent: shared.sent.into_inner().expect("sent bids"),
+        auctions: created,
+        server,
+        steps,
+    })
+}
+
+/// The auctions of the run with the group whose terms each gets.
+fn plan_auctions<'a>(
+    scenario: &'a Scenario,
+    trace: Option<&[TraceBid]>,
+    start: DateTime<Utc>,
+    duration_s: f64,
+) -> Vec<(RunAuction, &'a AuctionGroup)> {
+    let end_of_bidding = start + chrono::Duration::milliseconds((duration_s * 1000.0) as i64);
+    let make = |label: String, group: &'a AuctionGroup| {
+        let ends_at =
+            end_of_bidding + chrono::Duration::milliseconds((group.ends_after_s * 1000.0) as i64);
+        let max_end_at = ends_at + chrono::Duration::seconds(i64::from(group.max_extension_s));
+        (
+            RunAuction {
+                id: Uuid::nil(),
+                label,
+                ends_at,
+                max_end_at,
+            },
+            group,
+        )
+    };
+    match trace {
+        Some(bids) => {
+            let mut labels: Vec<&str> = bids.iter().map(|b| b.auction.as_str()).collect();
+            labels.sort_unstable();
+            labels.dedup();
+            labels
+                .into_iter()
+                .map(|label| {
+                    let group = scenario
+                        .auctions
+                        .iter()
+                        .find(|g| label == g.label || label.starts_with(&format!("{}-", g.label)))
+                        .unwrap_or(&scenario.auctions[0]);
+                    make(label.to_owned(), group)
+                })
+                .collect()
+        }
+        None => scenario
+            .auctions
+            .iter()
+            .flat_map(|group| {
+                (0..group.count).map(move |i| {
+                    let label = if i == 0 {
+                        group.label.clone()
+                    } else {
+                        format!("{}-{}", group.label, i + 1)
+                    };
+                    (label, group)
+                })
+            })
+            .map(|(label, group)| make(label, group))
+            .collect(),
+    }
+}
+
+async fn create_auction(
+    http: &reqwest::Client,
+    api: &str,
+    seller: &str,
+    planned: &RunAuction,
+    group: &AuctionGroup,
+) -> anyhow::Result<RunAuction> {
+    let mut body = serde_json::json!({
+        "title": format!("Load test: {}", planned.label),
+        "currency": "GLD",
+        "starting_price": group.starting_price,
+        "ends_at": planned.ends_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "soft_close_s": group.soft_close_s,
+    });
+    if let Some(reserve) = group.reserve_price {
+        body["reserve_price"] = reserve.into();
+    }
+    if group.soft_close_s > 0 {
+        body["max_end_at"] = planned
+            .max_end_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            .into();
+    }
+    let response = http
+        .post(format!("{api}/api/auctions"))
+        .bearer_auth(seller)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("creating an auction at {api}: is Gavel running?"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    ensure!(
+        status == StatusCode::CREATED,
+        "creating the auction '{}' answered {status}: {text}",
+        planned.label
+    );
+    #[derive(Deserialize)]
+    struct Created {
+        id: Uuid,
+    }
+    let created: Created = serde_json::from_str(&text)?;
+    Ok(RunAuction {
+        id: created.id,
+        ..planned.clone()
+    })
+}
+
+/// The synthetic bids of a scenario: (offset, auction, bidder, amount).
+fn synthetic_bids(
+    scenario: &Scenario,
+    duration_s: f64,
+    bidders: usize,
+) -> impl Iterator<Item = (Duration, usize, usize, Amount)> + Send + 'static {
+    let mut rng = SmallRng::seed_from_u64(scenario.seed);
+    let arrival = scenario.arrival.clone();
+    let b = scenario.bidders.clone();
+    // Cumulative bid shares over the auctions, each group split evenly.
+    let mut cumulative = Vec::new();
+    let mut total = 0.0;
+    for group in &scenario.auctions {
+        for _ in 0..group.count {
+            total += group.bid_share / group.count as f64;
+            cumulative.push(total);
+        }
+    }
+    let mut t = 0.0f64;
+    std::iter::from_fn(move || loop {
+        let rate = arrival.rate_at(t, duration_s);
+        if rate <= 0.0 {
+            t += 0.001;
+            if t >= duration_s {
+                return None;
+            }
+            continue;
+        }
+        t += match arrival.process {
+            Process::Poisson => -(1.0 - rng.gen::<f64>()).ln() / rate,
+            Process::Uniform => 1.0 / rate,
+        };
+        if t >= duration_s {
+            return None;
+        }
+        let pick = rng.gen::<f64>() * total;
+        let auction = cumulative
+            .partition_point(|&c| c < pick)
+            .min(cumulative.len() - 1);
+        let bidder = rng.gen_range(0..bidders);
+        let range = if rng.gen::<f64>() < b.proxy_share {
+            b.proxy_steps
+        } else {
+            b.steps
+        };
+        let steps = rng.gen_range(range[0]..=range[1]);
+        return Some((
+            Duration::from_secs_f64(t),
+            auction,
+            bidder,
+            Amount::Steps(steps),
+        ));
+    })
+}
+
+async fn schedule_bids(
+    shared: &Arc<Shared>,
+    plan: impl Iterator<Item = (Duration, usize, usize, Amount)>,
+) {
+    for (at, auction, bidder, amount) in plan {
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let intended = shared.t0 + at;
+        tokio::time::sleep_until(intended.into()).await;
+        let second = at.as_secs() as usize;
+        shared
+            .recorder
+            .lock()
+            .expect("recorder")
+            .offered(Kind::Bid, second);
+        shared.open.fetch_add(1, Ordering::AcqRel);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            send_bid(&shared, intended, auction, bidder, amount).await;
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn schedule_reads(shared: Arc<Shared>, scenario: Scenario, duration_s: f64) {
+    let rate = scenario.readers.rate;
+    if rate <= 0.0 {
+        return;
+    }
+    let mut rng = SmallRng::seed_from_u64(scenario.seed ^ 0x5eed_5eed);
+    let mut cumulative = Vec::new();
+    let mut total = 0.0;
+    for group in &scenario.auctions {
+        let share = group.read_share.unwrap_or(group.bid_share);
+        for _ in 0..group.count {
+            total += share / group.count as f64;
+            cumulative.push(total);
+        }
+    }
+    let auctions = shared.read_urls.len();
+    let mut t = 0.0f64;
+    loop {
+        t += match scenario.arrival.process {
+            Process::Poisson => -(1.0 - rng.gen::<f64>()).ln() / rate,
+            Process::Uniform => 1.0 / rate,
+        };
+        if t >= duration_s || shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        // A trace's auctions need not match the groups: spread evenly then.
+        let auction = if cumulative.len() == auctions && total > 0.0 {
+            let pick = rng.gen::<f64>() * total;
+            cumulative.partition_point(|&c| c < pick).min(auctions - 1)
+        } else {
+            rng.gen_range(0..auctions)
+        };
+        let reader = rng.gen_range(0..shared.bearer.len());
+        let at = Duration::from_secs_f64(t);
+        let intended = shared.t0 + at;
+        tokio::time::sleep_until(intended.into()).await;
+        shared
+            .recorder
+            .lock()
+            .expect("recorder")
+            .offered(Kind::Read, at.as_secs() as usize);
+        shared.open.fetch_add(1, Ordering::AcqRel);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            send_read(&shared, intended, auction, reader).await;
+            shared.open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+/// The answer to one attempt.
+enum Answer {
+    Status(StatusCode, Option<Duration>, bytes::Bytes, bool),
+    Timeout,
+    Transport,
+}
+
+async fn attempt(shared: &Shared, request: reqwest::RequestBuilder) -> Answer {
+    let _slot = shared
+        .slots
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    match request.timeout(shared.timeout).send().await {
+        Ok(response) => {
+            let status = response.status();
+            let headers = response.headers();
+            let retry_after = headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let replayed = headers
+                .get("idempotent-replayed")
+                .is_some_and(|v| v.as_bytes() == b"true");
+            match response.bytes().await {
+                Ok(body) => Answer::Status(status, retry_after, body, replayed),
+                Err(e) if e.is_timeout() => Answer::Timeout,
+                Err(_) => Answer::Transport,
+            }
+        }
+        Err(e) if e.is_timeout() => Answer::Timeout,
+        Err(_) => Answer::Transport,
+    }
+}
+
+fn problem_code(status: StatusCode, body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Problem {
+        code: String,
+    }
+    serde_json::from_slice::<Problem>(body)
+        .map(|p| p.code)
+        .unwrap_or_else(|_| status.as_u16().to_string())
+}
+
+async fn send_bid(
+    shared: &Shared,
+    intended: Instant,
+    auction: usize,
+    bidder: usize,
+    amount: Amount,
+) {
+    let amount = match amount {
+        Amount::Exact(amount) => amount,
+        Amount::Steps(steps) => {
+            let floor = shared.book.next_min[auction].load(Ordering::Relaxed);
+            let step = shared.increments.step_at(floor);
+            floor.saturating_add(step.saturating_mul(i64::from(steps)))
+        }
+    };
+    let key = Uuid::new_v4().to_string();
+    let body = format!("{{\"amount\":{amount}}}");
+    let mut attempts = 0;
+    let mut ambiguous = false;
+    let (ending, fate, replayed) = loop {
+        attempts += 1;
+        let request = shared
+            .http
+            .post(&shared.bid_urls[auction])
+            .header(AUTHORIZATION, shared.bearer[bidder].clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header("idempotency-key", &key)
+            .body(body.clone());
+        let retry_after = match attempt(shared, request).await {
+            Answer::Status(status, _, body, replayed) if status.is_success() => {
+                #[derive(Deserialize)]
+                struct Bid {
+                    id: Uuid,
+                    auction_price: Option<i64>,
+                }
+                match serde_json::from_slice::<Bid>(&body) {
+                    Ok(bid) => {
+                        if let Some(price) = bid.auction_price {
+                            let next = price.saturating_add(shared.increments.step_at(price));
+                            shared.book.next_min[auction].fetch_max(next, Ordering::Relaxed);
+                        }
+                        break (Ending::Ok, Fate::Acked(bid.id), replayed);
+                    }
+                    Err(_) => {
+                        break (
+                            Ending::ServerError("unparsable 2xx body".into()),
+                            Fate::Unknown,
+                            false,
+                        )
+                    }
+                }
+            }
+            Answer::Status(status, retry_after, body, _)
+                if status == StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                ambiguous = true;
+                if attempts >= shared.max_attempts {
+                    break (
+                        Ending::ServerError(problem_code(status, &body)),
+                        Fate::Unknown,
+                        false,
+                    );
+                }
+                retry_after
+            }
+            Answer::Status(status, _, body, _) => {
+                let code = problem_code(status, &body);
+                let fate = if ambiguous {
+                    Fate::Unknown
+                } else {
+                    Fate::Refused(code.clone())
+                };
+                let ending = if status.is_server_error() {
+                    Ending::ServerError(code)
+                } else {
+                    Ending::Refused(code)
+                };
+                break (ending, fate, false);
+            }
+            Answer::Timeout | Answer::Transport if attempts < shared.max_attempts => {
+                ambiguous = true;
+                None
+            }
+            Answer::Timeout => break (Ending::Timeout, Fate::Unknown, false),
+            Answer::Transport => break (Ending::Transport, Fate::Unknown, false),
+        };
+        let jitter = rand::thread_rng().gen_range(shared.backoff_ms[0]..=shared.backoff_ms[1]);
+        let wait = Duration::from_millis(jitter)
+            .max(retry_after.unwrap_or_default())
+            .min(Duration::from_millis(shared.backoff_ms[1]));
+        tokio::time::sleep(wait).await;
+    };
+    let done = Instant::now();
+    let sent = intended.saturating_duration_since(shared.t0);
+    shared.recorder.lock().expect("recorder").ended(Ended {
+        kind: Kind::Bid,
+        sent_s: sent.as_secs() as usize,
+        done_s: done.saturating_duration_since(shared.t0).as_secs() as usize,
+        latency: done - intended,
+        attempts,
+        ending: &ending,
+        replayed,
+    });
+    shared.sent.lock().expect("sent bids").push(SentBid {
+        key,
+        bidder: shared.bidder_names[bidder].clone(),
+        auction,
+        amount,
+        offset_ms: sent.as_millis() as u64,
+        fate,
+    });
+}
+
+async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: usize) {
+    let mut request = shared
+        .http
+        .get(&shared.read_urls[auction])
+        .header(AUTHORIZATION, shared.bearer[reader].clone());
+    if shared.if_none_match {
+        if let Some(tag) = shared.book.etags[auction].lock().expect("etag").clone() {
+            request = request.header(IF_NONE_MATCH, tag);
+        }
+    }
+    let ending = match attempt_read(shared, request, auction).await {
+        Answer::Status(status, _, _, _)
+            if status.is_success() || status == StatusCode::NOT_MODIFIED =>
+        {
+            Ending::Ok
+        }
+        Answer::Status(status, _, body, _) if status.is_server_error() => {
+            Ending::ServerError(problem_code(status, &body))
+        }
+        Answer::Status(status, _, body, _) => Ending::Refused(problem_code(status, &body)),
+        Answer::Timeout => Ending::Timeout,
+        Answer::Transport => Ending::Transport,
+    };
+    let done = Instant::now();
+    shared.recorder.lock().expect("recorder").ended(Ended {
+        kind: Kind::Read,
+        sent_s: intended.saturating_duration_since(shared.t0).as_secs() as usize,
+        done_s: done.saturating_duration_since(shared.t0).as_secs() as usize,
+        latency: done - intended,
+        attempts: 1,
+        ending: &ending,
+        replayed: false,
+    });
+}
+
+/// One read; a fresh view updates what the clients know of the auction.
+async fn attempt_read(shared: &Shared, request: reqwest::RequestBuilder, auction: usize) -> Answer {
+    let _slot = shared
+        .slots
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let response = match request.timeout(shared.timeout).send().await {
+        Ok(response) => response,
+        Err(e) if e.is_timeout() => return Answer::Timeout,
+        Err(_) => return Answer::Transport,
+    };
+    let status = response.status();
+    let etag = response.headers().get(ETAG).cloned();
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(e) if e.is_timeout() => return Answer::Timeout,
+        Err(_) => return Answer::Transport,
+    };
+    if status == StatusCode::OK {
+        #[derive(Deserialize)]
+        struct View {
+            next_min_bid: i64,
+        }
+        if let Ok(view) = serde_json::from_slice::<View>(&body) {
+            shared.book.next_min[auction].fetch_max(view.next_min_bid, Ordering::Relaxed);
+        }
+        if etag.is_some() {
+            *shared.book.etags[auction].lock().expect("etag") = etag;
+        }
+    }
+    Answer::Status(status, None, body, false)
+}
+
+/// Prints progress once a second, scrapes Gavel's metrics, and judges the
+/// steps of a rate-finding run (stopping it after failed steps).
+async fn monitor(
+    shared: Arc<Shared>,
+    scenario: Scenario,
+    duration_s: f64,
+    metrics: Option<String>,
+    steps: Arc<Mutex<Vec<StepResult>>>,
+    server: Arc<Mutex<Vec<ServerSample>>>,
+) {
+    let mut tick = tokio::time::interval_at(
+        (shared.t0 + Duration::from_secs(1)).into(),
+        Duration::from_secs(1),
+    );
+    let mut scrape_failures = 0u32;
+    loop {
+        tick.tick().await;
+        if shared.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let now = shared.t0.elapsed().as_secs_f64();
+        let mut sample = None;
+        if let Some(url) = &metrics {
+            match scrape::scrape(&shared.http, url, now).await {
+                Ok(s) => sample = Some(s),
+                Err(e) => {
+                    scrape_failures += 1;
+                    if scrape_failures <= 3 {
+                        eprintln!("  (could not read Gavel's metrics: {e})");
+                    }
+                }
+            }
+        }
+        let last = (now as usize).saturating_sub(1);
+        let (bids, reads, judged) = {
+            let recorder = shared.recorder.lock().expect("recorder");
+            let judged = if scenario.arrival.shape == Shape::Steps {
+                let done = steps.lock().expect("steps").len();
+                judge_ready_steps(&recorder, &scenario, duration_s, done, now, shared.timeout)
+            } else {
+                Vec::new()
+            };
+            (
+                recorder.point(Kind::Bid, last),
+                recorder.point(Kind::Read, last),
+                judged,
+            )
+        };
+        let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} ms"));
+        let mut line = format!(
+            "[{now:>5.0} s] bids: offered {}/s, ok {}/s, refused {}/s, errors {}, p99 {} | reads: ok {}/s, p99 {} | open {}",
+            bids.offered,
+            bids.ok,
+            bids.refused,
+            bids.errors,
+            ms(bids.p99_ms),
+            reads.ok,
+            ms(reads.p99_ms),
+            shared.open.load(Ordering::Relaxed),
+        );
+        if let Some(s) = &sample {
+            line.push_str(&format!(
+                " | pg lock waiters {:.0}, pending bids {:.0}",
+                s.lock_waiters, s.pending_bids
+            ));
+            if let Some(rss) = s.rss_bytes {
+                line.push_str(&format!(", rss {:.0} MiB", rss / 1_048_576.0));
+            }
+        }
+        eprintln!("{line}");
+        if let Some(s) = sample {
+            server.lock().expect("server samples").push(s);
+        }
+        if !judged.is_empty() {
+            let mut steps = steps.lock().expect("steps");
+            for step in judged {
+                eprintln!(
+                    "  step at {:.0} bids/s: p99 {}, {} errors: {}",
+                    step.rate,
+                    ms(step.window.p99_ms),
+                    step.window.errors,
+                    if step.sustainable {
+                        "sustainable"
+                    } else {
+                        "NOT sustainable"
+                    }
+                );
+                steps.push(step);
+            }
+            let failed = steps.iter().rev().take_while(|s| !s.sustainable).count();
+            if failed as u32 >= scenario.sustainable.stop_after_failed_steps {
+                eprintln!("  {failed} steps in a row were not sustainable: stopping the ramp");
+                shared.stop.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Steps whose requests have all had time to finish by `now`.
+fn judge_ready_steps(
+    recorder: &Recorder,
+    scenario: &Scenario,
+    duration_s: f64,
+    judged: usize,
+    now: f64,
+    timeout: Duration,
+) -> Vec<StepResult> {
+    let settle = timeout.as_secs_f64() * f64::from(scenario.client.max_attempts)
+        + scenario.client.backoff_ms[1] as f64 / 1000.0 * f64::from(scenario.client.max_attempts);
+    let a = &scenario.arrival;
+    let total = (duration_s / a.step_s).ceil() as usize;
+    (judged..total)
+        .take_while(|&k| (k + 1) as f64 * a.step_s + settle.min(a.step_s) <= now)
+        .map(|k| judge_step(recorder, scenario, k))
+        .collect()
+}
+
+/// Every step from `judged` on that had bids offered.
+fn judge_steps(
+    recorder: &Recorder,
+    scenario: &Scenario,
+    duration_s: f64,
+    judged: usize,
+) -> Vec<StepResult> {
+    let total = (duration_s / scenario.arrival.step_s).ceil() as usize;
+    (judged..total)
+        .map(|k| judge_step(recorder, scenario, k))
+        .take_while(|s| s.window.offered > 0)
+        .collect()
+}
+
+fn judge_step(recorder: &Recorder, scenario: &Scenario, k: usize) -> StepResult {
+    let a = &scenario.arrival;
+    let from = (k as f64 * a.step_s).round() as usize;
+    let to = ((k + 1) as f64 * a.step_s).round() as usize;
+    let window = recorder.window(Kind::Bid, from, to);
+    let sustainable = window.ok > 0
+        && window.errors == 0
+        && window
+            .p99_ms
+            .is_some_and(|p| p <= scenario.sustainable.p99_ms);
+    StepResult {
+        rate: a.step_rate_at(k),
+        from_s: from,
+        window,
+        sustainable,
+    }
+}

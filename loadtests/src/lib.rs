@@ -1,0 +1,18 @@
+//! `gavel-loadtest`: replays auction endings against Gavel's HTTP API and
+//! proves, in one run on one machine, how Gavel's append-only bid path
+//! compares with the classic row-lock design.
+//!
+//! - [`scenario`], [`trace`]: what is offered (TOML scenarios, CSV traces).
+//! - [`generator`]: the open-model load generator; [`record`]: what it measured.
+//! - [`audit`]: the database check after every run.
+//! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
+//! - [`bench`]: the one-command comparison on a private PostgreSQL.
+
+pub mod audit;
+pub mod bench;
+pub mod generator;
+pub mod record;
+pub mod report;
+pub mod scenario;
+pub mod scrape;
+pub mod trace;

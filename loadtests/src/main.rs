@@ -1,0 +1,279 @@
+//! `gavel-loadtest`: `bench` (the one-command comparison), `run` (one
+//! scenario against a running Gavel) and `report` (combine run reports).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use gavel_loadtest::bench::{self, BenchOptions, Launcher};
+use gavel_loadtest::report::{Machine, Report, RunReport};
+use gavel_loadtest::scenario::Scenario;
+use gavel_loadtest::{audit, generator, trace};
+
+/// Replays auction endings against Gavel and reports how it held.
+#[derive(Debug, Parser)]
+#[command(name = "gavel-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options that reshape a scenario for a shorter or lighter run.
+#[derive(Debug, clap::Args)]
+struct Shape {
+    /// Multiply every rate of the scenario (bids and reads) by this.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// Cut the bidding phase to this many seconds (phases shrink with it).
+    #[arg(long)]
+    duration_s: Option<f64>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a private PostgreSQL and Gavel, run the scenario in each mode,
+    /// measure the append ceiling, and write the combined report.
+    Bench {
+        /// The scenario file (TOML).
+        scenario: PathBuf,
+        #[command(flatten)]
+        shape: Shape,
+        /// Bid-path modes to run, in order.
+        #[arg(long, value_delimiter = ',', default_value = "log,row_lock")]
+        modes: Vec<String>,
+        /// The `gavel` binary (default: next to this one).
+        #[arg(long)]
+        gavel_bin: Option<PathBuf>,
+        /// Report directory (default: loadtests/reports/<scenario>-<time>).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Seconds of pgbench for the raw append ceiling (0 skips it).
+        #[arg(long, default_value_t = 20)]
+        ceiling_s: u32,
+        /// Read from the primary only (no streaming replica).
+        #[arg(long)]
+        no_replica: bool,
+    },
+    /// Run a scenario against a Gavel that is already running, then audit
+    /// its database and write a run report.
+    Run {
+        /// The scenario file (TOML).
+        scenario: PathBuf,
+        #[command(flatten)]
+        shape: Shape,
+        /// Gavel's API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        target: String,
+        /// Gavel's metrics URL (its admin listener), read once a second.
+        #[arg(long, default_value = "http://127.0.0.1:9090/metrics")]
+        metrics: String,
+        /// Gavel's primary database, for the audit.
+        #[arg(long, env = "GAVEL_DATABASE_URL")]
+        database_url: String,
+        /// Gavel's JWT secret, to mint bidder tokens.
+        #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+        /// Gavel's JWT audience.
+        #[arg(long, env = "GAVEL_JWT_AUDIENCE", default_value = "gavel")]
+        jwt_audience: String,
+        /// A label for this run in reports (e.g. the bid path in use).
+        #[arg(long, default_value = "log")]
+        mode: String,
+        /// Where the run report (JSON) goes.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the bids sent as a trace (CSV) for later replay.
+        #[arg(long)]
+        record_trace: Option<PathBuf>,
+    },
+    /// Combine run reports (JSON) into report.json, report.md and chart.svg.
+    Report {
+        /// Run reports written by `run` or `bench`.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+fn load_scenario(path: &Path, shape: &Shape) -> anyhow::Result<Scenario> {
+    let scenario = Scenario::load(path)?;
+    if shape.rate_scale == 1.0 && shape.duration_s.is_none() {
+        return Ok(scenario);
+    }
+    scenario
+        .scaled(shape.rate_scale, shape.duration_s)
+        .context("--rate-scale / --duration-s")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bench {
+            scenario: path,
+            shape,
+            modes,
+            gavel_bin,
+            out_dir,
+            ceiling_s,
+            no_replica,
+        } => {
+            let scenario = load_scenario(&path, &shape)?;
+            for mode in &modes {
+                anyhow::ensure!(
+                    mode == "log" || mode == "row_lock",
+                    "--modes: '{mode}' is not a bid path (log, row_lock)"
+                );
+            }
+            let gavel_bin = match gavel_bin {
+                Some(bin) => bin,
+                None => std::env::current_exe()?.with_file_name("gavel"),
+            };
+            anyhow::ensure!(
+                gavel_bin.is_file(),
+                "no gavel binary at {}: build it with `cargo build --release -p gavel` or pass --gavel-bin",
+                gavel_bin.display()
+            );
+            let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+            let out_dir = out_dir.unwrap_or_else(|| {
+                PathBuf::from("loadtests/reports").join(format!("{}-{stamp}", scenario.name))
+            });
+            let work_dir =
+                std::env::temp_dir().join(format!("gavel-loadtest-{}", std::process::id()));
+            let report = bench::bench(BenchOptions {
+                scenario_path: path,
+                scenario,
+                modes,
+                launcher: Launcher::Process(gavel_bin),
+                out_dir: out_dir.clone(),
+                work_dir,
+                ceiling_s,
+                replica: !no_replica,
+                settings: Vec::new(),
+                command: command_line(),
+            })
+            .await?;
+            println!("{}", report.markdown());
+            eprintln!("report: {}", out_dir.join("report.md").display());
+            Ok(())
+        }
+        Command::Run {
+            scenario: path,
+            shape,
+            target,
+            metrics,
+            database_url,
+            jwt_secret,
+            jwt_audience,
+            mode,
+            out,
+            record_trace,
+        } => {
+            let scenario = load_scenario(&path, &shape)?;
+            let trace = match &scenario.trace {
+                Some(source) => Some(trace::load(&source.file)?),
+                None => None,
+            };
+            let target = generator::Target {
+                api: target.trim_end_matches('/').to_owned(),
+                metrics: Some(metrics),
+                jwt_secret,
+                jwt_audience,
+            };
+            let output = generator::run(&scenario, trace.as_deref(), &target).await?;
+            if let Some(path) = record_trace {
+                let bids: Vec<trace::TraceBid> = {
+                    let mut sent = output.sent.clone();
+                    sent.sort_by_key(|b| b.offset_ms);
+                    sent.iter()
+                        .map(|b| trace::TraceBid {
+                            offset_ms: b.offset_ms,
+                            auction: output.auctions[b.auction].label.clone(),
+                            bidder: b.bidder.clone(),
+                            amount: b.amount,
+                        })
+                        .collect()
+                };
+                trace::write(&path, &bids)?;
+                eprintln!("trace of {} bids: {}", bids.len(), path.display());
+            }
+            let settle_timeout = audit::SETTLE_PATIENCE;
+            eprintln!("auditing the database ...");
+            let audit = audit::audit(
+                &database_url,
+                &output.auctions,
+                &output.sent,
+                settle_timeout,
+            )
+            .await?;
+            let report = RunReport::new(&mode, &scenario, &output, audit);
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "{}-{}-{}.json",
+                    scenario.name,
+                    mode,
+                    chrono::Utc::now().format("%Y%m%d-%H%M%S")
+                ))
+            });
+            report.save(&out)?;
+            eprintln!("{}", report.summary_text());
+            for check in &report.audit.checks {
+                eprintln!(
+                    "  {} {}: {}",
+                    if check.passed { "ok  " } else { "FAIL" },
+                    check.name,
+                    check.detail
+                );
+            }
+            eprintln!("run report: {}", out.display());
+            anyhow::ensure!(report.audit.passed, "the audit failed");
+            Ok(())
+        }
+        Command::Report { runs, out_dir } => {
+            let runs = runs
+                .iter()
+                .map(|p| RunReport::load(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let scenario = runs[0].scenario.clone();
+            let report = Report {
+                generated_at: chrono::Utc::now(),
+                command: command_line(),
+                machine: Machine::detect(String::new()),
+                scenario,
+                description: String::new(),
+                runs,
+                ceiling: None,
+            };
+            report.write(&out_dir)?;
+            eprintln!("report: {}", out_dir.join("report.md").display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,662 @@
+//! Reports: one JSON file per run (a mode of Gavel under one scenario),
+//! and a combined report of the modes measured side by side: JSON, a
+//! Markdown summary and an SVG chart of throughput, p50/p99 latency and
+//! errors over time, every mode on the same axes.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::audit::AuditReport;
+use crate::generator::{RunOutput, StepResult};
+use crate::record::{Kind, Point, StreamSummary};
+use crate::scenario::Scenario;
+use crate::scrape::ServerSample;
+
+/// One run of one mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    /// `log` or `row_lock` (or any label the caller chose).
+    pub mode: String,
+    /// The scenario's name.
+    pub scenario: String,
+    /// When second 0 began.
+    pub started_at: DateTime<Utc>,
+    /// The bidding phase, in seconds.
+    pub duration_s: f64,
+    /// The highest bid rate offered in any one second.
+    pub peak_offered_bids_per_s: u64,
+    /// Bid figures.
+    pub bids: StreamSummary,
+    /// Read figures.
+    pub reads: StreamSummary,
+    /// The peaks of Gavel's own metrics.
+    pub server: ServerPeaks,
+    /// The database audit.
+    pub audit: AuditReport,
+    /// Steps of a rate-finding run.
+    pub steps: Vec<StepResult>,
+    /// The highest step rate that was sustainable (rate-finding runs).
+    pub max_sustainable_bids_per_s: Option<f64>,
+    /// The scenario's targets, checked against this run.
+    pub targets: Vec<TargetCheck>,
+    /// Per-second figures.
+    pub series: Series,
+}
+
+/// The peaks of Gavel's metrics over a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerPeaks {
+    /// Scrapes taken.
+    pub samples: usize,
+    /// Most backends waiting on a heavyweight lock at once.
+    pub lock_waiters_max: f64,
+    /// Most backends blocked by another at once.
+    pub blocked_backends_max: f64,
+    /// The longest lock wait seen, in seconds.
+    pub lock_wait_max_s: f64,
+    /// Most requests waiting for an API pool connection.
+    pub api_pool_waiting_max: f64,
+    /// Most bids waiting for the resolver.
+    pub pending_bids_max: f64,
+    /// Highest resident memory, in MiB.
+    pub rss_max_mib: Option<f64>,
+}
+
+/// A target and whether the run met it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetCheck {
+    /// What is required.
+    pub target: String,
+    /// What was measured.
+    pub measured: String,
+    /// Whether it was met.
+    pub met: bool,
+}
+
+/// Per-second figures of a run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Series {
+    /// Bids, by second.
+    pub bids: Vec<Point>,
+    /// Reads, by second.
+    pub reads: Vec<Point>,
+    /// Gavel's metrics, about once a second.
+    pub server: Vec<ServerSample>,
+}
+
+impl RunReport {
+    /// The report of a finished, audited run.
+    pub fn new(mode: &str, scenario: &Scenario, output: &RunOutput, audit: AuditReport) -> Self {
+        let bids = output.recorder.series(Kind::Bid);
+        let full_seconds = output.duration_s.floor() as usize;
+        let peak = bids
+            .iter()
+            .take(full_seconds.max(1))
+            .map(|p| p.offered)
+            .max()
+            .unwrap_or(0);
+        let s = &output.server;
+        let max = |f: fn(&ServerSample) -> f64| s.iter().map(f).fold(0.0, f64::max);
+        let server = ServerPeaks {
+            samples: s.len(),
+            lock_waiters_max: max(|x| x.lock_waiters),
+            blocked_backends_max: max(|x| x.blocked_backends),
+            lock_wait_max_s: max(|x| x.lock_wait_max_s),
+            api_pool_waiting_max: max(|x| x.api_pool_waiting),
+            pending_bids_max: max(|x| x.pending_bids),
+            rss_max_mib: s
+                .iter()
+                .filter_map(|x| x.rss_bytes)
+                .reduce(f64::max)
+                .map(|b| b / 1_048_576.0),
+        };
+        let max_sustainable = output
+            .steps
+            .iter()
+            .filter(|s| s.sustainable)
+            .map(|s| s.rate)
+            .reduce(f64::max);
+        let mut report = RunReport {
+            mode: mode.to_owned(),
+            scenario: scenario.name.clone(),
+            started_at: output.started_at,
+            duration_s: output.duration_s,
+            peak_offered_bids_per_s: peak,
+            bids: output.recorder.summary(Kind::Bid),
+            reads: output.recorder.summary(Kind::Read),
+            server,
+            audit,
+            steps: output.steps.clone(),
+            max_sustainable_bids_per_s: max_sustainable,
+            targets: Vec::new(),
+            series: Series {
+                bids,
+                reads: output.recorder.series(Kind::Read),
+                server: output.server.clone(),
+            },
+        };
+        report.targets = report.check_targets(scenario);
+        report
+    }
+
+    fn check_targets(&self, scenario: &Scenario) -> Vec<TargetCheck> {
+        let Some(t) = &scenario.targets else {
+            return Vec::new();
+        };
+        let mut checks = Vec::new();
+        if let Some(p99) = t.bid_p99_ms {
+            let measured = self.bids.ok_latency_ms.p99;
+            checks.push(TargetCheck {
+                target: format!("p99 of accepted bids <= {p99} ms"),
+                measured: format!("{measured:.1} ms"),
+                met: self.bids.ok > 0 && measured <= p99,
+            });
+        }
+        if t.zero_errors {
+            let errors = self.bids.errors + self.reads.errors;
+            checks.push(TargetCheck {
+                target: "no 5xx, timeouts or transport errors".into(),
+                measured: format!("{errors} errors"),
+                met: errors == 0,
+            });
+        }
+        checks.push(TargetCheck {
+            target: "no acknowledged bid lost or counted twice (audit)".into(),
+            measured: if self.audit.passed {
+                "audit passed".into()
+            } else {
+                "audit FAILED".into()
+            },
+            met: self.audit.passed,
+        });
+        if let Some(lag) = t.resolver_lag_p99_ms {
+            let measured = self.audit.resolver_lag_ms.p99;
+            checks.push(TargetCheck {
+                target: format!("resolver lag p99 <= {lag} ms"),
+                measured: format!("{measured:.1} ms"),
+                met: measured <= lag,
+            });
+        }
+        if let Some(rss) = t.rss_mib {
+            checks.push(TargetCheck {
+                target: format!("Gavel RSS <= {rss} MiB"),
+                measured: self
+                    .server
+                    .rss_max_mib
+                    .map_or("not exported".into(), |m| format!("{m:.0} MiB")),
+                met: self.server.rss_max_mib.is_some_and(|m| m <= rss),
+            });
+        }
+        checks
+    }
+
+    /// Reads a run report written by [`RunReport::save`].
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the run report {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// Writes the run report as JSON.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// A short summary for the terminal.
+    pub fn summary_text(&self) -> String {
+        let b = &self.bids;
+        let mut text = format!(
+            "{mode}: {n} bids ({ok} 2xx, {errors} errors, {retries} retries), accepted p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; \
+             {reads} reads (p99 {rp99:.1} ms); resolver lag p99 {lag:.1} ms; audit {audit}",
+            mode = self.mode,
+            n = b.requests,
+            ok = b.ok,
+            errors = b.errors,
+            retries = b.retries,
+            p50 = b.ok_latency_ms.p50,
+            p99 = b.ok_latency_ms.p99,
+            max = b.ok_latency_ms.max,
+            reads = self.reads.requests,
+            rp99 = self.reads.ok_latency_ms.p99,
+            lag = self.audit.resolver_lag_ms.p99,
+            audit = if self.audit.passed { "passed" } else { "FAILED" },
+        );
+        if let Some(rate) = self.max_sustainable_bids_per_s {
+            text.push_str(&format!("; highest sustainable rate {rate:.0} bids/s"));
+        }
+        text
+    }
+}
+
+/// The database's raw append ceiling, measured with pgbench.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ceiling {
+    /// Rows appended per second.
+    pub rows_per_s: f64,
+    /// Rows per INSERT (one UNNEST statement per transaction).
+    pub batch_rows: u32,
+    /// pgbench clients.
+    pub clients: u32,
+    /// Transactions per second.
+    pub tps: f64,
+    /// Average transaction latency, in ms.
+    pub latency_ms: f64,
+    /// How long it ran, in seconds.
+    pub duration_s: u32,
+}
+
+/// The machine a report was measured on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPUs available.
+    pub cpus: usize,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Memory in GiB.
+    pub memory_gib: f64,
+    /// Kernel release.
+    pub kernel: String,
+    /// PostgreSQL server version.
+    pub postgres: String,
+}
+
+impl Machine {
+    /// What this machine is, read from `/proc`.
+    pub fn detect(postgres: String) -> Self {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        let cpuinfo = read("/proc/cpuinfo");
+        let meminfo = read("/proc/meminfo");
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: cpuinfo
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+                .unwrap_or_default(),
+            memory_gib: meminfo
+                .lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| (kb / 1_048_576.0 * 10.0).round() / 10.0),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            postgres,
+        }
+    }
+}
+
+/// Every mode measured in one run of a scenario, side by side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// When the report was written.
+    pub generated_at: DateTime<Utc>,
+    /// The command that produced it.
+    pub command: String,
+    /// Where it was measured.
+    pub machine: Machine,
+    /// The scenario's name.
+    pub scenario: String,
+    /// The scenario's description.
+    pub description: String,
+    /// One run per mode.
+    pub runs: Vec<RunReport>,
+    /// The database's raw append ceiling, measured in the same run.
+    pub ceiling: Option<Ceiling>,
+}
+
+impl Report {
+    fn run(&self, mode: &str) -> Option<&RunReport> {
+        self.runs.iter().find(|r| r.mode == mode)
+    }
+
+    /// The comparisons the report states: log mode's highest sustainable
+    /// rate over row_lock's, and as a share of the append ceiling.
+    pub fn ratios(&self) -> (Option<f64>, Option<f64>) {
+        let log = self.run("log").and_then(|r| r.max_sustainable_bids_per_s);
+        let row = self
+            .run("row_lock")
+            .and_then(|r| r.max_sustainable_bids_per_s);
+        let over_row_lock = log.zip(row).map(|(l, r)| l / r);
+        let of_ceiling = log
+            .zip(self.ceiling.as_ref())
+            .map(|(l, c)| l / c.rows_per_s);
+        (over_row_lock, of_ceiling)
+    }
+
+    /// Writes `report.json`, `report.md` and `chart.svg` into `dir`.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        chart(self, &dir.join("chart.svg"))?;
+        Ok(())
+    }
+
+    /// The Markdown summary.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        md.push_str(&format!("# Load test: {}\n\n", self.scenario));
+        if !self.description.is_empty() {
+            md.push_str(&format!("{}\n\n", self.description.trim()));
+        }
+        md.push_str(&format!(
+            "- Measured {} on {} CPUs ({}), {} GiB, Linux {}, {}.\n- Command: `{}`\n- Chart: [chart.svg](chart.svg); every figure: [report.json](report.json).\n\n",
+            self.generated_at.format("%Y-%m-%d %H:%M UTC"),
+            m.cpus,
+            m.cpu_model,
+            m.memory_gib,
+            m.kernel,
+            m.postgres,
+            self.command
+        ));
+        md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        for r in &self.runs {
+            let b = &r.bids;
+            md.push_str(&format!(
+                "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.1} ms | {} |\n",
+                r.mode,
+                r.peak_offered_bids_per_s,
+                b.requests,
+                b.ok,
+                b.errors,
+                b.ok_latency_ms.p50,
+                b.ok_latency_ms.p99,
+                b.ok_latency_ms.max,
+                b.retries,
+                r.audit.resolver_lag_ms.p99,
+                if r.audit.passed { "passed" } else { "**FAILED**" }
+            ));
+        }
+        md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
+        md.push_str("## Endings\n\n");
+        for r in &self.runs {
+            let endings: Vec<String> = r
+                .bids
+                .endings
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            md.push_str(&format!("- **{}** bids: {}\n", r.mode, endings.join(", ")));
+            let endings: Vec<String> = r
+                .reads
+                .endings
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            md.push_str(&format!(
+                "- **{}** reads ({} requests, p99 {:.1} ms): {}\n",
+                r.mode,
+                r.reads.requests,
+                r.reads.ok_latency_ms.p99,
+                endings.join(", ")
+            ));
+        }
+        md.push_str("\n## Gavel and PostgreSQL during the run\n\n| mode | lock waiters (max) | blocked backends (max) | longest lock wait | API pool waiters (max) | pending bids (max) | RSS (max) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in &self.runs {
+            let s = &r.server;
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} |\n",
+                r.mode,
+                s.lock_waiters_max,
+                s.blocked_backends_max,
+                s.lock_wait_max_s,
+                s.api_pool_waiting_max,
+                s.pending_bids_max,
+                s.rss_max_mib.map_or("-".into(), |m| format!("{m:.0} MiB"))
+            ));
+        }
+        if self.runs.iter().any(|r| !r.steps.is_empty()) {
+            md.push_str("\n## Highest sustainable bid rate\n\n");
+            for r in &self.runs {
+                if r.steps.is_empty() {
+                    continue;
+                }
+                md.push_str(&format!(
+                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | sustainable |\n| ---: | ---: | ---: | ---: | --- |\n",
+                    r.mode,
+                    r.max_sustainable_bids_per_s
+                        .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
+                ));
+                for s in &r.steps {
+                    md.push_str(&format!(
+                        "| {:.0}/s | {} | {} | {} | {} |\n",
+                        s.rate,
+                        s.window.ok,
+                        s.window.errors,
+                        s.window.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
+                        if s.sustainable { "yes" } else { "no" }
+                    ));
+                }
+                md.push('\n');
+            }
+        }
+        if let Some(c) = &self.ceiling {
+            md.push_str(&format!(
+                "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s.\n",
+                c.clients, c.batch_rows, c.rows_per_s, c.tps, c.latency_ms, c.duration_s
+            ));
+        }
+        let (over_row_lock, of_ceiling) = self.ratios();
+        if over_row_lock.is_some() || of_ceiling.is_some() {
+            md.push_str("\n## Comparison\n\n");
+            if let Some(x) = over_row_lock {
+                md.push_str(&format!(
+                    "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design.\n"
+                ));
+            }
+            if let Some(x) = of_ceiling {
+                md.push_str(&format!(
+                    "- Log mode sustains **{:.0}%** of the database's raw append ceiling.\n",
+                    x * 100.0
+                ));
+            }
+        }
+        for r in &self.runs {
+            if r.targets.is_empty() {
+                continue;
+            }
+            md.push_str(&format!(
+                "\n## Targets, {} mode\n\n| target | measured | met |\n| --- | --- | --- |\n",
+                r.mode
+            ));
+            for t in &r.targets {
+                md.push_str(&format!(
+                    "| {} | {} | {} |\n",
+                    t.target,
+                    t.measured,
+                    if t.met { "yes" } else { "**no**" }
+                ));
+            }
+        }
+        md.push_str("\n## Audit\n\n");
+        for r in &self.runs {
+            md.push_str(&format!(
+                "**{}** ({} bids sent, {} acknowledged, {} in bid_log; settled {:.1} s after the end):\n\n",
+                r.mode, r.audit.bids_sent, r.audit.bids_acknowledged, r.audit.bids_in_log, r.audit.settle_wait_s
+            ));
+            for c in &r.audit.checks {
+                md.push_str(&format!(
+                    "- {} {}: {}\n",
+                    if c.passed { "✔" } else { "✘" },
+                    c.name,
+                    c.detail
+                ));
+            }
+            md.push('\n');
+        }
+        md
+    }
+}
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
+
+/// Throughput, latency and errors over time, one line per mode.
+fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1200, 1100)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let root = root
+        .titled(
+            &format!(
+                "Gavel load test: {} (x: seconds since the start)",
+                report.scenario
+            ),
+            ("sans-serif", 22),
+        )
+        .map_err(plot_error)?;
+    let panels = root.split_evenly((3, 1));
+    let x_max = report
+        .runs
+        .iter()
+        .map(|r| r.series.bids.len())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+
+    // Throughput: offered (thin) and answered 2xx (thick), per second.
+    let y_max = report
+        .runs
+        .iter()
+        .flat_map(|r| r.series.bids.iter().map(|p| p.offered.max(p.completed_ok)))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.1;
+    let mut c = ChartBuilder::on(&panels[0])
+        .caption(
+            "Bids per second: answered 2xx (thick), offered (thin)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+        .map_err(plot_error)?;
+    c.configure_mesh()
+        .y_desc("bids/s")
+        .draw()
+        .map_err(plot_error)?;
+    for (i, r) in report.runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points = |f: fn(&Point) -> u64| {
+            r.series
+                .bids
+                .iter()
+                .map(move |p| (p.t as f64, f(p) as f64))
+                .collect::<Vec<_>>()
+        };
+        c.draw_series(LineSeries::new(
+            points(|p| p.completed_ok),
+            color.stroke_width(2),
+        ))
+        .map_err(plot_error)?
+        .label(r.mode.clone())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        c.draw_series(LineSeries::new(points(|p| p.offered), color.mix(0.5)))
+            .map_err(plot_error)?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)?;
+
+    // Latency, log scale: p99 (thick) and p50 (thin) of bids answered 2xx.
+    let lat_max = report
+        .runs
+        .iter()
+        .flat_map(|r| r.series.bids.iter().filter_map(|p| p.p99_ms))
+        .fold(10.0f64, f64::max)
+        * 1.5;
+    let mut c = ChartBuilder::on(&panels[1])
+        .caption(
+            "Bid latency from the intended send time: p99 (thick), p50 (thin)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, (0.1f64..lat_max).log_scale())
+        .map_err(plot_error)?;
+    c.configure_mesh().y_desc("ms").draw().map_err(plot_error)?;
+    for (i, r) in report.runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points = |f: fn(&Point) -> Option<f64>| {
+            r.series
+                .bids
+                .iter()
+                .filter_map(move |p| f(p).map(|v| (p.t as f64, v.max(0.1))))
+                .collect::<Vec<_>>()
+        };
+        c.draw_series(LineSeries::new(points(|p| p.p99_ms), color.stroke_width(2)))
+            .map_err(plot_error)?
+            .label(r.mode.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        c.draw_series(LineSeries::new(points(|p| p.p50_ms), color.mix(0.6)))
+            .map_err(plot_error)?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)?;
+
+    // Errors: 5xx, timeouts and transport errors per second.
+    let err_max = report
+        .runs
+        .iter()
+        .flat_map(|r| r.series.bids.iter().map(|p| p.errors))
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64
+        * 1.1;
+    let mut c = ChartBuilder::on(&panels[2])
+        .caption(
+            "Bid errors per second (5xx, timeouts, transport errors)",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..err_max)
+        .map_err(plot_error)?;
+    c.configure_mesh()
+        .x_desc("seconds")
+        .y_desc("errors/s")
+        .draw()
+        .map_err(plot_error)?;
+    for (i, r) in report.runs.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        c.draw_series(LineSeries::new(
+            r.series.bids.iter().map(|p| (p.t as f64, p.errors as f64)),
+            color.stroke_width(2),
+        ))
+        .map_err(plot_error)?
+        .label(r.mode.clone())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)?;
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("drawing the chart: {e:?}")
+}

@@ -1,0 +1,102 @@
+//! Samples of Gavel's own metrics during a run, read from its admin
+//! listener's `/metrics`: lock waiters, blocked backends, pool waiters,
+//! pending bids and the process's resident memory.
+
+use serde::{Deserialize, Serialize};
+
+/// One scrape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerSample {
+    /// Seconds since the run started.
+    pub t: f64,
+    /// Backends waiting on a heavyweight lock (`wait_event_type="Lock"`).
+    pub lock_waiters: f64,
+    /// Backends blocked by another (`gavel_pg_blocked_backends`).
+    pub blocked_backends: f64,
+    /// The longest current lock wait, in seconds.
+    pub lock_wait_max_s: f64,
+    /// Requests waiting for an API pool connection.
+    pub api_pool_waiting: f64,
+    /// Bids waiting for the resolver (sampled by Gavel).
+    pub pending_bids: f64,
+    /// Gavel's resident memory in bytes, when it exports it.
+    pub rss_bytes: Option<f64>,
+}
+
+/// Reads the figures a run reports from a Prometheus text exposition.
+pub fn parse(text: &str, t: f64) -> ServerSample {
+    let mut sample = ServerSample {
+        t,
+        ..ServerSample::default()
+    };
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, labels.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        match name {
+            "gavel_pg_backends" if labels.contains("wait_event_type=\"Lock\"") => {
+                sample.lock_waiters += value;
+            }
+            "gavel_pg_blocked_backends" => sample.blocked_backends = value,
+            "gavel_pg_lock_wait_max_seconds" => sample.lock_wait_max_s = value,
+            "gavel_db_pool_waiting_requests" if labels.contains("pool=\"api\"") => {
+                sample.api_pool_waiting = value;
+            }
+            "gavel_resolver_pending_bids" => sample.pending_bids = value,
+            "process_resident_memory_bytes" => sample.rss_bytes = Some(value),
+            _ => {}
+        }
+    }
+    sample
+}
+
+/// Scrapes `url` once.
+pub async fn scrape(client: &reqwest::Client, url: &str, t: f64) -> anyhow::Result<ServerSample> {
+    let text = client
+        .get(url)
+        .timeout(std::time::Duration::from_secs(2))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(parse(&text, t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_waiters_add_up_over_wait_events() {
+        let text = "\
+# HELP gavel_pg_backends x
+gavel_pg_backends{state=\"active\",wait_event_type=\"Lock\",wait_event=\"tuple\"} 12
+gavel_pg_backends{state=\"active\",wait_event_type=\"Lock\",wait_event=\"transactionid\"} 3
+gavel_pg_backends{state=\"active\",wait_event_type=\"LWLock\",wait_event=\"BufferContent\"} 2
+gavel_pg_blocked_backends 15
+gavel_pg_lock_wait_max_seconds 0.49
+gavel_db_pool_waiting_requests{pool=\"api\"} 7
+gavel_db_pool_waiting_requests{pool=\"resolver\"} 1
+gavel_resolver_pending_bids 40
+process_resident_memory_bytes 52428800
+";
+        let s = parse(text, 3.0);
+        assert_eq!(s.lock_waiters, 15.0);
+        assert_eq!(s.blocked_backends, 15.0);
+        assert_eq!(s.lock_wait_max_s, 0.49);
+        assert_eq!(s.api_pool_waiting, 7.0);
+        assert_eq!(s.pending_bids, 40.0);
+        assert_eq!(s.rss_bytes, Some(52_428_800.0));
+    }
+}

@@ -1,0 +1,198 @@
+//! The classic row-lock bid path (`GAVEL_BID_PATH=row_lock`), kept as the
+//! reproduction baseline for load tests: the design of the incident Gavel
+//! exists to prevent, selectable on the same schema, rules and HTTP stack so
+//! one load-test run can compare both.
+//!
+//! Each bid is one transaction on an API pool connection: claim the
+//! idempotency key, `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`,
+//! apply the pure [`rules`] to the locked state, `UPDATE` the row (the
+//! resolver's compare-and-set, which cannot lose while the lock is held),
+//! insert the bid already resolved, mark a displaced leader outbid, and
+//! commit. The bid's outcome is known at once, so it is answered like a bid
+//! resolved while its client waited: `201 Created` with the resolved view,
+//! rejections by the rules included. `bid_log` holds the same facts the
+//! resolver writes (one outcome per bid, resolution numbers 1..n), so an
+//! audit replaying it through the rules gets the auction row either way.
+//!
+//! It is never the default because every bid of an auction queues on that
+//! one row's lock for a whole transaction (PostgreSQL wait events
+//! `Lock:tuple` and `Lock:transactionid`): a hot auction takes one bid at a
+//! time, API connections fill up with waiters, and a bid that waits longer
+//! than `lock_timeout` is answered `503 overloaded`.
+//!
+//! The background resolver keeps running: it finds no pending bids, but
+//! still settles auctions after their end (soft close is the rules' own
+//! doing, on every bid).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use deadpool_postgres::Object;
+use uuid::Uuid;
+
+use super::{connection, BidDesk, Placed};
+use crate::db::{auctions, bids, reads};
+use crate::domain::{Amount, IdempotencyKey};
+use crate::http::error::ApiError;
+use crate::resolver::{self, listener, Resolved, Signals};
+use crate::rules::{self, BidInput};
+
+/// What one row-lock transaction did.
+enum Placement {
+    /// The bid is in the log with its outcome (`reason` when rejected).
+    Resolved {
+        bid: bids::BidRecord,
+        reason: Option<&'static str>,
+    },
+    /// The bidder already used this key; nothing was written.
+    KeyExists(bids::KeyRecord),
+}
+
+impl BidDesk {
+    /// Places a bid in one transaction that locks its auction row (see the
+    /// module docs), within the same pool-wait `budget` as the log path.
+    pub(super) async fn place_row_locked(
+        &self,
+        bidder: &str,
+        key: &IdempotencyKey,
+        auction_id: Uuid,
+        amount: Amount,
+        wait_until: Option<Instant>,
+        budget: Instant,
+    ) -> Result<Placed, ApiError> {
+        let (pool, signals) = (self.pool.clone(), self.signals.clone());
+        let (bidder, key_text) = (bidder.to_owned(), key.as_str().to_owned());
+        // A task of its own, so a client hanging up mid-request cannot cut
+        // the transaction apart from its wake-ups and metrics.
+        let (placement, wal_position) = tokio::spawn(async move {
+            let mut client = connection(&pool, budget).await?;
+            let placement = write(
+                &mut client,
+                &signals,
+                &bidder,
+                &key_text,
+                auction_id,
+                amount.get(),
+            )
+            .await?;
+            let Placement::Resolved { bid, reason } = &placement else {
+                return Ok((placement, None));
+            };
+            metrics::counter!("gavel_bids_accepted_total").increment(1);
+            resolver::count_resolved(&[*reason]);
+            signals.publish(Resolved {
+                auction_id,
+                bids: Some(Arc::from([bid.id])),
+            });
+            // From here on the bid is committed: nothing may fail the request.
+            let wal_position = reads::wal_position(&client).await.ok();
+            Ok::<_, ApiError>((placement, wal_position))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))??;
+        match placement {
+            Placement::Resolved { bid, .. } => {
+                let mut placed = self
+                    .finish(bid, false, wait_until, None, wal_position, budget)
+                    .await;
+                // Resolved at once: answered like a bid resolved while its
+                // client waited, whether or not it asked to wait.
+                placed.resolved_in_wait = true;
+                Ok(placed)
+            }
+            Placement::KeyExists(existing) => {
+                let bid = self
+                    .replayed_bid(&existing, auction_id, amount, budget)
+                    .await?;
+                Ok(self.finish(bid, true, wait_until, None, None, budget).await)
+            }
+        }
+    }
+}
+
+/// The row-lock transaction. The row stays locked from the `FOR UPDATE`
+/// until the commit; lock and statement timeouts surface as errors that
+/// answer `503 overloaded`, and the transaction is rolled back.
+async fn write(
+    client: &mut Object,
+    signals: &Signals,
+    bidder: &str,
+    key: &str,
+    auction_id: Uuid,
+    amount: i64,
+) -> Result<Placement, ApiError> {
+    let tx = client.transaction().await?;
+    let bid_id = Uuid::now_v7();
+    // The key first: a retry waits here for the first request to end, then
+    // replays, without ever touching the auction row.
+    if let Some(existing) = bids::claim_key(&tx, bidder, key, auction_id, amount, bid_id).await? {
+        tx.rollback().await?;
+        return Ok(Placement::KeyExists(existing));
+    }
+    let Some((auction, now)) = auctions::get_for_update(&tx, auction_id).await? else {
+        tx.rollback().await?;
+        return Err(ApiError::NotFound("auction"));
+    };
+    let mut state = auction.state.clone();
+    let applied = rules::apply_bid(
+        &auction.terms,
+        &mut state,
+        &BidInput {
+            id: bid_id,
+            bidder_id: bidder.to_owned(),
+            amount,
+            // The transaction's clock: the bid row's `received_at` too.
+            received_at: now,
+        },
+    );
+    let resolution_no = auction.resolved_count + 1;
+    // Written even for a rejected bid, as the classic design does: the
+    // resolution count moves with every bid.
+    let written = auctions::compare_and_set(
+        &tx,
+        &auctions::StateUpdate {
+            id: auction_id,
+            expected_version: auction.version,
+            state: &state,
+            resolved_count: resolution_no,
+            settlement: None,
+        },
+    )
+    .await?;
+    if !written {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "auction {auction_id} changed while its row was locked FOR UPDATE"
+        )));
+    }
+    let (status, reason) = resolver::outcome_columns(applied.outcome);
+    let bid = bids::insert_resolved(
+        &tx,
+        &bids::ResolvedBid {
+            auction_id,
+            id: bid_id,
+            bidder_id: bidder,
+            amount,
+            idempotency_key: key,
+            status,
+            reason,
+            price_after: applied.price_after,
+            resolution_no,
+            resolved_version: auction.version + 1,
+        },
+    )
+    .await?;
+    if let Some(displaced) = applied.displaced {
+        bids::mark_outbid(&tx, auction_id, displaced).await?;
+    }
+    // Requests of other processes waiting on this auction hear of it.
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[
+            &listener::RESOLVED_CHANNEL,
+            &signals.notification(auction_id),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Placement::Resolved { bid, reason })
+}
