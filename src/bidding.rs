@@ -2,7 +2,9 @@
 //!
 //! A bid is checked against a short-lived snapshot of its auction (only to
 //! refuse what the resolver would certainly refuse), then durably appended
-//! to `bid_log` in one statement, and the resolver is signalled. Nothing
+//! to `bid_log`, and the resolver is signalled. Concurrent bids share their
+//! append: one statement and one commit for all the bids queued while the
+//! previous ones were being written (`appender.rs`). Nothing
 //! here locks or writes the `auctions` row; a snapshot read is a plain MVCC
 //! read that never waits on that row's locks.
 //!
@@ -10,7 +12,10 @@
 //! design that locks the row for every bid (`row_lock.rs`), kept only as the
 //! baseline load tests reproduce the incident with.
 
+mod appender;
 mod row_lock;
+
+pub use appender::AppendSettings;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +24,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 use tokio::sync::broadcast;
 use tokio_postgres::types::PgLsn;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::User;
@@ -28,6 +34,7 @@ use crate::http::error::ApiError;
 use crate::rate_limit::RateLimiter;
 use crate::resolver::{Resolved, Signals};
 use crate::rules;
+use appender::Appender;
 
 /// How long an auction snapshot is trusted for the synchronous checks.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
@@ -82,6 +89,7 @@ pub struct BidDesk {
     snapshots: Arc<Mutex<HashMap<Uuid, CachedSnapshot>>>,
     rate_limit: Arc<RateLimiter>,
     path: BidPath,
+    appender: Appender,
 }
 
 /// The result of placing a bid.
@@ -97,17 +105,34 @@ pub struct Placed {
 }
 
 impl BidDesk {
-    /// A bid desk appending through `pool`, waking the resolver via
-    /// `signals`, and holding each bidder to `rate_limit`.
-    pub fn new(pool: Pool, signals: Signals, rate_limit: RateLimiter) -> Self {
+    /// A bid desk appending through `pool` (coalescing bids as `append`
+    /// says), waking the resolver via `signals`, and holding each bidder to
+    /// `rate_limit`. Bids are written only while
+    /// [`BidDesk::run_appender`] runs.
+    pub fn new(
+        pool: Pool,
+        signals: Signals,
+        rate_limit: RateLimiter,
+        append: AppendSettings,
+    ) -> Self {
         register_metrics();
         BidDesk {
+            appender: Appender::new(pool.clone(), signals.clone(), append),
             pool,
             signals,
             snapshots: Arc::default(),
             rate_limit: Arc::new(rate_limit),
             path: BidPath::Log,
         }
+    }
+
+    /// The writers of coalesced appends, until `shutdown`; then bids still
+    /// queued are written or refused, and the future ends.
+    pub fn run_appender(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.appender.run(shutdown)
     }
 
     /// Writes bids along `path` ([`BidPath::Log`] unless told otherwise).
@@ -196,8 +221,9 @@ impl BidDesk {
         })
     }
 
-    /// The durable append and the resolver's wake-up, run as a task of its
-    /// own so that a client hanging up mid-request cannot cut them apart.
+    /// The durable append and the resolver's wake-up, shared with the bids
+    /// queued alongside (see `appender.rs`): written by a task of its own,
+    /// so a client hanging up cannot cut them apart.
     async fn append(
         &self,
         bidder: &str,
@@ -206,20 +232,15 @@ impl BidDesk {
         amount: Amount,
         budget: Instant,
     ) -> Result<(bids::Append, Option<PgLsn>), ApiError> {
-        let (pool, signals) = (self.pool.clone(), self.signals.clone());
-        let (bidder, key) = (bidder.to_owned(), key.as_str().to_owned());
-        tokio::spawn(async move {
-            let client = connection(&pool, budget).await?;
-            let appended = bids::append(&client, &bidder, &key, auction_id, amount.get()).await?;
-            if let bids::Append::Inserted(_) = appended {
-                signals.bid_appended(auction_id);
-            }
-            // From here on the bid is committed: nothing may fail the request.
-            let wal_position = reads::wal_position(&client).await.ok();
-            Ok((appended, wal_position))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))?
+        let bid = bids::NewBid {
+            auction_id,
+            id: Uuid::now_v7(),
+            bidder_id: bidder.to_owned(),
+            amount: amount.get(),
+            key: key.as_str().to_owned(),
+        };
+        let appended = self.appender.append(bid, budget).await?;
+        Ok((appended.appended, appended.wal_position))
     }
 
     /// The bid a replayed key refers to, or 422 when the key was used for

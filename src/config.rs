@@ -68,6 +68,12 @@ pub struct Config {
     /// How a bid is written (`GAVEL_BID_PATH`: `log`, the append-only bid
     /// log, or `row_lock`, the classic row-lock baseline for load tests).
     pub bid_path: BidPath,
+    /// Writer tasks of coalesced bid appends, each writing one batch at a
+    /// time on an API pool connection (`GAVEL_APPEND_WRITERS`, at most
+    /// `GAVEL_API_POOL_SIZE`).
+    pub append_writers: usize,
+    /// Most bids one append statement writes (`GAVEL_APPEND_BATCH_MAX`).
+    pub append_batch_max: usize,
     /// Sustained bids per second one bidder may place (`GAVEL_BID_RATE_LIMIT`, 0 = off).
     pub bid_rate_limit: u32,
     /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
@@ -101,6 +107,7 @@ impl Config {
         let statement_timeout = env.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
         let pool_wait_timeout = env.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?;
         let replica_check_interval = env.millis("GAVEL_REPLICA_CHECK_MS", 500, 50..=60_000)?;
+        let api_pool_size = env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?;
         Ok(Config {
             database_url: env.database_url("GAVEL_DATABASE_URL")?,
             replica_urls: env.replica_urls("GAVEL_REPLICA_URLS")?,
@@ -110,7 +117,7 @@ impl Config {
             jwt_audience: env.non_empty("GAVEL_JWT_AUDIENCE", "gavel")?,
             log_filter: env.log_filter("GAVEL_LOG")?,
             log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
-            api_pool_size: env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?,
+            api_pool_size,
             resolver_pool_size: env.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
             replica_pool_size: env.number("GAVEL_REPLICA_POOL_SIZE", 8, 1..=1000)?,
             pool_wait_timeout,
@@ -158,6 +165,8 @@ impl Config {
                 "row_lock" => BidPath::RowLock,
                 _ => BidPath::Log,
             },
+            append_writers: env.append_writers("GAVEL_APPEND_WRITERS", api_pool_size)?,
+            append_batch_max: env.number("GAVEL_APPEND_BATCH_MAX", 500, 1..=5_000)?,
             bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
             bid_rate_burst: env.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
             idempotency_retention: Duration::from_secs(
@@ -228,6 +237,20 @@ impl Env<'_> {
             ));
         }
         Ok(value)
+    }
+
+    /// Writers of coalesced appends: two by default (one statement commits
+    /// while the next batch is collected; more only make smaller batches on
+    /// a small machine), never more than the API pool has connections.
+    fn append_writers(&self, name: &str, api_pool_size: usize) -> Result<usize, ConfigError> {
+        let writers = self.number(name, 2.min(api_pool_size), 1..=64)?;
+        if writers > api_pool_size {
+            return Err(err(
+                name,
+                &format!("must be at most GAVEL_API_POOL_SIZE ({api_pool_size})"),
+            ));
+        }
+        Ok(writers)
     }
 
     fn required(&self, name: &str) -> Result<String, ConfigError> {
@@ -375,6 +398,8 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
         assert_eq!(c.pg_sample_interval, Duration::from_millis(2_000));
+        assert_eq!(c.append_writers, 2);
+        assert_eq!(c.append_batch_max, 500);
         // A short statement timeout caps the default lock timeout.
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
@@ -404,6 +429,37 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "GAVEL_BID_PATH: 'rowlock' is not one of log, row_lock"
+        );
+    }
+
+    #[test]
+    fn append_writers_default_to_two_and_never_outnumber_the_api_pool() {
+        let c = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_API_POOL_SIZE", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.append_writers, 1, "the default is capped by the pool");
+        let c = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_APPEND_WRITERS", "4"),
+            ("GAVEL_APPEND_BATCH_MAX", "1"),
+        ])
+        .unwrap();
+        assert_eq!((c.append_writers, c.append_batch_max), (4, 1));
+        let e = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            ("GAVEL_API_POOL_SIZE", "2"),
+            ("GAVEL_APPEND_WRITERS", "3"),
+        ])
+        .err()
+        .expect("more writers than connections are refused");
+        assert_eq!(
+            e.to_string(),
+            "GAVEL_APPEND_WRITERS: must be at most GAVEL_API_POOL_SIZE (2)"
         );
     }
 
@@ -519,6 +575,22 @@ mod tests {
                     ("GAVEL_BID_PATH", "for_update"),
                 ],
                 "GAVEL_BID_PATH",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_APPEND_WRITERS", "0"),
+                ],
+                "GAVEL_APPEND_WRITERS",
+            ),
+            (
+                &[
+                    ("GAVEL_DATABASE_URL", URL),
+                    ("GAVEL_JWT_SECRET", SECRET),
+                    ("GAVEL_APPEND_BATCH_MAX", "5001"),
+                ],
+                "GAVEL_APPEND_BATCH_MAX",
             ),
         ];
         for (vars, name) in cases {

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
-use crate::bidding::{BidDesk, BidPath};
+use crate::bidding::{AppendSettings, BidDesk, BidPath};
 use crate::config::Config;
 use crate::db::activity::ActivitySampler;
 use crate::db::reads::Reads;
@@ -58,6 +58,10 @@ impl Server {
                 pools.api.clone(),
                 signals.clone(),
                 RateLimiter::new(config.bid_rate_limit, config.bid_rate_burst),
+                AppendSettings {
+                    writers: config.append_writers,
+                    batch_max: config.append_batch_max,
+                },
             )
             .with_bid_path(config.bid_path),
             jwt: Arc::new(JwtKeys::new(&config.jwt_secret, &config.jwt_audience)),
@@ -113,6 +117,9 @@ impl Server {
             .cloned()
             .collect();
         tasks.spawn(activity.run(workers.clone()));
+        // Stopped with the workers, after the HTTP drain: bids still queued
+        // then are written or refused before the pools close.
+        tasks.spawn(state.bids.run_appender(workers.clone()));
         tasks.spawn(state.reads.clone().watch(workers.clone()));
         tasks.spawn(listener::listen(
             listen_config,

@@ -81,6 +81,8 @@ pub const METRICS: &[MetricDoc] = &[
         "Retries answered from an earlier bid with the same Idempotency-Key."),
     metric("gavel_auction_snapshot_reads_total", Counter, &[],
         "Auction snapshots read from the database by the bid path's pre-check (others come from its cache)."),
+    metric("gavel_bids_append_batch_size", Histogram, &[],
+        "Bids written per append statement (concurrent bids are coalesced into one INSERT)."),
     metric("gavel_resolver_bids_resolved_total", Counter, &["outcome"],
         "Bids resolved, by outcome: accepted (leading or outbid) or the rules' rejection reason."),
     metric("gavel_resolver_batch_size", Histogram, &[],
@@ -131,7 +133,33 @@ pub const METRICS: &[MetricDoc] = &[
         "Unix time of the last successful pg_stat_activity sample."),
     metric("gavel_pg_sample_errors_total", Counter, &[],
         "pg_stat_activity or backlog samples that failed."),
+    // The process itself, read at each scrape (metrics-process).
+    metric("process_resident_memory_bytes", Gauge, &[],
+        "Resident memory of the Gavel process, in bytes."),
+    metric("process_virtual_memory_bytes", Gauge, &[],
+        "Virtual memory of the Gavel process, in bytes."),
+    metric("process_virtual_memory_max_bytes", Gauge, &[],
+        "The most virtual memory the Gavel process may use, in bytes (its address-space limit)."),
+    metric("process_cpu_seconds_total", Counter, &[],
+        "CPU time the Gavel process has used (user and system), in seconds."),
+    metric("process_open_fds", Gauge, &[],
+        "File descriptors the Gavel process holds open (sockets included)."),
+    metric("process_max_fds", Gauge, &[],
+        "The most file descriptors the Gavel process may open."),
+    metric("process_threads", Gauge, &[],
+        "Threads of the Gavel process."),
+    metric("process_start_time_seconds", Gauge, &[],
+        "Unix time the Gavel process started."),
 ];
+
+/// Reads the process metrics (`process_*`) into the recorder; called at
+/// each scrape, so they are as fresh as the scrape.
+pub fn collect_process_metrics() {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR
+        .get_or_init(metrics_process::Collector::default)
+        .collect();
+}
 
 /// Installs the global tracing subscriber; `filter` uses `EnvFilter` syntax.
 pub fn init_tracing(filter: &str, json: bool) {

@@ -1,10 +1,13 @@
 //! Queries on `bid_log` and `idempotency_keys`: the one-statement durable
-//! append of the bid path, reads of bids, and the resolver's outcome writes.
+//! append of the bid path (one statement for a whole batch of coalesced
+//! bids), reads of bids, and the resolver's outcome writes.
 //!
 //! The append touches only `bid_log` and `idempotency_keys`; it never reads,
 //! locks or references the `auctions` row. The row-lock baseline
 //! (`bidding::row_lock`) claims a key and inserts an already resolved bid
 //! through [`claim_key`] and [`insert_resolved`].
+
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -70,7 +73,8 @@ pub struct KeyRecord {
     pub bid_id: Uuid,
 }
 
-/// What an append did.
+/// What an append did for one bid.
+#[derive(Debug)]
 pub enum Append {
     /// A new bid is durably in the log.
     Inserted(BidRecord),
@@ -78,41 +82,95 @@ pub enum Append {
     KeyExists(KeyRecord),
 }
 
-/// The bid path's single durable write: the idempotency key and the bid in
-/// one statement (one transaction). A concurrent request with the same key
-/// waits on the key's unique index until the first commits, then sees
-/// `KeyExists`: never two bids.
-pub async fn append(
+/// A bid for [`append_batch`]: what its request asked for, and the id its
+/// row gets.
+#[derive(Debug, Clone)]
+pub struct NewBid {
+    /// The auction bid on.
+    pub auction_id: Uuid,
+    /// The new bid's id (also stored with its idempotency key).
+    pub id: Uuid,
+    /// The bidder.
+    pub bidder_id: String,
+    /// The bidder's maximum.
+    pub amount: i64,
+    /// The request's idempotency key.
+    pub key: String,
+}
+
+/// The bid path's durable write, for any number of bids in one statement
+/// (one transaction, one WAL flush): each bid's idempotency key and the bid
+/// itself. A bid whose key the bidder already used is skipped; returns the
+/// rows inserted, in the order of `bids`. No two of `bids` may share a
+/// bidder and key (a later one would be skipped like an existing key).
+///
+/// A concurrent append with one of the same keys waits on the key's unique
+/// index until the first commits, then skips it: never two bids. Keys are
+/// inserted in (bidder, key) order, so two appends that share several keys
+/// wait on each other in one order instead of deadlocking.
+pub async fn append_batch(
     client: &impl GenericClient,
-    bidder_id: &str,
-    key: &str,
-    auction_id: Uuid,
-    amount: i64,
-) -> Result<Append, tokio_postgres::Error> {
+    bids: &[&NewBid],
+) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "WITH key AS ( \
+            "WITH input AS ( \
+               SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[]) \
+                 WITH ORDINALITY AS i(auction_id, id, bidder_id, amount, key, ord)), \
+             keys AS ( \
                INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
-               VALUES ($1, $2, $3, $4, $5) ON CONFLICT (bidder_id, key) DO NOTHING \
+               SELECT bidder_id, key, auction_id, amount, id FROM input ORDER BY bidder_id, key \
+               ON CONFLICT (bidder_id, key) DO NOTHING \
                RETURNING bid_id) \
              INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-             SELECT $3, bid_id, $1, $4, $2 FROM key RETURNING {COLUMNS}"
+             SELECT i.auction_id, i.id, i.bidder_id, i.amount, i.key \
+             FROM input i JOIN keys k ON k.bid_id = i.id ORDER BY i.ord \
+             RETURNING {COLUMNS}"
         ))
         .await?;
-    let bid_id = Uuid::now_v7();
-    loop {
-        let inserted = client
-            .query_opt(&stmt, &[&bidder_id, &key, &auction_id, &amount, &bid_id])
-            .await?;
-        if let Some(row) = inserted {
-            return Ok(Append::Inserted(BidRecord::from_row(&row)?));
-        }
-        // If the conflicting key vanished between the two statements (purged),
-        // the next round inserts.
-        if let Some(existing) = find_key(client, bidder_id, key).await? {
-            return Ok(Append::KeyExists(existing));
-        }
-    }
+    let auction_ids: Vec<Uuid> = bids.iter().map(|b| b.auction_id).collect();
+    let ids: Vec<Uuid> = bids.iter().map(|b| b.id).collect();
+    let bidder_ids: Vec<&str> = bids.iter().map(|b| b.bidder_id.as_str()).collect();
+    let amounts: Vec<i64> = bids.iter().map(|b| b.amount).collect();
+    let keys: Vec<&str> = bids.iter().map(|b| b.key.as_str()).collect();
+    let rows = client
+        .query(&stmt, &[&auction_ids, &ids, &bidder_ids, &amounts, &keys])
+        .await?;
+    let mut inserted = rows
+        .iter()
+        .map(BidRecord::from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    // Rows come back in no promised order; `seq` is the insertion order.
+    inserted.sort_by_key(|bid| bid.seq);
+    Ok(inserted)
+}
+
+/// The stored idempotency keys among `wanted` (bidder, key) pairs, by pair.
+pub async fn find_keys(
+    client: &impl GenericClient,
+    wanted: &[(&str, &str)],
+) -> Result<HashMap<(String, String), KeyRecord>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT k.bidder_id, k.key, k.auction_id, k.amount, k.bid_id \
+             FROM unnest($1::text[], $2::text[]) AS w(bidder_id, key) \
+             JOIN idempotency_keys k ON k.bidder_id = w.bidder_id AND k.key = w.key",
+        )
+        .await?;
+    let bidder_ids: Vec<&str> = wanted.iter().map(|(bidder, _)| *bidder).collect();
+    let keys: Vec<&str> = wanted.iter().map(|(_, key)| *key).collect();
+    let rows = client.query(&stmt, &[&bidder_ids, &keys]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let record = KeyRecord {
+                auction_id: row.get(2),
+                amount: row.get(3),
+                bid_id: row.get(4),
+            };
+            ((row.get(0), row.get(1)), record)
+        })
+        .collect())
 }
 
 /// Claims `key` of `bidder_id` for the new bid `bid_id`, in the caller's

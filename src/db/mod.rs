@@ -10,6 +10,7 @@ pub mod auctions;
 pub mod bids;
 pub mod reads;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -163,6 +164,19 @@ struct PoolMetrics {
     size: Gauge,
     available: Gauge,
     waiting: Gauge,
+    /// Callers waiting through another task (see [`Pool::wait_started`]).
+    waiting_through: AtomicUsize,
+}
+
+/// How a wait made through another task ended (see [`Pool::wait_started`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The caller's work got a connection.
+    Served,
+    /// The caller's time ran out first: it is shed.
+    TimedOut,
+    /// The caller went away: its wait is not recorded.
+    Abandoned,
 }
 
 impl Pool {
@@ -176,6 +190,7 @@ impl Pool {
             size: metrics::gauge!("gavel_db_pool_connections", &labels),
             available: metrics::gauge!("gavel_db_pool_available_connections", &labels),
             waiting: metrics::gauge!("gavel_db_pool_waiting_requests", &labels),
+            waiting_through: AtomicUsize::new(0),
         };
         // Present from the start, so a rate over it is 0, not missing.
         metrics.timeouts.increment(0);
@@ -199,11 +214,37 @@ impl Pool {
     /// timeout); running out of time is a wait timeout.
     pub async fn get_before(&self, deadline: Instant) -> Result<Object, PoolError> {
         let started = Instant::now();
-        let result = tokio::time::timeout_at(deadline.into(), self.inner.get())
-            .await
-            .unwrap_or(Err(PoolError::Timeout(TimeoutType::Wait)));
+        let result = self.get_before_on_behalf(deadline).await;
         self.record_wait(started, &result);
         result
+    }
+
+    /// Counts a caller that waits for a connection through another task (a
+    /// bid queued for a coalesced append, whose writer takes the connection
+    /// for a whole batch): among the waiters until [`Pool::wait_ended`],
+    /// which records the wait like one made with [`Pool::get_before`].
+    pub fn wait_started(&self) {
+        self.metrics.waiting_through.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends a wait counted by [`Pool::wait_started`] at `started`.
+    pub fn wait_ended(&self, started: Instant, end: WaitEnd) {
+        self.metrics.waiting_through.fetch_sub(1, Ordering::Relaxed);
+        if end != WaitEnd::Abandoned {
+            self.metrics.wait.record(started.elapsed().as_secs_f64());
+        }
+        if end == WaitEnd::TimedOut {
+            self.metrics.timeouts.increment(1);
+        }
+    }
+
+    /// A connection for a task that waits on behalf of callers counted with
+    /// [`Pool::wait_started`], waiting at most until `deadline`: their
+    /// waits are recorded, so this one is not.
+    pub async fn get_before_on_behalf(&self, deadline: Instant) -> Result<Object, PoolError> {
+        tokio::time::timeout_at(deadline.into(), self.inner.get())
+            .await
+            .unwrap_or(Err(PoolError::Timeout(TimeoutType::Wait)))
     }
 
     fn record_wait(&self, started: Instant, result: &Result<Object, PoolError>) {
@@ -229,7 +270,10 @@ impl Pool {
         self.metrics.max.set(status.max_size as f64);
         self.metrics.size.set(status.size as f64);
         self.metrics.available.set(status.available as f64);
-        self.metrics.waiting.set(status.waiting as f64);
+        let waiting_through = self.metrics.waiting_through.load(Ordering::Relaxed);
+        self.metrics
+            .waiting
+            .set((status.waiting + waiting_through) as f64);
     }
 
     /// Closes the pool; connections are dropped as they are returned.

@@ -2,6 +2,8 @@
 //! RFC 9457 problem details with a stable `code`. Server-side causes are
 //! logged with their chain; clients of a 5xx never see internals.
 
+use std::sync::Arc;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -180,20 +182,57 @@ impl IntoResponse for ApiError {
 
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        use deadpool_postgres::PoolError;
-        match e {
-            // No free connection in time: shed load instead of queueing.
-            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => ApiError::Overloaded,
-            // Connecting took too long, or the server refused: it is down.
-            other => ApiError::Unavailable(other.into()),
-        }
+        let wait_timeout = is_wait_timeout(&e);
+        ApiError::from_pool(wait_timeout, || e.into())
+    }
+}
+
+/// A pool failure shared by the requests of one coalesced append.
+impl From<Arc<deadpool_postgres::PoolError>> for ApiError {
+    fn from(e: Arc<deadpool_postgres::PoolError>) -> Self {
+        ApiError::from_pool(is_wait_timeout(&e), || anyhow::Error::new(e))
     }
 }
 
 impl From<tokio_postgres::Error> for ApiError {
     fn from(e: tokio_postgres::Error) -> Self {
+        let code = e.code().cloned();
+        ApiError::from_database(code.as_ref(), || e.into())
+    }
+}
+
+/// A statement failure shared by the requests of one coalesced append.
+impl From<Arc<tokio_postgres::Error>> for ApiError {
+    fn from(e: Arc<tokio_postgres::Error>) -> Self {
+        let code = e.code().cloned();
+        ApiError::from_database(code.as_ref(), || anyhow::Error::new(e))
+    }
+}
+
+fn is_wait_timeout(e: &deadpool_postgres::PoolError) -> bool {
+    matches!(
+        e,
+        deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait)
+    )
+}
+
+impl ApiError {
+    fn from_pool(wait_timeout: bool, cause: impl FnOnce() -> anyhow::Error) -> Self {
+        if wait_timeout {
+            // No free connection in time: shed load instead of queueing.
+            ApiError::Overloaded
+        } else {
+            // Connecting took too long, or the server refused: it is down.
+            ApiError::Unavailable(cause())
+        }
+    }
+
+    fn from_database(
+        code: Option<&tokio_postgres::error::SqlState>,
+        cause: impl FnOnce() -> anyhow::Error,
+    ) -> Self {
         use tokio_postgres::error::SqlState;
-        match e.code() {
+        match code {
             // statement_timeout / lock_timeout: the database is saturated.
             Some(code)
                 if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE =>
@@ -209,11 +248,11 @@ impl From<tokio_postgres::Error> for ApiError {
                     || code.code().starts_with("53")
                     || code.code().starts_with("08") =>
             {
-                ApiError::Unavailable(e.into())
+                ApiError::Unavailable(cause())
             }
             // No SQL state: the connection failed or closed.
-            None => ApiError::Unavailable(e.into()),
-            Some(_) => ApiError::Internal(e.into()),
+            None => ApiError::Unavailable(cause()),
+            Some(_) => ApiError::Internal(cause()),
         }
     }
 }

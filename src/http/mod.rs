@@ -182,6 +182,7 @@ async fn render_metrics(
     for pool in pools.iter() {
         pool.export_status();
     }
+    crate::telemetry::collect_process_metrics();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         handle.render(),

@@ -222,6 +222,18 @@ impl TestApp {
         connect(&self.database_url).await
     }
 
+    /// One scrape of the admin listener's `/metrics` (Prometheus text).
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("http://{}/metrics", self.admin_addr))
+            .send()
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Creates an auction as `seller`, overriding fields of a valid body.
     pub async fn create_auction(&self, seller: &str, overrides: Value) -> Value {
         let mut body = json!({

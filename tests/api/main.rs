@@ -4,6 +4,7 @@ mod bad_input;
 mod bidding;
 mod cli;
 mod closing;
+mod coalescing;
 mod helpers;
 mod observability;
 mod overload;

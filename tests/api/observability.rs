@@ -156,7 +156,7 @@ fn the_metrics_table_documents_exactly_what_gavel_exports() {
     let readme = read("README.md");
     let documented: HashMap<String, String> = readme
         .lines()
-        .filter(|l| l.starts_with("| `gavel_"))
+        .filter(|l| l.starts_with("| `gavel_") || l.starts_with("| `process_"))
         .map(|l| {
             let name = l.split('`').nth(1).unwrap().to_owned();
             (name, l.to_owned())
@@ -194,15 +194,7 @@ struct Scrape(Vec<(String, HashMap<String, String>, f64)>);
 
 impl Scrape {
     async fn take(app: &TestApp) -> Scrape {
-        let text = app
-            .http
-            .get(format!("http://{}/metrics", app.admin_addr))
-            .send()
-            .await
-            .expect("scrape /metrics")
-            .text()
-            .await
-            .unwrap();
+        let text = app.metrics_text().await;
         Scrape(text.lines().filter_map(parse_sample).collect())
     }
 

@@ -1,0 +1,377 @@
+//! Smoke runs of the load tester against a real Gavel on a private
+//! PostgreSQL: a few seconds at a low rate, to check that the generator,
+//! the audit and the reports work (benchmarks are run with
+//! `loadtests/run.sh`, not here).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gavel::pg_cluster::{ClusterOptions, PgCluster};
+use gavel_loadtest::audit;
+use gavel_loadtest::bench::{self, BenchOptions, Launcher};
+use gavel_loadtest::generator::{self, Fate, Target};
+use gavel_loadtest::report::RunReport;
+use gavel_loadtest::scenario::Scenario;
+use gavel_loadtest::trace;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "smoke-secret-0123456789-abcdefghijklmnop";
+
+fn scenarios() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gavel-loadtest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Settings that keep a smoke run short: auctions settle soon after they end.
+fn quick_settings() -> Vec<(String, String)> {
+    vec![
+        ("GAVEL_STATEMENT_TIMEOUT_MS".into(), "1000".into()),
+        ("GAVEL_SETTLE_GRACE_MS".into(), "1500".into()),
+        ("GAVEL_LOG".into(), "warn".into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
+    let path = scenarios().join("smoke.toml");
+    let out_dir = scratch("bench-report");
+    let report = bench::bench(BenchOptions {
+        scenario_path: path.clone(),
+        scenario: Scenario::load(&path).unwrap(),
+        modes: vec!["log".into(), "row_lock".into()],
+        launcher: Launcher::InProcess,
+        out_dir: out_dir.clone(),
+        work_dir: scratch("bench-pg"),
+        ceiling_s: 2,
+        replica: true,
+        settings: quick_settings(),
+        command: "smoke test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the smoke bench failed (it needs PostgreSQL server binaries and pgbench; \
+             Debian: apt-get install -y postgresql): {e:#}"
+        )
+    });
+
+    assert_eq!(report.runs.len(), 2);
+    for run in &report.runs {
+        let bids = &run.bids;
+        assert!(
+            bids.requests >= 50,
+            "{}: {} bids offered",
+            run.mode,
+            bids.requests
+        );
+        assert!(
+            bids.ok > bids.requests / 2,
+            "{}: {} of {} bids 2xx",
+            run.mode,
+            bids.ok,
+            bids.requests
+        );
+        assert_eq!(bids.errors, 0, "{}: {:?}", run.mode, bids.endings);
+        assert!(
+            run.reads.ok >= 40,
+            "{}: {} reads answered",
+            run.mode,
+            run.reads.ok
+        );
+        assert!(bids.ok_latency_ms.p99 > 0.0 && bids.ok_latency_ms.p99 < 2_000.0);
+        assert!(run.audit.passed, "{}: {:#?}", run.mode, run.audit.checks);
+        // Five checks across the run, and one replay per auction (hot, warm, warm-2).
+        assert_eq!(run.audit.checks.len(), 3 + 1 + 3, "{:#?}", run.audit.checks);
+        assert_eq!(
+            run.audit.bids_in_log,
+            run.audit.bids_acknowledged + run.audit.unknown_fate_in_log
+        );
+        assert!(
+            run.server.samples >= 2,
+            "Gavel's metrics were read during the run"
+        );
+        let rss = run
+            .server
+            .rss_max_mib
+            .expect("Gavel exports its resident memory");
+        assert!(rss > 1.0, "rss {rss} MiB");
+        let offered: u64 = run.series.bids.iter().map(|p| p.offered).sum();
+        assert_eq!(
+            offered, bids.requests,
+            "every bid is filed under one second"
+        );
+    }
+    // The row-lock baseline resolves at once; the log path through the resolver.
+    let log = &report.runs[0];
+    let row_lock = &report.runs[1];
+    assert!(log.audit.resolver_lag_ms.max > 0.0);
+    assert!(
+        row_lock.audit.resolver_lag_ms.p99 < 1.0,
+        "{:?}",
+        row_lock.audit.resolver_lag_ms
+    );
+    assert!(row_lock.bids.endings.contains_key("ok"));
+    let ceiling = report
+        .ceiling
+        .as_ref()
+        .expect("the append ceiling was measured");
+    assert!(ceiling.rows_per_s > 1_000.0, "{ceiling:?}");
+
+    // The files: both run reports, the combined JSON, Markdown and chart.
+    for mode in ["log", "row_lock"] {
+        let run = RunReport::load(&out_dir.join(format!("{mode}.json"))).unwrap();
+        assert_eq!(run.mode, mode);
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    for needle in [
+        "| log |",
+        "| row_lock |",
+        "Raw append ceiling",
+        "✔ every bid answered 2xx",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+    }
+    let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("row_lock") && svg.contains("<polyline"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// A private primary with a migrated database and a Gavel serving it.
+struct Served {
+    _cluster: PgCluster,
+    database_url: String,
+    api: String,
+    metrics: String,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn serve(name: &str) -> Served {
+    let dir = scratch(name);
+    let cluster = tokio::task::spawn_blocking(move || {
+        let cluster = PgCluster::start(ClusterOptions::new(dir)).expect(
+            "the smoke tests need PostgreSQL server binaries (Debian: apt-get install -y postgresql)",
+        );
+        cluster.psql("postgres", "CREATE DATABASE gavel").unwrap();
+        cluster
+    })
+    .await
+    .unwrap();
+    let database_url = cluster.url("gavel");
+    gavel::db::migrate(&database_url).await.unwrap();
+    let mut settings: Vec<(String, String)> = quick_settings();
+    settings.extend([
+        ("GAVEL_DATABASE_URL".into(), database_url.clone()),
+        ("GAVEL_JWT_SECRET".into(), SECRET.into()),
+        ("GAVEL_LISTEN".into(), "127.0.0.1:0".into()),
+        ("GAVEL_ADMIN_LISTEN".into(), "127.0.0.1:0".into()),
+    ]);
+    let config = gavel::config::Config::from_lookup(|name| {
+        settings
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let server = gavel::server::Server::bind(config).await.unwrap();
+    let (api, admin) = (server.api_addr(), server.admin_addr());
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(server.run(shutdown.clone()));
+    Served {
+        _cluster: cluster,
+        database_url,
+        api: format!("http://{api}"),
+        metrics: format!("http://{admin}/metrics"),
+        shutdown,
+        handle,
+    }
+}
+
+impl Served {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_audit() {
+    let served = serve("cli").await;
+    let work = scratch("cli-files");
+    std::fs::create_dir_all(&work).unwrap();
+    let trace_path = work.join("recorded.csv");
+    let run_json = work.join("run.json");
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gavel-loadtest"))
+            .args(args)
+            .env("GAVEL_JWT_SECRET", SECRET)
+            .env("GAVEL_DATABASE_URL", &served.database_url)
+            .output()
+            .unwrap()
+    };
+
+    // A synthetic run through the CLI, recording what it sent as a trace.
+    let smoke = scenarios().join("smoke.toml");
+    let out = cli(&[
+        "run",
+        smoke.to_str().unwrap(),
+        "--target",
+        &served.api,
+        "--metrics",
+        &served.metrics,
+        "--duration-s",
+        "2",
+        "--out",
+        run_json.to_str().unwrap(),
+        "--record-trace",
+        trace_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "gavel-loadtest run failed:\n{stderr}");
+    assert!(
+        stderr.contains("bids: offered"),
+        "live progress is printed:\n{stderr}"
+    );
+    let run = RunReport::load(&run_json).unwrap();
+    assert!(run.audit.passed, "{:#?}", run.audit.checks);
+    let recorded = trace::load(&trace_path).unwrap();
+    assert_eq!(recorded.len() as u64, run.bids.requests);
+
+    // Replay the recording at 4x through a scenario that points at it.
+    let replay = work.join("replay.toml");
+    std::fs::write(
+        &replay,
+        std::fs::read_to_string(scenarios().join("trace-replay.toml"))
+            .unwrap()
+            .replace("../traces/final-seconds.csv", "recorded.csv")
+            .replace("speed = 2.0", "speed = 4.0"),
+    )
+    .unwrap();
+    let replay_json = work.join("replay.json");
+    let out = cli(&[
+        "run",
+        replay.to_str().unwrap(),
+        "--target",
+        &served.api,
+        "--metrics",
+        &served.metrics,
+        "--mode",
+        "replay",
+        "--out",
+        replay_json.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replayed = RunReport::load(&replay_json).unwrap();
+    assert_eq!(
+        replayed.bids.requests, run.bids.requests,
+        "every recorded bid is replayed"
+    );
+    assert!(
+        replayed.duration_s < run.duration_s,
+        "4x faster: {} s vs {} s",
+        replayed.duration_s,
+        run.duration_s
+    );
+    assert!(replayed.audit.passed, "{:#?}", replayed.audit.checks);
+
+    // A scenario with a mistake is refused with the field named.
+    let bad = work.join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&smoke)
+            .unwrap()
+            .replace("bid_share = 0.2", "bid_share = 0.3"),
+    )
+    .unwrap();
+    let out = cli(&["run", bad.to_str().unwrap(), "--target", &served.api]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bid_share must add up to 1"), "{stderr}");
+
+    // The audit catches a lost bid and a wrongly resolved one.
+    let scenario = Scenario::load(&smoke)
+        .unwrap()
+        .scaled(1.0, Some(2.0))
+        .unwrap();
+    let target = Target {
+        api: served.api.clone(),
+        metrics: None,
+        jwt_secret: SECRET.into(),
+        jwt_audience: "gavel".into(),
+    };
+    let output = generator::run(&scenario, None, &target).await.unwrap();
+    let audit_now = || {
+        audit::audit(
+            &served.database_url,
+            &output.auctions,
+            &output.sent,
+            Duration::from_secs(60),
+        )
+    };
+    let clean = audit_now().await.unwrap();
+    assert!(clean.passed, "{:#?}", clean.checks);
+    let (acked, acked_auction) = output
+        .sent
+        .iter()
+        .find_map(|b| match b.fate {
+            Fate::Acked(id) => Some((id, b.auction)),
+            _ => None,
+        })
+        .expect("some bid was acknowledged");
+    let other = output.auctions[(acked_auction + 1) % output.auctions.len()].id;
+    let (db, connection) = tokio_postgres::connect(&served.database_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    db.execute("DELETE FROM bid_log WHERE id = $1", &[&acked])
+        .await
+        .unwrap();
+    let changed = db
+        .execute(
+            "UPDATE bid_log SET price_after = COALESCE(price_after, 0) + 1 \
+             WHERE auction_id = $1 AND resolution_no = 1",
+            &[&other],
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed, 1, "every smoke auction gets bids");
+    let tampered = audit_now().await.unwrap();
+    assert!(!tampered.passed);
+    let failed: Vec<&str> = tampered
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.detail.as_str())
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|d| d.contains(&format!("bid {acked}")) && d.contains("0 matching rows")),
+        "{failed:#?}"
+    );
+    assert!(
+        failed.iter().any(|d| d.contains("price after")),
+        "{failed:#?}"
+    );
+
+    served.stop().await;
+    std::fs::remove_dir_all(&work).unwrap();
+}

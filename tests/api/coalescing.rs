@@ -1,0 +1,229 @@
+//! Coalesced appends: concurrent bids share append statements, and the bid
+//! path's contract still holds bid by bid: every acknowledged bid is in the
+//! log once, a repeated key is one bid, and a statement that cannot run
+//! answers all of its bids 503 without writing any of them.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::*;
+
+/// `name value` of an unlabelled series in a Prometheus text scrape (0 when
+/// absent: a histogram appears with its first observation).
+fn sample(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_bids_share_append_statements_and_each_is_logged_once() {
+    // A process of its own, so its metrics count only this test's bids.
+    let database_url = fresh_database().await;
+    let process = ServeProcess::start_with(
+        &database_url,
+        &[
+            ("GAVEL_API_POOL_SIZE", "2"),
+            // Bids stay pending: the snapshot check passes every one of them.
+            ("GAVEL_RESOLVER", "off"),
+            // Room for a busy test machine: this test is about batching.
+            ("GAVEL_POOL_WAIT_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
+    let app = process.client(&database_url);
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    // Caches the auction snapshot, so the burst does not read it 200 times.
+    let warm = app.bid("warm-up", &auction_id, 1_000, &new_key()).await;
+    assert_eq!(warm.status(), StatusCode::ACCEPTED);
+    let before = app.metrics_text().await;
+
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let (http, addr) = (app.http.clone(), app.addr);
+            let token = app.token(&format!("bidder-{i}"), &[]);
+            let auction_id = auction_id.clone();
+            tokio::spawn(async move {
+                let response =
+                    place_bid(&http, addr, &token, &auction_id, 1_000 + i, &new_key()).await;
+                let status = response.status();
+                (status, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        ids.insert(id_of(&body));
+    }
+    assert_eq!(ids.len(), 200, "200 distinct bids");
+
+    let db = app.db().await;
+    let logged: Vec<Uuid> = db
+        .query(
+            "SELECT id FROM bid_log WHERE bidder_id LIKE 'bidder-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(logged.len(), 200, "exactly 200 rows");
+    assert!(
+        logged.iter().all(|id| ids.contains(id)),
+        "the acknowledged ones"
+    );
+
+    let after = app.metrics_text().await;
+    let statements = sample(&after, "gavel_bids_append_batch_size_count")
+        - sample(&before, "gavel_bids_append_batch_size_count");
+    let written = sample(&after, "gavel_bids_append_batch_size_sum")
+        - sample(&before, "gavel_bids_append_batch_size_sum");
+    eprintln!("coalescing: 200 concurrent bids written by {statements} append statements");
+    assert_eq!(written, 200.0, "every bid went through one statement");
+    assert!(
+        (1.0..200.0).contains(&statements),
+        "some statements wrote several bids: {statements} statements"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_sent_twenty_times_at_once_is_one_bid_and_every_answer_names_it() {
+    let app = TestApp::spawn_with(|config| {
+        // Pending bids: every answer is 202, a replay marked as one.
+        config.resolver_enabled = false;
+        config.pool_wait_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let warm = app.bid("warm-up", &auction_id, 1_000, &new_key()).await;
+    assert_eq!(warm.status(), StatusCode::ACCEPTED);
+
+    let key = new_key();
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, addr, token) = (app.http.clone(), app.addr, app.token("dana", &[]));
+            let (auction_id, key) = (auction_id.clone(), key.clone());
+            tokio::spawn(async move {
+                let response = place_bid(&http, addr, &token, &auction_id, 4_000, &key).await;
+                let replayed = header(&response, "idempotent-replayed");
+                let status = response.status();
+                (status, replayed, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    let mut firsts = 0;
+    for request in requests {
+        let (status, replayed, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        match replayed.as_str() {
+            "true" => {}
+            "" => firsts += 1,
+            other => panic!("Idempotent-Replayed: {other}"),
+        }
+        ids.insert(id_of(&body));
+    }
+    assert_eq!(ids.len(), 1, "every answer names the same bid");
+    assert_eq!(firsts, 1, "one answer is the first, the others replays");
+    let db = app.db().await;
+    let rows: Vec<Uuid> = db
+        .query(
+            "SELECT id FROM bid_log WHERE bidder_id = 'dana' AND idempotency_key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(rows.len(), 1, "one bid in the log");
+    assert!(ids.contains(&rows[0]));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_written() {
+    let app = TestApp::spawn().await;
+    let config = test_config(&app.database_url);
+    // What a bid may take here: waiting for a writer within its budget, then
+    // its statement's lock wait.
+    let bound = config.pool_wait_timeout + config.lock_timeout + Duration::from_millis(1_000);
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let warm = app.bid("warm-up", &auction_id, 1_000, &new_key()).await;
+    assert_eq!(warm.status(), StatusCode::ACCEPTED);
+
+    let locker = app.db().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE bid_log IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..30).map(|_| new_key()).collect();
+    let requests: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let (http, addr) = (app.http.clone(), app.addr);
+            let token = app.token(&format!("locked-out-{i}"), &[]);
+            let (auction_id, key) = (auction_id.clone(), key.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response =
+                    place_bid(&http, addr, &token, &auction_id, 2_000 + i as i64, &key).await;
+                let status = response.status();
+                let retry_after = header(&response, "retry-after");
+                let body: Value = response.json().await.unwrap();
+                (started.elapsed(), status, retry_after, body)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    let slowest = answers.iter().map(|(took, ..)| *took).max().unwrap();
+    eprintln!("locked log: 30 bids answered, the slowest after {slowest:?}");
+    for (took, status, retry_after, body) in &answers {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["code"], "overloaded", "{body}");
+        assert_eq!(retry_after, "1");
+        assert!(*took < bound, "answered after {took:?}, bound {bound:?}");
+    }
+    // Nothing of a failed statement was written, not even later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = app.db().await;
+    let logged: i64 = db
+        .query_one(
+            "SELECT count(*) FROM bid_log WHERE idempotency_key = ANY($1)",
+            &[&keys],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 0, "no refused bid is in the log");
+    let claimed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM idempotency_keys WHERE key = ANY($1)",
+            &[&keys],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claimed, 0, "nor is its idempotency key");
+
+    // The log takes bids again at once.
+    let after = app.bid("after", &auction_id, 9_000, &new_key()).await;
+    assert_eq!(after.status(), StatusCode::ACCEPTED);
+    app.stop().await;
+}
