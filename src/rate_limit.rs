@@ -13,7 +13,18 @@ const SWEEP_AT: usize = 100_000;
 pub struct RateLimiter {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+/// The buckets, and when idle ones may next be swept.
+#[derive(Default)]
+struct Buckets {
+    by_bidder: HashMap<String, Bucket>,
+    /// A sweep keeps every bucket touched within the refill time, so with
+    /// that many busy bidders sweeping again at once would free nothing:
+    /// sweeps are at least a refill time apart (never one per bid).
+    next_sweep: Option<Instant>,
+    sweeps: u64,
 }
 
 struct Bucket {
@@ -27,7 +38,7 @@ impl RateLimiter {
         RateLimiter {
             per_second: f64::from(per_second),
             burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::default(),
         }
     }
 
@@ -41,14 +52,22 @@ impl RateLimiter {
             return Ok(());
         }
         let mut buckets = self.buckets.lock().expect("rate limiter lock");
-        if buckets.len() >= SWEEP_AT {
+        let buckets = &mut *buckets;
+        if buckets.by_bidder.len() >= SWEEP_AT && buckets.next_sweep.is_none_or(|at| now >= at) {
             let full_after = Duration::from_secs_f64(self.burst / self.per_second);
-            buckets.retain(|_, b| now.duration_since(b.refilled) < full_after);
+            buckets
+                .by_bidder
+                .retain(|_, b| now.saturating_duration_since(b.refilled) < full_after);
+            buckets.next_sweep = Some(now + full_after);
+            buckets.sweeps += 1;
         }
-        let bucket = buckets.entry(bidder.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            refilled: now,
-        });
+        let bucket = buckets
+            .by_bidder
+            .entry(bidder.to_owned())
+            .or_insert(Bucket {
+                tokens: self.burst,
+                refilled: now,
+            });
         let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
         bucket.refilled = now;
@@ -82,6 +101,30 @@ mod tests {
         let t1 = t0 + Duration::from_millis(100);
         assert!(limiter.check_at("alice", t1).is_ok());
         assert!(limiter.check_at("alice", t1).is_err());
+    }
+
+    #[test]
+    fn idle_buckets_are_swept_at_most_once_per_refill_time() {
+        // 10/s with a burst of 20: a bucket is full again after 2 s.
+        let limiter = RateLimiter::new(10, 20);
+        let t0 = Instant::now();
+        for i in 0..SWEEP_AT {
+            assert!(limiter.check_at(&format!("b{i}"), t0).is_ok());
+        }
+        // Every bucket is busy: one sweep frees nothing, and the next
+        // thousand bids do not sweep again.
+        for i in 0..1_000 {
+            assert!(limiter.check_at(&format!("late{i}"), t0).is_ok());
+        }
+        let swept = |l: &RateLimiter| {
+            let b = l.buckets.lock().unwrap();
+            (b.sweeps, b.by_bidder.len())
+        };
+        assert_eq!(swept(&limiter), (1, SWEEP_AT + 1_000));
+        // Once they are full again, the next sweep drops them.
+        let later = t0 + Duration::from_secs(3);
+        assert!(limiter.check_at("fresh", later).is_ok());
+        assert_eq!(swept(&limiter), (2, 1));
     }
 
     #[test]

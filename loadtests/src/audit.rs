@@ -268,6 +268,12 @@ fn check_acknowledged(
                     ));
                 }
             }
+            Fate::NotSent => {
+                if !rows.is_empty() {
+                    refused_in_log
+                        .push(format!("key {} was never sent but is in the log", bid.key));
+                }
+            }
             Fate::Unknown => {
                 if rows.len() == 1 && as_sent(&rows[0]) {
                     unknown_in_log += 1;
@@ -319,8 +325,10 @@ fn check_acknowledged(
         "no refused or unsent bid is in bid_log",
         refused_in_log,
         format!(
-            "{} bids refused by the API are absent; {} bids of unknown fate (timeouts, 5xx) were in the log",
-            sent.iter().filter(|b| matches!(b.fate, Fate::Refused(_))).count(),
+            "{} bids refused by the API or never sent are absent; {} bids of unknown fate (timeouts, 5xx) were in the log",
+            sent.iter()
+                .filter(|b| matches!(b.fate, Fate::Refused(_) | Fate::NotSent))
+                .count(),
             unknown_in_log
         ),
     );

@@ -126,6 +126,11 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
     } else {
         None
     };
+    // Keep the primary's log (checkpoints, autovacuum) with the report.
+    let log = options.work_dir.join("primary").join("postgres.log");
+    if let Err(e) = std::fs::copy(&log, options.out_dir.join("postgres.log")) {
+        eprintln!("(could not keep PostgreSQL's log {}: {e})", log.display());
+    }
     tokio::task::spawn_blocking(move || {
         drop(replica);
         drop(primary);
@@ -166,6 +171,10 @@ async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Op
             ("fsync".into(), "on".into()),
             ("synchronous_commit".into(), "on".into()),
             ("shared_buffers".into(), "256MB".into()),
+            // What the database did in the background, for reading a stall
+            // in the report against (the log is kept with the report).
+            ("log_checkpoints".into(), "on".into()),
+            ("log_autovacuum_min_duration".into(), "0".into()),
         ];
         let primary =
             PgCluster::start(primary_options).context("starting the private PostgreSQL")?;

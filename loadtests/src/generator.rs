@@ -62,10 +62,11 @@ pub struct RunAuction {
 pub enum Fate {
     /// A 2xx named this bid id: it must be in the log exactly once.
     Acked(Uuid),
-    /// Every attempt was answered with a refusal or a 503 that never
-    /// reached the log... or so the client must assume only when no
-    /// attempt was left without an answer: see [`Fate::Unknown`].
+    /// Every attempt got a definite refusal (a 4xx): it must not be in the log.
     Refused(String),
+    /// No attempt was ever sent (the generator had no slot for it within
+    /// the client timeout): it must not be in the log.
+    NotSent,
     /// Some attempt timed out, failed or got a 5xx: the bid may or may not
     /// be in the log, but at most once.
     Unknown,
@@ -284,8 +285,9 @@ pub async fn run(
         }
     }
     readers.await?;
-    // Let every request finish (its retries included).
-    let patience = shared.timeout * shared.max_attempts
+    // Let every request finish: each attempt waits at most a client timeout
+    // for a slot and another for its answer, then backs off.
+    let patience = shared.timeout * 2 * shared.max_attempts
         + Duration::from_millis(shared.backoff_ms[1] * u64::from(shared.max_attempts))
         + Duration::from_secs(2);
     let waited = Instant::now();
@@ -565,14 +567,23 @@ enum Answer {
     Status(StatusCode, Option<Duration>, bytes::Bytes, bool),
     Timeout,
     Transport,
+    /// No slot came free within the client timeout: nothing was sent.
+    NotSent,
+}
+
+/// A slot among the generator's open requests, waiting at most the client
+/// timeout (an overwhelmed target must not pile up requests without end).
+async fn slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    tokio::time::timeout(shared.timeout, shared.slots.acquire())
+        .await
+        .ok()
+        .map(|permit| permit.expect("the semaphore is never closed"))
 }
 
 async fn attempt(shared: &Shared, request: reqwest::RequestBuilder) -> Answer {
-    let _slot = shared
-        .slots
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
+    let Some(_slot) = slot(shared).await else {
+        return Answer::NotSent;
+    };
     match request.timeout(shared.timeout).send().await {
         Ok(response) => {
             let status = response.status();
@@ -689,6 +700,15 @@ async fn send_bid(
                 ambiguous = true;
                 None
             }
+            Answer::NotSent if attempts < shared.max_attempts => None,
+            Answer::NotSent => {
+                let fate = if ambiguous {
+                    Fate::Unknown
+                } else {
+                    Fate::NotSent
+                };
+                break (Ending::Timeout, fate, false);
+            }
             Answer::Timeout => break (Ending::Timeout, Fate::Unknown, false),
             Answer::Transport => break (Ending::Transport, Fate::Unknown, false),
         };
@@ -739,7 +759,7 @@ async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: u
             Ending::ServerError(problem_code(status, &body))
         }
         Answer::Status(status, _, body, _) => Ending::Refused(problem_code(status, &body)),
-        Answer::Timeout => Ending::Timeout,
+        Answer::Timeout | Answer::NotSent => Ending::Timeout,
         Answer::Transport => Ending::Transport,
     };
     let done = Instant::now();
@@ -756,11 +776,9 @@ async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: u
 
 /// One read; a fresh view updates what the clients know of the auction.
 async fn attempt_read(shared: &Shared, request: reqwest::RequestBuilder, auction: usize) -> Answer {
-    let _slot = shared
-        .slots
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
+    let Some(_slot) = slot(shared).await else {
+        return Answer::NotSent;
+    };
     let response = match request.timeout(shared.timeout).send().await {
         Ok(response) => response,
         Err(e) if e.is_timeout() => return Answer::Timeout,
@@ -886,7 +904,8 @@ async fn monitor(
     }
 }
 
-/// Steps whose requests have all had time to finish by `now`.
+/// Steps that ended at least one client timeout before `now`: by then a
+/// request of the step still open has taken too long anyway.
 fn judge_ready_steps(
     recorder: &Recorder,
     scenario: &Scenario,
@@ -895,12 +914,10 @@ fn judge_ready_steps(
     now: f64,
     timeout: Duration,
 ) -> Vec<StepResult> {
-    let settle = timeout.as_secs_f64() * f64::from(scenario.client.max_attempts)
-        + scenario.client.backoff_ms[1] as f64 / 1000.0 * f64::from(scenario.client.max_attempts);
     let a = &scenario.arrival;
     let total = (duration_s / a.step_s).ceil() as usize;
     (judged..total)
-        .take_while(|&k| (k + 1) as f64 * a.step_s + settle.min(a.step_s) <= now)
+        .take_while(|&k| (k + 1) as f64 * a.step_s + timeout.as_secs_f64() + 0.5 <= now)
         .map(|k| judge_step(recorder, scenario, k))
         .collect()
 }

@@ -255,6 +255,7 @@ impl Recorder {
         for s in self.seconds.iter().take(to).skip(from) {
             let s = &s[slot(kind)];
             window.offered += s.offered;
+            window.ended += s.ok + s.refused + s.errors;
             window.ok += s.ok;
             window.errors += s.errors;
             latency.add(&s.ok_latency).expect("same bounds");
@@ -319,6 +320,8 @@ pub struct Point {
 pub struct Window {
     /// Requests offered.
     pub offered: u64,
+    /// Of those, ended (answered, refused, failed) so far.
+    pub ended: u64,
     /// Answered 2xx.
     pub ok: u64,
     /// 5xx, timeouts, transport errors.
@@ -463,6 +466,9 @@ mod tests {
         assert_eq!(s.endings["4xx bid_too_low"], 1);
         assert_eq!(s.endings["5xx overloaded"], 1);
         let w = r.window(Kind::Bid, 0, 2);
-        assert_eq!((w.offered, w.ok, w.errors, w.p99_ms), (4, 0, 3, None));
+        assert_eq!(
+            (w.offered, w.ended, w.ok, w.errors, w.p99_ms),
+            (4, 4, 0, 3, None)
+        );
     }
 }

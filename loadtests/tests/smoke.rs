@@ -141,6 +141,11 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
     }
+    let pg_log = std::fs::read_to_string(out_dir.join("postgres.log")).unwrap();
+    assert!(
+        pg_log.contains("checkpoint") || pg_log.contains("database system is ready"),
+        "{pg_log}"
+    );
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("row_lock") && svg.contains("<polyline"),
