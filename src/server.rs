@@ -61,6 +61,7 @@ impl Server {
                 AppendSettings {
                     writers: config.append_writers,
                     batch_max: config.append_batch_max,
+                    write_limit: config.statement_timeout + Duration::from_secs(1),
                 },
             )
             .with_bid_path(config.bid_path),

@@ -274,11 +274,16 @@ fn check_acknowledged(
                         .push(format!("key {} was never sent but is in the log", bid.key));
                 }
             }
-            Fate::Unknown => {
-                if rows.len() == 1 && as_sent(&rows[0]) {
-                    unknown_in_log += 1;
-                }
-            }
+            Fate::Unknown => match rows {
+                [] => {}
+                [row] if as_sent(row) => unknown_in_log += 1,
+                // More than one row is caught by the duplicate check below.
+                [row] => lost.push(format!(
+                    "bid {} (key {}) is in the log with another auction or amount than sent",
+                    row.id, bid.key
+                )),
+                _ => {}
+            },
         }
     }
     report.unknown_fate_in_log = unknown_in_log;

@@ -684,7 +684,8 @@ async fn send_bid(
             }
             Answer::Status(status, _, body, _) => {
                 let code = problem_code(status, &body);
-                let fate = if ambiguous {
+                // A 5xx may come after the bid committed: only a 4xx is sure.
+                let fate = if ambiguous || status.is_server_error() {
                     Fate::Unknown
                 } else {
                     Fate::Refused(code.clone())

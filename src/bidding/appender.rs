@@ -61,6 +61,10 @@ pub struct AppendSettings {
     pub writers: usize,
     /// Most bids written by one statement.
     pub batch_max: usize,
+    /// The longest a batch may take, commit included (the statement timeout
+    /// plus a margin): past it the batch's outcome is unknown, its
+    /// connection is dropped and its bids are answered `503`.
+    pub write_limit: Duration,
 }
 
 impl Default for AppendSettings {
@@ -68,6 +72,7 @@ impl Default for AppendSettings {
         AppendSettings {
             writers: 2,
             batch_max: 500,
+            write_limit: Duration::from_secs(6),
         }
     }
 }
@@ -95,6 +100,7 @@ struct Writers {
     signals: Signals,
     count: usize,
     batch_max: usize,
+    write_limit: Duration,
     /// When each writer's batch in flight started.
     in_flight: Mutex<Vec<Option<Instant>>>,
     /// Notified whenever a batch ends.
@@ -174,6 +180,7 @@ impl Appender {
                 signals,
                 count,
                 batch_max,
+                write_limit: settings.write_limit,
                 in_flight: Mutex::new(vec![None; count]),
                 batch_done: Notify::new(),
             }),
@@ -341,11 +348,37 @@ impl Writers {
         }
     }
 
+    /// Frees `slot`: its batch is no longer in flight.
+    fn batch_ended(&self, slot: usize) {
+        self.in_flight.lock().expect("in-flight lock")[slot] = None;
+        self.batch_done.notify_waiters();
+    }
+
     /// Writes `batch` on `client` and answers each of its bids.
     async fn write(&self, slot: usize, client: Object, batch: Vec<Submission>) {
         self.in_flight.lock().expect("in-flight lock")[slot] = Some(Instant::now());
         let bids: Vec<&NewBid> = batch.iter().map(|s| &s.bid).collect();
-        let outcomes = append_all(&client, &bids).await;
+        let Ok(outcomes) = tokio::time::timeout(self.write_limit, append_all(&client, &bids)).await
+        else {
+            // The statement outlived its own timeout: a commit waiting on a
+            // stalled disk, or a connection gone silent. Whether it
+            // committed is unknown, so its bids are answered 503 and a
+            // retry with the same key replays whatever did; the connection
+            // is not trusted again, and the other writers go on.
+            tracing::warn!(
+                bids = batch.len(),
+                "an append batch outlived the statement timeout; its outcome is unknown"
+            );
+            drop(Object::take(client));
+            self.batch_ended(slot);
+            for submission in batch {
+                submission.answer(Err(ApiError::Unavailable(anyhow::anyhow!(
+                    "an append batch did not finish within {:?}",
+                    self.write_limit
+                ))));
+            }
+            return;
+        };
         let mut woken = HashSet::new();
         for outcome in &outcomes {
             if let Ok(Append::Inserted(bid)) = outcome {
@@ -356,13 +389,17 @@ impl Writers {
         }
         // Committed: from here on nothing may fail these bids' requests.
         let wal_position = if outcomes.iter().any(Result::is_ok) {
-            reads::wal_position(&client).await.ok()
+            match tokio::time::timeout(self.write_limit, reads::wal_position(&client)).await {
+                Ok(position) => position.ok(),
+                Err(_) => {
+                    drop(Object::take(client));
+                    None
+                }
+            }
         } else {
             None
         };
-        drop(client);
-        self.in_flight.lock().expect("in-flight lock")[slot] = None;
-        self.batch_done.notify_waiters();
+        self.batch_ended(slot);
         for (submission, outcome) in batch.into_iter().zip(outcomes) {
             submission.answer(
                 outcome
