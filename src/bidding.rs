@@ -255,6 +255,9 @@ impl BidDesk {
         if existing.auction_id != auction_id || existing.amount != amount.get() {
             return Err(ApiError::IdempotencyKeyReused);
         }
+        if let Some(bid) = &existing.bid {
+            return Ok(bid.clone());
+        }
         let client = connection(&self.pool, budget).await?;
         bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
             ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))

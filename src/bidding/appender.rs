@@ -585,6 +585,7 @@ mod tests {
             auction_id: bid.auction_id,
             amount: bid.amount,
             bid_id: bid.id,
+            bid: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct KeyRecord {
     pub amount: i64,
     /// The bid the first request created.
     pub bid_id: Uuid,
+    /// That bid as stored, when it was read together with the key (so a
+    /// replay needs no second query, nor a second connection).
+    pub bid: Option<BidRecord>,
 }
 
 /// What an append did for one bid.
@@ -152,25 +155,35 @@ pub async fn find_keys(
 ) -> Result<HashMap<(String, String), KeyRecord>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
-            "SELECT k.bidder_id, k.key, k.auction_id, k.amount, k.bid_id \
+            "SELECT k.bidder_id AS key_bidder_id, k.key AS key_key, \
+                    k.auction_id AS key_auction_id, k.amount AS key_amount, \
+                    k.bid_id AS key_bid_id, b.* \
              FROM unnest($1::text[], $2::text[]) AS w(bidder_id, key) \
-             JOIN idempotency_keys k ON k.bidder_id = w.bidder_id AND k.key = w.key",
+             JOIN idempotency_keys k ON k.bidder_id = w.bidder_id AND k.key = w.key \
+             LEFT JOIN bid_log b ON b.auction_id = k.auction_id AND b.id = k.bid_id",
         )
         .await?;
     let bidder_ids: Vec<&str> = wanted.iter().map(|(bidder, _)| *bidder).collect();
     let keys: Vec<&str> = wanted.iter().map(|(_, key)| *key).collect();
     let rows = client.query(&stmt, &[&bidder_ids, &keys]).await?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|row| {
-            let record = KeyRecord {
-                auction_id: row.get(2),
-                amount: row.get(3),
-                bid_id: row.get(4),
+            let bid = match row.try_get::<_, Option<Uuid>>("id")? {
+                Some(_) => Some(BidRecord::from_row(row)?),
+                None => None,
             };
-            ((row.get(0), row.get(1)), record)
+            let record = KeyRecord {
+                auction_id: row.try_get("key_auction_id")?,
+                amount: row.try_get("key_amount")?,
+                bid_id: row.try_get("key_bid_id")?,
+                bid,
+            };
+            Ok((
+                (row.try_get("key_bidder_id")?, row.try_get("key_key")?),
+                record,
+            ))
         })
-        .collect())
+        .collect()
 }
 
 /// Claims `key` of `bidder_id` for the new bid `bid_id`, in the caller's
@@ -284,6 +297,7 @@ pub async fn find_key(
             auction_id: row.get(0),
             amount: row.get(1),
             bid_id: row.get(2),
+            bid: None,
         }))
 }
 
