@@ -162,6 +162,21 @@ pub async fn audit(
     Ok(report)
 }
 
+/// Audits what a run sent, waiting at most [`SETTLE_PATIENCE`].
+pub async fn audit_run(
+    database_url: &str,
+    output: &crate::generator::RunOutput,
+) -> anyhow::Result<AuditReport> {
+    eprintln!("auditing the database ...");
+    audit(
+        database_url,
+        &output.auctions,
+        &output.sent,
+        SETTLE_PATIENCE,
+    )
+    .await
+}
+
 /// Seconds waited until nothing is pending and every auction that ends
 /// within [`SETTLE_HORIZON`] has settled. An auction that ends later (a
 /// rate-finding run that stopped early) is audited as it stands.

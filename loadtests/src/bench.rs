@@ -95,15 +95,7 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         let target = gavel.target();
         let measured = async {
             let output = generator::run(&options.scenario, trace.as_deref(), &target).await?;
-            let settle_timeout = audit::SETTLE_PATIENCE;
-            eprintln!("auditing the database ...");
-            let audit = audit::audit(
-                &database_url,
-                &output.auctions,
-                &output.sent,
-                settle_timeout,
-            )
-            .await?;
+            let audit = audit::audit_run(&database_url, &output).await?;
             anyhow::Ok(RunReport::new(mode, &options.scenario, &output, audit))
         }
         .await;

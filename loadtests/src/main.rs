@@ -224,15 +224,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 trace::write(&path, &bids)?;
                 eprintln!("trace of {} bids: {}", bids.len(), path.display());
             }
-            let settle_timeout = audit::SETTLE_PATIENCE;
-            eprintln!("auditing the database ...");
-            let audit = audit::audit(
-                &database_url,
-                &output.auctions,
-                &output.sent,
-                settle_timeout,
-            )
-            .await?;
+            let audit = audit::audit_run(&database_url, &output).await?;
             let report = RunReport::new(&mode, &scenario, &output, audit);
             let out = out.unwrap_or_else(|| {
                 PathBuf::from(format!(

@@ -568,15 +568,11 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         ))
         .map_err(plot_error)?
         .label(r.mode.clone())
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        .legend(legend_line(color));
         c.draw_series(LineSeries::new(points(|p| p.offered), color.mix(0.5)))
             .map_err(plot_error)?;
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut c)?;
 
     // Latency, log scale: p99 (thick) and p50 (thin) of bids answered 2xx.
     let lat_max = report
@@ -608,17 +604,11 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         c.draw_series(LineSeries::new(points(|p| p.p99_ms), color.stroke_width(2)))
             .map_err(plot_error)?
             .label(r.mode.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .legend(legend_line(color));
         c.draw_series(LineSeries::new(points(|p| p.p50_ms), color.mix(0.6)))
             .map_err(plot_error)?;
     }
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)?;
+    draw_legend(&mut c)?;
 
     // Errors: 5xx, timeouts and transport errors per second.
     let err_max = report
@@ -652,15 +642,27 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         ))
         .map_err(plot_error)?
         .label(r.mode.clone())
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        .legend(legend_line(color));
     }
+    draw_legend(&mut c)?;
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+/// The legend's sample of a mode's line.
+fn legend_line(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+}
+
+/// Draws a panel's legend: one entry per mode.
+fn draw_legend<'a, CT: CoordTranslate>(
+    c: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+) -> anyhow::Result<()> {
     c.configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(plot_error)?;
-    root.present().map_err(plot_error)?;
-    Ok(())
+        .map_err(plot_error)
 }
 
 fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {

@@ -45,6 +45,16 @@ const COLUMNS: &str = "auction_id, id, seq, bidder_id, amount, status, reason, p
     received_at, resolved_at, resolution_no";
 
 impl BidRecord {
+    /// The bid as the auction rules see it.
+    pub fn input(&self) -> crate::rules::BidInput {
+        crate::rules::BidInput {
+            id: self.id,
+            bidder_id: self.bidder_id.clone(),
+            amount: self.amount,
+            received_at: self.received_at,
+        }
+    }
+
     fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
         Ok(BidRecord {
             auction_id: row.try_get("auction_id")?,

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::db::{auctions, bids, Pool};
-use crate::rules::{self, BidInput, Outcome};
+use crate::rules::{self, Outcome};
 pub use signals::{Resolved, Signals};
 
 /// Most bids applied in one transaction.
@@ -361,16 +361,7 @@ impl Resolver {
             if held_back(bid, state.ends_at) {
                 break;
             }
-            let applied = rules::apply_bid(
-                terms,
-                &mut state,
-                &BidInput {
-                    id: bid.id,
-                    bidder_id: bid.bidder_id.clone(),
-                    amount: bid.amount,
-                    received_at: bid.received_at,
-                },
-            );
+            let applied = rules::apply_bid(terms, &mut state, &bid.input());
             if let Some(displaced) = applied.displaced {
                 match position.get(&displaced) {
                     Some(&i) => outcomes.statuses[i] = "outbid",

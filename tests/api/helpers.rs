@@ -400,6 +400,18 @@ pub struct AuditBid {
     pub resolution_no: Option<i64>,
 }
 
+impl AuditBid {
+    /// The bid as the auction rules see it.
+    pub fn input(&self) -> BidInput {
+        BidInput {
+            id: self.id,
+            bidder_id: self.bidder_id.clone(),
+            amount: self.amount,
+            received_at: self.received_at,
+        }
+    }
+}
+
 /// Every bid of an auction in resolution order (pending ones last).
 pub async fn audit_bids(db: &tokio_postgres::Client, auction_id: Uuid) -> Vec<AuditBid> {
     db.query(
@@ -461,16 +473,7 @@ pub async fn assert_consistent(db: &tokio_postgres::Client, auction_id: Uuid) ->
     let mut expected = AuctionState::opening(row.get(5));
     let mut leading = HashMap::new();
     for bid in &bids {
-        let applied = rules::apply_bid(
-            &terms,
-            &mut expected,
-            &BidInput {
-                id: bid.id,
-                bidder_id: bid.bidder_id.clone(),
-                amount: bid.amount,
-                received_at: bid.received_at,
-            },
-        );
+        let applied = rules::apply_bid(&terms, &mut expected, &bid.input());
         assert_eq!(
             applied.price_after, bid.price_after,
             "price after bid {}",

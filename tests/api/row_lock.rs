@@ -12,7 +12,7 @@ use chrono::Utc;
 use gavel::bidding::BidPath;
 use gavel::config::Config;
 use gavel::db::{PoolSettings, SessionLimits};
-use gavel::rules::{self, AuctionState, BidInput};
+use gavel::rules::{self, AuctionState};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -455,16 +455,7 @@ async fn concurrent_bids_queue_on_the_row_and_the_log_replays_to_the_auction_row
             Some(n as i64 + 1),
             "resolved in order, none pending"
         );
-        let applied = rules::apply_bid(
-            &stored.terms,
-            &mut state,
-            &BidInput {
-                id: bid.id,
-                bidder_id: bid.bidder_id.clone(),
-                amount: bid.amount,
-                received_at: bid.received_at,
-            },
-        );
+        let applied = rules::apply_bid(&stored.terms, &mut state, &bid.input());
         assert_eq!(
             applied.price_after, bid.price_after,
             "price after {}",
