@@ -69,6 +69,7 @@ pub struct Check {
     pub detail: String,
 }
 
+#[derive(Clone)]
 struct LogRow {
     auction_id: Uuid,
     id: Uuid,
@@ -153,6 +154,16 @@ pub async fn audit(
         .map(|r| r.id)
         .collect();
     check_outcomes(&mut report, &log, &closed);
+    let queued: HashSet<Uuid> = client
+        .query(
+            "SELECT id FROM pending_bids WHERE auction_id = ANY($1)",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    check_queue(&mut report, &log, &queued);
     for (auction, record) in auctions.iter().zip(&records) {
         let bids: Vec<&LogRow> = log.iter().filter(|r| r.auction_id == auction.id).collect();
         report.checks.push(replay(&auction.label, record, &bids));
@@ -385,6 +396,45 @@ fn check_outcomes(report: &mut AuditReport, log: &[LogRow], closed: &HashSet<Uui
     );
 }
 
+/// The queue of pending bids holds exactly the bids still pending, and no
+/// two bids of an auction share a place in its resolution order.
+fn check_queue(report: &mut AuditReport, log: &[LogRow], queued: &HashSet<Uuid>) {
+    let mut problems: Vec<String> = log
+        .iter()
+        .filter(|r| (r.status == "pending") != queued.contains(&r.id))
+        .map(|r| {
+            if r.status == "pending" {
+                format!("pending bid {} is not queued", r.id)
+            } else {
+                format!("{} bid {} is still queued", r.status, r.id)
+            }
+        })
+        .collect();
+    let logged: HashSet<Uuid> = log.iter().map(|r| r.id).collect();
+    problems.extend(
+        queued
+            .difference(&logged)
+            .map(|id| format!("queued bid {id} is not in bid_log")),
+    );
+    let mut places = HashSet::new();
+    problems.extend(
+        log.iter()
+            .filter_map(|r| r.resolution_no.map(|no| (r, no)))
+            .filter(|(r, no)| !places.insert((r.auction_id, *no)))
+            .map(|(r, no)| format!("bid {} repeats resolution number {no}", r.id)),
+    );
+    check(
+        report,
+        "the pending queue holds exactly the pending bids; resolution numbers are unique",
+        problems,
+        format!(
+            "{} queued, {} resolution numbers distinct",
+            queued.len(),
+            places.len()
+        ),
+    );
+}
+
 /// Replays the rules over one auction's bids in resolution order and
 /// compares every outcome and the final state.
 fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Check {
@@ -520,4 +570,50 @@ fn resolver_lag(log: &[LogRow]) -> Quantiles {
         }
     }
     Quantiles::of(&h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(auction_id: Uuid, status: &str, resolution_no: Option<i64>) -> LogRow {
+        LogRow {
+            auction_id,
+            id: Uuid::now_v7(),
+            bidder_id: "bidder".into(),
+            amount: 1_000,
+            key: Uuid::new_v4().to_string(),
+            received_at: Utc::now(),
+            status: status.into(),
+            reason: None,
+            price_after: None,
+            resolution_no,
+            resolved_at: None,
+        }
+    }
+
+    #[test]
+    fn the_queue_check_flags_strays_gaps_and_repeated_resolution_numbers() {
+        let auction = Uuid::now_v7();
+        let log = vec![
+            row(auction, "leading", Some(1)),
+            row(auction, "pending", None),
+            row(Uuid::now_v7(), "outbid", Some(1)),
+        ];
+        let mut fine = AuditReport::default();
+        check_queue(&mut fine, &log, &HashSet::from([log[1].id]));
+        assert!(fine.checks[0].passed, "{:?}", fine.checks[0]);
+
+        let stray = Uuid::now_v7();
+        let mut bad = AuditReport::default();
+        let mut repeated = log.clone();
+        repeated.push(row(auction, "outbid", Some(1)));
+        check_queue(&mut bad, &repeated, &HashSet::from([log[0].id, stray]));
+        let detail = &bad.checks[0].detail;
+        assert!(!bad.checks[0].passed);
+        assert!(detail.contains(&format!("leading bid {} is still queued", log[0].id)));
+        assert!(detail.contains(&format!("pending bid {} is not queued", log[1].id)));
+        assert!(detail.contains(&format!("queued bid {stray} is not in bid_log")));
+        assert!(detail.contains("repeats resolution number 1"), "{detail}");
+    }
 }

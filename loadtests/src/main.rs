@@ -12,6 +12,11 @@ use gavel_loadtest::report::{Machine, Report, RunReport};
 use gavel_loadtest::scenario::Scenario;
 use gavel_loadtest::{audit, generator, trace};
 
+/// mimalloc, as in `gavel`: the generator allocates per request on every
+/// worker thread, and should spend the machine's cores on load, not malloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Replays auction endings against Gavel and reports how it held.
 #[derive(Debug, Parser)]
 #[command(name = "gavel-loadtest", version, about)]

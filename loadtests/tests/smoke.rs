@@ -87,7 +87,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         assert!(bids.ok_latency_ms.p99 > 0.0 && bids.ok_latency_ms.p99 < 2_000.0);
         assert!(run.audit.passed, "{}: {:#?}", run.mode, run.audit.checks);
         // Five checks across the run, and one replay per auction (hot, warm, warm-2).
-        assert_eq!(run.audit.checks.len(), 3 + 1 + 3, "{:#?}", run.audit.checks);
+        assert_eq!(run.audit.checks.len(), 5 + 3, "{:#?}", run.audit.checks);
         assert_eq!(
             run.audit.bids_in_log,
             run.audit.bids_acknowledged + run.audit.unknown_fate_in_log

@@ -603,6 +603,7 @@ mod tests {
             wait_timeout: Duration::from_secs(1),
             limits,
             application_name: "gavel-test",
+            custom_plans: false,
         };
         crate::db::build_pool("postgres://gavel@127.0.0.1:1/gavel", "test", &settings)
             .expect("a lazily connecting pool")

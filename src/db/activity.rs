@@ -37,11 +37,11 @@ const LOCKS: &str = "\
         WHERE NOT l.granted AND a.datname = current_database()), \
       (SELECT coalesce(deadlocks, 0) FROM pg_stat_database WHERE datname = current_database())";
 
-/// The resolver's backlog, over the partial index of pending bids.
+/// The resolver's backlog: the queue of pending bids.
 const BACKLOG: &str = "\
     SELECT count(*), \
            coalesce(extract(epoch FROM clock_timestamp() - min(received_at)), 0)::float8 \
-    FROM bid_log WHERE status = 'pending'";
+    FROM pending_bids";
 
 /// Samples `pg_stat_activity` and the backlog every `interval`.
 pub struct ActivitySampler {

@@ -348,16 +348,24 @@ pub async fn history(
     rows.iter().map(BidRecord::from_row).collect()
 }
 
-/// The oldest pending bids of an auction, in sequence order.
+/// The oldest pending bids of an auction, in sequence order, found by
+/// state: the queue of pending bids, which every bid inserted pending
+/// joins in its own statement (see the `pending_queue` migration).
 pub async fn pending(
     client: &impl GenericClient,
     auction_id: Uuid,
     limit: i64,
 ) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
+    let columns = COLUMNS
+        .split(", ")
+        .map(|c| format!("b.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM bid_log WHERE auction_id = $1 AND status = 'pending' \
-             ORDER BY seq LIMIT $2"
+            "SELECT {columns} FROM pending_bids q \
+             JOIN bid_log b ON b.auction_id = q.auction_id AND b.id = q.id \
+             WHERE q.auction_id = $1 ORDER BY q.seq LIMIT $2"
         ))
         .await?;
     let rows = client.query(&stmt, &[&auction_id, &limit]).await?;
@@ -370,16 +378,15 @@ pub async fn auctions_with_pending(
     limit: i64,
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
     let stmt = client
-        // A skip scan over the pending index: one probe per auction,
-        // however many bids a hot auction has waiting.
+        // A skip scan over the queue's key: one probe per auction, however
+        // many bids a hot auction has waiting.
         .prepare_cached(
             "WITH RECURSIVE auction AS ( \
-               (SELECT auction_id FROM bid_log WHERE status = 'pending' \
-                ORDER BY auction_id LIMIT 1) \
+               (SELECT auction_id FROM pending_bids ORDER BY auction_id LIMIT 1) \
                UNION ALL \
-               SELECT (SELECT b.auction_id FROM bid_log b \
-                       WHERE b.status = 'pending' AND b.auction_id > auction.auction_id \
-                       ORDER BY b.auction_id LIMIT 1) \
+               SELECT (SELECT q.auction_id FROM pending_bids q \
+                       WHERE q.auction_id > auction.auction_id \
+                       ORDER BY q.auction_id LIMIT 1) \
                FROM auction WHERE auction.auction_id IS NOT NULL) \
              SELECT auction_id FROM auction WHERE auction_id IS NOT NULL LIMIT $1",
         )
@@ -391,6 +398,8 @@ pub async fn auctions_with_pending(
 /// The resolver's outcome for a batch of pending bids, column-wise.
 #[derive(Default)]
 pub struct Outcomes {
+    /// Bid sequence numbers (their key in the queue of pending bids).
+    pub seqs: Vec<i64>,
     /// Bid ids.
     pub ids: Vec<Uuid>,
     /// New status of each bid.
@@ -403,8 +412,25 @@ pub struct Outcomes {
     pub resolution_nos: Vec<i64>,
 }
 
+/// Takes the bids numbered `seqs` off the queue of pending bids, in the
+/// resolver's transaction that writes their outcomes; returns how many were
+/// still queued (the caller aborts the transaction if that is not all).
+pub async fn dequeue(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    seqs: &[i64],
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("DELETE FROM pending_bids WHERE auction_id = $1 AND seq = ANY($2::int8[])")
+        .await?;
+    client.execute(&stmt, &[&auction_id, &seqs]).await
+}
+
 /// Writes the outcomes of pending bids; returns how many rows were still
 /// pending (the caller aborts the transaction if that is not all of them).
+///
+/// No index of `bid_log` covers an outcome column, so each outcome is a
+/// HOT update: a new version on the same page, no index entry written.
 pub async fn record_outcomes(
     client: &impl GenericClient,
     auction_id: Uuid,

@@ -5,11 +5,13 @@
 //! on `auctions.version` in the same transaction as every bid's outcome.
 //! Several processes may run a resolver on one database: a transaction-level
 //! advisory lock per auction makes one of them the writer at a time, and the
-//! version check (plus `resolution_no`'s unique index) keeps a bid from being
-//! applied twice even if that lock were bypassed.
+//! version check keeps a bid from being applied twice even if that lock were
+//! bypassed: a bid's outcome is written only together with taking it off the
+//! queue of pending bids, and only while it is still pending.
 //!
-//! Pending work is found by state (`status = 'pending'`), never by a
-//! sequence watermark, so a bid whose transaction commits late is not skipped.
+//! Pending work is found by state (the `pending_bids` queue, which every bid
+//! inserted pending joins in its own statement), never by a sequence
+//! watermark, so a bid whose transaction commits late is not skipped.
 //! Within a batch bids are applied in receipt order (`received_at`, then
 //! `seq`). Near the end of a soft-close auction a bid received after the
 //! current end is held back until every bid received before it must have
@@ -371,6 +373,7 @@ impl Resolver {
             let (status, reason) = outcome_columns(applied.outcome);
             resolution_no += 1;
             position.insert(bid.id, outcomes.ids.len());
+            outcomes.seqs.push(bid.seq);
             outcomes.ids.push(bid.id);
             outcomes.statuses.push(status);
             outcomes.reasons.push(reason);
@@ -405,11 +408,18 @@ impl Resolver {
             return Ok(Step::Conflict);
         }
         let version = auction.version + 1;
+        let dequeued = bids::dequeue(&tx, auction_id, &outcomes.seqs).await?;
         let written = bids::record_outcomes(&tx, auction_id, version, &outcomes).await?;
-        if written != outcomes.ids.len() as u64 {
+        if dequeued != written || written != outcomes.ids.len() as u64 {
             // Someone resolved some of these bids outside the version
             // protocol; write nothing and start over from fresh state.
-            tracing::error!(%auction_id, written, expected = outcomes.ids.len(), "bids already resolved");
+            tracing::error!(
+                %auction_id,
+                dequeued,
+                written,
+                expected = outcomes.ids.len(),
+                "bids already resolved"
+            );
             return Ok(Step::Conflict);
         }
         for displaced in displaced_earlier {

@@ -548,3 +548,99 @@ fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
         config.resolver_poll,
     )
 }
+
+#[tokio::test]
+async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    let db = app.db().await;
+    for (bidder, amount) in [("ann", 1_000), ("bob", 1_500), ("cat", 1_200)] {
+        let response = app
+            .bid(bidder, &auction_id.to_string(), amount, &new_key())
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+
+    let queued: i64 = db
+        .query_one("SELECT count(*) FROM pending_bids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0, "resolved bids are taken off the queue");
+
+    // Each outcome is a heap-only tuple: a HOT update, which wrote no index
+    // entry (and so keeps the bid path's indexes from growing twice).
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+        .await
+        .unwrap();
+    let rows = db
+        .query(
+            "SELECT b.status, (p.t_infomask2 & 32768) <> 0 AS heap_only \
+             FROM bid_log b \
+             JOIN LATERAL heap_page_items(get_raw_page('bid_log', \
+                  (b.ctid::text::point)[0]::int)) p \
+               ON p.lp = (b.ctid::text::point)[1]::int \
+             WHERE b.auction_id = $1",
+            &[&auction_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        let (status, heap_only): (String, bool) = (row.get(0), row.get(1));
+        assert_ne!(status, "pending");
+        assert!(heap_only, "a {status} bid's outcome was not a HOT update");
+    }
+}
+
+#[tokio::test]
+async fn a_bid_inserted_by_any_writer_is_queued_in_its_own_statement() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    let mut db = app.db().await;
+
+    // A writer that knows nothing of the queue (an older Gavel, a script):
+    // its bid is queued by the same statement, visible with it or not at all.
+    let tx = db.transaction().await.unwrap();
+    let pending_id = Uuid::now_v7();
+    tx.execute(
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+         VALUES ($1, $2, 'script', 2000, 'k-script')",
+        &[&auction_id, &pending_id],
+    )
+    .await
+    .unwrap();
+    // A bid inserted already resolved (the row-lock baseline) is not queued.
+    tx.execute(
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, status, \
+         resolution_no, resolved_version, resolved_at) \
+         VALUES ($1, $2, 'resolved', 1000, 'k-resolved', 'rejected', 0, 0, now())",
+        &[&auction_id, &Uuid::now_v7()],
+    )
+    .await
+    .unwrap();
+    let other: i64 = app
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM pending_bids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(other, 0, "nothing queued is visible before the commit");
+    tx.commit().await.unwrap();
+
+    let queued: Vec<Uuid> = db
+        .query(
+            "SELECT id FROM pending_bids WHERE auction_id = $1",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(queued, vec![pending_id]);
+}

@@ -439,6 +439,7 @@ async fn concurrent_bids_queue_on_the_row_and_the_log_replays_to_the_auction_row
                 lock_timeout: Duration::from_secs(5),
             },
             application_name: "gavel-test-audit",
+            custom_plans: false,
         },
     )
     .unwrap();
