@@ -431,6 +431,12 @@ pub async fn dequeue(
 ///
 /// No index of `bid_log` covers an outcome column, so each outcome is a
 /// HOT update: a new version on the same page, no index entry written.
+///
+/// `b.id = ANY($3)` repeats the join condition as an index condition on the
+/// primary key, so the plan fetches exactly the batch's rows whatever the
+/// statistics say. Without it, a planner that believed the auction had few
+/// bids hashed the batch against every bid of the auction (measured: 77 us
+/// per bid, three times the append).
 pub async fn record_outcomes(
     client: &impl GenericClient,
     auction_id: Uuid,
@@ -443,7 +449,8 @@ pub async fn record_outcomes(
              resolution_no = u.no, resolved_version = $2, resolved_at = now() \
              FROM unnest($3::uuid[], $4::text[], $5::text[], $6::int8[], $7::int8[]) \
                   AS u(id, status, reason, price, no) \
-             WHERE b.auction_id = $1 AND b.id = u.id AND b.status = 'pending'",
+             WHERE b.auction_id = $1 AND b.id = ANY($3::uuid[]) AND b.id = u.id \
+               AND b.status = 'pending'",
         )
         .await?;
     client
