@@ -69,7 +69,6 @@ pub struct Check {
     pub detail: String,
 }
 
-#[derive(Clone)]
 struct LogRow {
     auction_id: Uuid,
     id: Uuid,
@@ -595,7 +594,7 @@ mod tests {
     #[test]
     fn the_queue_check_flags_strays_gaps_and_repeated_resolution_numbers() {
         let auction = Uuid::now_v7();
-        let log = vec![
+        let mut log = vec![
             row(auction, "leading", Some(1)),
             row(auction, "pending", None),
             row(Uuid::now_v7(), "outbid", Some(1)),
@@ -606,9 +605,8 @@ mod tests {
 
         let stray = Uuid::now_v7();
         let mut bad = AuditReport::default();
-        let mut repeated = log.clone();
-        repeated.push(row(auction, "outbid", Some(1)));
-        check_queue(&mut bad, &repeated, &HashSet::from([log[0].id, stray]));
+        log.push(row(auction, "outbid", Some(1)));
+        check_queue(&mut bad, &log, &HashSet::from([log[0].id, stray]));
         let detail = &bad.checks[0].detail;
         assert!(!bad.checks[0].passed);
         assert!(detail.contains(&format!("leading bid {} is still queued", log[0].id)));

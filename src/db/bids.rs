@@ -8,6 +8,7 @@
 //! through [`claim_key`] and [`insert_resolved`].
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -356,18 +357,20 @@ pub async fn pending(
     auction_id: Uuid,
     limit: i64,
 ) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
-    let columns = COLUMNS
-        .split(", ")
-        .map(|c| format!("b.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let stmt = client
-        .prepare_cached(&format!(
+    // Built once: the columns are qualified, as `pending_bids` shares some.
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let columns = COLUMNS
+            .split(", ")
+            .map(|c| format!("b.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
             "SELECT {columns} FROM pending_bids q \
              JOIN bid_log b ON b.auction_id = q.auction_id AND b.id = q.id \
              WHERE q.auction_id = $1 ORDER BY q.seq LIMIT $2"
-        ))
-        .await?;
+        )
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
     let rows = client.query(&stmt, &[&auction_id, &limit]).await?;
     rows.iter().map(BidRecord::from_row).collect()
 }
