@@ -5,7 +5,6 @@
 //! their current step, then close the pools.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,7 +17,7 @@ use crate::config::Config;
 use crate::db::activity::ActivitySampler;
 use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Shared};
 use crate::rate_limit::RateLimiter;
 use crate::resolver::{listener, Resolver, Signals};
 use crate::telemetry;
@@ -50,7 +49,7 @@ impl Server {
         let reads = Reads::new(&config, pools.api.clone())?;
         let signals = Signals::new();
         let activity = ActivitySampler::new(&config)?;
-        let state = AppState {
+        let state = AppState::new(Shared {
             reads,
             request_timeout: config.request_timeout,
             max_in_flight: config.max_in_flight,
@@ -65,10 +64,10 @@ impl Server {
                 },
             )
             .with_bid_path(config.bid_path),
-            jwt: Arc::new(JwtKeys::new(&config.jwt_secret, &config.jwt_audience)),
+            jwt: JwtKeys::new(&config.jwt_secret, &config.jwt_audience),
             pools,
             signals,
-        };
+        });
         Ok(Server {
             config,
             api,

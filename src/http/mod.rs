@@ -31,9 +31,27 @@ use crate::db::{Pool, Pools};
 use crate::resolver::Signals;
 use error::ApiError;
 
-/// State shared by every handler.
+/// State shared by every handler: one pointer, so a request clones it
+/// with a single reference-count increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+pub struct Shared {
     /// Connection pools on the primary.
     pub pools: Pools,
     /// Where reads go: a replica within bounds, or the primary.
@@ -43,7 +61,7 @@ pub struct AppState {
     /// Requests in flight before new ones are shed.
     pub max_in_flight: usize,
     /// Token verification.
-    pub jwt: Arc<JwtKeys>,
+    pub jwt: JwtKeys,
     /// The bid path.
     pub bids: BidDesk,
     /// Wake-ups between the bid path and the resolver.

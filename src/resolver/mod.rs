@@ -22,7 +22,7 @@ pub mod listener;
 pub mod signals;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ const PURGE_BATCH: i64 = 10_000;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Most auctions found by one polling scan.
 const SCAN_LIMIT: i64 = 1_000;
+/// Bids resolved (queue rows deleted) between vacuums of the queue.
+const QUEUE_VACUUM_AFTER: u64 = 20_000;
 
 /// What one resolution step did for an auction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,8 @@ pub struct Resolver {
     /// Auctions with a delayed retry scheduled (one at a time per auction).
     retrying: Arc<Mutex<HashSet<Uuid>>>,
     batch: Arc<BatchSize>,
+    /// Queue rows deleted since the queue was last vacuumed.
+    dequeued: Arc<AtomicU64>,
 }
 
 /// The size of a resolution batch: halved when a batch hits the statement
@@ -158,6 +162,7 @@ impl Resolver {
             key_retention: Duration::from_secs(48 * 3600),
             retrying: Arc::default(),
             batch: Arc::default(),
+            dequeued: Arc::default(),
         }
     }
 
@@ -197,6 +202,7 @@ impl Resolver {
                 next_scan = Instant::now() + self.poll;
             }
             self.drain_all(work).await;
+            self.vacuum_queue_if_due().await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.signals.woken() => {}
@@ -220,6 +226,31 @@ impl Resolver {
     pub async fn purge_expired_keys(&self) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
         Ok(bids::purge_idempotency_keys(&client, self.key_retention, PURGE_BATCH).await?)
+    }
+
+    /// Vacuums the queue of pending bids once [`QUEUE_VACUUM_AFTER`] bids
+    /// have left it, so a burst's dead rows never pile up for autovacuum's
+    /// next visit (see [`bids::vacuum_queue`]).
+    async fn vacuum_queue_if_due(&self) {
+        if self.dequeued.load(Ordering::Relaxed) < QUEUE_VACUUM_AFTER {
+            return;
+        }
+        self.dequeued.store(0, Ordering::Relaxed);
+        let started = Instant::now();
+        let vacuumed = async {
+            let client = self.pool.get().await?;
+            anyhow::Ok(bids::vacuum_queue(&client).await?)
+        };
+        match vacuumed.await {
+            Ok(()) => {
+                metrics::counter!("gavel_resolver_queue_vacuums_total").increment(1);
+                tracing::debug!(elapsed = ?started.elapsed(), "vacuumed the pending-bids queue");
+            }
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "vacuuming the pending-bids queue failed"
+            ),
+        }
     }
 
     async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {
@@ -340,7 +371,7 @@ impl Resolver {
         let limit = self.batch.get();
         let mut pending = bids::pending(&tx, auction_id, limit).await?;
         let more = pending.len() as i64 == limit;
-        pending.sort_by_key(|b| (b.received_at, b.seq));
+        pending.sort_by_key(|p| (p.bid.received_at, p.bid.seq));
         let grace = chrono::Duration::from_std(self.settle_grace)?;
         let terms = &auction.terms;
         // Bids received after the current end of a soft-close auction wait
@@ -358,7 +389,7 @@ impl Resolver {
         let mut displaced_earlier = Vec::new();
         let mut resolution_no = auction.resolved_count;
         let mut applied_bids = Vec::with_capacity(pending.len());
-        for bid in &pending {
+        for bids::PendingBid { bid, row_version } in &pending {
             // Sorted by receipt: every later bid would be held back too.
             if held_back(bid, state.ends_at) {
                 break;
@@ -375,6 +406,7 @@ impl Resolver {
             position.insert(bid.id, outcomes.ids.len());
             outcomes.seqs.push(bid.seq);
             outcomes.ids.push(bid.id);
+            outcomes.row_versions.push(row_version);
             outcomes.statuses.push(status);
             outcomes.reasons.push(reason);
             outcomes.prices.push(applied.price_after);
@@ -409,7 +441,7 @@ impl Resolver {
         }
         let version = auction.version + 1;
         let dequeued = bids::dequeue(&tx, auction_id, &outcomes.seqs).await?;
-        let written = bids::record_outcomes(&tx, auction_id, version, &outcomes).await?;
+        let written = bids::record_outcomes(&tx, version, &outcomes).await?;
         if dequeued != written || written != outcomes.ids.len() as u64 {
             // Someone resolved some of these bids outside the version
             // protocol; write nothing and start over from fresh state.
@@ -437,6 +469,7 @@ impl Resolver {
         )
         .await?;
         tx.commit().await?;
+        self.dequeued.fetch_add(dequeued, Ordering::Relaxed);
 
         record_metrics(&applied_bids, &outcomes.reasons, now, started, settling);
         let resolved: Arc<[Uuid]> = outcomes.ids.into();
@@ -486,6 +519,7 @@ fn register_metrics() {
             .increment(0);
     }
     metrics::counter!("gavel_resolver_conflicts_total").increment(0);
+    metrics::counter!("gavel_resolver_queue_vacuums_total").increment(0);
     metrics::gauge!("gavel_resolver_batch_limit").set(BATCH_LIMIT as f64);
     metrics::counter!("gavel_auctions_settled_total").increment(0);
 }

@@ -644,3 +644,52 @@ async fn a_bid_inserted_by_any_writer_is_queued_in_its_own_statement() {
         .collect();
     assert_eq!(queued, vec![pending_id]);
 }
+
+#[tokio::test]
+async fn the_resolver_vacuums_the_queue_after_a_burst() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    let db = app.db().await;
+
+    // A burst larger than the resolver's vacuum interval (20,000 bids),
+    // queued by the insert itself; autovacuum would not look for a minute.
+    db.execute(
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+         SELECT $1, gen_random_uuid(), 'bidder-' || g % 100, 1000 + g * 100, 'k-' || g \
+         FROM generate_series(1, 20500) g",
+        &[&auction_id],
+    )
+    .await
+    .unwrap();
+    wait_resolved(&db, auction_id, Duration::from_secs(120)).await;
+
+    let (vacuums, dead) = eventually(Duration::from_secs(20), "a vacuum of the queue", || {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables \
+                     WHERE relname = 'pending_bids'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (vacuums, dead): (i64, i64) = (row.get(0), row.get(1));
+            (vacuums > 0).then_some((vacuums, dead))
+        }
+    })
+    .await;
+    assert!(vacuums >= 1);
+    assert!(
+        dead < 20_000,
+        "{dead} dead queue rows remain after the resolver's vacuum"
+    );
+    let queued: i64 = db
+        .query_one("SELECT count(*) FROM pending_bids", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 0);
+    assert_consistent(&db, auction_id).await;
+}
