@@ -10,7 +10,7 @@
 //! knows of its fate, for the audit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -147,6 +147,8 @@ struct Shared {
     backoff_ms: [u64; 2],
     if_none_match: bool,
     stop: AtomicBool,
+    /// When the ramp was stopped (ms since second 0), or `u64::MAX`.
+    ramp_stopped_ms: AtomicU64,
 }
 
 /// How one bid's amount is chosen.
@@ -238,6 +240,7 @@ pub async fn run(
         backoff_ms: scenario.client.backoff_ms,
         if_none_match: scenario.readers.if_none_match,
         stop: AtomicBool::new(false),
+        ramp_stopped_ms: AtomicU64::new(u64::MAX),
         http,
     });
     // The wall-clock instant of second 0, for the report.
@@ -306,12 +309,15 @@ pub async fn run(
     let shared = Arc::into_inner(shared).context("every request task has finished")?;
     let mut steps = std::mem::take(&mut *steps.lock().expect("steps"));
     if scenario.arrival.shape == Shape::Steps {
-        // Judge the steps the monitor had no time to.
+        // Judge the steps the monitor had no time to. A step the stop cut
+        // short is not judged: a few seconds of it say nothing of the rate.
         let judged = steps.len();
+        let stopped_ms = shared.ramp_stopped_ms.load(Ordering::Acquire);
+        let until_s = duration_s.min(stopped_ms as f64 / 1000.0);
         steps.extend(judge_steps(
             &shared.recorder.lock().expect("recorder"),
             scenario,
-            duration_s,
+            until_s,
             judged,
         ));
     }
@@ -899,6 +905,9 @@ async fn monitor(
             let failed = steps.iter().rev().take_while(|s| !s.sustainable).count();
             if failed as u32 >= scenario.sustainable.stop_after_failed_steps {
                 eprintln!("  {failed} steps in a row were not sustainable: stopping the ramp");
+                shared
+                    .ramp_stopped_ms
+                    .store((now * 1000.0) as u64, Ordering::Release);
                 shared.stop.store(true, Ordering::Release);
             }
         }
@@ -923,15 +932,16 @@ fn judge_ready_steps(
         .collect()
 }
 
-/// Every step from `judged` on that had bids offered.
+/// Every step from `judged` on that ran its whole length by `until_s`.
 fn judge_steps(
     recorder: &Recorder,
     scenario: &Scenario,
-    duration_s: f64,
+    until_s: f64,
     judged: usize,
 ) -> Vec<StepResult> {
-    let total = (duration_s / scenario.arrival.step_s).ceil() as usize;
-    (judged..total)
+    let step_s = scenario.arrival.step_s;
+    let complete = ((until_s + 1e-6) / step_s).floor() as usize;
+    (judged..complete)
         .map(|k| judge_step(recorder, scenario, k))
         .take_while(|s| s.window.offered > 0)
         .collect()
@@ -952,5 +962,63 @@ fn judge_step(recorder: &Recorder, scenario: &Scenario, k: usize) -> StepResult 
         from_s: from,
         window,
         sustainable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp() -> Scenario {
+        toml::from_str(
+            r#"
+                name = "ramp"
+                duration_s = 40
+                [[auctions]]
+                label = "hot"
+                bid_share = 1.0
+                [bidders]
+                count = 10
+                [arrival]
+                shape = "steps"
+                from_rate = 10
+                step_factor = 2.0
+                step_s = 10
+            "#,
+        )
+        .unwrap()
+    }
+
+    /// Every bid sent in seconds `from..to`, answered 2xx after `latency`.
+    fn answered(r: &mut Recorder, from: usize, to: usize, latency: Duration) {
+        for second in from..to {
+            r.offered(Kind::Bid, second);
+            r.ended(Ended {
+                kind: Kind::Bid,
+                sent_s: second,
+                done_s: second,
+                latency,
+                attempts: 1,
+                ending: &Ending::Ok,
+                replayed: false,
+            });
+        }
+    }
+
+    #[test]
+    fn a_step_the_stop_cut_short_is_not_judged() {
+        let scenario = ramp();
+        let mut r = Recorder::new();
+        answered(&mut r, 0, 10, Duration::from_millis(5));
+        answered(&mut r, 10, 20, Duration::from_millis(500));
+        // The ramp stopped 2.5 s into the third step, whose few bids were fast.
+        answered(&mut r, 20, 23, Duration::from_millis(5));
+
+        let steps = judge_steps(&r, &scenario, 22.5, 0);
+        let judged: Vec<(f64, bool)> = steps.iter().map(|s| (s.rate, s.sustainable)).collect();
+        assert_eq!(judged, vec![(10.0, true), (20.0, false)]);
+
+        // Run to its end, the same third step is judged.
+        assert_eq!(judge_steps(&r, &scenario, 40.0, 0).len(), 3);
     }
 }

@@ -691,5 +691,19 @@ async fn the_resolver_vacuums_the_queue_after_a_burst() {
         .unwrap()
         .get(0);
     assert_eq!(queued, 0);
+    // Nor does any vacuum truncate it: that would take an ACCESS EXCLUSIVE
+    // lock between every append and the resolver.
+    let options: Vec<String> = db
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE relname = 'pending_bids'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        options.iter().any(|o| o == "vacuum_truncate=false"),
+        "{options:?}"
+    );
     assert_consistent(&db, auction_id).await;
 }
