@@ -549,6 +549,14 @@ fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
     )
 }
 
+/// Rows in the queue of pending bids, as `db` sees them.
+async fn queued_bids(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT count(*) FROM pending_bids", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
     let app = TestApp::spawn().await;
@@ -563,12 +571,11 @@ async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
     }
     wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
 
-    let queued: i64 = db
-        .query_one("SELECT count(*) FROM pending_bids", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(queued, 0, "resolved bids are taken off the queue");
+    assert_eq!(
+        queued_bids(&db).await,
+        0,
+        "resolved bids are taken off the queue"
+    );
 
     // Each outcome is a heap-only tuple: a HOT update, which wrote no index
     // entry (and so keeps the bid path's indexes from growing twice).
@@ -622,14 +629,11 @@ async fn a_bid_inserted_by_any_writer_is_queued_in_its_own_statement() {
     )
     .await
     .unwrap();
-    let other: i64 = app
-        .db()
-        .await
-        .query_one("SELECT count(*) FROM pending_bids", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(other, 0, "nothing queued is visible before the commit");
+    assert_eq!(
+        queued_bids(&app.db().await).await,
+        0,
+        "nothing queued is visible before the commit"
+    );
     tx.commit().await.unwrap();
 
     let queued: Vec<Uuid> = db
@@ -685,12 +689,7 @@ async fn the_resolver_vacuums_the_queue_after_a_burst() {
         dead < 20_000,
         "{dead} dead queue rows remain after the resolver's vacuum"
     );
-    let queued: i64 = db
-        .query_one("SELECT count(*) FROM pending_bids", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(queued, 0);
+    assert_eq!(queued_bids(&db).await, 0);
     // Nor does any vacuum truncate it: that would take an ACCESS EXCLUSIVE
     // lock between every append and the resolver.
     let options: Vec<String> = db
