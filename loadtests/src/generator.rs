@@ -15,15 +15,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use hyper::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER,
+};
+use hyper::{Request, StatusCode, Uri};
 use rand::rngs::SmallRng;
 use rand::{Rng as _, SeedableRng as _};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER};
-use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::client::{self, Client, Failure};
 use crate::record::{Ended, Ending, Kind, Recorder, Window};
 use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
 use crate::scrape::{self, ServerSample};
@@ -121,6 +125,9 @@ pub struct RunOutput {
     pub steps: Vec<StepResult>,
 }
 
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
 /// The auctions' last known next minimum bid and ETag, as the clients
 /// learn them from reads and bid answers.
 struct Book {
@@ -130,10 +137,13 @@ struct Book {
 
 /// What a bid task needs.
 struct Shared {
-    http: reqwest::Client,
+    /// Bids and reads.
+    client: Client,
+    /// Metrics scrapes.
+    scraper: reqwest::Client,
     t0: Instant,
-    bid_urls: Vec<String>,
-    read_urls: Vec<String>,
+    bid_paths: Vec<Uri>,
+    read_paths: Vec<Uri>,
     bearer: Vec<HeaderValue>,
     bidder_names: Vec<String>,
     increments: Increments,
@@ -168,9 +178,9 @@ pub async fn run(
 ) -> anyhow::Result<RunOutput> {
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
-        .pool_max_idle_per_host(scenario.client.max_in_flight)
         .connect_timeout(Duration::from_secs(2))
         .build()?;
+    let client = Client::new(&target.api).await?;
     let keys = JwtKeys::new(&target.jwt_secret, &target.jwt_audience);
     let duration_s = match (trace, &scenario.trace) {
         (Some(bids), Some(source)) => {
@@ -216,14 +226,14 @@ pub async fn run(
     let starting: Vec<i64> = auctions.iter().map(|(_, g)| g.starting_price).collect();
     let shared = Arc::new(Shared {
         t0: Instant::now() + lead.saturating_sub(Duration::from_millis(200)),
-        bid_urls: created
+        bid_paths: created
             .iter()
-            .map(|a| format!("{}/api/auctions/{}/bids", target.api, a.id))
-            .collect(),
-        read_urls: created
+            .map(|a| Uri::try_from(format!("/api/auctions/{}/bids", a.id)))
+            .collect::<Result<_, _>>()?,
+        read_paths: created
             .iter()
-            .map(|a| format!("{}/api/auctions/{}", target.api, a.id))
-            .collect(),
+            .map(|a| Uri::try_from(format!("/api/auctions/{}", a.id)))
+            .collect::<Result<_, _>>()?,
         bearer,
         bidder_names,
         increments: Increments::default_table(),
@@ -241,7 +251,8 @@ pub async fn run(
         if_none_match: scenario.readers.if_none_match,
         stop: AtomicBool::new(false),
         ramp_stopped_ms: AtomicU64::new(u64::MAX),
-        http,
+        client,
+        scraper: http,
     });
     // The wall-clock instant of second 0, for the report.
     let started_at = Utc::now()
@@ -533,7 +544,7 @@ async fn schedule_reads(shared: Arc<Shared>, scenario: Scenario, duration_s: f64
             cumulative.push(total);
         }
     }
-    let auctions = shared.read_urls.len();
+    let auctions = shared.read_paths.len();
     let mut t = 0.0f64;
     loop {
         t += match scenario.arrival.process {
@@ -586,30 +597,26 @@ async fn slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
         .map(|permit| permit.expect("the semaphore is never closed"))
 }
 
-async fn attempt(shared: &Shared, request: reqwest::RequestBuilder) -> Answer {
+async fn attempt(shared: &Shared, request: Request<client::Body>) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
-    match request.timeout(shared.timeout).send().await {
+    match shared.client.send(request, shared.timeout).await {
         Ok(response) => {
-            let status = response.status();
-            let headers = response.headers();
-            let retry_after = headers
+            let retry_after = response
+                .headers
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let replayed = headers
-                .get("idempotent-replayed")
+            let replayed = response
+                .headers
+                .get(&IDEMPOTENT_REPLAYED)
                 .is_some_and(|v| v.as_bytes() == b"true");
-            match response.bytes().await {
-                Ok(body) => Answer::Status(status, retry_after, body, replayed),
-                Err(e) if e.is_timeout() => Answer::Timeout,
-                Err(_) => Answer::Transport,
-            }
+            Answer::Status(response.status, retry_after, response.body, replayed)
         }
-        Err(e) if e.is_timeout() => Answer::Timeout,
-        Err(_) => Answer::Transport,
+        Err(Failure::Timeout) => Answer::Timeout,
+        Err(Failure::Transport) => Answer::Transport,
     }
 }
 
@@ -639,18 +646,18 @@ async fn send_bid(
         }
     };
     let key = Uuid::new_v4().to_string();
-    let body = format!("{{\"amount\":{amount}}}");
+    let key_header = HeaderValue::from_str(&key).expect("a UUID is a valid header value");
+    let body = Bytes::from(format!("{{\"amount\":{amount}}}"));
     let mut attempts = 0;
     let mut ambiguous = false;
     let (ending, fate, replayed) = loop {
         attempts += 1;
-        let request = shared
-            .http
-            .post(&shared.bid_urls[auction])
+        let request = Request::post(shared.bid_paths[auction].clone())
             .header(AUTHORIZATION, shared.bearer[bidder].clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header("idempotency-key", &key)
-            .body(body.clone());
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(&IDEMPOTENCY_KEY, key_header.clone())
+            .body(client::Body::new(body.clone()))
+            .expect("the request is well formed");
         let retry_after = match attempt(shared, request).await {
             Answer::Status(status, _, body, replayed) if status.is_success() => {
                 #[derive(Deserialize)]
@@ -747,15 +754,16 @@ async fn send_bid(
 }
 
 async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: usize) {
-    let mut request = shared
-        .http
-        .get(&shared.read_urls[auction])
+    let mut request = Request::get(shared.read_paths[auction].clone())
         .header(AUTHORIZATION, shared.bearer[reader].clone());
     if shared.if_none_match {
         if let Some(tag) = shared.book.etags[auction].lock().expect("etag").clone() {
             request = request.header(IF_NONE_MATCH, tag);
         }
     }
+    let request = request
+        .body(client::Body::default())
+        .expect("the request is well formed");
     let ending = match attempt_read(shared, request, auction).await {
         Answer::Status(status, _, _, _)
             if status.is_success() || status == StatusCode::NOT_MODIFIED =>
@@ -782,35 +790,28 @@ async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: u
 }
 
 /// One read; a fresh view updates what the clients know of the auction.
-async fn attempt_read(shared: &Shared, request: reqwest::RequestBuilder, auction: usize) -> Answer {
+async fn attempt_read(shared: &Shared, request: Request<client::Body>, auction: usize) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
-    let response = match request.timeout(shared.timeout).send().await {
+    let response = match shared.client.send(request, shared.timeout).await {
         Ok(response) => response,
-        Err(e) if e.is_timeout() => return Answer::Timeout,
-        Err(_) => return Answer::Transport,
+        Err(Failure::Timeout) => return Answer::Timeout,
+        Err(Failure::Transport) => return Answer::Transport,
     };
-    let status = response.status();
-    let etag = response.headers().get(ETAG).cloned();
-    let body = match response.bytes().await {
-        Ok(body) => body,
-        Err(e) if e.is_timeout() => return Answer::Timeout,
-        Err(_) => return Answer::Transport,
-    };
-    if status == StatusCode::OK {
+    if response.status == StatusCode::OK {
         #[derive(Deserialize)]
         struct View {
             next_min_bid: i64,
         }
-        if let Ok(view) = serde_json::from_slice::<View>(&body) {
+        if let Ok(view) = serde_json::from_slice::<View>(&response.body) {
             shared.book.next_min[auction].fetch_max(view.next_min_bid, Ordering::Relaxed);
         }
-        if etag.is_some() {
-            *shared.book.etags[auction].lock().expect("etag") = etag;
+        if let Some(etag) = response.headers.get(ETAG) {
+            *shared.book.etags[auction].lock().expect("etag") = Some(etag.clone());
         }
     }
-    Answer::Status(status, None, body, false)
+    Answer::Status(response.status, None, response.body, false)
 }
 
 /// Prints progress once a second, scrapes Gavel's metrics, and judges the
@@ -836,7 +837,7 @@ async fn monitor(
         let now = shared.t0.elapsed().as_secs_f64();
         let mut sample = None;
         if let Some(url) = &metrics {
-            match scrape::scrape(&shared.http, url, now).await {
+            match scrape::scrape(&shared.scraper, url, now).await {
                 Ok(s) => sample = Some(s),
                 Err(e) => {
                     scrape_failures += 1;

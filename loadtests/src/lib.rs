@@ -3,13 +3,14 @@
 //! compares with the classic row-lock design.
 //!
 //! - [`scenario`], [`trace`]: what is offered (TOML scenarios, CSV traces).
-//! - [`generator`]: the open-model load generator; [`record`]: what it measured.
+//! - [`generator`]: the open-model load generator, over [`client`]; [`record`]: what it measured.
 //! - [`audit`]: the database check after every run.
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`bench`]: the one-command comparison on a private PostgreSQL.
 
 pub mod audit;
 pub mod bench;
+pub mod client;
 pub mod generator;
 pub mod record;
 pub mod report;
