@@ -92,7 +92,11 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         settings.insert("GAVEL_BID_PATH".into(), mode.clone());
         eprintln!("\n== {mode} mode: {} ==", options.scenario.name);
         let gavel = Gavel::start(&options.launcher, settings).await?;
-        let target = gavel.target();
+        let target = Target {
+            // The work directory holds the primary's and the replica's data.
+            disk_probe: Some(options.work_dir.clone()),
+            ..gavel.target()
+        };
         let measured = async {
             let output = generator::run(&options.scenario, trace.as_deref(), &target).await?;
             let audit = audit::audit_run(&database_url, &output).await?;
@@ -305,6 +309,7 @@ impl Gavel {
             metrics: Some(format!("http://{}/metrics", self.admin)),
             jwt_secret: self.secret.clone(),
             jwt_audience: self.audience.clone(),
+            disk_probe: None,
         }
     }
 

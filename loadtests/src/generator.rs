@@ -10,6 +10,7 @@
 //! knows of its fate, for the audit.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::client::{self, Client, Failure};
+use crate::disk::{DiskProbe, DiskSecond, DiskSeconds};
 use crate::record::{Ended, Ending, Kind, Recorder, Window};
 use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
 use crate::scrape::{self, ServerSample};
@@ -46,6 +48,10 @@ pub struct Target {
     pub jwt_secret: String,
     /// `GAVEL_JWT_AUDIENCE` of the target.
     pub jwt_audience: String,
+    /// A directory on the database's disk, to measure its flush latency
+    /// in during the run ([`crate::disk`]); `None` when the database is
+    /// elsewhere.
+    pub disk_probe: Option<PathBuf>,
 }
 
 /// An auction created for the run.
@@ -103,6 +109,9 @@ pub struct StepResult {
     /// Figures of its bids.
     #[serde(flatten)]
     pub window: Window,
+    /// The slowest flush of the database's disk during the step, in ms.
+    #[serde(default)]
+    pub slowest_flush_ms: Option<f64>,
     /// p99 within the bound and no errors.
     pub sustainable: bool,
 }
@@ -123,6 +132,8 @@ pub struct RunOutput {
     pub server: Vec<ServerSample>,
     /// Steps of a rate-finding run, in order.
     pub steps: Vec<StepResult>,
+    /// The database disk's flush latency per second, when it was probed.
+    pub disk: Vec<DiskSecond>,
 }
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -159,6 +170,8 @@ struct Shared {
     stop: AtomicBool,
     /// When the ramp was stopped (ms since second 0), or `u64::MAX`.
     ramp_stopped_ms: AtomicU64,
+    /// The database disk's flush latency, when it is probed.
+    disk: Option<DiskSeconds>,
 }
 
 /// How one bid's amount is chosen.
@@ -224,8 +237,13 @@ pub async fn run(
         })
         .collect();
     let starting: Vec<i64> = auctions.iter().map(|(_, g)| g.starting_price).collect();
+    let t0 = Instant::now() + lead.saturating_sub(Duration::from_millis(200));
+    let probe = match &target.disk_probe {
+        Some(dir) => Some(DiskProbe::start(dir, t0)?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
-        t0: Instant::now() + lead.saturating_sub(Duration::from_millis(200)),
+        t0,
         bid_paths: created
             .iter()
             .map(|a| Uri::try_from(format!("/api/auctions/{}/bids", a.id)))
@@ -251,6 +269,7 @@ pub async fn run(
         if_none_match: scenario.readers.if_none_match,
         stop: AtomicBool::new(false),
         ramp_stopped_ms: AtomicU64::new(u64::MAX),
+        disk: probe.as_ref().map(DiskProbe::seconds),
         client,
         scraper: http,
     });
@@ -332,6 +351,10 @@ pub async fn run(
             judged,
         ));
     }
+    let disk = probe.map(DiskProbe::stop).unwrap_or_default();
+    for step in &mut steps {
+        step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), scenario, step);
+    }
     let server = std::mem::take(&mut *server.lock().expect("server samples"));
     Ok(RunOutput {
         started_at,
@@ -341,7 +364,18 @@ pub async fn run(
         auctions: created,
         server,
         steps,
+        disk,
     })
+}
+
+/// The slowest disk flush within `step`, when the disk was probed.
+fn slowest_flush(
+    disk: Option<&DiskSeconds>,
+    scenario: &Scenario,
+    step: &StepResult,
+) -> Option<f64> {
+    let to = step.from_s + scenario.arrival.step_s.round() as usize;
+    disk?.max_ms(step.from_s, to)
 }
 
 /// The auctions of the run with the group whose terms each gets.
@@ -874,6 +908,10 @@ async fn monitor(
             ms(reads.p99_ms),
             shared.open.load(Ordering::Relaxed),
         );
+        if let Some(disk) = &shared.disk {
+            let flush = disk.max_ms(last, last + 1);
+            line.push_str(&format!(" | disk flush max {}", ms(flush)));
+        }
         if let Some(s) = &sample {
             line.push_str(&format!(
                 " | pg lock waiters {:.0}, pending bids {:.0}",
@@ -889,9 +927,13 @@ async fn monitor(
         }
         if !judged.is_empty() {
             let mut steps = steps.lock().expect("steps");
-            for step in judged {
+            for mut step in judged {
+                step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), &scenario, &step);
+                let flush = step.slowest_flush_ms.map_or(String::new(), |f| {
+                    format!(" (slowest disk flush {f:.1} ms)")
+                });
                 eprintln!(
-                    "  step at {:.0} bids/s: p99 {}, {} errors: {}",
+                    "  step at {:.0} bids/s: p99 {}, {} errors{flush}: {}",
                     step.rate,
                     ms(step.window.p99_ms),
                     step.window.errors,
@@ -962,6 +1004,7 @@ fn judge_step(recorder: &Recorder, scenario: &Scenario, k: usize) -> StepResult 
         rate: a.step_rate_at(k),
         from_s: from,
         window,
+        slowest_flush_ms: None,
         sustainable,
     }
 }

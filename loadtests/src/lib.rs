@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod bench;
 pub mod client;
+pub mod disk;
 pub mod generator;
 pub mod record;
 pub mod report;

@@ -211,6 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: Some(metrics),
                 jwt_secret,
                 jwt_audience,
+                disk_probe: None,
             };
             let output = generator::run(&scenario, trace.as_deref(), &target).await?;
             if let Some(path) = record_trace {

@@ -11,6 +11,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditReport;
+use crate::disk::{self, DiskSecond};
 use crate::generator::{RunOutput, StepResult};
 use crate::record::{Kind, Point, StreamSummary};
 use crate::scenario::Scenario;
@@ -39,6 +40,10 @@ pub struct RunReport {
     pub audit: AuditReport,
     /// Steps of a rate-finding run.
     pub steps: Vec<StepResult>,
+    /// The database disk's flush latency over the bidding phase, when it
+    /// was probed.
+    #[serde(default)]
+    pub disk: Option<DiskFlushes>,
     /// The highest step rate that was sustainable (rate-finding runs).
     pub max_sustainable_bids_per_s: Option<f64>,
     /// The scenario's targets, checked against this run.
@@ -66,6 +71,32 @@ pub struct ServerPeaks {
     pub rss_max_mib: Option<f64>,
 }
 
+/// The database disk's flushes over a run ([`crate::disk`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct DiskFlushes {
+    /// The slowest flush, in ms.
+    pub slowest_ms: f64,
+    /// Seconds with a flush slower than [`disk::STALL_MS`].
+    pub stalled_seconds: usize,
+    /// Seconds probed.
+    pub seconds: usize,
+}
+
+impl DiskFlushes {
+    fn of(seconds: &[DiskSecond], duration_s: f64) -> Option<Self> {
+        let seconds: Vec<_> = seconds
+            .iter()
+            .take(duration_s.ceil() as usize)
+            .filter(|s| s.flushes > 0)
+            .collect();
+        (!seconds.is_empty()).then(|| DiskFlushes {
+            slowest_ms: seconds.iter().map(|s| s.max_ms).fold(0.0, f64::max),
+            stalled_seconds: seconds.iter().filter(|s| s.max_ms > disk::STALL_MS).count(),
+            seconds: seconds.len(),
+        })
+    }
+}
+
 /// A target and whether the run met it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetCheck {
@@ -86,6 +117,9 @@ pub struct Series {
     pub reads: Vec<Point>,
     /// Gavel's metrics, about once a second.
     pub server: Vec<ServerSample>,
+    /// The database disk's flushes, by second (when probed).
+    #[serde(default)]
+    pub disk: Vec<DiskSecond>,
 }
 
 impl RunReport {
@@ -131,12 +165,14 @@ impl RunReport {
             server,
             audit,
             steps: output.steps.clone(),
+            disk: DiskFlushes::of(&output.disk, output.duration_s),
             max_sustainable_bids_per_s: max_sustainable,
             targets: Vec::new(),
             series: Series {
                 bids,
                 reads: output.recorder.series(Kind::Read),
                 server: output.server.clone(),
+                disk: output.disk.clone(),
             },
         };
         report.targets = report.check_targets(scenario);
@@ -234,6 +270,15 @@ impl RunReport {
         );
         if let Some(rate) = self.max_sustainable_bids_per_s {
             text.push_str(&format!("; highest sustainable rate {rate:.0} bids/s"));
+        }
+        if let Some(d) = self.disk {
+            text.push_str(&format!(
+                "; slowest disk flush {:.1} ms ({} of {} s over {:.0} ms)",
+                d.slowest_ms,
+                d.stalled_seconds,
+                d.seconds,
+                disk::STALL_MS
+            ));
         }
         text
     }
@@ -404,19 +449,28 @@ impl Report {
                 endings.join(", ")
             ));
         }
-        md.push_str("\n## Gavel and PostgreSQL during the run\n\n| mode | lock waiters (max) | blocked backends (max) | longest lock wait | API pool waiters (max) | pending bids (max) | RSS (max) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        md.push_str(&format!("\n## Gavel and PostgreSQL during the run\n\n| mode | lock waiters (max) | blocked backends (max) | longest lock wait | API pool waiters (max) | pending bids (max) | RSS (max) | slowest disk flush | seconds with a flush over {:.0} ms |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n", disk::STALL_MS));
         for r in &self.runs {
             let s = &r.server;
             md.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} |\n",
+                "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} | {} | {} |\n",
                 r.mode,
                 s.lock_waiters_max,
                 s.blocked_backends_max,
                 s.lock_wait_max_s,
                 s.api_pool_waiting_max,
                 s.pending_bids_max,
-                s.rss_max_mib.map_or("-".into(), |m| format!("{m:.0} MiB"))
+                s.rss_max_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+                r.disk
+                    .map_or("-".into(), |d| format!("{:.1} ms", d.slowest_ms)),
+                r.disk.map_or("-".into(), |d| format!(
+                    "{} of {}",
+                    d.stalled_seconds, d.seconds
+                )),
             ));
+        }
+        if self.runs.iter().any(|r| r.disk.is_some()) {
+            md.push_str("\nEvery acknowledged bid waits for a WAL flush: a slow flush of the database's disk (probed beside it, one 8 kB write and `fdatasync` every 10 ms) holds every bid committing at that moment, whatever Gavel does.\n");
         }
         if self.runs.iter().any(|r| !r.steps.is_empty()) {
             md.push_str("\n## Highest sustainable bid rate\n\n");
@@ -425,18 +479,20 @@ impl Report {
                     continue;
                 }
                 md.push_str(&format!(
-                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | sustainable |\n| ---: | ---: | ---: | ---: | --- |\n",
+                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | sustainable |\n| ---: | ---: | ---: | ---: | ---: | --- |\n",
                     r.mode,
                     r.max_sustainable_bids_per_s
                         .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
                 ));
                 for s in &r.steps {
                     md.push_str(&format!(
-                        "| {:.0}/s | {} | {} | {} | {} |\n",
+                        "| {:.0}/s | {} | {} | {} | {} | {} |\n",
                         s.rate,
                         s.window.ok,
                         s.window.errors,
                         s.window.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
+                        s.slowest_flush_ms
+                            .map_or("-".into(), |f| format!("{f:.1} ms")),
                         if s.sustainable { "yes" } else { "no" }
                     ));
                 }

@@ -106,6 +106,10 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
             offered, bids.requests,
             "every bid is filed under one second"
         );
+        // The database's disk was probed beside the run, second by second.
+        let disk = run.disk.expect("the disk was probed");
+        assert!(disk.seconds >= 1 && disk.slowest_ms > 0.0, "{disk:?}");
+        assert!(run.series.disk.iter().map(|s| s.flushes).sum::<u32>() > 10);
     }
     // The row-lock baseline resolves at once; the log path through the resolver.
     let log = &report.runs[0];
@@ -137,6 +141,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "| log |",
         "| row_lock |",
         "Raw append ceiling",
+        "slowest disk flush",
         "✔ every bid answered 2xx",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
@@ -321,6 +326,7 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         metrics: None,
         jwt_secret: SECRET.into(),
         jwt_audience: "gavel".into(),
+        disk_probe: None,
     };
     let output = generator::run(&scenario, None, &target).await.unwrap();
     let audit_now = || {
