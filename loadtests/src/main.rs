@@ -92,6 +92,10 @@ enum Command {
         /// Also write the bids sent as a trace (CSV) for later replay.
         #[arg(long)]
         record_trace: Option<PathBuf>,
+        /// A directory on the database's disk (when it is on this
+        /// machine): its flush latency is probed beside the run.
+        #[arg(long)]
+        disk_probe: Option<PathBuf>,
     },
     /// Combine run reports (JSON) into report.json, report.md and chart.svg.
     Report {
@@ -200,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             out,
             record_trace,
+            disk_probe,
         } => {
             let scenario = load_scenario(&path, &shape)?;
             let trace = match &scenario.trace {
@@ -211,7 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics: Some(metrics),
                 jwt_secret,
                 jwt_audience,
-                disk_probe: None,
+                disk_probe,
             };
             let output = generator::run(&scenario, trace.as_deref(), &target).await?;
             if let Some(path) = record_trace {

@@ -634,12 +634,15 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     let lat_max = report
         .runs
         .iter()
-        .flat_map(|r| r.series.bids.iter().filter_map(|p| p.p99_ms))
+        .flat_map(|r| {
+            let bids = r.series.bids.iter().filter_map(|p| p.p99_ms);
+            bids.chain(r.series.disk.iter().map(|s| s.max_ms))
+        })
         .fold(10.0f64, f64::max)
         * 1.5;
     let mut c = ChartBuilder::on(&panels[1])
         .caption(
-            "Bid latency from the intended send time: p99 (thick), p50 (thin)",
+            "Bid latency from the intended send time: p99 (thick), p50 (thin); the disk's slowest flush (x)",
             ("sans-serif", 16),
         )
         .margin(10)
@@ -663,6 +666,17 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
             .legend(legend_line(color));
         c.draw_series(LineSeries::new(points(|p| p.p50_ms), color.mix(0.6)))
             .map_err(plot_error)?;
+        // Every bid waits for a flush: a slow one shows beside the spike it causes.
+        let flushes = r
+            .series
+            .disk
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.flushes > 0);
+        c.draw_series(
+            flushes.map(|(t, s)| Cross::new((t as f64, s.max_ms.max(0.1)), 3, color.mix(0.7))),
+        )
+        .map_err(plot_error)?;
     }
     draw_legend(&mut c)?;
 
