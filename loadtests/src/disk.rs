@@ -115,11 +115,11 @@ impl DiskProbe {
     }
 
     fn halt(&mut self) {
-        self.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
             let _ = thread.join();
+            let _ = std::fs::remove_file(&self.path);
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -344,17 +344,14 @@ pub async fn run(
         let judged = steps.len();
         let stopped_ms = shared.ramp_stopped_ms.load(Ordering::Acquire);
         let until_s = duration_s.min(stopped_ms as f64 / 1000.0);
-        steps.extend(judge_steps(
-            &shared.recorder.lock().expect("recorder"),
-            scenario,
-            until_s,
-            judged,
-        ));
+        let recorder = shared.recorder.lock().expect("recorder");
+        let rest = judge_steps(&recorder, scenario, until_s, judged);
+        steps.extend(rest.into_iter().map(|mut step| {
+            step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), scenario, &step);
+            step
+        }));
     }
     let disk = probe.map(DiskProbe::stop).unwrap_or_default();
-    for step in &mut steps {
-        step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), scenario, step);
-    }
     let server = std::mem::take(&mut *server.lock().expect("server samples"));
     Ok(RunOutput {
         started_at,
