@@ -202,6 +202,12 @@ impl PgCluster {
         &self.data
     }
 
+    /// The postmaster's process id, from `postmaster.pid`, while it runs.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let pid_file = fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     /// Stops the server with `pg_ctl stop -m fast`; does nothing if it is already stopped.
     pub fn stop(&mut self) -> Result<()> {
         if self.running {

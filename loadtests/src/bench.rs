@@ -14,6 +14,7 @@ use anyhow::{bail, ensure, Context as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit;
+use crate::cpu::CpuWatch;
 use crate::generator::{self, Target};
 use crate::report::{Ceiling, Machine, Report, RunReport};
 use crate::scenario::Scenario;
@@ -95,6 +96,11 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         let target = Target {
             // The work directory holds the primary's and the replica's data.
             disk_probe: Some(options.work_dir.clone()),
+            cpu: CpuWatch {
+                gavel: gavel.pid(),
+                primary: primary.postmaster_pid(),
+                replica: replica.as_ref().and_then(|r| r.postmaster_pid()),
+            },
             ..gavel.target()
         };
         let measured = async {
@@ -310,6 +316,15 @@ impl Gavel {
             jwt_secret: self.secret.clone(),
             jwt_audience: self.audience.clone(),
             disk_probe: None,
+            cpu: CpuWatch::default(),
+        }
+    }
+
+    /// Gavel's process id (this process's when it runs in it).
+    fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Process(child) => Some(child.id()),
+            Running::InProcess(..) => Some(std::process::id()),
         }
     }
 

@@ -14,11 +14,12 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
+
+use crate::probe::ProbeThread;
 
 /// Time between two probe flushes.
 const EVERY: Duration = Duration::from_millis(10);
@@ -70,8 +71,7 @@ impl DiskSeconds {
 /// A running probe; [`DiskProbe::stop`] ends it.
 pub struct DiskProbe {
     seconds: DiskSeconds,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: ProbeThread,
     path: PathBuf,
 }
 
@@ -87,18 +87,13 @@ impl DiskProbe {
             .open(&path)
             .with_context(|| format!("creating the disk probe's file {}", path.display()))?;
         let seconds = DiskSeconds::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name("disk-probe".into())
-            .spawn({
-                let (seconds, stop) = (seconds.clone(), stop.clone());
-                move || probe(&file, t0, &seconds, &stop)
-            })
-            .context("starting the disk probe")?;
+        let thread = ProbeThread::spawn("disk probe", {
+            let seconds = seconds.clone();
+            move |stop| probe(&file, t0, &seconds, stop)
+        })?;
         Ok(DiskProbe {
             seconds,
-            stop,
-            thread: Some(thread),
+            thread,
             path,
         })
     }
@@ -115,9 +110,7 @@ impl DiskProbe {
     }
 
     fn halt(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.stop.store(true, Ordering::Release);
-            let _ = thread.join();
+        if self.thread.halt() {
             let _ = std::fs::remove_file(&self.path);
         }
     }

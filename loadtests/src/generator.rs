@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::client::{self, Client, Failure};
+use crate::cpu::{CpuProbe, CpuSeconds, CpuUse, CpuWatch, CpuWindow};
 use crate::disk::{DiskProbe, DiskSecond, DiskSeconds};
 use crate::record::{Ended, Ending, Kind, Recorder, Window};
 use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
@@ -52,6 +53,9 @@ pub struct Target {
     /// in during the run ([`crate::disk`]); `None` when the database is
     /// elsewhere.
     pub disk_probe: Option<PathBuf>,
+    /// The processes to account CPU time to beside the load generator
+    /// ([`crate::cpu`]), when they run on this machine.
+    pub cpu: CpuWatch,
 }
 
 /// An auction created for the run.
@@ -112,6 +116,9 @@ pub struct StepResult {
     /// The slowest flush of the database's disk during the step, in ms.
     #[serde(default)]
     pub slowest_flush_ms: Option<f64>,
+    /// The machine's CPU use during the step, when it was measured.
+    #[serde(default)]
+    pub cpu: Option<CpuWindow>,
     /// p99 within the bound and no errors.
     pub sustainable: bool,
 }
@@ -134,6 +141,8 @@ pub struct RunOutput {
     pub steps: Vec<StepResult>,
     /// The database disk's flush latency per second, when it was probed.
     pub disk: Vec<DiskSecond>,
+    /// CPU use per second by process group, when `/proc` could be read.
+    pub cpu: Option<CpuUse>,
 }
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -172,6 +181,8 @@ struct Shared {
     ramp_stopped_ms: AtomicU64,
     /// The database disk's flush latency, when it is probed.
     disk: Option<DiskSeconds>,
+    /// CPU use by process group, when it is measured.
+    cpu: Option<CpuSeconds>,
 }
 
 /// How one bid's amount is chosen.
@@ -242,6 +253,13 @@ pub async fn run(
         Some(dir) => Some(DiskProbe::start(dir, t0)?),
         None => None,
     };
+    let cpu_probe = match CpuProbe::start(target.cpu, t0) {
+        Ok(probe) => Some(probe),
+        Err(e) => {
+            eprintln!("(no CPU accounting: {e:#})");
+            None
+        }
+    };
     let shared = Arc::new(Shared {
         t0,
         bid_paths: created
@@ -270,6 +288,7 @@ pub async fn run(
         stop: AtomicBool::new(false),
         ramp_stopped_ms: AtomicU64::new(u64::MAX),
         disk: probe.as_ref().map(DiskProbe::seconds),
+        cpu: cpu_probe.as_ref().map(CpuProbe::seconds),
         client,
         scraper: http,
     });
@@ -347,11 +366,12 @@ pub async fn run(
         let recorder = shared.recorder.lock().expect("recorder");
         let rest = judge_steps(&recorder, scenario, until_s, judged);
         steps.extend(rest.into_iter().map(|mut step| {
-            step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), scenario, &step);
+            measure_step(&shared, scenario, &mut step);
             step
         }));
     }
     let disk = probe.map(DiskProbe::stop).unwrap_or_default();
+    let cpu = cpu_probe.map(CpuProbe::stop);
     let server = std::mem::take(&mut *server.lock().expect("server samples"));
     Ok(RunOutput {
         started_at,
@@ -362,17 +382,16 @@ pub async fn run(
         server,
         steps,
         disk,
+        cpu,
     })
 }
 
-/// The slowest disk flush within `step`, when the disk was probed.
-fn slowest_flush(
-    disk: Option<&DiskSeconds>,
-    scenario: &Scenario,
-    step: &StepResult,
-) -> Option<f64> {
+/// Fills in what the probes saw during `step`: the slowest disk flush and
+/// the CPU use.
+fn measure_step(shared: &Shared, scenario: &Scenario, step: &mut StepResult) {
     let to = step.from_s + scenario.arrival.step_s.round() as usize;
-    disk?.max_ms(step.from_s, to)
+    step.slowest_flush_ms = shared.disk.as_ref().and_then(|d| d.max_ms(step.from_s, to));
+    step.cpu = shared.cpu.as_ref().and_then(|c| c.window(step.from_s, to));
 }
 
 /// The auctions of the run with the group whose terms each gets.
@@ -909,6 +928,9 @@ async fn monitor(
             let flush = disk.max_ms(last, last + 1);
             line.push_str(&format!(" | disk flush max {}", ms(flush)));
         }
+        if let Some(cpu) = shared.cpu.as_ref().and_then(|c| c.window(last, last + 1)) {
+            line.push_str(&format!(" | {}", cpu_text(&cpu)));
+        }
         if let Some(s) = &sample {
             line.push_str(&format!(
                 " | pg lock waiters {:.0}, pending bids {:.0}",
@@ -925,12 +947,20 @@ async fn monitor(
         if !judged.is_empty() {
             let mut steps = steps.lock().expect("steps");
             for mut step in judged {
-                step.slowest_flush_ms = slowest_flush(shared.disk.as_ref(), &scenario, &step);
-                let flush = step.slowest_flush_ms.map_or(String::new(), |f| {
-                    format!(" (slowest disk flush {f:.1} ms)")
-                });
+                measure_step(&shared, &scenario, &mut step);
+                let probed: Vec<String> = step
+                    .slowest_flush_ms
+                    .map(|f| format!("slowest disk flush {f:.1} ms"))
+                    .into_iter()
+                    .chain(step.cpu.as_ref().map(cpu_text))
+                    .collect();
+                let probed = if probed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", probed.join(", "))
+                };
                 eprintln!(
-                    "  step at {:.0} bids/s: p99 {}, {} errors{flush}: {}",
+                    "  step at {:.0} bids/s: p99 {}, {} errors{probed}: {}",
                     step.rate,
                     ms(step.window.p99_ms),
                     step.window.errors,
@@ -952,6 +982,15 @@ async fn monitor(
             }
         }
     }
+}
+
+/// The machine's CPU use, for a progress line.
+fn cpu_text(cpu: &CpuWindow) -> String {
+    format!(
+        "cpu busy {:.0}%, stolen {:.0}%",
+        cpu.share_pct(cpu.busy),
+        cpu.share_pct(cpu.steal)
+    )
 }
 
 /// Steps that ended at least one client timeout before `now`: by then a
@@ -1002,6 +1041,7 @@ fn judge_step(recorder: &Recorder, scenario: &Scenario, k: usize) -> StepResult 
         from_s: from,
         window,
         slowest_flush_ms: None,
+        cpu: None,
         sustainable,
     }
 }

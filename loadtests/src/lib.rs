@@ -6,13 +6,16 @@
 //! - [`generator`]: the open-model load generator, over [`client`]; [`record`]: what it measured.
 //! - [`audit`]: the database check after every run.
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
+//! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
 //! - [`bench`]: the one-command comparison on a private PostgreSQL.
 
 pub mod audit;
 pub mod bench;
 pub mod client;
+pub mod cpu;
 pub mod disk;
 pub mod generator;
+mod probe;
 pub mod record;
 pub mod report;
 pub mod scenario;

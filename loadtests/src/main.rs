@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
 use gavel_loadtest::report::{Machine, Report, RunReport};
 use gavel_loadtest::scenario::Scenario;
-use gavel_loadtest::{audit, generator, trace};
+use gavel_loadtest::{audit, cpu, generator, trace};
 
 /// mimalloc, as in `gavel`: the generator allocates per request on every
 /// worker thread, and should spend the machine's cores on load, not malloc.
@@ -96,6 +96,10 @@ enum Command {
         /// machine): its flush latency is probed beside the run.
         #[arg(long)]
         disk_probe: Option<PathBuf>,
+        /// Gavel's process id, when it runs on this machine: its CPU time
+        /// is accounted beside the generator's and the machine's.
+        #[arg(long)]
+        gavel_pid: Option<u32>,
     },
     /// Combine run reports (JSON) into report.json, report.md and chart.svg.
     Report {
@@ -205,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             record_trace,
             disk_probe,
+            gavel_pid,
         } => {
             let scenario = load_scenario(&path, &shape)?;
             let trace = match &scenario.trace {
@@ -217,6 +222,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 jwt_secret,
                 jwt_audience,
                 disk_probe,
+                cpu: cpu::CpuWatch {
+                    gavel: gavel_pid,
+                    ..Default::default()
+                },
             };
             let output = generator::run(&scenario, trace.as_deref(), &target).await?;
             if let Some(path) = record_trace {

@@ -11,6 +11,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditReport;
+use crate::cpu::{CpuSecond, CpuUse, CpuWindow};
 use crate::disk::{self, DiskSecond};
 use crate::generator::{RunOutput, StepResult};
 use crate::record::{Kind, Point, StreamSummary};
@@ -44,6 +45,10 @@ pub struct RunReport {
     /// was probed.
     #[serde(default)]
     pub disk: Option<DiskFlushes>,
+    /// Where the machine's CPU went, when it was measured: over the
+    /// highest sustainable step of a rate-finding run, else over the run.
+    #[serde(default)]
+    pub cpu: Option<CpuBreakdown>,
     /// The highest step rate that was sustainable (rate-finding runs).
     pub max_sustainable_bids_per_s: Option<f64>,
     /// The scenario's targets, checked against this run.
@@ -97,6 +102,65 @@ impl DiskFlushes {
     }
 }
 
+/// The machine's CPU use over part of a run, per accepted bid.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuBreakdown {
+    /// Which part: `the whole run`, or the step it was measured in.
+    pub window: String,
+    /// Bids accepted (2xx) within it.
+    pub accepted_bids: u64,
+    /// CPU use, in cores on average.
+    pub cpu: CpuWindow,
+}
+
+impl CpuBreakdown {
+    fn of(usage: &CpuUse, output: &RunOutput, bids: &StreamSummary) -> Option<Self> {
+        let best = output
+            .steps
+            .iter()
+            .filter(|s| s.sustainable)
+            .max_by(|a, b| a.rate.total_cmp(&b.rate));
+        match best {
+            Some(step) => Some(CpuBreakdown {
+                window: format!("the step at {:.0} bids/s", step.rate),
+                accepted_bids: step.window.ok,
+                cpu: step.cpu.clone()?,
+            }),
+            None => Some(CpuBreakdown {
+                window: "the whole run".into(),
+                accepted_bids: bids.ok,
+                cpu: usage.window(0, output.duration_s.ceil() as usize)?,
+            }),
+        }
+    }
+
+    /// CPU time per accepted bid, in µs, of `cores` on average.
+    pub fn us_per_bid(&self, cores: f64) -> Option<f64> {
+        (self.accepted_bids > 0)
+            .then(|| cores * self.cpu.seconds as f64 * 1e6 / self.accepted_bids as f64)
+    }
+
+    /// Every row of the breakdown: the groups, other processes, the
+    /// machine busy, stolen and idle time, in cores.
+    fn rows(&self) -> Vec<(String, f64, bool)> {
+        let c = &self.cpu;
+        let mut rows: Vec<(String, f64, bool)> = c
+            .groups
+            .iter()
+            .map(|(n, v)| (n.clone(), *v, true))
+            .collect();
+        rows.push(("other processes".into(), c.other, true));
+        rows.push(("**machine busy**".into(), c.busy, true));
+        rows.push(("stolen by the hypervisor".into(), c.steal, false));
+        rows.push((
+            "idle".into(),
+            (c.cores as f64 - c.busy - c.steal).max(0.0),
+            false,
+        ));
+        rows
+    }
+}
+
 /// A target and whether the run met it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TargetCheck {
@@ -120,6 +184,9 @@ pub struct Series {
     /// The database disk's flushes, by second (when probed).
     #[serde(default)]
     pub disk: Vec<DiskSecond>,
+    /// CPU use by process group, by second (when measured).
+    #[serde(default)]
+    pub cpu: Option<CpuUse>,
 }
 
 impl RunReport {
@@ -166,6 +233,7 @@ impl RunReport {
             audit,
             steps: output.steps.clone(),
             disk: DiskFlushes::of(&output.disk, output.duration_s),
+            cpu: None,
             max_sustainable_bids_per_s: max_sustainable,
             targets: Vec::new(),
             series: Series {
@@ -173,8 +241,13 @@ impl RunReport {
                 reads: output.recorder.series(Kind::Read),
                 server: output.server.clone(),
                 disk: output.disk.clone(),
+                cpu: output.cpu.clone(),
             },
         };
+        report.cpu = output
+            .cpu
+            .as_ref()
+            .and_then(|usage| CpuBreakdown::of(usage, output, &report.bids));
         report.targets = report.check_targets(scenario);
         report
     }
@@ -279,6 +352,17 @@ impl RunReport {
                 d.seconds,
                 disk::STALL_MS
             ));
+        }
+        if let Some(c) = &self.cpu {
+            text.push_str(&format!(
+                "; over {}: CPU busy {:.0}%, stolen {:.0}%",
+                c.window,
+                c.cpu.share_pct(c.cpu.busy),
+                c.cpu.share_pct(c.cpu.steal)
+            ));
+            if let Some(us) = c.us_per_bid(c.cpu.busy) {
+                text.push_str(&format!(", {us:.0} µs of CPU per accepted bid"));
+            }
         }
         text
     }
@@ -479,26 +563,34 @@ impl Report {
                     continue;
                 }
                 md.push_str(&format!(
-                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | sustainable |\n| ---: | ---: | ---: | ---: | ---: | --- |\n",
+                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | CPU busy | CPU stolen | sustainable |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
                     r.mode,
                     r.max_sustainable_bids_per_s
                         .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
                 ));
                 for s in &r.steps {
+                    let pct = |f: fn(&CpuWindow) -> f64| {
+                        s.cpu
+                            .as_ref()
+                            .map_or("-".into(), |c| format!("{:.0}%", c.share_pct(f(c))))
+                    };
                     md.push_str(&format!(
-                        "| {:.0}/s | {} | {} | {} | {} | {} |\n",
+                        "| {:.0}/s | {} | {} | {} | {} | {} | {} | {} |\n",
                         s.rate,
                         s.window.ok,
                         s.window.errors,
                         s.window.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
                         s.slowest_flush_ms
                             .map_or("-".into(), |f| format!("{f:.1} ms")),
+                        pct(|c| c.busy),
+                        pct(|c| c.steal),
                         if s.sustainable { "yes" } else { "no" }
                     ));
                 }
                 md.push('\n');
             }
         }
+        self.cpu_section(&mut md);
         if let Some(c) = &self.ceiling {
             md.push_str(&format!(
                 "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s.\n",
@@ -564,9 +656,64 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(148, 103, 189),
 ];
 
+impl Report {
+    /// "Where the CPU went": each mode's CPU use by process group, as a
+    /// share of the machine and per accepted bid.
+    fn cpu_section(&self, md: &mut String) {
+        let runs: Vec<(&RunReport, &CpuBreakdown)> = self
+            .runs
+            .iter()
+            .filter_map(|r| Some((r, r.cpu.as_ref()?)))
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        md.push_str("\n## Where the CPU went\n\nRead from `/proc` once a second; each cell is the share of the machine's cores and the CPU time per accepted bid (reads included).\n\n");
+        for (r, c) in &runs {
+            md.push_str(&format!(
+                "- **{}**: over {} ({} s, {} accepted bids)\n",
+                r.mode, c.window, c.cpu.seconds, c.accepted_bids
+            ));
+        }
+        md.push_str("\n| process |");
+        for (r, _) in &runs {
+            md.push_str(&format!(" {} |", r.mode));
+        }
+        md.push_str("\n| --- |");
+        md.push_str(&" ---: |".repeat(runs.len()));
+        md.push('\n');
+        // Rows by name, in the first run's order, then any only others have.
+        let mut names: Vec<(String, bool)> = Vec::new();
+        for (_, c) in &runs {
+            for (name, _, per_bid) in c.rows() {
+                if !names.iter().any(|(n, _)| *n == name) {
+                    names.push((name, per_bid));
+                }
+            }
+        }
+        for (name, per_bid) in names {
+            md.push_str(&format!("| {name} |"));
+            for (_, c) in &runs {
+                let cell = c.rows().into_iter().find(|(n, ..)| *n == name).map_or(
+                    "-".to_owned(),
+                    |(_, cores, _)| {
+                        let share = format!("{:.1}%", c.cpu.share_pct(cores));
+                        match c.us_per_bid(cores).filter(|_| per_bid) {
+                            Some(us) => format!("{share} · {us:.0} µs"),
+                            None => share,
+                        }
+                    },
+                );
+                md.push_str(&format!(" {cell} |"));
+            }
+            md.push('\n');
+        }
+    }
+}
+
 /// Throughput, latency and errors over time, one line per mode.
 fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1200, 1100)).into_drawing_area();
+    let root = SVGBackend::new(path, (1200, 1450)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let root = root
         .titled(
@@ -577,7 +724,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
             ("sans-serif", 22),
         )
         .map_err(plot_error)?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((4, 1));
     let x_max = report
         .runs
         .iter()
@@ -700,7 +847,6 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         .build_cartesian_2d(0f64..x_max, 0f64..err_max)
         .map_err(plot_error)?;
     c.configure_mesh()
-        .x_desc("seconds")
         .y_desc("errors/s")
         .draw()
         .map_err(plot_error)?;
@@ -713,6 +859,44 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         .map_err(plot_error)?
         .label(r.mode.clone())
         .legend(legend_line(color));
+    }
+    draw_legend(&mut c)?;
+
+    // CPU: the machine busy and stolen, as a share of its cores.
+    let mut c = ChartBuilder::on(&panels[3])
+        .caption(
+            "CPU: the machine busy (thick), stolen by the hypervisor (thin), % of the cores",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..x_max, 0f64..105f64)
+        .map_err(plot_error)?;
+    c.configure_mesh()
+        .x_desc("seconds")
+        .y_desc("%")
+        .draw()
+        .map_err(plot_error)?;
+    for (i, r) in report.runs.iter().enumerate() {
+        let Some(cpu) = &r.series.cpu else {
+            continue;
+        };
+        let color = COLORS[i % COLORS.len()];
+        let share = |f: fn(&CpuSecond) -> f64| {
+            let cores = cpu.cores.max(1) as f64;
+            cpu.seconds
+                .iter()
+                .enumerate()
+                .map(move |(t, s)| (t as f64, 100.0 * f(s) / cores))
+                .collect::<Vec<_>>()
+        };
+        c.draw_series(LineSeries::new(share(|s| s.busy), color.stroke_width(2)))
+            .map_err(plot_error)?
+            .label(r.mode.clone())
+            .legend(legend_line(color));
+        c.draw_series(LineSeries::new(share(|s| s.steal), color.mix(0.6)))
+            .map_err(plot_error)?;
     }
     draw_legend(&mut c)?;
     root.present().map_err(plot_error)?;

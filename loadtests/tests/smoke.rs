@@ -110,6 +110,35 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         let disk = run.disk.expect("the disk was probed");
         assert!(disk.seconds >= 1 && disk.slowest_ms > 0.0, "{disk:?}");
         assert!(run.series.disk.iter().map(|s| s.flushes).sum::<u32>() > 10);
+        // CPU time was accounted to Gavel (here in the generator's process),
+        // the primary's backends and the replica, second by second.
+        let cpu = run.cpu.as_ref().expect("CPU use was measured");
+        assert_eq!(cpu.window, "the whole run");
+        assert!(cpu.cpu.seconds as f64 >= run.duration_s - 1.0, "{cpu:?}");
+        let cores = |name: &str| {
+            cpu.cpu
+                .groups
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| *c)
+                .unwrap_or_else(|| panic!("no group {name:?} in {cpu:?}"))
+        };
+        for group in [
+            "load generator and Gavel (one process)",
+            "PostgreSQL primary: client backends",
+            "PostgreSQL replica: replay and reads",
+        ] {
+            assert!(
+                cores(group) > 0.0,
+                "{}: {group} used no CPU: {cpu:?}",
+                run.mode
+            );
+        }
+        let watched: f64 = cpu.cpu.groups.iter().map(|(_, c)| c).sum();
+        assert!(cpu.cpu.busy + 0.05 >= watched, "{cpu:?}");
+        assert!(cpu.us_per_bid(cpu.cpu.busy).is_some_and(|us| us > 0.0));
+        let series = run.series.cpu.as_ref().expect("CPU use by second");
+        assert!(series.seconds.len() >= cpu.cpu.seconds);
     }
     // The row-lock baseline resolves at once; the log path through the resolver.
     let log = &report.runs[0];
@@ -142,6 +171,8 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "| row_lock |",
         "Raw append ceiling",
         "slowest disk flush",
+        "Where the CPU went",
+        "| PostgreSQL primary: client backends |",
         "✔ every bid answered 2xx",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
@@ -327,6 +358,7 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         jwt_secret: SECRET.into(),
         jwt_audience: "gavel".into(),
         disk_probe: None,
+        cpu: Default::default(),
     };
     let output = generator::run(&scenario, None, &target).await.unwrap();
     let audit_now = || {
