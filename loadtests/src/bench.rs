@@ -47,6 +47,8 @@ pub struct BenchOptions {
     pub work_dir: PathBuf,
     /// Seconds of pgbench for the append ceiling (0: skip).
     pub ceiling_s: u32,
+    /// Times to run every mode and the ceiling, in turn (at least 1).
+    pub rounds: u32,
     /// Start a streaming replica for reads.
     pub replica: bool,
     /// `GAVEL_*` settings for every mode (the environment's win over these).
@@ -75,58 +77,40 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
     let (primary, replica) = start_clusters(&options).await?;
     let postgres = primary.psql("postgres", "SHOW server_version")?;
     let mut runs = Vec::new();
-    for mode in &options.modes {
-        let database = format!("gavel_{mode}");
-        primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
-        primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
-        let database_url = primary.url(&database);
-        gavel::db::migrate(&database_url).await?;
-        let mut settings: HashMap<String, String> = options.settings.iter().cloned().collect();
-        settings.insert("GAVEL_DATABASE_URL".into(), database_url.clone());
-        settings.insert(
-            "GAVEL_REPLICA_URLS".into(),
-            replica
-                .as_ref()
-                .map(|r| r.url(&database))
-                .unwrap_or_default(),
-        );
-        settings.insert("GAVEL_BID_PATH".into(), mode.clone());
-        eprintln!("\n== {mode} mode: {} ==", options.scenario.name);
-        let gavel = Gavel::start(&options.launcher, settings).await?;
-        let target = Target {
-            // The work directory holds the primary's and the replica's data.
-            disk_probe: Some(options.work_dir.clone()),
-            cpu: CpuWatch {
-                gavel: gavel.pid(),
-                primary: primary.postmaster_pid(),
-                replica: replica.as_ref().and_then(|r| r.postmaster_pid()),
-            },
-            ..gavel.target()
-        };
-        let measured = async {
-            let output = generator::run(&options.scenario, trace.as_deref(), &target).await?;
-            let audit = audit::audit_run(&database_url, &output).await?;
-            anyhow::Ok(RunReport::new(mode, &options.scenario, &output, audit))
+    let mut ceilings = Vec::new();
+    let rounds = options.rounds.max(1);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("\n=== round {round} of {rounds} ===");
         }
-        .await;
-        gavel.stop().await?;
-        let run = measured?;
-        run.save(&options.out_dir.join(format!("{mode}.json")))?;
-        eprintln!("{}", run.summary_text());
-        runs.push(run);
+        for mode in &options.modes {
+            let mut run =
+                run_mode(&options, &primary, replica.as_ref(), mode, trace.as_deref()).await?;
+            run.round = round;
+            let name = if rounds > 1 {
+                format!("{mode}-{round}.json")
+            } else {
+                format!("{mode}.json")
+            };
+            run.save(&options.out_dir.join(name))?;
+            eprintln!("{}", run.summary_text());
+            runs.push(run);
+        }
+        if options.ceiling_s > 0 {
+            eprintln!(
+                "\n== raw append ceiling (pgbench, {} s) ==",
+                options.ceiling_s
+            );
+            let mut ceiling = append_ceiling(&primary, options.ceiling_s, &options.work_dir)?;
+            ceiling.round = round;
+            ceilings.push(ceiling);
+        }
     }
-    let ceiling = if options.ceiling_s > 0 {
-        eprintln!(
-            "\n== raw append ceiling (pgbench, {} s) ==",
-            options.ceiling_s
-        );
-        Some(append_ceiling(
-            &primary,
-            options.ceiling_s,
-            &options.work_dir,
-        )?)
-    } else {
-        None
+    // The median round's ceiling (the lower middle one of an even count).
+    let ceiling = {
+        let mut sorted = ceilings.clone();
+        sorted.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
+        sorted.get(sorted.len().saturating_sub(1) / 2).cloned()
     };
     // Keep the primary's log (checkpoints, autovacuum) with the report.
     let log = options.work_dir.join("primary").join("postgres.log");
@@ -146,6 +130,7 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         description: options.scenario.description.clone(),
         runs,
         ceiling,
+        ceilings,
     };
     report.write(&options.out_dir)?;
     let failed: Vec<&str> = report
@@ -161,6 +146,49 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         options.out_dir.join("report.md").display()
     );
     Ok(report)
+}
+
+/// Runs the scenario once in `mode` on a fresh database, audits it, and
+/// stops Gavel.
+async fn run_mode(
+    options: &BenchOptions,
+    primary: &PgCluster,
+    replica: Option<&PgCluster>,
+    mode: &str,
+    trace: Option<&[trace::TraceBid]>,
+) -> anyhow::Result<RunReport> {
+    let database = format!("gavel_{mode}");
+    primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
+    primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
+    let database_url = primary.url(&database);
+    gavel::db::migrate(&database_url).await?;
+    let mut settings: HashMap<String, String> = options.settings.iter().cloned().collect();
+    settings.insert("GAVEL_DATABASE_URL".into(), database_url.clone());
+    settings.insert(
+        "GAVEL_REPLICA_URLS".into(),
+        replica.map(|r| r.url(&database)).unwrap_or_default(),
+    );
+    settings.insert("GAVEL_BID_PATH".into(), mode.to_owned());
+    eprintln!("\n== {mode} mode: {} ==", options.scenario.name);
+    let gavel = Gavel::start(&options.launcher, settings).await?;
+    let target = Target {
+        // The work directory holds the primary's and the replica's data.
+        disk_probe: Some(options.work_dir.clone()),
+        cpu: CpuWatch {
+            gavel: gavel.pid(),
+            primary: primary.postmaster_pid(),
+            replica: replica.and_then(PgCluster::postmaster_pid),
+        },
+        ..gavel.target()
+    };
+    let measured = async {
+        let output = generator::run(&options.scenario, trace, &target).await?;
+        let audit = audit::audit_run(&database_url, &output).await?;
+        anyhow::Ok(RunReport::new(mode, &options.scenario, &output, audit))
+    }
+    .await;
+    gavel.stop().await?;
+    measured
 }
 
 async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Option<PgCluster>)> {
@@ -400,6 +428,7 @@ fn append_ceiling(primary: &PgCluster, seconds: u32, work_dir: &Path) -> anyhow:
     let (tps, latency_ms) = parse_pgbench(&stdout)?;
     primary.psql("postgres", &format!("DROP DATABASE {database}"))?;
     let ceiling = Ceiling {
+        round: 1,
         rows_per_s: tps * f64::from(CEILING_BATCH),
         batch_rows: CEILING_BATCH,
         clients: CEILING_CLIENTS,

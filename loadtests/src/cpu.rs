@@ -129,6 +129,13 @@ impl CpuSeconds {
         average(&self.groups, self.cores, seconds.get(from.min(end)..end)?)
     }
 
+    /// The last second measured.
+    pub fn latest(&self) -> Option<CpuWindow> {
+        let seconds = self.seconds.lock().expect("cpu seconds");
+        let last = seconds.len().saturating_sub(1);
+        average(&self.groups, self.cores, &seconds[last..])
+    }
+
     /// Everything measured so far.
     pub fn snapshot(&self) -> CpuUse {
         CpuUse {
@@ -624,6 +631,8 @@ mod tests {
         assert!(usage.seconds.len() >= 2, "seconds: {}", usage.seconds.len());
         let w = usage.window(0, 2).unwrap();
         assert_eq!(live.window(0, 2), Some(w.clone()));
+        let n = usage.seconds.len();
+        assert_eq!(live.latest(), usage.window(n - 1, n), "the last second");
         // On a loaded machine either may get less than a core; both get some.
         let (gavel, generator) = (w.groups[0].1, w.groups[1].1);
         assert!(gavel > 0.2, "the spinning shell used {gavel:.2} cores");

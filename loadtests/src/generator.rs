@@ -928,7 +928,8 @@ async fn monitor(
             let flush = disk.max_ms(last, last + 1);
             line.push_str(&format!(" | disk flush max {}", ms(flush)));
         }
-        if let Some(cpu) = shared.cpu.as_ref().and_then(|c| c.window(last, last + 1)) {
+        // The probe's second ends at about this tick: show the last one it has.
+        if let Some(cpu) = shared.cpu.as_ref().and_then(CpuSeconds::latest) {
             line.push_str(&format!(" | {}", cpu_text(&cpu)));
         }
         if let Some(s) = &sample {

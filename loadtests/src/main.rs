@@ -60,6 +60,10 @@ enum Command {
         /// Read from the primary only (no streaming replica).
         #[arg(long)]
         no_replica: bool,
+        /// Run every mode and the ceiling this many times, in turn, and
+        /// compare the medians (default: the scenario's `rounds`, else 1).
+        #[arg(long)]
+        rounds: Option<u32>,
     },
     /// Run a scenario against a Gavel that is already running, then audit
     /// its database and write a run report.
@@ -157,8 +161,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out_dir,
             ceiling_s,
             no_replica,
+            rounds,
         } => {
             let scenario = load_scenario(&path, &shape)?;
+            let rounds = rounds.unwrap_or(scenario.rounds);
+            anyhow::ensure!(rounds >= 1, "--rounds: at least 1");
             for mode in &modes {
                 anyhow::ensure!(
                     mode == "log" || mode == "row_lock",
@@ -188,6 +195,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out_dir: out_dir.clone(),
                 work_dir,
                 ceiling_s,
+                rounds,
                 replica: !no_replica,
                 settings: Vec::new(),
                 command: command_line(),
@@ -282,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 description: String::new(),
                 runs,
                 ceiling: None,
+                ceilings: Vec::new(),
             };
             report.write(&out_dir)?;
             eprintln!("report: {}", out_dir.join("report.md").display());

@@ -19,10 +19,13 @@ use crate::scenario::Scenario;
 use crate::scrape::ServerSample;
 
 /// One run of one mode.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunReport {
     /// `log` or `row_lock` (or any label the caller chose).
     pub mode: String,
+    /// Which round of the bench it was measured in (1 when there was one).
+    #[serde(default = "first_round")]
+    pub round: u32,
     /// The scenario's name.
     pub scenario: String,
     /// When second 0 began.
@@ -55,6 +58,10 @@ pub struct RunReport {
     pub targets: Vec<TargetCheck>,
     /// Per-second figures.
     pub series: Series,
+}
+
+fn first_round() -> u32 {
+    1
 }
 
 /// The peaks of Gavel's metrics over a run.
@@ -223,6 +230,7 @@ impl RunReport {
             .reduce(f64::max);
         let mut report = RunReport {
             mode: mode.to_owned(),
+            round: 1,
             scenario: scenario.name.clone(),
             started_at: output.started_at,
             duration_s: output.duration_s,
@@ -369,8 +377,11 @@ impl RunReport {
 }
 
 /// The database's raw append ceiling, measured with pgbench.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ceiling {
+    /// Which round of the bench it was measured in.
+    #[serde(default = "first_round")]
+    pub round: u32,
     /// Rows appended per second.
     pub rows_per_s: f64,
     /// Rows per INSERT (one UNNEST statement per transaction).
@@ -439,29 +450,102 @@ pub struct Report {
     pub scenario: String,
     /// The scenario's description.
     pub description: String,
-    /// One run per mode.
+    /// One run per mode and round, in the order they ran.
     pub runs: Vec<RunReport>,
-    /// The database's raw append ceiling, measured in the same run.
+    /// The database's raw append ceiling, measured in the same run (the
+    /// median round's, when there were several).
     pub ceiling: Option<Ceiling>,
+    /// The ceiling of every round, in order.
+    #[serde(default)]
+    pub ceilings: Vec<Ceiling>,
+}
+
+/// One round's comparison of log mode with the row-lock design.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RoundComparison {
+    /// The round.
+    pub round: u32,
+    /// Log mode's highest sustainable rate, in bids/s.
+    pub log: Option<f64>,
+    /// row_lock mode's.
+    pub row_lock: Option<f64>,
+    /// The round's raw append ceiling, in rows/s.
+    pub ceiling: Option<f64>,
+    /// `log / row_lock`.
+    pub over_row_lock: Option<f64>,
+    /// `log / ceiling`.
+    pub of_ceiling: Option<f64>,
+}
+
+/// The median of `values`, if any (the mean of the middle two when even).
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 impl Report {
-    fn run(&self, mode: &str) -> Option<&RunReport> {
-        self.runs.iter().find(|r| r.mode == mode)
+    fn run(&self, mode: &str, round: u32) -> Option<&RunReport> {
+        self.runs
+            .iter()
+            .find(|r| r.mode == mode && r.round == round)
     }
 
-    /// The comparisons the report states: log mode's highest sustainable
-    /// rate over row_lock's, and as a share of the append ceiling.
+    /// How many rounds the bench ran.
+    pub fn rounds(&self) -> u32 {
+        self.runs.iter().map(|r| r.round).max().unwrap_or(1)
+    }
+
+    /// A run's name in tables and legends: its mode, and its round when
+    /// there were several.
+    pub fn label(&self, run: &RunReport) -> String {
+        if self.rounds() > 1 {
+            format!("{} #{}", run.mode, run.round)
+        } else {
+            run.mode.clone()
+        }
+    }
+
+    /// Each round's comparison: log mode's highest sustainable rate over
+    /// row_lock's, and as a share of the round's append ceiling.
+    pub fn comparisons(&self) -> Vec<RoundComparison> {
+        (1..=self.rounds())
+            .map(|round| {
+                let rate = |mode| {
+                    self.run(mode, round)
+                        .and_then(|r| r.max_sustainable_bids_per_s)
+                };
+                let (log, row_lock) = (rate("log"), rate("row_lock"));
+                let ceiling = self
+                    .ceilings
+                    .iter()
+                    .chain(&self.ceiling)
+                    .find(|c| c.round == round)
+                    .map(|c| c.rows_per_s);
+                RoundComparison {
+                    round,
+                    log,
+                    row_lock,
+                    ceiling,
+                    over_row_lock: log.zip(row_lock).map(|(l, r)| l / r),
+                    of_ceiling: log.zip(ceiling).map(|(l, c)| l / c),
+                }
+            })
+            .collect()
+    }
+
+    /// The comparisons the report states, as medians over the rounds: log
+    /// mode's highest sustainable rate over row_lock's, and as a share of
+    /// the append ceiling.
     pub fn ratios(&self) -> (Option<f64>, Option<f64>) {
-        let log = self.run("log").and_then(|r| r.max_sustainable_bids_per_s);
-        let row = self
-            .run("row_lock")
-            .and_then(|r| r.max_sustainable_bids_per_s);
-        let over_row_lock = log.zip(row).map(|(l, r)| l / r);
-        let of_ceiling = log
-            .zip(self.ceiling.as_ref())
-            .map(|(l, c)| l / c.rows_per_s);
-        (over_row_lock, of_ceiling)
+        let rounds = self.comparisons();
+        let of =
+            |f: fn(&RoundComparison) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
+        (of(|c| c.over_row_lock), of(|c| c.of_ceiling))
     }
 
     /// Writes `report.json`, `report.md` and `chart.svg` into `dir`.
@@ -496,7 +580,7 @@ impl Report {
             let b = &r.bids;
             md.push_str(&format!(
                 "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.1} ms | {} |\n",
-                r.mode,
+                self.label(r),
                 r.peak_offered_bids_per_s,
                 b.requests,
                 b.ok,
@@ -518,7 +602,11 @@ impl Report {
                 .iter()
                 .map(|(k, v)| format!("{k}: {v}"))
                 .collect();
-            md.push_str(&format!("- **{}** bids: {}\n", r.mode, endings.join(", ")));
+            md.push_str(&format!(
+                "- **{}** bids: {}\n",
+                self.label(r),
+                endings.join(", ")
+            ));
             let endings: Vec<String> = r
                 .reads
                 .endings
@@ -527,7 +615,7 @@ impl Report {
                 .collect();
             md.push_str(&format!(
                 "- **{}** reads ({} requests, p99 {:.1} ms): {}\n",
-                r.mode,
+                self.label(r),
                 r.reads.requests,
                 r.reads.ok_latency_ms.p99,
                 endings.join(", ")
@@ -538,7 +626,7 @@ impl Report {
             let s = &r.server;
             md.push_str(&format!(
                 "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} | {} | {} |\n",
-                r.mode,
+                self.label(r),
                 s.lock_waiters_max,
                 s.blocked_backends_max,
                 s.lock_wait_max_s,
@@ -564,7 +652,7 @@ impl Report {
                 }
                 md.push_str(&format!(
                     "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | CPU busy | CPU stolen | sustainable |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
-                    r.mode,
+                    self.label(r),
                     r.max_sustainable_bids_per_s
                         .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
                 ));
@@ -593,32 +681,30 @@ impl Report {
         self.cpu_section(&mut md);
         if let Some(c) = &self.ceiling {
             md.push_str(&format!(
-                "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s.\n",
+                "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s",
                 c.clients, c.batch_rows, c.rows_per_s, c.tps, c.latency_ms, c.duration_s
             ));
-        }
-        let (over_row_lock, of_ceiling) = self.ratios();
-        if over_row_lock.is_some() || of_ceiling.is_some() {
-            md.push_str("\n## Comparison\n\n");
-            if let Some(x) = over_row_lock {
+            if self.ceilings.len() > 1 {
+                let each: Vec<String> = self
+                    .ceilings
+                    .iter()
+                    .map(|c| format!("{:.0}", c.rows_per_s))
+                    .collect();
                 md.push_str(&format!(
-                    "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design.\n"
+                    ", the median of the rounds' {} rows/s",
+                    each.join(", ")
                 ));
             }
-            if let Some(x) = of_ceiling {
-                md.push_str(&format!(
-                    "- Log mode sustains **{:.0}%** of the database's raw append ceiling.\n",
-                    x * 100.0
-                ));
-            }
+            md.push_str(".\n");
         }
+        self.comparison_section(&mut md);
         for r in &self.runs {
             if r.targets.is_empty() {
                 continue;
             }
             md.push_str(&format!(
-                "\n## Targets, {} mode\n\n| target | measured | met |\n| --- | --- | --- |\n",
-                r.mode
+                "\n## Targets: {}\n\n| target | measured | met |\n| --- | --- | --- |\n",
+                self.label(r)
             ));
             for t in &r.targets {
                 md.push_str(&format!(
@@ -633,7 +719,7 @@ impl Report {
         for r in &self.runs {
             md.push_str(&format!(
                 "**{}** ({} bids sent, {} acknowledged, {} in bid_log; settled {:.1} s after the end):\n\n",
-                r.mode, r.audit.bids_sent, r.audit.bids_acknowledged, r.audit.bids_in_log, r.audit.settle_wait_s
+                self.label(r), r.audit.bids_sent, r.audit.bids_acknowledged, r.audit.bids_in_log, r.audit.settle_wait_s
             ));
             for c in &r.audit.checks {
                 md.push_str(&format!(
@@ -649,14 +735,63 @@ impl Report {
     }
 }
 
-const COLORS: [RGBColor; 4] = [
+/// One colour per run (mode and round), in the order they ran.
+const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+    RGBColor(227, 119, 194),
 ];
 
 impl Report {
+    /// "Comparison": the ratios, as medians of the rounds when there were
+    /// several, with each round's figures.
+    fn comparison_section(&self, md: &mut String) {
+        let (over_row_lock, of_ceiling) = self.ratios();
+        if over_row_lock.is_none() && of_ceiling.is_none() {
+            return;
+        }
+        let rounds = self.comparisons();
+        let of_rounds = if rounds.len() > 1 {
+            format!(" (the median of {} rounds)", rounds.len())
+        } else {
+            String::new()
+        };
+        md.push_str("\n## Comparison\n\n");
+        if let Some(x) = over_row_lock {
+            md.push_str(&format!(
+                "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design{of_rounds}.\n"
+            ));
+        }
+        if let Some(x) = of_ceiling {
+            md.push_str(&format!(
+                "- Log mode sustains **{:.0}%** of the database's raw append ceiling{of_rounds}.\n",
+                x * 100.0
+            ));
+        }
+        if rounds.len() > 1 {
+            md.push_str("\nThe modes ran in turn, round after round, so that a slow spell of the machine falls on both:\n\n| round | log | row_lock | log / row_lock | ceiling | log / ceiling |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+            let rate =
+                |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.0} {unit}"));
+            for c in &rounds {
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} |\n",
+                    c.round,
+                    rate(c.log, "bids/s"),
+                    rate(c.row_lock, "bids/s"),
+                    c.over_row_lock.map_or("-".into(), |x| format!("{x:.1}×")),
+                    rate(c.ceiling, "rows/s"),
+                    c.of_ceiling
+                        .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+                ));
+            }
+        }
+    }
+
     /// "Where the CPU went": each mode's CPU use by process group, as a
     /// share of the machine and per accepted bid.
     fn cpu_section(&self, md: &mut String) {
@@ -672,12 +807,15 @@ impl Report {
         for (r, c) in &runs {
             md.push_str(&format!(
                 "- **{}**: over {} ({} s, {} accepted bids)\n",
-                r.mode, c.window, c.cpu.seconds, c.accepted_bids
+                self.label(r),
+                c.window,
+                c.cpu.seconds,
+                c.accepted_bids
             ));
         }
         md.push_str("\n| process |");
         for (r, _) in &runs {
-            md.push_str(&format!(" {} |", r.mode));
+            md.push_str(&format!(" {} |", self.label(r)));
         }
         md.push_str("\n| --- |");
         md.push_str(&" ---: |".repeat(runs.len()));
@@ -770,7 +908,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
             color.stroke_width(2),
         ))
         .map_err(plot_error)?
-        .label(r.mode.clone())
+        .label(report.label(r))
         .legend(legend_line(color));
         c.draw_series(LineSeries::new(points(|p| p.offered), color.mix(0.5)))
             .map_err(plot_error)?;
@@ -809,7 +947,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         };
         c.draw_series(LineSeries::new(points(|p| p.p99_ms), color.stroke_width(2)))
             .map_err(plot_error)?
-            .label(r.mode.clone())
+            .label(report.label(r))
             .legend(legend_line(color));
         c.draw_series(LineSeries::new(points(|p| p.p50_ms), color.mix(0.6)))
             .map_err(plot_error)?;
@@ -857,7 +995,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
             color.stroke_width(2),
         ))
         .map_err(plot_error)?
-        .label(r.mode.clone())
+        .label(report.label(r))
         .legend(legend_line(color));
     }
     draw_legend(&mut c)?;
@@ -893,7 +1031,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         };
         c.draw_series(LineSeries::new(share(|s| s.busy), color.stroke_width(2)))
             .map_err(plot_error)?
-            .label(r.mode.clone())
+            .label(report.label(r))
             .legend(legend_line(color));
         c.draw_series(LineSeries::new(share(|s| s.steal), color.mix(0.6)))
             .map_err(plot_error)?;
@@ -921,4 +1059,104 @@ fn draw_legend<'a, CT: CoordTranslate>(
 
 fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing the chart: {e:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(mode: &str, round: u32, rate: Option<f64>) -> RunReport {
+        RunReport {
+            mode: mode.into(),
+            round,
+            max_sustainable_bids_per_s: rate,
+            ..RunReport::default()
+        }
+    }
+
+    fn ceiling(round: u32, rows_per_s: f64) -> Ceiling {
+        Ceiling {
+            round,
+            rows_per_s,
+            ..Ceiling::default()
+        }
+    }
+
+    fn report(runs: Vec<RunReport>, ceilings: Vec<Ceiling>) -> Report {
+        Report {
+            generated_at: Utc::now(),
+            command: "test".into(),
+            machine: Machine::default(),
+            scenario: "max-rate".into(),
+            description: String::new(),
+            runs,
+            ceiling: ceilings.get(1).or(ceilings.first()).cloned(),
+            ceilings,
+        }
+    }
+
+    #[test]
+    fn medians_take_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
+
+    #[test]
+    fn rounds_are_compared_pairwise_and_summarised_by_their_medians() {
+        let report = report(
+            vec![
+                run("log", 1, Some(10_000.0)),
+                run("row_lock", 1, Some(500.0)),
+                run("log", 2, Some(4_000.0)),
+                run("row_lock", 2, Some(400.0)),
+                run("log", 3, Some(12_000.0)),
+                // No step of this round's row-lock run held: it compares nothing.
+                run("row_lock", 3, None),
+            ],
+            vec![
+                ceiling(1, 50_000.0),
+                ceiling(2, 40_000.0),
+                ceiling(3, 60_000.0),
+            ],
+        );
+        assert_eq!(report.rounds(), 3);
+        assert_eq!(report.label(&report.runs[2]), "log #2");
+        let rounds = report.comparisons();
+        assert_eq!(rounds.len(), 3);
+        assert_eq!(rounds[0].over_row_lock, Some(20.0));
+        assert_eq!(rounds[1].over_row_lock, Some(10.0));
+        assert_eq!(rounds[2].over_row_lock, None);
+        assert_eq!(rounds[1].of_ceiling, Some(0.1));
+        // Medians: of 20× and 10×; of 20%, 10% and 20%.
+        assert_eq!(report.ratios(), (Some(15.0), Some(0.2)));
+        let md = report.markdown();
+        for needle in [
+            "**15.0×** the bid rate of the row-lock design (the median of 3 rounds)",
+            "| 3 | 12000 bids/s | - | - | 60000 rows/s | 20% |",
+            "the median of the rounds' 50000, 40000, 60000 rows/s",
+            "| log #3 |",
+        ] {
+            assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+        }
+    }
+
+    #[test]
+    fn one_round_keeps_the_plain_mode_names() {
+        let report = report(
+            vec![
+                run("log", 1, Some(9_000.0)),
+                run("row_lock", 1, Some(900.0)),
+            ],
+            vec![ceiling(1, 90_000.0)],
+        );
+        assert_eq!(report.label(&report.runs[1]), "row_lock");
+        assert_eq!(report.ratios(), (Some(10.0), Some(0.1)));
+        let md = report.markdown();
+        assert!(
+            md.contains("**10.0×** the bid rate of the row-lock design.\n"),
+            "{md}"
+        );
+        assert!(!md.contains("| round |"), "{md}");
+    }
 }

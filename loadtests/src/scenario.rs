@@ -46,6 +46,14 @@ pub struct Scenario {
     /// What Gavel's log mode must reach in this scenario.
     #[serde(default)]
     pub targets: Option<Targets>,
+    /// How many times `gavel-loadtest bench` runs every mode and the
+    /// append ceiling, in turn; the comparison is the median of the rounds.
+    #[serde(default = "one_round")]
+    pub rounds: u32,
+}
+
+fn one_round() -> u32 {
+    1
 }
 
 /// The figures a run of Gavel (log mode) is held to.

@@ -49,6 +49,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         out_dir: out_dir.clone(),
         work_dir: scratch("bench-pg"),
         ceiling_s: 2,
+        rounds: 1,
         replica: true,
         settings: quick_settings(),
         command: "smoke test".into(),
