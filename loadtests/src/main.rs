@@ -105,9 +105,10 @@ enum Command {
         #[arg(long)]
         gavel_pid: Option<u32>,
     },
-    /// Combine run reports (JSON) into report.json, report.md and chart.svg.
+    /// Combine run reports (JSON) into report.json, report.md and chart.svg,
+    /// or draw a combined report.json again (with its ceilings and rounds).
     Report {
-        /// Run reports written by `run` or `bench`.
+        /// Run reports written by `run` or `bench`, or one report.json.
         #[arg(required = true)]
         runs: Vec<PathBuf>,
         /// Output directory.
@@ -277,6 +278,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Report { runs, out_dir } => {
+            if let [path] = runs.as_slice() {
+                if let Some(report) = Report::load_combined(path)? {
+                    report.write(&out_dir)?;
+                    eprintln!("report: {}", out_dir.join("report.md").display());
+                    return Ok(());
+                }
+            }
             let runs = runs
                 .iter()
                 .map(|p| RunReport::load(p))

@@ -548,6 +548,21 @@ impl Report {
         (of(|c| c.over_row_lock), of(|c| c.of_ceiling))
     }
 
+    /// Reads `path` as a combined report (`report.json`); `None` when it
+    /// is a run report instead.
+    pub fn load_combined(path: &Path) -> anyhow::Result<Option<Self>> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the report {}", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+        if value.get("runs").is_none() {
+            return Ok(None);
+        }
+        let report =
+            serde_json::from_value(value).with_context(|| format!("in {}", path.display()))?;
+        Ok(Some(report))
+    }
+
     /// Writes `report.json`, `report.md` and `chart.svg` into `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -1139,6 +1154,26 @@ mod tests {
         ] {
             assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
         }
+    }
+
+    #[test]
+    fn a_combined_report_is_read_back_and_a_run_report_is_not_one() {
+        let dir = std::env::temp_dir().join(format!("report-{}", std::process::id()));
+        let written = report(
+            vec![run("log", 1, Some(8_000.0)), run("log", 2, Some(6_000.0))],
+            vec![ceiling(1, 50_000.0), ceiling(2, 40_000.0)],
+        );
+        written.write(&dir).unwrap();
+        written.runs[0].save(&dir.join("log-1.json")).unwrap();
+        let read = Report::load_combined(&dir.join("report.json"))
+            .unwrap()
+            .expect("a combined report");
+        let run_report = Report::load_combined(&dir.join("log-1.json")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read.rounds(), 2);
+        assert_eq!(read.ceilings.len(), 2);
+        assert_eq!(read.comparisons(), written.comparisons());
+        assert!(run_report.is_none());
     }
 
     #[test]
