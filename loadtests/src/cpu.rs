@@ -605,6 +605,50 @@ mod tests {
     }
 
     #[test]
+    fn a_parent_that_reaps_its_children_counts_their_time_once() {
+        // A shell running one spinning child (about a second each) after
+        // another, watched as a postmaster. Each child lives across
+        // samples (counted while it runs), then its time reaches the
+        // parent as reaped time, which must not count again: one process
+        // at a time uses at most one core.
+        let mut parent = Command::new("sh")
+            .args([
+                "-c",
+                "while :; do sh -c 'i=0; while [ $i -lt 700000 ]; do i=$((i+1)); done'; done",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let watch = CpuWatch {
+            primary: Some(parent.id()),
+            ..CpuWatch::default()
+        };
+        let probe = CpuProbe::start(watch, Instant::now()).unwrap();
+        std::thread::sleep(Duration::from_millis(4_300));
+        let usage = probe.stop();
+        let _ = parent.kill();
+        let _ = parent.wait();
+        assert_eq!(
+            usage.groups[1..],
+            [
+                Group::PrimaryBackends.name(),
+                Group::PrimaryBackground.name()
+            ]
+        );
+        let w = usage.window(0, 4).unwrap();
+        let postgres = w.groups[1].1 + w.groups[2].1;
+        assert!(
+            postgres > 0.1,
+            "the parent and its children used {postgres:.2} cores"
+        );
+        assert!(
+            postgres < 1.15,
+            "one process at a time cannot use {postgres:.2} cores: counted twice"
+        );
+        assert_eq!(w.groups[1].1, 0.0, "no child is a client backend");
+    }
+
+    #[test]
     fn the_probe_sees_a_busy_process_and_this_one() {
         // A shell spinning (without forking) until it is killed, watched
         // as Gavel would be.
