@@ -125,15 +125,14 @@ impl CpuSeconds {
     /// The average over seconds `from..to` of those measured.
     pub fn window(&self, from: usize, to: usize) -> Option<CpuWindow> {
         let seconds = self.seconds.lock().expect("cpu seconds");
-        let end = to.min(seconds.len());
-        average(&self.groups, self.cores, seconds.get(from.min(end)..end)?)
+        average(&self.groups, self.cores, &seconds, from, to)
     }
 
     /// The last second measured.
     pub fn latest(&self) -> Option<CpuWindow> {
         let seconds = self.seconds.lock().expect("cpu seconds");
-        let last = seconds.len().saturating_sub(1);
-        average(&self.groups, self.cores, &seconds[last..])
+        let n = seconds.len();
+        average(&self.groups, self.cores, &seconds, n.saturating_sub(1), n)
     }
 
     /// Everything measured so far.
@@ -160,16 +159,20 @@ pub struct CpuUse {
 impl CpuUse {
     /// The average over seconds `from..to` of those measured.
     pub fn window(&self, from: usize, to: usize) -> Option<CpuWindow> {
-        let end = to.min(self.seconds.len());
-        average(
-            &self.groups,
-            self.cores,
-            self.seconds.get(from.min(end)..end)?,
-        )
+        average(&self.groups, self.cores, &self.seconds, from, to)
     }
 }
 
-fn average(groups: &[String], cores: usize, seconds: &[CpuSecond]) -> Option<CpuWindow> {
+/// The average over seconds `from..to` of those in `seconds`.
+fn average(
+    groups: &[String],
+    cores: usize,
+    seconds: &[CpuSecond],
+    from: usize,
+    to: usize,
+) -> Option<CpuWindow> {
+    let end = to.min(seconds.len());
+    let seconds = &seconds[from.min(end)..end];
     if seconds.is_empty() {
         return None;
     }

@@ -835,21 +835,20 @@ impl Report {
         md.push_str("\n| --- |");
         md.push_str(&" ---: |".repeat(runs.len()));
         md.push('\n');
+        let rows: Vec<Vec<(String, f64, bool)>> = runs.iter().map(|(_, c)| c.rows()).collect();
         // Rows by name, in the first run's order, then any only others have.
-        let mut names: Vec<(String, bool)> = Vec::new();
-        for (_, c) in &runs {
-            for (name, _, per_bid) in c.rows() {
-                if !names.iter().any(|(n, _)| *n == name) {
-                    names.push((name, per_bid));
-                }
+        let mut names: Vec<(&str, bool)> = Vec::new();
+        for (name, _, per_bid) in rows.iter().flatten() {
+            if !names.iter().any(|(n, _)| n == name) {
+                names.push((name, *per_bid));
             }
         }
         for (name, per_bid) in names {
             md.push_str(&format!("| {name} |"));
-            for (_, c) in &runs {
-                let cell = c.rows().into_iter().find(|(n, ..)| *n == name).map_or(
+            for ((_, c), rows) in runs.iter().zip(&rows) {
+                let cell = rows.iter().find(|(n, ..)| n == name).map_or(
                     "-".to_owned(),
-                    |(_, cores, _)| {
+                    |&(_, cores, _)| {
                         let share = format!("{:.1}%", c.cpu.share_pct(cores));
                         match c.us_per_bid(cores).filter(|_| per_bid) {
                             Some(us) => format!("{share} · {us:.0} µs"),
@@ -864,7 +863,7 @@ impl Report {
     }
 }
 
-/// Throughput, latency and errors over time, one line per mode.
+/// Throughput, latency, errors and CPU over time, one line per run.
 fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (1200, 1450)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
@@ -895,16 +894,12 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         .unwrap_or(1)
         .max(1) as f64
         * 1.1;
-    let mut c = ChartBuilder::on(&panels[0])
-        .caption(
-            "Bids per second: answered 2xx (thick), offered (thin)",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..x_max, 0f64..y_max)
-        .map_err(plot_error)?;
+    let mut c = panel(
+        &panels[0],
+        "Bids per second: answered 2xx (thick), offered (thin)",
+    )
+    .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+    .map_err(plot_error)?;
     c.configure_mesh()
         .y_desc("bids/s")
         .draw()
@@ -940,14 +935,7 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         })
         .fold(10.0f64, f64::max)
         * 1.5;
-    let mut c = ChartBuilder::on(&panels[1])
-        .caption(
-            "Bid latency from the intended send time: p99 (thick), p50 (thin); the disk's slowest flush (x)",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
+    let mut c = panel(&panels[1], "Bid latency from the intended send time: p99 (thick), p50 (thin); the disk's slowest flush (x)")
         .build_cartesian_2d(0f64..x_max, (0.1f64..lat_max).log_scale())
         .map_err(plot_error)?;
     c.configure_mesh().y_desc("ms").draw().map_err(plot_error)?;
@@ -989,16 +977,12 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
         .unwrap_or(0)
         .max(1) as f64
         * 1.1;
-    let mut c = ChartBuilder::on(&panels[2])
-        .caption(
-            "Bid errors per second (5xx, timeouts, transport errors)",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..x_max, 0f64..err_max)
-        .map_err(plot_error)?;
+    let mut c = panel(
+        &panels[2],
+        "Bid errors per second (5xx, timeouts, transport errors)",
+    )
+    .build_cartesian_2d(0f64..x_max, 0f64..err_max)
+    .map_err(plot_error)?;
     c.configure_mesh()
         .y_desc("errors/s")
         .draw()
@@ -1016,16 +1000,12 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     draw_legend(&mut c)?;
 
     // CPU: the machine busy and stolen, as a share of its cores.
-    let mut c = ChartBuilder::on(&panels[3])
-        .caption(
-            "CPU: the machine busy (thick), stolen by the hypervisor (thin), % of the cores",
-            ("sans-serif", 16),
-        )
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..x_max, 0f64..105f64)
-        .map_err(plot_error)?;
+    let mut c = panel(
+        &panels[3],
+        "CPU: the machine busy (thick), stolen by the hypervisor (thin), % of the cores",
+    )
+    .build_cartesian_2d(0f64..x_max, 0f64..105f64)
+    .map_err(plot_error)?;
     c.configure_mesh()
         .x_desc("seconds")
         .y_desc("%")
@@ -1054,6 +1034,20 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     draw_legend(&mut c)?;
     root.present().map_err(plot_error)?;
     Ok(())
+}
+
+/// A chart panel with its caption and the margins every panel shares.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'static, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70);
+    builder
 }
 
 /// The legend's sample of a mode's line.
