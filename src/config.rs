@@ -58,6 +58,9 @@ pub struct Config {
     /// How far behind the primary's WAL a replica may be and still serve
     /// reads (`GAVEL_REPLICA_MAX_LAG_BYTES`).
     pub replica_max_lag_bytes: u64,
+    /// How long an auction view may serve token-less reads from memory
+    /// (`GAVEL_READ_CACHE_MS`; 0 turns the cache off).
+    pub read_cache_ttl: Duration,
     /// How often `pg_stat_activity` and the resolver backlog are sampled
     /// for metrics (`GAVEL_PG_SAMPLE_MS`).
     pub pg_sample_interval: Duration,
@@ -155,6 +158,7 @@ impl Config {
                 16 << 20,
                 8_192..=(1 << 40),
             )? as u64,
+            read_cache_ttl: env.millis("GAVEL_READ_CACHE_MS", 250, 0..=10_000)?,
             pg_sample_interval: env.millis("GAVEL_PG_SAMPLE_MS", 2_000, 100..=60_000)?,
             resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
             resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
@@ -398,6 +402,7 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
         assert_eq!(c.pg_sample_interval, Duration::from_millis(2_000));
+        assert_eq!(c.read_cache_ttl, Duration::from_millis(250));
         assert_eq!(c.append_writers, 2);
         assert_eq!(c.append_batch_max, 500);
         // A short statement timeout caps the default lock timeout.

@@ -15,6 +15,7 @@ use crate::auth::JwtKeys;
 use crate::bidding::{AppendSettings, BidDesk, BidPath};
 use crate::config::Config;
 use crate::db::activity::ActivitySampler;
+use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
 use crate::http::{self, AppState, Shared};
@@ -50,6 +51,7 @@ impl Server {
         let signals = Signals::new();
         let activity = ActivitySampler::new(&config)?;
         let state = AppState::new(Shared {
+            auction_views: AuctionCache::new(reads.clone(), &signals, config.read_cache_ttl),
             reads,
             request_timeout: config.request_timeout,
             max_in_flight: config.max_in_flight,

@@ -81,6 +81,8 @@ pub const METRICS: &[MetricDoc] = &[
         "Retries answered from an earlier bid with the same Idempotency-Key."),
     metric("gavel_auction_snapshot_reads_total", Counter, &[],
         "Auction snapshots read from the database by the bid path's pre-check (others come from its cache)."),
+    metric("gavel_auction_cache_total", Counter, &["result"],
+        "Auction view reads answered from the in-process cache (hit) or read from the database (miss)."),
     metric("gavel_bids_append_batch_size", Histogram, &[],
         "Bids written per append statement (concurrent bids are coalesced into one INSERT)."),
     metric("gavel_resolver_bids_resolved_total", Counter, &["outcome"],

@@ -1,11 +1,12 @@
 //! Database access: bounded connection pools on the primary, read routing
-//! to replicas, the embedded migrations, and the queries of each table
-//! (`auctions`, `bids`).
+//! to replicas with a micro-cache of auction views in front, the embedded
+//! migrations, and the queries of each table (`auctions`, `bids`).
 //!
 //! Runtime queries go through deadpool-postgres and tokio-postgres prepared
 //! statements; sqlx is used only for its migrator.
 
 pub mod activity;
+pub mod auction_cache;
 pub mod auctions;
 pub mod bids;
 pub mod reads;

@@ -146,13 +146,15 @@ impl Reason {
     }
 }
 
-/// Where a read was served, and a WAL position its data is at least as new as.
+/// Where a read was served, and how new its data is at least.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadSource {
     /// The server that answered.
     pub target: Target,
     /// A lower bound of the position the read saw, when known.
     pub position: Option<PgLsn>,
+    /// The read saw every write committed before this instant.
+    pub fresh_at: Instant,
 }
 
 /// The read router of one process. Cheap to clone.
@@ -245,6 +247,17 @@ impl Reads {
         })
     }
 
+    /// How stale a read without a consistency token may be.
+    pub fn max_lag(&self) -> Duration {
+        self.inner.max_lag
+    }
+
+    /// Whether data read at WAL position `seen` holds every write up to
+    /// `token`.
+    pub fn covers(&self, seen: PgLsn, token: PgLsn) -> bool {
+        self.position(seen) >= self.position(token)
+    }
+
     /// The pools of the replicas and of the position sampler.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
         let replicas = self.inner.replicas.iter();
@@ -280,6 +293,8 @@ impl Reads {
             Err(reason) => reason,
         };
         let position = self.latest_sample().map(PgLsn::from);
+        // The query's snapshot is taken after this, on the primary itself.
+        let fresh_at = Instant::now();
         let value = self
             .on_primary(&query, started + self.inner.wait_timeout)
             .await?;
@@ -289,6 +304,7 @@ impl Reads {
             ReadSource {
                 target: Target::Primary,
                 position,
+                fresh_at,
             },
         ))
     }
@@ -333,9 +349,12 @@ impl Reads {
         };
         // The wait may have taken the replica out of bounds.
         let state = *replica.state.lock().expect("replica state");
-        if !self.within_bounds(&state, Instant::now()) {
+        let Some(fresh_at) = state
+            .covered_at
+            .filter(|_| self.within_bounds(&state, Instant::now()))
+        else {
             return Ok(Err(Reason::NoHealthyReplica));
-        }
+        };
         let reason = match token {
             None => Reason::Fresh,
             // A new connection may be to a server that restarted since the
@@ -379,6 +398,7 @@ impl Reads {
                 let source = ReadSource {
                     target: Target::Replica,
                     position: Some(PgLsn::from(position)),
+                    fresh_at,
                 };
                 Ok(Ok((value, source)))
             }

@@ -159,10 +159,7 @@ async fn show(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "auction")?;
-    let (auction, source) = state
-        .reads
-        .run(token, |client| Box::pin(auctions::get(client, id)))
-        .await?;
+    let (auction, source) = state.auction_views.get(id, token).await?;
     let mut response = match auction {
         None => ApiError::NotFound("auction").into_response(),
         Some(auction) if if_none_match(&headers, auction.version) => {

@@ -26,6 +26,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
+use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
 use crate::resolver::Signals;
@@ -56,6 +57,8 @@ pub struct Shared {
     pub pools: Pools,
     /// Where reads go: a replica within bounds, or the primary.
     pub reads: Reads,
+    /// Auction views recently read, for token-less polls.
+    pub auction_views: AuctionCache,
     /// The deadline of every API request.
     pub request_timeout: Duration,
     /// Requests in flight before new ones are shed.

@@ -255,7 +255,13 @@ impl Resolver {
 
     async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {
         let client = self.pool.get().await?;
-        auctions::open_started(&client, SCAN_LIMIT).await?;
+        for auction_id in auctions::open_started(&client, SCAN_LIMIT).await? {
+            // Its view changed: cached copies must go.
+            self.signals.publish(Resolved {
+                auction_id,
+                bids: Some(Arc::from([])),
+            });
+        }
         let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)
             .await?
             .into_iter()

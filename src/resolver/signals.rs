@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
-/// A resolution committed for an auction.
+/// A committed change of an auction's state: a resolution, or its opening.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     /// The auction whose state moved.
     pub auction_id: Uuid,
-    /// The bids resolved, when known (a resolution announced by another
-    /// process carries only the auction).
+    /// The bids resolved, when known (none for an opening; a resolution
+    /// announced by another process carries only the auction).
     pub bids: Option<Arc<[Uuid]>>,
 }
 

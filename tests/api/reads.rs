@@ -571,3 +571,114 @@ async fn reads_need_a_token() {
         assert_eq!(authorised.status(), StatusCode::OK, "{path} with a token");
     }
 }
+
+/// The sum of the series of `name` whose labels contain `label` in a
+/// Prometheus text scrape.
+fn total(scrape: &str, name: &str, label: &str) -> f64 {
+    scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|rest| rest.split('}').next().unwrap_or("").contains(label))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn polls_are_answered_from_memory_until_the_auction_changes() {
+    // The resolver runs in this test; the process under test only serves the
+    // API, so it hears resolutions the way one of many API processes does
+    // (NOTIFY), and its metrics count only these reads.
+    let resolver = TestApp::spawn_with(|c| c.resolver_poll = Duration::from_secs(60)).await;
+    let database_url = resolver.database_url.clone();
+    let process = ServeProcess::start_with(
+        &database_url,
+        &[("GAVEL_RESOLVER", "off"), ("GAVEL_READ_CACHE_MS", "10000")],
+    )
+    .await;
+    let app = process.client(&database_url);
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let before = app.metrics_text().await;
+    let first = get_auction_with(&app, &auction_id, None).await;
+    let tag = header(&first, "etag");
+    for _ in 0..4 {
+        let polled = get_auction_with(&app, &auction_id, Some(&tag)).await;
+        assert_eq!(polled.status(), StatusCode::NOT_MODIFIED);
+    }
+    let after = app.metrics_text().await;
+    let delta = |name: &str, label: &str| total(&after, name, label) - total(&before, name, label);
+    assert_eq!(delta("gavel_auction_cache_total", "result=\"miss\""), 1.0);
+    assert_eq!(delta("gavel_auction_cache_total", "result=\"hit\""), 4.0);
+    assert_eq!(
+        delta("gavel_db_reads_total", "target="),
+        1.0,
+        "five polls, one database read"
+    );
+
+    // A resolution in the other process reaches this one over NOTIFY and
+    // evicts the view: the next poll sees it at once.
+    let bid = app.bid_resolved("alice", &auction_id, 1_200).await;
+    assert_eq!(bid["status"], "leading");
+    let changed = get_auction_with(&app, &auction_id, Some(&tag)).await;
+    assert_eq!(changed.status(), StatusCode::OK, "the old tag is stale");
+    let tag = header(&changed, "etag");
+    let view: Value = changed.json().await.unwrap();
+    assert_eq!(view["bid_count"], 1);
+
+    // A change nobody announced waits for the cache, but never longer than
+    // the replica lag bound (2 s), however long the cache's own time is.
+    let db = app.db().await;
+    let id: uuid::Uuid = auction_id.parse().unwrap();
+    db.execute(
+        "UPDATE auctions SET title = 'Sword of Dusk', version = version + 1 WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    let changed_at = std::time::Instant::now();
+    let polled = get_auction_with(&app, &auction_id, Some(&tag)).await;
+    assert_eq!(
+        polled.status(),
+        StatusCode::NOT_MODIFIED,
+        "served from memory"
+    );
+    let renamed = eventually(Duration::from_secs(10), "the renamed view", || async {
+        let response = get_auction_with(&app, &auction_id, Some(&tag)).await;
+        (response.status() == StatusCode::OK).then_some(response)
+    })
+    .await;
+    let waited = changed_at.elapsed();
+    assert!(
+        waited <= Duration::from_millis(2_500),
+        "seen within the lag bound, not the 10 s cache time ({waited:?})"
+    );
+    assert_eq!(
+        renamed.json::<Value>().await.unwrap()["title"],
+        "Sword of Dusk"
+    );
+    drop(process);
+    resolver.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_cache_off_every_poll_reads_the_database() {
+    let database_url = fresh_database().await;
+    let process = ServeProcess::start_with(&database_url, &[("GAVEL_READ_CACHE_MS", "0")]).await;
+    let app = process.client(&database_url);
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let before = app.metrics_text().await;
+    for _ in 0..3 {
+        assert_eq!(
+            get_auction_with(&app, &auction_id, None).await.status(),
+            StatusCode::OK
+        );
+    }
+    let after = app.metrics_text().await;
+    let reads = total(&after, "gavel_db_reads_total", "target=")
+        - total(&before, "gavel_db_reads_total", "target=");
+    assert_eq!(reads, 3.0);
+    assert_eq!(total(&after, "gavel_auction_cache_total", "result="), 0.0);
+}
