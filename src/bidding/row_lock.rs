@@ -43,6 +43,8 @@ enum Placement {
     Resolved {
         bid: bids::BidRecord,
         reason: Option<&'static str>,
+        /// The auction's version after the bid.
+        version: i64,
     },
     /// The bidder already used this key; nothing was written.
     KeyExists(bids::KeyRecord),
@@ -75,7 +77,12 @@ impl BidDesk {
                 amount.get(),
             )
             .await?;
-            let Placement::Resolved { bid, reason } = &placement else {
+            let Placement::Resolved {
+                bid,
+                reason,
+                version,
+            } = &placement
+            else {
                 return Ok((placement, None));
             };
             metrics::counter!("gavel_bids_accepted_total").increment(1);
@@ -83,6 +90,7 @@ impl BidDesk {
             signals.publish(Resolved {
                 auction_id,
                 bids: Some(Arc::from([bid.id])),
+                version: Some(*version),
             });
             // From here on the bid is committed: nothing may fail the request.
             let wal_position = reads::wal_position(&client).await.ok();
@@ -194,5 +202,9 @@ async fn write(
     )
     .await?;
     tx.commit().await?;
-    Ok(Placement::Resolved { bid, reason })
+    Ok(Placement::Resolved {
+        bid,
+        reason,
+        version: auction.version + 1,
+    })
 }

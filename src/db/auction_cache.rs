@@ -13,7 +13,9 @@
 //!   resolver's or one announced by another process; an auction opening)
 //!   evicts the auction's view at once, so in one process a client sees a
 //!   resolution as soon as the request that waited for it does. A read that
-//!   was under way when its auction changed is not cached.
+//!   was under way when its auction changed is not cached, nor is a view
+//!   older than the version a change of this process announced (a replica
+//!   that has not replayed the change yet).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -124,7 +126,7 @@ impl AuctionCache {
         let State { views, changes } = &mut *state;
         loop {
             match changes.try_recv() {
-                Ok(change) => views.evict(change.auction_id),
+                Ok(change) => views.evict(change.auction_id, change.version),
                 // Changes were missed: any view may be out of date.
                 Err(TryRecvError::Lagged(_)) => views.clear(),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => break,
@@ -158,10 +160,13 @@ struct View {
 }
 
 /// One auction's place in the cache. `generation` counts the changes seen,
-/// so a read that started before a change is not stored after it.
+/// so a read that started before a change is not stored after it;
+/// `min_version` is the newest version a change announced, so a replica
+/// that has not replayed it yet cannot put the old view back.
 #[derive(Debug, Default)]
 struct Slot {
     generation: u64,
+    min_version: i64,
     view: Option<View>,
 }
 
@@ -186,10 +191,7 @@ impl Views {
         limits: Limits,
         covers: impl Fn(PgLsn, PgLsn) -> bool,
     ) -> Lookup<'_> {
-        if self.slots.len() >= CAPACITY && !self.slots.contains_key(&id) {
-            self.slots.clear();
-        }
-        let slot = self.slots.entry(id).or_default();
+        let slot = self.slot(id);
         let usable = slot.view.as_ref().is_some_and(|view| {
             now.saturating_duration_since(view.read_at) < limits.ttl
                 && now.saturating_duration_since(view.source.fresh_at) <= limits.max_lag
@@ -203,8 +205,17 @@ impl Views {
         }
     }
 
+    /// `id`'s slot, made if need be; a full cache is emptied first.
+    fn slot(&mut self, id: Uuid) -> &mut Slot {
+        if self.slots.len() >= CAPACITY && !self.slots.contains_key(&id) {
+            self.slots.clear();
+        }
+        self.slots.entry(id).or_default()
+    }
+
     /// Keeps `auction` as read in `generation`, unless the auction changed
-    /// since, or a newer version is already kept.
+    /// since, it is older than a change announced, or a newer version is
+    /// already kept.
     fn store(
         &mut self,
         id: Uuid,
@@ -215,7 +226,7 @@ impl Views {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        if slot.generation != generation {
+        if slot.generation != generation || auction.version < slot.min_version {
             return;
         }
         if let Some(kept) = &slot.view {
@@ -230,11 +241,12 @@ impl Views {
         });
     }
 
-    fn evict(&mut self, id: Uuid) {
-        if let Some(slot) = self.slots.get_mut(&id) {
-            slot.generation += 1;
-            slot.view = None;
-        }
+    /// The auction changed, to `version` when known.
+    fn evict(&mut self, id: Uuid, version: Option<i64>) {
+        let slot = self.slot(id);
+        slot.generation += 1;
+        slot.view = None;
+        slot.min_version = slot.min_version.max(version.unwrap_or(0));
     }
 
     fn forget(&mut self, id: Uuid) {
@@ -396,20 +408,38 @@ mod tests {
         let (id, other) = (Uuid::now_v7(), Uuid::now_v7());
         fill(&mut views, id, 3, 100, Instant::now());
         fill(&mut views, other, 7, 100, Instant::now());
-        views.evict(id);
+        views.evict(id, None);
         let now = Instant::now();
         assert_eq!(found(&mut views, id, None, now), None, "evicted");
         assert_eq!(found(&mut views, other, None, now), Some(7), "others stay");
 
         // A read starts, the auction changes, the read ends.
         let before = miss(&mut views, id);
-        views.evict(id);
+        views.evict(id, None);
         views.store(id, before, auction(id, 3), source(100, now));
         assert_eq!(found(&mut views, id, None, Instant::now()), None);
 
         // A read that started after the change is kept.
         fill(&mut views, id, 4, 200, Instant::now());
         assert_eq!(found(&mut views, id, None, Instant::now()), Some(4));
+    }
+
+    #[test]
+    fn a_view_older_than_an_announced_change_is_not_kept() {
+        let mut views = Views::default();
+        let id = Uuid::now_v7();
+        fill(&mut views, id, 3, 100, Instant::now());
+        // The resolver committed version 4; the replica has not replayed it.
+        views.evict(id, Some(4));
+        fill(&mut views, id, 3, 100, Instant::now());
+        assert_eq!(found(&mut views, id, None, Instant::now()), None);
+        // Once the replica has it, the view is kept again.
+        fill(&mut views, id, 4, 200, Instant::now());
+        assert_eq!(found(&mut views, id, None, Instant::now()), Some(4));
+        // An announcement without a version lowers nothing.
+        views.evict(id, None);
+        fill(&mut views, id, 3, 100, Instant::now());
+        assert_eq!(found(&mut views, id, None, Instant::now()), None);
     }
 
     #[test]

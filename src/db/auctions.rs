@@ -141,20 +141,20 @@ pub async fn insert(
 
 /// Marks up to `limit` auctions whose start has come as opened, bumping
 /// their version so their view's `ETag` changes with its status; returns
-/// their ids.
+/// their ids and new versions.
 pub async fn open_started(
     client: &impl GenericClient,
     limit: i64,
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
             "UPDATE auctions SET opened = true, version = version + 1 WHERE id IN ( \
                SELECT id FROM auctions WHERE NOT opened AND starts_at <= now() \
-               ORDER BY starts_at LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING id",
+               ORDER BY starts_at LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING id, version",
         )
         .await?;
     let rows = client.query(&stmt, &[&limit]).await?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// Reads one auction (a plain MVCC read: never waits on the row's locks).

@@ -85,7 +85,11 @@ async fn listen_once(
                 let Some(auction_id) = signals.foreign_notification(&payload) else { continue };
                 match channel.as_str() {
                     BIDS_CHANNEL if wake_resolver => signals.bid_appended(auction_id),
-                    RESOLVED_CHANNEL => signals.publish(Resolved { auction_id, bids: None }),
+                    RESOLVED_CHANNEL => signals.publish(Resolved {
+                        auction_id,
+                        bids: None,
+                        version: None,
+                    }),
                     _ => {}
                 }
             }

@@ -255,11 +255,12 @@ impl Resolver {
 
     async fn scan(&self) -> anyhow::Result<BTreeSet<Uuid>> {
         let client = self.pool.get().await?;
-        for auction_id in auctions::open_started(&client, SCAN_LIMIT).await? {
+        for (auction_id, version) in auctions::open_started(&client, SCAN_LIMIT).await? {
             // Its view changed: cached copies must go.
             self.signals.publish(Resolved {
                 auction_id,
                 bids: Some(Arc::from([])),
+                version: Some(version),
             });
         }
         let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)
@@ -482,6 +483,7 @@ impl Resolver {
         self.signals.publish(Resolved {
             auction_id,
             bids: Some(resolved),
+            version: Some(version),
         });
         Ok(Step::Applied {
             bids: applied_bids.len(),

@@ -16,6 +16,9 @@ pub struct Resolved {
     /// The bids resolved, when known (none for an opening; a resolution
     /// announced by another process carries only the auction).
     pub bids: Option<Arc<[Uuid]>>,
+    /// The auction's version after the change, when known (not for a
+    /// change announced by another process).
+    pub version: Option<i64>,
 }
 
 impl Resolved {
