@@ -13,9 +13,9 @@
 //!   resolver's or one announced by another process; an auction opening)
 //!   evicts the auction's view at once, so in one process a client sees a
 //!   resolution as soon as the request that waited for it does. A read that
-//!   was under way when its auction changed is not cached, nor is a view
-//!   older than the version a change of this process announced (a replica
-//!   that has not replayed the change yet).
+//!   was under way when its auction changed is not cached, and a view
+//!   older than the version a change of this process announced (from a
+//!   replica that has not replayed the change yet) is kept for 20 ms only.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,12 @@ use crate::resolver::{Resolved, Signals};
 
 /// Auctions kept before the cache is emptied.
 const CAPACITY: usize = 10_000;
+/// How long a view older than a change this process announced is kept: a
+/// replica that has not replayed the change yet gives such views for a few
+/// milliseconds, and under load there is a change every few milliseconds,
+/// so refusing them would leave a hot auction uncached; keeping them
+/// briefly reads the auction again soon after the replica catches up.
+const BEHIND_TTL: Duration = Duration::from_millis(20);
 
 /// Auction views recently read, shared by the process's requests. Cheap to clone.
 #[derive(Clone)]
@@ -157,12 +163,14 @@ struct View {
     auction: Arc<AuctionRecord>,
     source: ReadSource,
     read_at: Instant,
+    /// Older than a change announced when it was stored.
+    behind: bool,
 }
 
 /// One auction's place in the cache. `generation` counts the changes seen,
 /// so a read that started before a change is not stored after it;
-/// `min_version` is the newest version a change announced, so a replica
-/// that has not replayed it yet cannot put the old view back.
+/// `min_version` is the newest version a change announced, so a view from
+/// a replica that has not replayed it yet is kept only briefly.
 #[derive(Debug, Default)]
 struct Slot {
     generation: u64,
@@ -193,7 +201,12 @@ impl Views {
     ) -> Lookup<'_> {
         let slot = self.slot(id);
         let usable = slot.view.as_ref().is_some_and(|view| {
-            now.saturating_duration_since(view.read_at) < limits.ttl
+            let ttl = if view.behind {
+                limits.ttl.min(BEHIND_TTL)
+            } else {
+                limits.ttl
+            };
+            now.saturating_duration_since(view.read_at) < ttl
                 && now.saturating_duration_since(view.source.fresh_at) <= limits.max_lag
                 && token.is_none_or(|token| {
                     view.source.position.is_some_and(|seen| covers(seen, token))
@@ -214,8 +227,8 @@ impl Views {
     }
 
     /// Keeps `auction` as read in `generation`, unless the auction changed
-    /// since, it is older than a change announced, or a newer version is
-    /// already kept.
+    /// since or a newer version is already kept; briefly when it is older
+    /// than a change announced.
     fn store(
         &mut self,
         id: Uuid,
@@ -226,7 +239,7 @@ impl Views {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        if slot.generation != generation || auction.version < slot.min_version {
+        if slot.generation != generation {
             return;
         }
         if let Some(kept) = &slot.view {
@@ -235,6 +248,7 @@ impl Views {
             }
         }
         slot.view = Some(View {
+            behind: auction.version < slot.min_version,
             auction,
             source,
             read_at: Instant::now(),
@@ -425,21 +439,30 @@ mod tests {
     }
 
     #[test]
-    fn a_view_older_than_an_announced_change_is_not_kept() {
+    fn a_view_older_than_an_announced_change_is_kept_only_briefly() {
         let mut views = Views::default();
         let id = Uuid::now_v7();
         fill(&mut views, id, 3, 100, Instant::now());
         // The resolver committed version 4; the replica has not replayed it.
         views.evict(id, Some(4));
         fill(&mut views, id, 3, 100, Instant::now());
-        assert_eq!(found(&mut views, id, None, Instant::now()), None);
-        // Once the replica has it, the view is kept again.
+        let stored = kept(&mut views, id).read_at;
+        assert_eq!(found(&mut views, id, None, stored), Some(3), "kept");
+        assert_eq!(
+            found(&mut views, id, None, stored + BEHIND_TTL),
+            None,
+            "but only briefly"
+        );
+        // Once the replica has it, the view is kept for the whole TTL.
+        kept(&mut views, id).read_at = stored - BEHIND_TTL;
         fill(&mut views, id, 4, 200, Instant::now());
-        assert_eq!(found(&mut views, id, None, Instant::now()), Some(4));
+        let stored = kept(&mut views, id).read_at;
+        assert_eq!(found(&mut views, id, None, stored + BEHIND_TTL), Some(4));
         // An announcement without a version lowers nothing.
         views.evict(id, None);
         fill(&mut views, id, 3, 100, Instant::now());
-        assert_eq!(found(&mut views, id, None, Instant::now()), None);
+        let stored = kept(&mut views, id).read_at;
+        assert_eq!(found(&mut views, id, None, stored + BEHIND_TTL), None);
     }
 
     #[test]
