@@ -81,6 +81,10 @@ pub struct ServerPeaks {
     pub pending_bids_max: f64,
     /// Highest resident memory, in MiB.
     pub rss_max_mib: Option<f64>,
+    /// Share of auction view reads answered from Gavel's cache, between
+    /// the first and the last scrape (none without such reads).
+    #[serde(default)]
+    pub views_from_memory: Option<f64>,
 }
 
 /// The database disk's flushes over a run ([`crate::disk`]).
@@ -221,6 +225,7 @@ impl RunReport {
                 .filter_map(|x| x.rss_bytes)
                 .reduce(f64::max)
                 .map(|b| b / 1_048_576.0),
+            views_from_memory: views_from_memory(s),
         };
         let max_sustainable = output
             .steps
@@ -477,6 +482,15 @@ pub struct RoundComparison {
     pub of_ceiling: Option<f64>,
 }
 
+/// The share of auction view reads Gavel answered from its cache between
+/// the first and the last of `samples`; none when there were no such reads.
+fn views_from_memory(samples: &[ServerSample]) -> Option<f64> {
+    let (first, last) = (samples.first()?, samples.last()?);
+    let hits = last.view_cache_hits - first.view_cache_hits;
+    let reads = hits + last.view_cache_misses - first.view_cache_misses;
+    (reads > 0.0).then(|| hits / reads)
+}
+
 /// The median of `values`, if any (the mean of the middle two when even).
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
@@ -628,8 +642,14 @@ impl Report {
                 .iter()
                 .map(|(k, v)| format!("{k}: {v}"))
                 .collect();
+            let from_memory = r.server.views_from_memory.map_or(String::new(), |share| {
+                format!(
+                    "; auction views answered from Gavel's cache: {:.0}%",
+                    share * 100.0
+                )
+            });
             md.push_str(&format!(
-                "- **{}** reads ({} requests, p99 {:.1} ms): {}\n",
+                "- **{}** reads ({} requests, p99 {:.1} ms): {}{from_memory}\n",
                 self.label(r),
                 r.reads.requests,
                 r.reads.ok_latency_ms.p99,
@@ -1073,6 +1093,22 @@ fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn views_from_memory_is_the_share_of_cache_hits_over_the_run() {
+        let sample = |hits, misses| ServerSample {
+            view_cache_hits: hits,
+            view_cache_misses: misses,
+            ..ServerSample::default()
+        };
+        let run = [sample(10.0, 5.0), sample(50.0, 8.0), sample(100.0, 15.0)];
+        // 90 hits and 10 misses between the first and the last scrape.
+        assert_eq!(views_from_memory(&run), Some(0.9));
+        assert_eq!(views_from_memory(&[sample(3.0, 1.0)]), None, "one scrape");
+        assert_eq!(views_from_memory(&[]), None);
+        let no_reads = [sample(0.0, 0.0), sample(0.0, 0.0)];
+        assert_eq!(views_from_memory(&no_reads), None);
+    }
 
     fn run(mode: &str, round: u32, rate: Option<f64>) -> RunReport {
         RunReport {

@@ -1,6 +1,6 @@
 //! Samples of Gavel's own metrics during a run, read from its admin
 //! listener's `/metrics`: lock waiters, blocked backends, pool waiters,
-//! pending bids and the process's resident memory.
+//! pending bids, the process's resident memory and its auction view cache.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,12 @@ pub struct ServerSample {
     pub pending_bids: f64,
     /// Gavel's resident memory in bytes, when it exports it.
     pub rss_bytes: Option<f64>,
+    /// Auction view reads answered from Gavel's cache so far (a counter).
+    #[serde(default)]
+    pub view_cache_hits: f64,
+    /// Auction view reads that went to the database so far (a counter).
+    #[serde(default)]
+    pub view_cache_misses: f64,
 }
 
 /// Reads the figures a run reports from a Prometheus text exposition.
@@ -54,6 +60,12 @@ pub fn parse(text: &str, t: f64) -> ServerSample {
             }
             "gavel_resolver_pending_bids" => sample.pending_bids = value,
             "process_resident_memory_bytes" => sample.rss_bytes = Some(value),
+            "gavel_auction_cache_total" if labels.contains("result=\"hit\"") => {
+                sample.view_cache_hits = value;
+            }
+            "gavel_auction_cache_total" if labels.contains("result=\"miss\"") => {
+                sample.view_cache_misses = value;
+            }
             _ => {}
         }
     }
@@ -90,6 +102,8 @@ gavel_db_pool_waiting_requests{pool=\"api\"} 7
 gavel_db_pool_waiting_requests{pool=\"resolver\"} 1
 gavel_resolver_pending_bids 40
 process_resident_memory_bytes 52428800
+gavel_auction_cache_total{result=\"hit\"} 90
+gavel_auction_cache_total{result=\"miss\"} 10
 ";
         let s = parse(text, 3.0);
         assert_eq!(s.lock_waiters, 15.0);
@@ -98,5 +112,6 @@ process_resident_memory_bytes 52428800
         assert_eq!(s.api_pool_waiting, 7.0);
         assert_eq!(s.pending_bids, 40.0);
         assert_eq!(s.rss_bytes, Some(52_428_800.0));
+        assert_eq!((s.view_cache_hits, s.view_cache_misses), (90.0, 10.0));
     }
 }

@@ -102,6 +102,11 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
             .rss_max_mib
             .expect("Gavel exports its resident memory");
         assert!(rss > 1.0, "rss {rss} MiB");
+        let from_memory = run
+            .server
+            .views_from_memory
+            .expect("Gavel counts its auction view reads");
+        assert!((0.0..=1.0).contains(&from_memory), "{from_memory}");
         let offered: u64 = run.series.bids.iter().map(|p| p.offered).sum();
         assert_eq!(
             offered, bids.requests,
@@ -173,6 +178,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "Raw append ceiling",
         "slowest disk flush",
         "Where the CPU went",
+        "auction views answered from Gavel's cache",
         "| PostgreSQL primary: client backends |",
         "✔ every bid answered 2xx",
     ] {
