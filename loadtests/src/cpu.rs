@@ -607,6 +607,15 @@ mod tests {
         assert_eq!(usage.window(2, 5), None, "no second measured");
     }
 
+    /// A shell running `script`, its output discarded.
+    fn shell(script: &str) -> std::process::Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     #[test]
     fn a_parent_that_reaps_its_children_counts_their_time_once() {
         // A shell running one spinning child (about a second each) after
@@ -614,14 +623,8 @@ mod tests {
         // samples (counted while it runs), then its time reaches the
         // parent as reaped time, which must not count again: one process
         // at a time uses at most one core.
-        let mut parent = Command::new("sh")
-            .args([
-                "-c",
-                "while :; do sh -c 'i=0; while [ $i -lt 700000 ]; do i=$((i+1)); done'; done",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut parent =
+            shell("while :; do sh -c 'i=0; while [ $i -lt 700000 ]; do i=$((i+1)); done'; done");
         let watch = CpuWatch {
             primary: Some(parent.id()),
             ..CpuWatch::default()
@@ -655,11 +658,7 @@ mod tests {
     fn the_probe_sees_a_busy_process_and_this_one() {
         // A shell spinning (without forking) until it is killed, watched
         // as Gavel would be.
-        let mut busy = Command::new("sh")
-            .args(["-c", "i=0; while [ $i -ge 0 ]; do i=$((i + 1)); done"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut busy = shell("i=0; while [ $i -ge 0 ]; do i=$((i + 1)); done");
         let watch = CpuWatch {
             gavel: Some(busy.id()),
             ..CpuWatch::default()

@@ -713,3 +713,65 @@ pub fn time_of(value: &Value) -> DateTime<Utc> {
         .expect("RFC 3339 time")
         .with_timezone(&Utc)
 }
+
+/// One scrape of `/metrics`: series text (name and labels) to value.
+pub struct Scrape(Vec<(String, HashMap<String, String>, f64)>);
+
+impl Scrape {
+    pub async fn take(app: &TestApp) -> Scrape {
+        let text = app.metrics_text().await;
+        Scrape(text.lines().filter_map(parse_sample).collect())
+    }
+
+    /// The sum of `name`'s series whose labels include `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, value)| value)
+            .sum()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|(n, _, _)| n == name)
+    }
+}
+
+/// `name{k="v",...} value` into its parts; comments give `None`.
+fn parse_sample(line: &str) -> Option<(String, HashMap<String, String>, f64)> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let Some((name, rest)) = series.split_once('{') else {
+        return Some((series.to_owned(), HashMap::new(), value));
+    };
+    let mut labels = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() || key == "}" {
+            break;
+        }
+        assert_eq!(chars.next(), Some('"'), "quoted label value in {line}");
+        let mut val = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => val.extend(chars.next()),
+                '"' => break,
+                c => val.push(c),
+            }
+        }
+        labels.insert(key.trim_start_matches(',').to_owned(), val);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Some((name.to_owned(), labels, value))
+}

@@ -572,17 +572,6 @@ async fn reads_need_a_token() {
     }
 }
 
-/// The sum of the series of `name` whose labels contain `label` in a
-/// Prometheus text scrape.
-fn total(scrape: &str, name: &str, label: &str) -> f64 {
-    scrape
-        .lines()
-        .filter_map(|line| line.strip_prefix(name)?.strip_prefix('{'))
-        .filter(|rest| rest.split('}').next().unwrap_or("").contains(label))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn polls_are_answered_from_memory_until_the_auction_changes() {
     // The resolver runs in this test; the process under test only serves the
@@ -600,19 +589,26 @@ async fn polls_are_answered_from_memory_until_the_auction_changes() {
     let auction_id = auction["id"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let before = app.metrics_text().await;
+    let before = Scrape::take(&app).await;
     let first = get_auction_with(&app, &auction_id, None).await;
     let tag = header(&first, "etag");
     for _ in 0..4 {
         let polled = get_auction_with(&app, &auction_id, Some(&tag)).await;
         assert_eq!(polled.status(), StatusCode::NOT_MODIFIED);
     }
-    let after = app.metrics_text().await;
-    let delta = |name: &str, label: &str| total(&after, name, label) - total(&before, name, label);
-    assert_eq!(delta("gavel_auction_cache_total", "result=\"miss\""), 1.0);
-    assert_eq!(delta("gavel_auction_cache_total", "result=\"hit\""), 4.0);
+    let after = Scrape::take(&app).await;
+    let delta =
+        |name: &str, labels: &[(&str, &str)]| after.sum(name, labels) - before.sum(name, labels);
     assert_eq!(
-        delta("gavel_db_reads_total", "target="),
+        delta("gavel_auction_cache_total", &[("result", "miss")]),
+        1.0
+    );
+    assert_eq!(
+        delta("gavel_auction_cache_total", &[("result", "hit")]),
+        4.0
+    );
+    assert_eq!(
+        delta("gavel_db_reads_total", &[]),
         1.0,
         "five polls, one database read"
     );
@@ -669,16 +665,15 @@ async fn with_the_cache_off_every_poll_reads_the_database() {
     let app = process.client(&database_url);
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
-    let before = app.metrics_text().await;
+    let before = Scrape::take(&app).await;
     for _ in 0..3 {
         assert_eq!(
             get_auction_with(&app, &auction_id, None).await.status(),
             StatusCode::OK
         );
     }
-    let after = app.metrics_text().await;
-    let reads = total(&after, "gavel_db_reads_total", "target=")
-        - total(&before, "gavel_db_reads_total", "target=");
+    let after = Scrape::take(&app).await;
+    let reads = after.sum("gavel_db_reads_total", &[]) - before.sum("gavel_db_reads_total", &[]);
     assert_eq!(reads, 3.0);
-    assert_eq!(total(&after, "gavel_auction_cache_total", "result="), 0.0);
+    assert_eq!(after.sum("gavel_auction_cache_total", &[]), 0.0);
 }
