@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Object;
+use futures::future::BoxFuture;
 use tokio::sync::broadcast;
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
@@ -170,10 +171,10 @@ impl BidDesk {
                     .place_row_locked(bidder, key, auction_id, amount, wait_until, budget)
                     .await;
             }
-            // The steps a bid is rarely parked in are boxed while they run,
-            // so that a bid waiting for its connection or its append (often
-            // thousands at once under overload) holds a small future.
-            match Box::pin(self.precheck(bidder, auction_id, amount.get(), budget)).await {
+            match self
+                .precheck(bidder, auction_id, amount.get(), budget)
+                .await
+            {
                 Ok(()) => {}
                 // A retry of a request that was accepted before the auction moved
                 // on must still replay, not be refused.
@@ -183,13 +184,10 @@ impl BidDesk {
                     | ApiError::SellerCannotBid
                     | ApiError::NotFound(_)),
                 ) => {
-                    return match Box::pin(self.replay(bidder, key, auction_id, amount, budget))
-                        .await?
-                    {
-                        Some(bid) => Ok(Box::pin(
-                            self.finish(bid, true, wait_until, None, None, budget),
-                        )
-                        .await),
+                    return match self.replay(bidder, key, auction_id, amount, budget).await? {
+                        Some(bid) => {
+                            Ok(self.finish(bid, true, wait_until, None, None, budget).await)
+                        }
                         None => Err(refusal),
                     };
                 }
@@ -203,28 +201,17 @@ impl BidDesk {
             match appended {
                 bids::Append::Inserted(bid) => {
                     metrics::counter!("gavel_bids_accepted_total").increment(1);
-                    Ok(Box::pin(self.finish(
-                        bid,
-                        false,
-                        wait_until,
-                        resolutions,
-                        wal_position,
-                        budget,
-                    ))
-                    .await)
+                    Ok(self
+                        .finish(bid, false, wait_until, resolutions, wal_position, budget)
+                        .await)
                 }
                 bids::Append::KeyExists(existing) => {
-                    let bid =
-                        Box::pin(self.replayed_bid(&existing, auction_id, amount, budget)).await?;
-                    Ok(Box::pin(self.finish(
-                        bid,
-                        true,
-                        wait_until,
-                        resolutions,
-                        wal_position,
-                        budget,
-                    ))
-                    .await)
+                    let bid = self
+                        .replayed_bid(&existing, auction_id, amount, budget)
+                        .await?;
+                    Ok(self
+                        .finish(bid, true, wait_until, resolutions, wal_position, budget)
+                        .await)
                 }
             }
         }
@@ -257,117 +244,131 @@ impl BidDesk {
         Ok((appended.appended, appended.wal_position))
     }
 
+    // `replayed_bid`, `replay`, `finish` and `precheck` are the steps a bid
+    // is rarely parked in. Each runs boxed, so a bid waiting for its
+    // connection or its append (thousands at once under overload) holds a
+    // small future, not the largest of them.
+
     /// The bid a replayed key refers to, or 422 when the key was used for
     /// a different request.
-    async fn replayed_bid(
-        &self,
-        existing: &bids::KeyRecord,
+    fn replayed_bid<'a>(
+        &'a self,
+        existing: &'a bids::KeyRecord,
         auction_id: Uuid,
         amount: Amount,
         budget: Instant,
-    ) -> Result<bids::BidRecord, ApiError> {
-        if existing.auction_id != auction_id || existing.amount != amount.get() {
-            return Err(ApiError::IdempotencyKeyReused);
-        }
-        if let Some(bid) = &existing.bid {
-            return Ok(bid.clone());
-        }
-        let client = connection(&self.pool, budget).await?;
-        bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))
+    ) -> BoxFuture<'a, Result<bids::BidRecord, ApiError>> {
+        Box::pin(async move {
+            if existing.auction_id != auction_id || existing.amount != amount.get() {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            if let Some(bid) = &existing.bid {
+                return Ok(bid.clone());
+            }
+            let client = connection(&self.pool, budget).await?;
+            bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))
+            })
         })
     }
 
-    async fn replay(
-        &self,
-        bidder: &str,
-        key: &IdempotencyKey,
+    fn replay<'a>(
+        &'a self,
+        bidder: &'a str,
+        key: &'a IdempotencyKey,
         auction_id: Uuid,
         amount: Amount,
         budget: Instant,
-    ) -> Result<Option<bids::BidRecord>, ApiError> {
-        let client = connection(&self.pool, budget).await?;
-        let Some(existing) = bids::find_key(&client, bidder, key.as_str()).await? else {
-            return Ok(None);
-        };
-        drop(client);
-        self.replayed_bid(&existing, auction_id, amount, budget)
-            .await
-            .map(Some)
+    ) -> BoxFuture<'a, Result<Option<bids::BidRecord>, ApiError>> {
+        Box::pin(async move {
+            let client = connection(&self.pool, budget).await?;
+            let Some(existing) = bids::find_key(&client, bidder, key.as_str()).await? else {
+                return Ok(None);
+            };
+            drop(client);
+            self.replayed_bid(&existing, auction_id, amount, budget)
+                .await
+                .map(Some)
+        })
     }
 
     /// Completes the answer for a bid that is in the log. Infallible: a
     /// committed bid is acknowledged even when the database is struggling.
-    async fn finish(
-        &self,
+    fn finish<'a>(
+        &'a self,
         bid: bids::BidRecord,
         replayed: bool,
         wait_until: Option<Instant>,
         resolutions: Option<broadcast::Receiver<Resolved>>,
         wal_position: Option<PgLsn>,
         budget: Instant,
-    ) -> Placed {
-        if replayed {
-            metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
-        }
-        // Every bid response carries a consistency token; a replay that did
-        // not write still hands out the current position.
-        let wal_position = match wal_position {
-            Some(position) => Some(position),
-            None => match connection(&self.pool, budget).await {
-                Ok(client) => reads::wal_position(&client).await.ok(),
-                Err(_) => None,
-            },
-        };
-        let bid = match wait_until {
-            Some(until) if bid.status == "pending" && until > Instant::now() => {
-                let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
-                self.wait_for_outcome(bid, until, resolutions).await
+    ) -> BoxFuture<'a, Placed> {
+        Box::pin(async move {
+            if replayed {
+                metrics::counter!("gavel_bids_idempotent_replays_total").increment(1);
             }
-            _ => bid,
-        };
-        let resolved_in_wait = wait_until.is_some() && bid.status != "pending";
-        Placed {
-            bid,
-            replayed,
-            resolved_in_wait,
-            wal_position,
-        }
+            // Every bid response carries a consistency token; a replay that did
+            // not write still hands out the current position.
+            let wal_position = match wal_position {
+                Some(position) => Some(position),
+                None => match connection(&self.pool, budget).await {
+                    Ok(client) => reads::wal_position(&client).await.ok(),
+                    Err(_) => None,
+                },
+            };
+            let bid = match wait_until {
+                Some(until) if bid.status == "pending" && until > Instant::now() => {
+                    let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
+                    self.wait_for_outcome(bid, until, resolutions).await
+                }
+                _ => bid,
+            };
+            let resolved_in_wait = wait_until.is_some() && bid.status != "pending";
+            Placed {
+                bid,
+                replayed,
+                resolved_in_wait,
+                wal_position,
+            }
+        })
     }
 
     /// Refuses only what the resolver would certainly refuse.
-    async fn precheck(
-        &self,
-        bidder: &str,
+    fn precheck<'a>(
+        &'a self,
+        bidder: &'a str,
         auction_id: Uuid,
         amount: i64,
         budget: Instant,
-    ) -> Result<(), ApiError> {
-        let snapshot = self
-            .snapshot(auction_id, budget)
-            .await?
-            .ok_or(ApiError::NotFound("auction"))?;
-        if snapshot.seller_id == bidder {
-            return Err(ApiError::SellerCannotBid);
-        }
-        if snapshot.closed {
-            return Err(ApiError::AuctionClosed);
-        }
-        if amount < snapshot.starting_price {
-            return Err(ApiError::BidTooLow {
-                next_min_bid: snapshot.starting_price,
-            });
-        }
-        // The leader may raise their own maximum by any amount, so only a
-        // bidder who was not leading can be held to the minimum. One who
-        // became leader since the snapshot has a maximum at or above it, so
-        // a lower amount is refused as `not_above_own_max` anyway.
-        if snapshot.leader_bidder.as_deref() != Some(bidder) && amount < snapshot.min_bid_floor {
-            return Err(ApiError::BidTooLow {
-                next_min_bid: snapshot.min_bid_floor,
-            });
-        }
-        Ok(())
+    ) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            let snapshot = self
+                .snapshot(auction_id, budget)
+                .await?
+                .ok_or(ApiError::NotFound("auction"))?;
+            if snapshot.seller_id == bidder {
+                return Err(ApiError::SellerCannotBid);
+            }
+            if snapshot.closed {
+                return Err(ApiError::AuctionClosed);
+            }
+            if amount < snapshot.starting_price {
+                return Err(ApiError::BidTooLow {
+                    next_min_bid: snapshot.starting_price,
+                });
+            }
+            // The leader may raise their own maximum by any amount, so only a
+            // bidder who was not leading can be held to the minimum. One who
+            // became leader since the snapshot has a maximum at or above it, so
+            // a lower amount is refused as `not_above_own_max` anyway.
+            if snapshot.leader_bidder.as_deref() != Some(bidder) && amount < snapshot.min_bid_floor
+            {
+                return Err(ApiError::BidTooLow {
+                    next_min_bid: snapshot.min_bid_floor,
+                });
+            }
+            Ok(())
+        })
     }
 
     /// The auction's snapshot. When it is out of date exactly one request

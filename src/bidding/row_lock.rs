@@ -98,21 +98,21 @@ impl BidDesk {
         })
         .await
         .map_err(|e| ApiError::Internal(e.into()))??;
-        // Boxed while they run, so a bid parked on the task above holds a
-        // small future (see `BidDesk::place`).
         match placement {
             Placement::Resolved { bid, .. } => {
-                let mut placed =
-                    Box::pin(self.finish(bid, false, wait_until, None, wal_position, budget)).await;
+                let mut placed = self
+                    .finish(bid, false, wait_until, None, wal_position, budget)
+                    .await;
                 // Resolved at once: answered like a bid resolved while its
                 // client waited, whether or not it asked to wait.
                 placed.resolved_in_wait = true;
                 Ok(placed)
             }
             Placement::KeyExists(existing) => {
-                let bid =
-                    Box::pin(self.replayed_bid(&existing, auction_id, amount, budget)).await?;
-                Ok(Box::pin(self.finish(bid, true, wait_until, None, None, budget)).await)
+                let bid = self
+                    .replayed_bid(&existing, auction_id, amount, budget)
+                    .await?;
+                Ok(self.finish(bid, true, wait_until, None, None, budget).await)
             }
         }
     }
