@@ -9,7 +9,9 @@
 //! that bid's budget, then takes everything queued behind it (up to the
 //! batch maximum, never waiting for more to arrive, so a lone bid still
 //! costs one round trip) and writes the batch with one multi-row statement
-//! ([`bids::append_batch`]) while the next writer collects the next batch.
+//! ([`bids::append_batch`], which reads the WAL position for
+//! read-your-writes in the same round trip) while the next writer collects
+//! the next batch.
 //!
 //! The bid path's contract holds for every request:
 //! - Answered `2xx` only from its batch's committed outcome: inserted, or
@@ -43,7 +45,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::bids::{self, Append, NewBid};
-use crate::db::{reads, Pool, WaitEnd};
+use crate::db::{Pool, WaitEnd};
 use crate::http::error::ApiError;
 use crate::resolver::Signals;
 
@@ -358,11 +360,12 @@ impl Writers {
     async fn write(&self, slot: usize, client: Object, batch: Vec<Submission>) {
         self.in_flight.lock().expect("in-flight lock")[slot] = Some(Instant::now());
         let bids: Vec<&NewBid> = batch.iter().map(|s| &s.bid).collect();
-        let Ok(outcomes) = tokio::time::timeout(self.write_limit, append_all(&client, &bids)).await
+        let Ok((outcomes, wal_position)) =
+            tokio::time::timeout(self.write_limit, append_all(&client, &bids)).await
         else {
-            // The statement outlived its own timeout: a commit waiting on a
-            // stalled disk, or a connection gone silent. Whether it
-            // committed is unknown, so its bids are answered 503 and a
+            // The statement (or the position read with it) outlived its
+            // own timeout: a commit waiting on a stalled disk, or a
+            // connection gone silent. Whether it committed is unknown, so its bids are answered 503 and a
             // retry with the same key replays whatever did; the connection
             // is not trusted again, and the other writers go on.
             tracing::warn!(
@@ -388,17 +391,6 @@ impl Writers {
             }
         }
         // Committed: from here on nothing may fail these bids' requests.
-        let wal_position = if outcomes.iter().any(Result::is_ok) {
-            match tokio::time::timeout(self.write_limit, reads::wal_position(&client)).await {
-                Ok(position) => position.ok(),
-                Err(_) => {
-                    drop(Object::take(client));
-                    None
-                }
-            }
-        } else {
-            None
-        };
         self.batch_ended(slot);
         for (submission, outcome) in batch.into_iter().zip(outcomes) {
             submission.answer(
@@ -450,14 +442,22 @@ fn stalled(in_flight: &[Option<Instant>], now: Instant) -> bool {
 /// look-up when some keys were taken, unless a taken key is purged in
 /// between (then its bid is written in another round). A failure fails
 /// only the bids not yet settled: a bid committed by an earlier round keeps
-/// its outcome.
+/// its outcome. With the outcomes comes the primary's WAL position after
+/// the last statement that returned one: at or above every bid answered.
 async fn append_all(
     client: &Object,
     bids: &[&NewBid],
-) -> Vec<Result<Append, Arc<tokio_postgres::Error>>> {
+) -> (
+    Vec<Result<Append, Arc<tokio_postgres::Error>>>,
+    Option<PgLsn>,
+) {
     let mut settled: Vec<Option<Append>> = bids.iter().map(|_| None).collect();
-    let failure = settle(client, bids, &mut settled).await.err().map(Arc::new);
-    settled
+    let mut wal_position = None;
+    let failure = settle(client, bids, &mut settled, &mut wal_position)
+        .await
+        .err()
+        .map(Arc::new);
+    let outcomes = settled
         .into_iter()
         .map(|outcome| match (outcome, &failure) {
             (Some(appended), _) => Ok(appended),
@@ -465,13 +465,17 @@ async fn append_all(
             // `settle` returns only once every bid is settled, or failing.
             (None, None) => unreachable!("an append ended with a bid unsettled"),
         })
-        .collect()
+        .collect();
+    (outcomes, wal_position)
 }
 
+/// Each round's statements read the WAL position in their own round trip;
+/// `wal_position` keeps the latest one read.
 async fn settle(
     client: &Object,
     bids: &[&NewBid],
     settled: &mut [Option<Append>],
+    wal_position: &mut Option<PgLsn>,
 ) -> Result<(), tokio_postgres::Error> {
     loop {
         let writing = first_use_of_each_key(bids, settled);
@@ -480,7 +484,8 @@ async fn settle(
         }
         metrics::histogram!("gavel_bids_append_batch_size").record(writing.len() as f64);
         let batch: Vec<&NewBid> = writing.iter().map(|&i| bids[i]).collect();
-        let inserted = bids::append_batch(client, &batch).await?;
+        let (inserted, position) = bids::append_batch(client, &batch).await?;
+        *wal_position = position.or(*wal_position);
         settle_inserted(bids, settled, inserted);
         let taken: Vec<usize> = unsettled(settled).collect();
         if taken.is_empty() {
@@ -491,7 +496,8 @@ async fn settle(
             .iter()
             .map(|&i| (bids[i].bidder_id.as_str(), bids[i].key.as_str()))
             .collect();
-        let found = bids::find_keys(client, &wanted).await?;
+        let (found, position) = bids::find_keys(client, &wanted).await?;
+        *wal_position = position.or(*wal_position);
         settle_found(bids, settled, &found);
         // A key taken at the insert but gone now was purged in between:
         // the next round writes its bid.

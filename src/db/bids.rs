@@ -12,8 +12,11 @@ use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::Row;
 use uuid::Uuid;
+
+use super::reads;
 
 /// One row of the bid log.
 #[derive(Debug, Clone)]
@@ -122,10 +125,13 @@ pub struct NewBid {
 /// index until the first commits, then skips it: never two bids. Keys are
 /// inserted in (bidder, key) order, so two appends that share several keys
 /// wait on each other in one order instead of deadlocking.
+///
+/// With the rows comes the primary's WAL position after the commit, read
+/// in the same round trip (`None` if it could not be read).
 pub async fn append_batch(
     client: &impl GenericClient,
     bids: &[&NewBid],
-) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
+) -> Result<(Vec<BidRecord>, Option<PgLsn>), tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(&format!(
             "WITH input AS ( \
@@ -147,23 +153,24 @@ pub async fn append_batch(
     let bidder_ids: Vec<&str> = bids.iter().map(|b| b.bidder_id.as_str()).collect();
     let amounts: Vec<i64> = bids.iter().map(|b| b.amount).collect();
     let keys: Vec<&str> = bids.iter().map(|b| b.key.as_str()).collect();
-    let rows = client
-        .query(&stmt, &[&auction_ids, &ids, &bidder_ids, &amounts, &keys])
-        .await?;
-    let mut inserted = rows
+    let params: [&(dyn ToSql + Sync); 5] = [&auction_ids, &ids, &bidder_ids, &amounts, &keys];
+    let (rows, position) = reads::with_wal_position(client, client.query(&stmt, &params)).await;
+    let mut inserted = rows?
         .iter()
         .map(BidRecord::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     // Rows come back in no promised order; `seq` is the insertion order.
     inserted.sort_by_key(|bid| bid.seq);
-    Ok(inserted)
+    Ok((inserted, position))
 }
 
-/// The stored idempotency keys among `wanted` (bidder, key) pairs, by pair.
+/// The stored idempotency keys among `wanted` (bidder, key) pairs, by pair,
+/// and the primary's WAL position after the look-up, read in the same round
+/// trip (`None` if it could not be read): every bid found is at or below it.
 pub async fn find_keys(
     client: &impl GenericClient,
     wanted: &[(&str, &str)],
-) -> Result<HashMap<(String, String), KeyRecord>, tokio_postgres::Error> {
+) -> Result<(HashMap<(String, String), KeyRecord>, Option<PgLsn>), tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
             "SELECT k.bidder_id AS key_bidder_id, k.key AS key_key, \
@@ -176,8 +183,10 @@ pub async fn find_keys(
         .await?;
     let bidder_ids: Vec<&str> = wanted.iter().map(|(bidder, _)| *bidder).collect();
     let keys: Vec<&str> = wanted.iter().map(|(_, key)| *key).collect();
-    let rows = client.query(&stmt, &[&bidder_ids, &keys]).await?;
-    rows.iter()
+    let params: [&(dyn ToSql + Sync); 2] = [&bidder_ids, &keys];
+    let (rows, position) = reads::with_wal_position(client, client.query(&stmt, &params)).await;
+    let found = rows?
+        .iter()
         .map(|row| {
             let bid = match row.try_get::<_, Option<Uuid>>("id")? {
                 Some(_) => Some(BidRecord::from_row(row)?),
@@ -194,7 +203,8 @@ pub async fn find_keys(
                 record,
             ))
         })
-        .collect()
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    Ok((found, position))
 }
 
 /// Claims `key` of `bidder_id` for the new bid `bid_id`, in the caller's

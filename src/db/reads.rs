@@ -13,6 +13,7 @@
 //! not count an idle primary as lag.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -34,6 +35,20 @@ pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_po
         .prepare_cached("SELECT pg_current_wal_insert_lsn()")
         .await?;
     Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
+/// Runs `statement`, an autocommitted query of a statement already
+/// prepared on `client`, and reads the WAL insert position right after its
+/// commit: both are sent at once, one round trip. The query goes on the
+/// wire when first polled, and `futures::join!` polls it before the
+/// position's, so the position is read after the statement has committed
+/// (or failed). The position is `None` when it could not be read.
+pub async fn with_wal_position<T>(
+    client: &impl GenericClient,
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> (Result<T, tokio_postgres::Error>, Option<PgLsn>) {
+    let (result, position) = futures::join!(statement, wal_position(client));
+    (result, position.ok())
 }
 
 /// How far the primary's WAL is durably flushed. Every write whose commit

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use tokio_postgres::types::PgLsn;
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -225,5 +226,72 @@ async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_wri
     // The log takes bids again at once.
     let after = app.bid("after", &auction_id, 9_000, &new_key()).await;
     assert_eq!(after.status(), StatusCode::ACCEPTED);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_bid_token_is_at_or_past_the_commit_of_the_bid_it_names() {
+    let app = TestApp::spawn_with(|config| {
+        config.resolver_enabled = false;
+        config.pool_wait_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let db = app.db().await;
+    // Reads the WAL itself, to find each bid's commit record.
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        .await
+        .expect("pg_walinspect (in Debian's postgresql package)");
+    let start: PgLsn = db
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let auction = app.create_auction("seller", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+
+    // Batches of new bids, and replays of one key that find its first use
+    // with a look-up after their batch.
+    let repeated = new_key();
+    let requests: Vec<_> = (0..40)
+        .map(|i| {
+            let (http, addr) = (app.http.clone(), app.addr);
+            let (bidder, key) = match i % 4 {
+                0 => ("erin".to_owned(), repeated.clone()),
+                _ => (format!("bidder-{i}"), new_key()),
+            };
+            let token = app.token(&bidder, &[]);
+            let auction_id = auction_id.clone();
+            tokio::spawn(async move {
+                let response = place_bid(&http, addr, &token, &auction_id, 1_000, &key).await;
+                let status = response.status();
+                let token = header(&response, "gavel-consistency-token");
+                (status, token, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    for request in requests {
+        let (status, token, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let position = gavel::http::consistency::decode(&token)
+            .unwrap_or_else(|| panic!("a bid answer carries a consistency token: {token:?}"));
+        // The key's row is written with the bid and never updated, so its
+        // xmin is the transaction that appended the bid.
+        let commits: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_get_wal_records_info($1, \
+                                       LEAST($2, pg_current_wal_flush_lsn())) r \
+                 WHERE r.resource_manager = 'Transaction' AND r.record_type = 'COMMIT' \
+                   AND r.xid = (SELECT xmin FROM idempotency_keys WHERE bid_id = $3)",
+                &[&start, &position, &id_of(&body)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            commits, 1,
+            "the commit of bid {} ends at or before its token's position {position}",
+            body["id"]
+        );
+    }
     app.stop().await;
 }
