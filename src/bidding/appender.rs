@@ -365,9 +365,10 @@ impl Writers {
         else {
             // The statement (or the position read with it) outlived its
             // own timeout: a commit waiting on a stalled disk, or a
-            // connection gone silent. Whether it committed is unknown, so its bids are answered 503 and a
-            // retry with the same key replays whatever did; the connection
-            // is not trusted again, and the other writers go on.
+            // connection gone silent. Whether it committed is unknown, so
+            // its bids are answered 503 and a retry with the same key
+            // replays whatever did; the connection is not trusted again,
+            // and the other writers go on.
             tracing::warn!(
                 bids = batch.len(),
                 "an append batch outlived the statement timeout; its outcome is unknown"
