@@ -81,6 +81,8 @@ struct LogRow {
     price_after: Option<i64>,
     resolution_no: Option<i64>,
     resolved_at: Option<DateTime<Utc>>,
+    /// The auction's version the bid's resolution batch wrote: one per batch.
+    resolved_version: Option<i64>,
 }
 
 /// Waits until the run's bids are resolved and its ended auctions
@@ -107,7 +109,7 @@ pub async fn audit(
     let rows = client
         .query(
             "SELECT auction_id, id, bidder_id, amount, idempotency_key, received_at, status, \
-                    reason, price_after, resolution_no, resolved_at \
+                    reason, price_after, resolution_no, resolved_at, resolved_version \
              FROM bid_log WHERE auction_id = ANY($1) ORDER BY auction_id, resolution_no, seq",
             &[&ids],
         )
@@ -126,6 +128,7 @@ pub async fn audit(
             price_after: r.get(8),
             resolution_no: r.get(9),
             resolved_at: r.get(10),
+            resolved_version: r.get(11),
         })
         .collect();
 
@@ -544,9 +547,11 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
         ),
         passed: problems.is_empty(),
         detail: if problems.is_empty() {
+            let batches: HashSet<i64> = bids.iter().filter_map(|b| b.resolved_version).collect();
             format!(
-                "{} bids replayed; price {}, {} accepted, winner {}",
+                "{} bids replayed, resolved in {} batches; price {}, {} accepted, winner {}",
                 bids.len(),
+                batches.len(),
                 state.price.map_or("-".into(), |p| p.to_string()),
                 state.bid_count,
                 winner.map_or("none".into(), |w| w.bidder_id)
@@ -588,6 +593,7 @@ mod tests {
             price_after: None,
             resolution_no,
             resolved_at: None,
+            resolved_version: resolution_no,
         }
     }
 
