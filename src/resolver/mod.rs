@@ -138,6 +138,22 @@ impl Default for BatchSize {
     }
 }
 
+/// Of the errors of statements sent together in one transaction, the one
+/// that failed it. The statements after it fail with "current transaction
+/// is aborted", and whichever error is seen first must not hide the cause
+/// (a statement timeout shrinks the next batches, see [`BatchSize`]).
+fn cause(errors: impl IntoIterator<Item = Option<tokio_postgres::Error>>) -> tokio_postgres::Error {
+    let errors: Vec<_> = errors.into_iter().flatten().collect();
+    let first_cause = errors
+        .iter()
+        .position(|e| e.code() != Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION))
+        .unwrap_or(0);
+    errors
+        .into_iter()
+        .nth(first_cause)
+        .expect("called with at least one error")
+}
+
 /// Whether `error` is a statement cancelled by `statement_timeout`.
 fn is_statement_timeout(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
@@ -377,11 +393,16 @@ impl Resolver {
         // statement is prepared, so it is on the wire before either read,
         // and both reads see what was committed before the lock was taken.
         // Without the lock, the reads are thrown away.
-        let (row, auction, mut pending) = futures::try_join!(
+        let (row, auction, mut pending) = match futures::join!(
             tx.query_one(&lock, &lock_params),
             auctions::get(&tx, auction_id),
             bids::pending(&tx, auction_id, limit),
-        )?;
+        ) {
+            (Ok(row), Ok(auction), Ok(pending)) => (row, auction, pending),
+            (row, auction, pending) => {
+                return Err(cause([row.err(), auction.err(), pending.err()]).into())
+            }
+        };
         if !row.get::<_, bool>(0) {
             return Ok(Step::Busy);
         }
@@ -460,7 +481,7 @@ impl Resolver {
         // trip. If the compare-and-set lost, or some bid was no longer
         // queued and pending, the transaction is dropped and none of them
         // is committed.
-        let (won, dequeued, written, _, _) = futures::try_join!(
+        let (won, dequeued, written) = match futures::join!(
             auctions::compare_and_set(&tx, &update),
             bids::dequeue(&tx, auction_id, &outcomes.seqs),
             bids::record_outcomes(&tx, version, &outcomes),
@@ -470,7 +491,19 @@ impl Resolver {
                     .map(|&displaced| bids::mark_outbid(&tx, auction_id, displaced)),
             ),
             tx.execute(&notify, &notify_params),
-        )?;
+        ) {
+            (Ok(won), Ok(dequeued), Ok(written), Ok(_), Ok(_)) => (won, dequeued, written),
+            (won, dequeued, written, marked, notified) => {
+                return Err(cause([
+                    won.err(),
+                    dequeued.err(),
+                    written.err(),
+                    marked.err(),
+                    notified.err(),
+                ])
+                .into())
+            }
+        };
         if !won {
             return Ok(Step::Conflict);
         }
