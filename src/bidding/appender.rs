@@ -470,8 +470,8 @@ async fn append_all(
     (outcomes, wal_position)
 }
 
-/// Each round's statements read the WAL position in their own round trip;
-/// `wal_position` keeps the latest one read.
+/// Every statement of a round reads the WAL position in the same round
+/// trip as itself; `wal_position` keeps the latest one read.
 async fn settle(
     client: &Object,
     bids: &[&NewBid],
