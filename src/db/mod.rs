@@ -136,7 +136,9 @@ impl PoolSettings {
     /// join them row by row against the whole auction (seen: a 1,000-bid
     /// outcome write taking 1.1 s instead of milliseconds). A custom plan
     /// sees each array's length, at a fraction of a millisecond of
-    /// planning per batch.
+    /// planning per batch. The resolver switches back to generic plans,
+    /// within its transactions, for the statements that look rows up by
+    /// key (see `resolver::plan_modes`).
     pub fn with_custom_plans(mut self) -> Self {
         self.custom_plans = true;
         self

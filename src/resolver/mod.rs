@@ -375,6 +375,8 @@ impl Resolver {
     /// of pending bids (at most [`BATCH_LIMIT`]), settle if due,
     /// compare-and-set. Four round trips to the primary (five when it
     /// settles): begin, the lock with both reads, the writes, commit.
+    /// The statements that look rows up by key run on generic plans, the
+    /// writes over the batch's arrays on plans made for them ([`plan_modes`]).
     /// Fewer round trips make each batch shorter, which on a saturated
     /// machine is what keeps the resolver's lag down.
     pub async fn resolve_auction(&self, auction_id: Uuid) -> anyhow::Result<Step> {
@@ -386,21 +388,25 @@ impl Resolver {
                 "SELECT pg_try_advisory_xact_lock(hashtextextended($1::text, 0)), now()",
             )
             .await?;
+        let [generic_plans, custom_plans] = plan_modes(&tx).await?;
         let limit = self.batch.get();
         let lock_key = auction_id.to_string();
         let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
-        // Sent at once and run in order, one round trip: the lock's
-        // statement is prepared, so it is on the wire before either read,
-        // and both reads see what was committed before the lock was taken.
-        // Without the lock, the reads are thrown away.
+        // Sent at once and run in order, one round trip: the plan mode's
+        // and the lock's statements are prepared, so they are on the wire
+        // before either read, and both reads see what was committed before
+        // the lock was taken. Without the lock, the reads are thrown away.
         let (row, auction, mut pending) = match futures::join!(
+            tx.execute(&generic_plans, &[]),
             tx.query_one(&lock, &lock_params),
             auctions::get(&tx, auction_id),
             bids::pending(&tx, auction_id, limit),
         ) {
-            (Ok(row), Ok(auction), Ok(pending)) => (row, auction, pending),
-            (row, auction, pending) => {
-                return Err(cause([row.err(), auction.err(), pending.err()]).into())
+            (Ok(_), Ok(row), Ok(auction), Ok(pending)) => (row, auction, pending),
+            (plan_mode, row, auction, pending) => {
+                return Err(
+                    cause([plan_mode.err(), row.err(), auction.err(), pending.err()]).into(),
+                )
             }
         };
         if !row.get::<_, bool>(0) {
@@ -480,26 +486,30 @@ impl Resolver {
         // The writes touch different rows and are sent at once, one round
         // trip. If the compare-and-set lost, or some bid was no longer
         // queued and pending, the transaction is dropped and none of them
-        // is committed.
+        // is committed. The statements over the batch's arrays come after
+        // the switch back to custom plans (prepared, so on the wire before
+        // them).
         let (won, dequeued, written) = match futures::join!(
             auctions::compare_and_set(&tx, &update),
-            bids::dequeue(&tx, auction_id, &outcomes.seqs),
-            bids::record_outcomes(&tx, version, &outcomes),
+            tx.execute(&notify, &notify_params),
             futures::future::try_join_all(
                 displaced_earlier
                     .iter()
                     .map(|&displaced| bids::mark_outbid(&tx, auction_id, displaced)),
             ),
-            tx.execute(&notify, &notify_params),
+            tx.execute(&custom_plans, &[]),
+            bids::dequeue(&tx, auction_id, &outcomes.seqs),
+            bids::record_outcomes(&tx, version, &outcomes),
         ) {
-            (Ok(won), Ok(dequeued), Ok(written), Ok(_), Ok(_)) => (won, dequeued, written),
-            (won, dequeued, written, marked, notified) => {
+            (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written)) => (won, dequeued, written),
+            (won, notified, marked, plan_mode, dequeued, written) => {
                 return Err(cause([
                     won.err(),
+                    notified.err(),
+                    marked.err(),
+                    plan_mode.err(),
                     dequeued.err(),
                     written.err(),
-                    marked.err(),
-                    notified.err(),
                 ])
                 .into())
             }
@@ -539,6 +549,30 @@ impl Resolver {
             more: more && all_applied,
         })
     }
+}
+
+/// The statements that switch a resolver transaction to generic plans and
+/// back to custom ones (`SET LOCAL plan_cache_mode`), prepared.
+///
+/// The resolver's sessions plan every statement for its parameters (see
+/// [`PoolSettings::with_custom_plans`](crate::db::PoolSettings::with_custom_plans)),
+/// which its writes over a batch's arrays need. Its other statements
+/// (the lock, the auction's row, the pending bids in queue order, the
+/// compare-and-set, the outbid marks, the notification) look rows up by
+/// key whatever their parameters, so a generic plan serves them all; at
+/// a few thousand bids per second, planning them once per batch cost as
+/// much statement time as executing them (BENCHMARKS.md, "Generic plans
+/// for the resolver's key lookups").
+async fn plan_modes(
+    tx: &impl deadpool_postgres::GenericClient,
+) -> Result<[tokio_postgres::Statement; 2], tokio_postgres::Error> {
+    let generic = tx
+        .prepare_cached("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?;
+    let custom = tx
+        .prepare_cached("SET LOCAL plan_cache_mode = force_custom_plan")
+        .await?;
+    Ok([generic, custom])
 }
 
 /// The `bid_log` status and reason a resolved bid is written with.

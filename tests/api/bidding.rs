@@ -532,6 +532,94 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
     assert_consistent(&db, auction_id).await;
 }
 
+#[tokio::test]
+async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_key_lookups() {
+    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = id_of(&auction);
+    let config = test_config(&app.database_url);
+    // One connection, set up as the service's resolver pool is.
+    let pool = gavel::db::build_pool(
+        &config.database_url,
+        "test-resolver",
+        &gavel::db::PoolSettings::new(&config, 1, "gavel-test").with_custom_plans(),
+    )
+    .unwrap();
+    let resolver = gavel::resolver::Resolver::new(
+        pool.clone(),
+        gavel::resolver::Signals::new(),
+        config.settle_grace,
+        config.resolver_poll,
+    );
+    // One bid per batch, each outbidding the last: a leader displaced by a
+    // later batch is marked outbid by its own statement.
+    for (i, bidder) in ["ann", "bob", "cat", "dan", "eve", "fay", "gus"]
+        .into_iter()
+        .enumerate()
+    {
+        let amount = 1_000 + 500 * i as i64;
+        let response = app
+            .bid(bidder, &auction_id.to_string(), amount, &new_key())
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert_eq!(resolver.drain(auction_id).await.unwrap(), 1);
+    }
+
+    // What the resolver's own session planned, statement by statement.
+    let client = pool.get().await.unwrap();
+    let plans: Vec<(String, i64, i64)> = client
+        .query(
+            "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let plans_of = |fragment: &str| {
+        let found: Vec<_> = plans
+            .iter()
+            .filter(|(statement, ..)| statement.contains(fragment))
+            .collect();
+        assert_eq!(found.len(), 1, "one statement has {fragment:?}: {plans:#?}");
+        (found[0].1, found[0].2)
+    };
+    for lookup in [
+        "pg_try_advisory_xact_lock",
+        "FROM auctions WHERE id = $1",
+        "FROM pending_bids WHERE auction_id = $1 ORDER BY seq",
+        "UPDATE auctions SET leader_bid_id",
+        "UPDATE bid_log SET status = 'outbid'",
+        "pg_notify",
+    ] {
+        let (generic, custom) = plans_of(lookup);
+        // A statement's first use waits for it to be prepared, so a write
+        // sent before the switch back to custom plans may run after it once.
+        assert!(
+            custom <= 1,
+            "{lookup:?} was planned for its parameters {custom} times"
+        );
+        assert!(
+            generic >= 5,
+            "{lookup:?} ran on its generic plan {generic} times"
+        );
+    }
+    for batch_write in [
+        "DELETE FROM pending_bids",
+        "UPDATE bid_log b SET status = u.status",
+    ] {
+        let (generic, custom) = plans_of(batch_write);
+        assert_eq!(generic, 0, "{batch_write:?} ran on a generic plan");
+        assert_eq!(
+            custom, 7,
+            "{batch_write:?} was planned for each of the 7 batches"
+        );
+    }
+    drop(client);
+    assert_consistent(&app.db().await, auction_id).await;
+}
+
 /// A resolver driven by the test itself, on one connection with `config`'s
 /// session limits.
 fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
