@@ -53,6 +53,9 @@ pub struct BenchOptions {
     pub replica: bool,
     /// `GAVEL_*` settings for every mode (the environment's win over these).
     pub settings: Vec<(String, String)>,
+    /// Record the primary's statements (`pg_stat_statements`, planning
+    /// included) and write the costliest of each run beside the report.
+    pub statements: bool,
     /// The command line, for the report.
     pub command: String,
 }
@@ -92,7 +95,15 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
             } else {
                 format!("{mode}.json")
             };
-            run.save(&options.out_dir.join(name))?;
+            run.save(&options.out_dir.join(&name))?;
+            if options.statements {
+                let profile = statement_profile(&primary, mode)?;
+                let file = options
+                    .out_dir
+                    .join(format!("statements-{}", name.replace(".json", ".md")));
+                std::fs::write(&file, profile)
+                    .with_context(|| format!("writing {}", file.display()))?;
+            }
             eprintln!("{}", run.summary_text());
             runs.push(run);
         }
@@ -157,11 +168,17 @@ async fn run_mode(
     mode: &str,
     trace: Option<&[trace::TraceBid]>,
 ) -> anyhow::Result<RunReport> {
-    let database = format!("gavel_{mode}");
+    let database = database_of(mode);
     primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
     primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
     let database_url = primary.url(&database);
     gavel::db::migrate(&database_url).await?;
+    if options.statements {
+        primary.psql(
+            &database,
+            "CREATE EXTENSION pg_stat_statements; SELECT pg_stat_statements_reset()",
+        )?;
+    }
     let mut settings: HashMap<String, String> = options.settings.iter().cloned().collect();
     settings.insert("GAVEL_DATABASE_URL".into(), database_url.clone());
     settings.insert(
@@ -191,9 +208,57 @@ async fn run_mode(
     measured
 }
 
+/// The database a run in `mode` uses (made afresh for each run).
+fn database_of(mode: &str) -> String {
+    format!("gavel_{mode}")
+}
+
+/// Statements shown in a statement profile.
+const PROFILE_STATEMENTS: u32 = 25;
+
+/// The costliest statements of the last run in `mode`, as Markdown: what
+/// `pg_stat_statements` recorded in its database since the run began.
+fn statement_profile(primary: &PgCluster, mode: &str) -> anyhow::Result<String> {
+    let rows = primary.psql(
+        &database_of(mode),
+        &format!(
+            "COPY (SELECT calls, plans, rows, round(total_plan_time::numeric, 1), \
+               round(total_exec_time::numeric, 1), \
+               round(((total_plan_time + total_exec_time) / calls * 1000)::numeric, 1), \
+               left(regexp_replace(query, '\\s+', ' ', 'g'), 1000) \
+             FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY total_plan_time + total_exec_time DESC LIMIT {PROFILE_STATEMENTS}) \
+             TO STDOUT"
+        ),
+    )?;
+    let mut out = format!(
+        "# The primary's statements: {mode}\n\n\
+         The {PROFILE_STATEMENTS} statements that took the most time over the run \
+         (`pg_stat_statements`, planning tracked). Times are wall time: on a busy \
+         machine they include waiting for a core, and tracking planning adds to it.\n\n\
+         | calls | plans | rows | planning (ms) | executing (ms) | per call (µs) | statement |\n\
+         | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n"
+    );
+    for line in rows.lines().filter(|l| !l.is_empty()) {
+        let fields: Vec<&str> = line.split('\t').collect();
+        anyhow::ensure!(
+            fields.len() == 7,
+            "unexpected pg_stat_statements row: {line}"
+        );
+        let statement = fields[6].replace('|', "\\|");
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | `{statement}` |\n",
+            fields[0], fields[1], fields[2], fields[3], fields[4], fields[5]
+        ));
+    }
+    Ok(out)
+}
+
 async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Option<PgCluster>)> {
     let dir = options.work_dir.clone();
     let with_replica = options.replica;
+    let with_statements = options.statements;
     tokio::task::spawn_blocking(move || {
         let mut primary_options = ClusterOptions::new(dir.join("primary"));
         // Production-like durability: every commit waits for its WAL flush.
@@ -212,6 +277,15 @@ async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Op
             ("log_checkpoints".into(), "on".into()),
             ("log_autovacuum_min_duration".into(), "0".into()),
         ];
+        if with_statements {
+            primary_options.settings.extend([
+                (
+                    "shared_preload_libraries".into(),
+                    "pg_stat_statements".into(),
+                ),
+                ("pg_stat_statements.track_planning".into(), "on".into()),
+            ]);
+        }
         let primary =
             PgCluster::start(primary_options).context("starting the private PostgreSQL")?;
         let replica = if with_replica {

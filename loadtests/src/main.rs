@@ -64,6 +64,12 @@ enum Command {
         /// compare the medians (default: the scenario's `rounds`, else 1).
         #[arg(long)]
         rounds: Option<u32>,
+        /// Also profile the primary's statements (`pg_stat_statements`,
+        /// planning included) and write statements-<run>.md beside the
+        /// report. The tracking costs the database some CPU: for finding
+        /// where the time goes, not for the figures.
+        #[arg(long)]
+        statements: bool,
     },
     /// Run a scenario against a Gavel that is already running, then audit
     /// its database and write a run report.
@@ -163,6 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ceiling_s,
             no_replica,
             rounds,
+            statements,
         } => {
             let scenario = load_scenario(&path, &shape)?;
             let rounds = rounds.unwrap_or(scenario.rounds);
@@ -199,6 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rounds,
                 replica: !no_replica,
                 settings: Vec::new(),
+                statements,
                 command: command_line(),
             })
             .await?;

@@ -52,6 +52,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         rounds: 1,
         replica: true,
         settings: quick_settings(),
+        statements: true,
         command: "smoke test".into(),
     })
     .await
@@ -189,6 +190,17 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         pg_log.contains("checkpoint") || pg_log.contains("database system is ready"),
         "{pg_log}"
     );
+    // Each run's statements, as the primary recorded them in its database.
+    for (mode, statement) in [("log", "INSERT INTO bid_log"), ("row_lock", "FOR UPDATE")] {
+        let profile =
+            std::fs::read_to_string(out_dir.join(format!("statements-{mode}.md"))).unwrap();
+        let row = profile
+            .lines()
+            .find(|l| l.starts_with("| ") && l.contains(statement))
+            .unwrap_or_else(|| panic!("no {statement:?} in the {mode} profile:\n{profile}"));
+        let calls: u64 = row.split('|').nth(1).unwrap().trim().parse().unwrap();
+        assert!(calls > 0, "{row}");
+    }
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("row_lock") && svg.contains("<polyline"),
