@@ -2,6 +2,8 @@
 //! on `version`. Nothing on the bid path writes or locks this table, except
 //! the row-lock baseline (`bidding::row_lock`), which exists to show why.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
@@ -168,6 +170,19 @@ pub async fn get(
         .transpose()
 }
 
+/// Reads the auctions among `ids` that exist (plain MVCC reads), in no
+/// particular order.
+pub async fn get_many(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<AuctionRecord>, tokio_postgres::Error> {
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {COLUMNS} FROM auctions WHERE id = ANY($1::uuid[])"));
+    let stmt = client.prepare_cached(&SQL).await?;
+    let rows = client.query(&stmt, &[&ids]).await?;
+    rows.iter().map(AuctionRecord::from_row).collect()
+}
+
 /// Reads one auction and locks its row `FOR UPDATE` until the transaction
 /// ends, waiting for the lock at most the session's `lock_timeout`; with
 /// the transaction's `now()`, the time every `DEFAULT now()` it writes gets.
@@ -213,6 +228,13 @@ pub struct StateUpdate<'a> {
 }
 
 /// Compare-and-set on `version`; returns whether this writer won.
+///
+/// One statement per auction, found by key: the resolver sends one for
+/// each auction of a group, all in one round trip. One statement over
+/// arrays of auctions, joined to `auctions`, got a generic plan that
+/// scanned the table (a handful of rows, but thousands of dead versions
+/// during a burst) and cost 2.4 times as much per call (BENCHMARKS.md,
+/// "Quiet auctions resolved together").
 pub async fn compare_and_set(
     client: &impl GenericClient,
     update: &StateUpdate<'_>,

@@ -9,6 +9,10 @@
 //! bypassed: a bid's outcome is written only together with taking it off the
 //! queue of pending bids, and only while it is still pending.
 //!
+//! Auctions with new bids are resolved together, one transaction per
+//! group of them (see [`Resolver::resolve_auctions`]); each auction keeps
+//! its own lock and its own compare-and-set.
+//!
 //! Pending work is found by state (the `pending_bids` queue, which every bid
 //! inserted pending joins in its own statement), never by a sequence
 //! watermark, so a bid whose transaction commits late is not skipped.
@@ -40,6 +44,8 @@ pub use signals::{Resolved, Signals};
 pub const BATCH_LIMIT: i64 = 2_000;
 /// Fewest bids a batch shrinks to after statement timeouts.
 const MIN_BATCH: i64 = 50;
+/// Most auctions resolved in one transaction.
+const GROUP_MAX: usize = 32;
 /// Batches one auction may take before others get a turn.
 const BATCHES_PER_TURN: usize = 4;
 /// Wait before retrying an auction another resolver holds.
@@ -288,13 +294,56 @@ impl Resolver {
         Ok(work)
     }
 
+    /// Resolves `work`: auctions together in groups, one transaction per
+    /// group, as many groups at once as the resolver has connections; then,
+    /// one by one, those with bids left beyond their group's batch or whose
+    /// group lost a compare-and-set.
     async fn drain_all(&self, work: BTreeSet<Uuid>) {
-        futures::stream::iter(work)
-            .for_each_concurrent(self.concurrency, |auction_id| async move {
-                // Logged in the auction's span by `drain`.
-                let _ = self.drain(auction_id).await;
-            })
+        let groups = groups(work.into_iter().collect());
+        futures::stream::iter(groups)
+            .for_each_concurrent(self.concurrency, |group| self.drain_group(group))
             .await;
+    }
+
+    async fn drain_group(&self, auction_ids: Vec<Uuid>) {
+        if let [auction_id] = auction_ids[..] {
+            // Logged in the auction's span by `drain`.
+            let _ = self.drain(auction_id).await;
+            return;
+        }
+        let limit = group_limit(self.batch.get(), auction_ids.len());
+        let steps = match self.resolve_auctions_limited(&auction_ids, limit).await {
+            Ok(steps) => steps,
+            Err(e) => {
+                if is_statement_timeout(&e) {
+                    self.batch.timed_out();
+                }
+                // Left to the next scan, as a failed `drain` is.
+                tracing::warn!(
+                    auctions = auction_ids.len(),
+                    error = format!("{e:#}"),
+                    "resolving a group of auctions failed; will retry"
+                );
+                return;
+            }
+        };
+        if steps.iter().any(|(_, step)| *step == Step::Conflict) {
+            metrics::counter!("gavel_resolver_conflicts_total").increment(1);
+        } else if steps
+            .iter()
+            .any(|(_, step)| matches!(step, Step::Applied { .. }))
+        {
+            self.batch.succeeded();
+        }
+        for (auction_id, step) in steps {
+            match step {
+                Step::Applied { more: true, .. } | Step::Conflict => {
+                    let _ = self.drain(auction_id).await;
+                }
+                Step::Busy => self.retry_later(auction_id),
+                Step::Applied { .. } | Step::Idle => {}
+            }
+        }
     }
 
     /// Resolves an auction until nothing is pending, or until it has had its
@@ -371,135 +420,161 @@ impl Resolver {
         });
     }
 
-    /// One transaction: lock the auction for this resolver, apply a batch
-    /// of pending bids (at most [`BATCH_LIMIT`]), settle if due,
-    /// compare-and-set. Four round trips to the primary (five when it
-    /// settles): begin, the lock with both reads, the writes, commit.
+    /// Resolves one auction: [`resolve_auctions`](Self::resolve_auctions)
+    /// for it alone.
+    pub async fn resolve_auction(&self, auction_id: Uuid) -> anyhow::Result<Step> {
+        let steps = self.resolve_auctions(&[auction_id]).await?;
+        Ok(steps.first().map_or(Step::Idle, |&(_, step)| step))
+    }
+
+    /// One transaction over several auctions (distinct ids): lock each for
+    /// this resolver, apply a batch of each one's pending bids, settle
+    /// those due, and compare-and-set them all; returns each auction's
+    /// [`Step`]. If any auction's compare-and-set loses, or some bid was no
+    /// longer queued and pending, nothing is written and every auction
+    /// written for is reported as [`Step::Conflict`].
+    ///
+    /// Four round trips to the primary (five when one settles) whatever
+    /// the number of auctions: begin, the locks with both reads, the
+    /// writes, commit. Most auctions have a bid or two waiting at each
+    /// round, and one transaction for each cost more than its bids: a
+    /// commit and its WAL flush, and a dozen statements run (two of them
+    /// planned) per auction. The reads and the writes over the bids are
+    /// one statement each for the whole group; the compare-and-set and the
+    /// outbid mark are one key lookup per auction, in the same round trip
+    /// (BENCHMARKS.md, "Quiet auctions resolved together").
     /// The statements that look rows up by key run on generic plans, the
     /// writes over the batch's arrays on plans made for them ([`plan_modes`]).
-    /// Fewer round trips make each batch shorter, which on a saturated
-    /// machine is what keeps the resolver's lag down.
-    pub async fn resolve_auction(&self, auction_id: Uuid) -> anyhow::Result<Step> {
+    /// An auction takes at most `limit` bids, [`BatchSize`] by default.
+    pub async fn resolve_auctions(
+        &self,
+        auction_ids: &[Uuid],
+    ) -> anyhow::Result<Vec<(Uuid, Step)>> {
+        self.resolve_auctions_limited(auction_ids, self.batch.get())
+            .await
+    }
+
+    async fn resolve_auctions_limited(
+        &self,
+        auction_ids: &[Uuid],
+        limit: i64,
+    ) -> anyhow::Result<Vec<(Uuid, Step)>> {
+        if auction_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let started = Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let lock = tx
             .prepare_cached(
-                "SELECT pg_try_advisory_xact_lock(hashtextextended($1::text, 0)), now()",
+                "SELECT a.id, pg_try_advisory_xact_lock(hashtextextended(a.id::text, 0)), now() \
+                 FROM unnest($1::uuid[]) AS a(id)",
             )
             .await?;
         let [generic_plans, custom_plans] = plan_modes(&tx).await?;
-        let limit = self.batch.get();
-        let lock_key = auction_id.to_string();
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&lock_key];
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&auction_ids];
         // Sent at once and run in order, one round trip: the plan mode's
         // and the lock's statements are prepared, so they are on the wire
         // before either read, and both reads see what was committed before
-        // the lock was taken. Without the lock, the reads are thrown away.
-        let (row, auction, mut pending) = match futures::join!(
+        // the locks were taken. The reads of auctions not locked are
+        // thrown away.
+        let (locks, records, mut pending) = match futures::join!(
             tx.execute(&generic_plans, &[]),
-            tx.query_one(&lock, &lock_params),
-            auctions::get(&tx, auction_id),
-            bids::pending(&tx, auction_id, limit),
+            tx.query(&lock, &lock_params),
+            auctions::get_many(&tx, auction_ids),
+            bids::pending(&tx, auction_ids, limit),
         ) {
-            (Ok(_), Ok(row), Ok(auction), Ok(pending)) => (row, auction, pending),
-            (plan_mode, row, auction, pending) => {
+            (Ok(_), Ok(locks), Ok(records), Ok(pending)) => (locks, records, pending),
+            (plan_mode, locks, records, pending) => {
                 return Err(
-                    cause([plan_mode.err(), row.err(), auction.err(), pending.err()]).into(),
+                    cause([plan_mode.err(), locks.err(), records.err(), pending.err()]).into(),
                 )
             }
         };
-        if !row.get::<_, bool>(0) {
-            return Ok(Step::Busy);
-        }
-        let now: DateTime<Utc> = row.get(1);
-        let Some(auction) = auction else {
-            tracing::error!(%auction_id, "pending bids reference an unknown auction");
-            return Ok(Step::Idle);
-        };
-        let more = pending.len() as i64 == limit;
-        pending.sort_by_key(|p| (p.bid.received_at, p.bid.seq));
+        let now: DateTime<Utc> = locks[0].get(2);
+        let locked: HashSet<Uuid> = locks
+            .iter()
+            .filter(|row| row.get::<_, bool>(1))
+            .map(|row| row.get(0))
+            .collect();
+        let records: HashMap<Uuid, auctions::AuctionRecord> =
+            records.into_iter().map(|a| (a.id, a)).collect();
+        pending.sort_by_key(|p| (p.bid.auction_id, p.bid.received_at, p.bid.seq));
+        let pending_of: HashMap<Uuid, &[bids::PendingBid]> = pending
+            .chunk_by(|a, b| a.bid.auction_id == b.bid.auction_id)
+            .map(|bids| (bids[0].bid.auction_id, bids))
+            .collect();
         let grace = chrono::Duration::from_std(self.settle_grace)?;
-        let terms = &auction.terms;
-        // Bids received after the current end of a soft-close auction wait
-        // until every earlier bid must have committed (see the module docs).
-        let held_back = |bid: &bids::BidRecord, ends_at: DateTime<Utc>| {
-            terms.soft_close > chrono::Duration::zero()
-                && !auction.state.closed
-                && bid.received_at > ends_at
-                && now < bid.received_at + grace
-        };
 
-        let mut state = auction.state.clone();
+        let mut steps = Vec::with_capacity(auction_ids.len());
         let mut outcomes = bids::Outcomes::default();
-        let mut position: HashMap<Uuid, usize> = HashMap::with_capacity(pending.len());
-        let mut displaced_earlier = Vec::new();
-        let mut resolution_no = auction.resolved_count;
-        let mut applied_bids = Vec::with_capacity(pending.len());
-        for bids::PendingBid { bid, row_version } in &pending {
-            // Sorted by receipt: every later bid would be held back too.
-            if held_back(bid, state.ends_at) {
-                break;
+        let mut batches = Vec::new();
+        for &auction_id in auction_ids {
+            if !locked.contains(&auction_id) {
+                steps.push((auction_id, Step::Busy));
+                continue;
             }
-            let applied = rules::apply_bid(terms, &mut state, &bid.input());
-            if let Some(displaced) = applied.displaced {
-                match position.get(&displaced) {
-                    Some(&i) => outcomes.statuses[i] = "outbid",
-                    None => displaced_earlier.push(displaced),
+            let pending = pending_of.get(&auction_id).copied().unwrap_or_default();
+            let Some(auction) = records.get(&auction_id) else {
+                if !pending.is_empty() {
+                    tracing::error!(%auction_id, "pending bids reference an unknown auction");
                 }
+                steps.push((auction_id, Step::Idle));
+                continue;
+            };
+            let full = pending.len() as i64 == limit;
+            match plan_batch(auction, pending, full, now, grace, &mut outcomes) {
+                Some(batch) => batches.push(batch),
+                None => steps.push((auction_id, Step::Idle)),
             }
-            let (status, reason) = outcome_columns(applied.outcome);
-            resolution_no += 1;
-            position.insert(bid.id, outcomes.ids.len());
-            outcomes.seqs.push(bid.seq);
-            outcomes.ids.push(bid.id);
-            outcomes.row_versions.push(row_version);
-            outcomes.statuses.push(status);
-            outcomes.reasons.push(reason);
-            outcomes.prices.push(applied.price_after);
-            outcomes.resolution_nos.push(resolution_no);
-            applied_bids.push(bid);
         }
-        let all_applied = applied_bids.len() == pending.len();
-        // Settle only when nothing received before the end can still be pending.
-        let settling = !state.closed && !more && all_applied && now > state.ends_at + grace;
-        if applied_bids.is_empty() && !settling {
-            return Ok(Step::Idle);
+        if batches.is_empty() {
+            return Ok(steps);
         }
-        let winner = if settling {
-            rules::settle(terms, &mut state)
-        } else {
-            None
-        };
 
-        let version = auction.version + 1;
-        let update = auctions::StateUpdate {
-            id: auction_id,
-            expected_version: auction.version,
-            state: &state,
-            resolved_count: resolution_no,
-            settlement: settling.then_some(winner.as_ref()),
-        };
-        let notification = self.signals.notification(auction_id);
-        let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-        let notify_params: [&(dyn ToSql + Sync); 2] = [&listener::RESOLVED_CHANNEL, &notification];
+        let updates: Vec<auctions::StateUpdate> = batches
+            .iter()
+            .map(|b| auctions::StateUpdate {
+                id: b.auction_id,
+                expected_version: b.version - 1,
+                state: &b.state,
+                resolved_count: b.resolved_count,
+                settlement: b.settlement.as_ref().map(Option::as_ref),
+            })
+            .collect();
+        let marks: Vec<(Uuid, Uuid)> = batches
+            .iter()
+            .flat_map(|b| b.displaced_earlier.iter().map(|&bid| (b.auction_id, bid)))
+            .collect();
+        let notifications: Vec<String> = batches
+            .iter()
+            .map(|b| self.signals.notification(b.auction_id))
+            .collect();
+        let notify = tx
+            .prepare_cached("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
+            .await?;
+        let notify_params: [&(dyn ToSql + Sync); 2] = [&listener::RESOLVED_CHANNEL, &notifications];
         // The writes touch different rows and are sent at once, one round
-        // trip. If the compare-and-set lost, or some bid was no longer
+        // trip. If a compare-and-set lost, or some bid was no longer
         // queued and pending, the transaction is dropped and none of them
         // is committed. The statements over the batch's arrays come after
         // the switch back to custom plans (prepared, so on the wire before
         // them).
         let (won, dequeued, written) = match futures::join!(
-            auctions::compare_and_set(&tx, &update),
+            futures::future::try_join_all(
+                updates
+                    .iter()
+                    .map(|update| auctions::compare_and_set(&tx, update))
+            ),
             tx.execute(&notify, &notify_params),
             futures::future::try_join_all(
-                displaced_earlier
+                marks
                     .iter()
-                    .map(|&displaced| bids::mark_outbid(&tx, auction_id, displaced)),
+                    .map(|&(auction_id, bid_id)| bids::mark_outbid(&tx, auction_id, bid_id)),
             ),
             tx.execute(&custom_plans, &[]),
-            bids::dequeue(&tx, auction_id, &outcomes.seqs),
-            bids::record_outcomes(&tx, version, &outcomes),
+            bids::dequeue(&tx, &outcomes),
+            bids::record_outcomes(&tx, &outcomes),
         ) {
             (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written)) => (won, dequeued, written),
             (won, notified, marked, plan_mode, dequeued, written) => {
@@ -514,41 +589,175 @@ impl Resolver {
                 .into())
             }
         };
-        if !won {
-            return Ok(Step::Conflict);
+        let conflict = |mut steps: Vec<(Uuid, Step)>| {
+            steps.extend(batches.iter().map(|b| (b.auction_id, Step::Conflict)));
+            steps
+        };
+        if won.contains(&false) {
+            return Ok(conflict(steps));
         }
-        if dequeued != written || written != outcomes.ids.len() as u64 {
+        if dequeued != written || written != outcomes.len() as u64 {
             // Someone resolved some of these bids outside the version
             // protocol; write nothing and start over from fresh state.
             tracing::error!(
-                %auction_id,
+                auctions = batches.len(),
                 dequeued,
                 written,
-                expected = outcomes.ids.len(),
+                expected = outcomes.len(),
                 "bids already resolved"
             );
-            return Ok(Step::Conflict);
+            return Ok(conflict(steps));
         }
-        if settling {
-            // After the outcomes: it settles the bids they made leading.
-            bids::settle_outcomes(&tx, auction_id, winner.as_ref().map(|w| w.bid_id)).await?;
-        }
+        // After the outcomes: it settles the bids they made leading.
+        futures::future::try_join_all(batches.iter().filter_map(|b| {
+            let winner = b.settlement.as_ref()?;
+            Some(bids::settle_outcomes(
+                &tx,
+                b.auction_id,
+                winner.as_ref().map(|w| w.bid_id),
+            ))
+        }))
+        .await?;
         tx.commit().await?;
         self.dequeued.fetch_add(dequeued, Ordering::Relaxed);
 
-        record_metrics(&applied_bids, &outcomes.reasons, now, started, settling);
-        let resolved: Arc<[Uuid]> = outcomes.ids.into();
-        self.signals.publish(Resolved {
-            auction_id,
-            bids: Some(resolved),
-            version: Some(version),
-        });
-        Ok(Step::Applied {
-            bids: applied_bids.len(),
-            settled: settling,
-            more: more && all_applied,
-        })
+        record_metrics(&batches, &outcomes.reasons, now, started);
+        for batch in batches {
+            let settled = batch.settlement.is_some();
+            let range = batch.outcomes;
+            self.signals.publish(Resolved {
+                auction_id: batch.auction_id,
+                bids: Some(Arc::from(&outcomes.ids[range])),
+                version: Some(batch.version),
+            });
+            steps.push((
+                batch.auction_id,
+                Step::Applied {
+                    bids: batch.applied.len(),
+                    settled,
+                    more: batch.more,
+                },
+            ));
+        }
+        Ok(steps)
     }
+}
+
+/// One auction's part of a resolution transaction.
+struct Batch<'a> {
+    auction_id: Uuid,
+    /// The version the transaction writes (one above the one read).
+    version: i64,
+    state: rules::AuctionState,
+    resolved_count: i64,
+    /// `Some(winner)` when the batch settles the auction.
+    settlement: Option<Option<rules::Leader>>,
+    /// The bids applied, in resolution order.
+    applied: Vec<&'a bids::BidRecord>,
+    /// Their outcomes' place among the transaction's.
+    outcomes: std::ops::Range<usize>,
+    /// Bids leading before the batch that it outbid.
+    displaced_earlier: Vec<Uuid>,
+    /// Whether pending bids remain beyond the batch.
+    more: bool,
+}
+
+/// Applies `pending` (an auction's oldest pending bids in receipt order;
+/// `full` when more may be waiting) to `auction` by the rules, appending
+/// the bids' outcomes to `outcomes`, and settles the auction if it is due;
+/// `None` when there is nothing to write.
+fn plan_batch<'a>(
+    auction: &auctions::AuctionRecord,
+    pending: &'a [bids::PendingBid],
+    full: bool,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    outcomes: &mut bids::Outcomes<'a>,
+) -> Option<Batch<'a>> {
+    let terms = &auction.terms;
+    // Bids received after the current end of a soft-close auction wait
+    // until every earlier bid must have committed (see the module docs).
+    let held_back = |bid: &bids::BidRecord, ends_at: DateTime<Utc>| {
+        terms.soft_close > chrono::Duration::zero()
+            && !auction.state.closed
+            && bid.received_at > ends_at
+            && now < bid.received_at + grace
+    };
+    let version = auction.version + 1;
+    let first = outcomes.len();
+    let mut state = auction.state.clone();
+    let mut position: HashMap<Uuid, usize> = HashMap::with_capacity(pending.len());
+    let mut displaced_earlier = Vec::new();
+    let mut resolved_count = auction.resolved_count;
+    let mut applied = Vec::with_capacity(pending.len());
+    for bids::PendingBid { bid, row_version } in pending {
+        // Sorted by receipt: every later bid would be held back too.
+        if held_back(bid, state.ends_at) {
+            break;
+        }
+        let outcome = rules::apply_bid(terms, &mut state, &bid.input());
+        if let Some(displaced) = outcome.displaced {
+            match position.get(&displaced) {
+                Some(&i) => outcomes.statuses[i] = "outbid",
+                None => displaced_earlier.push(displaced),
+            }
+        }
+        let (status, reason) = outcome_columns(outcome.outcome);
+        resolved_count += 1;
+        position.insert(bid.id, outcomes.len());
+        outcomes.auction_ids.push(auction.id);
+        outcomes.seqs.push(bid.seq);
+        outcomes.ids.push(bid.id);
+        outcomes.row_versions.push(row_version);
+        outcomes.statuses.push(status);
+        outcomes.reasons.push(reason);
+        outcomes.prices.push(outcome.price_after);
+        outcomes.resolution_nos.push(resolved_count);
+        outcomes.versions.push(version);
+        applied.push(bid);
+    }
+    let all_applied = applied.len() == pending.len();
+    // Settle only when nothing received before the end can still be pending.
+    let settling = !state.closed && !full && all_applied && now > state.ends_at + grace;
+    if applied.is_empty() && !settling {
+        return None;
+    }
+    let settlement = settling.then(|| rules::settle(terms, &mut state));
+    Some(Batch {
+        auction_id: auction.id,
+        version,
+        state,
+        resolved_count,
+        settlement,
+        applied,
+        outcomes: first..outcomes.len(),
+        displaced_earlier,
+        more: full && all_applied,
+    })
+}
+
+/// Splits `work` into groups resolved one transaction each: as few as
+/// hold it in groups of at most [`GROUP_MAX`], spread round-robin. One
+/// transaction per auction, even two groups where one would do, cost the
+/// primary more than running them side by side saved (BENCHMARKS.md,
+/// "Quiet auctions resolved together").
+fn groups(work: Vec<Uuid>) -> Vec<Vec<Uuid>> {
+    let count = work.len().div_ceil(GROUP_MAX);
+    let mut groups = vec![Vec::new(); count];
+    for (i, auction_id) in work.into_iter().enumerate() {
+        groups[i % count].push(auction_id);
+    }
+    groups
+}
+
+/// Bids each of `auctions` auctions may take in one group's transaction,
+/// given the batch size: the batch size while the group holds at most
+/// [`BATCHES_PER_TURN`] batches' worth, else shares of that (never fewer
+/// than [`MIN_BATCH`]), so a group of busy auctions stays a bounded
+/// transaction.
+fn group_limit(batch: i64, auctions: usize) -> i64 {
+    let auctions = i64::try_from(auctions.max(1)).unwrap_or(i64::MAX);
+    (batch * BATCHES_PER_TURN as i64 / auctions).clamp(MIN_BATCH.min(batch), batch)
 }
 
 /// The statements that switch a resolver transaction to generic plans and
@@ -614,23 +823,28 @@ fn register_metrics() {
     metrics::counter!("gavel_auctions_settled_total").increment(0);
 }
 
+/// Records one committed transaction: its bids, duration and outcomes,
+/// each auction's lag (the age of its oldest bid in the batch) and
+/// settlement.
 fn record_metrics(
-    pending: &[&bids::BidRecord],
+    batches: &[Batch<'_>],
     reasons: &[Option<&'static str>],
     now: DateTime<Utc>,
     started: Instant,
-    settled: bool,
 ) {
-    metrics::histogram!("gavel_resolver_batch_size").record(pending.len() as f64);
+    let bids: usize = batches.iter().map(|b| b.applied.len()).sum();
+    metrics::histogram!("gavel_resolver_batch_size").record(bids as f64);
     metrics::histogram!("gavel_resolver_batch_duration_seconds")
         .record(started.elapsed().as_secs_f64());
     count_resolved(reasons);
-    if let Some(oldest) = pending.iter().map(|b| b.received_at).min() {
-        let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
-        metrics::histogram!("gavel_resolver_lag_seconds").record(lag);
-    }
-    if settled {
-        metrics::counter!("gavel_auctions_settled_total").increment(1);
+    for batch in batches {
+        if let Some(oldest) = batch.applied.iter().map(|b| b.received_at).min() {
+            let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics::histogram!("gavel_resolver_lag_seconds").record(lag);
+        }
+        if batch.settlement.is_some() {
+            metrics::counter!("gavel_auctions_settled_total").increment(1);
+        }
     }
 }
 
@@ -657,5 +871,35 @@ mod tests {
             batch.succeeded();
         }
         assert_eq!(batch.get(), BATCH_LIMIT, "never above the limit");
+    }
+
+    #[test]
+    fn work_is_split_into_the_fewest_groups_of_bounded_size() {
+        let sizes = |n: usize| {
+            let work: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+            let groups = groups(work.clone());
+            let mut all: Vec<Uuid> = groups.iter().flatten().copied().collect();
+            all.sort();
+            let mut expected = work;
+            expected.sort();
+            assert_eq!(all, expected, "each auction in exactly one group");
+            groups.iter().map(Vec::len).collect::<Vec<_>>()
+        };
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(11), [11]);
+        assert_eq!(sizes(GROUP_MAX), [GROUP_MAX]);
+        assert_eq!(sizes(GROUP_MAX + 1), [17, 16]);
+        assert_eq!(sizes(100), [25, 25, 25, 25]);
+    }
+
+    #[test]
+    fn a_group_takes_at_most_a_turn_of_batches() {
+        assert_eq!(group_limit(BATCH_LIMIT, 1), BATCH_LIMIT);
+        assert_eq!(group_limit(BATCH_LIMIT, 4), BATCH_LIMIT);
+        assert_eq!(group_limit(BATCH_LIMIT, 6), 1_333);
+        assert_eq!(group_limit(BATCH_LIMIT, 32), 250);
+        assert_eq!(group_limit(100, 32), MIN_BATCH, "never below the floor");
+        assert_eq!(group_limit(MIN_BATCH, 32), MIN_BATCH);
     }
 }

@@ -539,18 +539,7 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
     let auction_id = id_of(&auction);
     let config = test_config(&app.database_url);
     // One connection, set up as the service's resolver pool is.
-    let pool = gavel::db::build_pool(
-        &config.database_url,
-        "test-resolver",
-        &gavel::db::PoolSettings::new(&config, 1, "gavel-test").with_custom_plans(),
-    )
-    .unwrap();
-    let resolver = gavel::resolver::Resolver::new(
-        pool.clone(),
-        gavel::resolver::Signals::new(),
-        config.settle_grace,
-        config.resolver_poll,
-    );
+    let (pool, resolver) = resolver_pool_on(&config, Plans::Custom);
     // One bid per batch, each outbidding the last: a leader displaced by a
     // later batch is marked outbid by its own statement.
     for (i, bidder) in ["ann", "bob", "cat", "dan", "eve", "fay", "gus"]
@@ -587,8 +576,8 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
     };
     for lookup in [
         "pg_try_advisory_xact_lock",
-        "FROM auctions WHERE id = $1",
-        "FROM pending_bids WHERE auction_id = $1 ORDER BY seq",
+        "FROM auctions WHERE id = ANY($1::uuid[])",
+        "FROM pending_bids WHERE auction_id = a.id ORDER BY seq",
         "UPDATE auctions SET leader_bid_id",
         "UPDATE bid_log SET status = 'outbid'",
         "pg_notify",
@@ -620,21 +609,159 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
     assert_consistent(&app.db().await, auction_id).await;
 }
 
+#[tokio::test]
+async fn quiet_auctions_are_resolved_together_in_one_transaction() {
+    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let mut config = test_config(&app.database_url);
+    config.settle_grace = Duration::from_millis(200);
+    let resolver = resolver_on(&config);
+    let db = app.db().await;
+    let bid = |bidder: &'static str, auction: Uuid, amount: i64| {
+        let app = &app;
+        async move {
+            let response = app
+                .bid(bidder, &auction.to_string(), amount, &new_key())
+                .await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+        }
+    };
+    // `led` has a leader from an earlier transaction, whom its next bid outbids.
+    let led = id_of(&app.create_auction("seller-1", json!({})).await);
+    bid("ann", led, 1_000).await;
+    assert_eq!(resolver.drain(led).await.unwrap(), 1);
+    bid("bob", led, 2_000).await;
+    // `fresh` gets its first bids, one outbidding the other in the batch.
+    let fresh = id_of(&app.create_auction("seller-1", json!({})).await);
+    bid("cat", fresh, 1_000).await;
+    bid("dan", fresh, 1_500).await;
+    // `ending` has ended by the time it is resolved: it settles.
+    let ends_at = chrono::Utc::now() + chrono::Duration::milliseconds(1_500);
+    let ending = id_of(
+        &app.create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+            .await,
+    );
+    bid("eve", ending, 1_000).await;
+    // `held` is another resolver's right now.
+    let held = id_of(&app.create_auction("seller-1", json!({})).await);
+    bid("fay", held, 1_000).await;
+    let mut other = app.db().await;
+    let other_tx = other.transaction().await.unwrap();
+    other_tx
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))",
+            &[&held.to_string()],
+        )
+        .await
+        .unwrap();
+    // `idle` has nothing to do.
+    let idle = id_of(&app.create_auction("seller-1", json!({})).await);
+    let wait = (ends_at + chrono::Duration::milliseconds(400) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+
+    let steps = resolver
+        .resolve_auctions(&[led, fresh, ending, held, idle])
+        .await
+        .unwrap();
+    let step_of = |auction: Uuid| {
+        steps
+            .iter()
+            .find(|(id, _)| *id == auction)
+            .map(|(_, step)| *step)
+            .unwrap()
+    };
+    use gavel::resolver::Step;
+    assert_eq!(steps.len(), 5, "{steps:?}");
+    let applied = |bids, settled| Step::Applied {
+        bids,
+        settled,
+        more: false,
+    };
+    assert_eq!(step_of(led), applied(1, false));
+    assert_eq!(step_of(fresh), applied(2, false));
+    assert_eq!(step_of(ending), applied(1, true));
+    assert_eq!(step_of(held), Step::Busy);
+    assert_eq!(step_of(idle), Step::Idle);
+
+    // One transaction: every outcome written at the same `now()`, each
+    // with its own auction's new version.
+    let written: Vec<(Uuid, String, chrono::DateTime<chrono::Utc>, i64)> = db
+        .query(
+            "SELECT b.auction_id, b.bidder_id, b.resolved_at, a.version FROM bid_log b \
+             JOIN auctions a ON a.id = b.auction_id AND a.version = b.resolved_version \
+             WHERE b.bidder_id <> 'ann' AND b.status <> 'pending' ORDER BY b.bidder_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    let bidders: Vec<&str> = written.iter().map(|w| w.1.as_str()).collect();
+    assert_eq!(bidders, ["bob", "cat", "dan", "eve"], "{written:?}");
+    assert!(
+        written.iter().all(|w| w.2 == written[0].2),
+        "outcomes of one transaction: {written:?}"
+    );
+    let led_bids = assert_consistent(&db, led).await;
+    let status_of = |bids: &[AuditBid], bidder: &str| {
+        bids.iter()
+            .find(|b| b.bidder_id == bidder)
+            .map(|b| b.status.clone())
+            .unwrap()
+    };
+    assert_eq!(status_of(&led_bids, "ann"), "outbid", "marked in the group");
+    assert_eq!(status_of(&led_bids, "bob"), "leading");
+    let fresh_bids = assert_consistent(&db, fresh).await;
+    assert_eq!(status_of(&fresh_bids, "cat"), "outbid");
+    assert_eq!(status_of(&fresh_bids, "dan"), "leading");
+    let ending_bids = assert_consistent(&db, ending).await;
+    assert_eq!(status_of(&ending_bids, "eve"), "won");
+    assert_eq!(
+        queued_bids(&db).await,
+        1,
+        "only the held auction's bid is left"
+    );
+
+    other_tx.commit().await.unwrap();
+    assert_eq!(resolver.drain(held).await.unwrap(), 1);
+    assert_consistent(&db, held).await;
+    assert_eq!(queued_bids(&db).await, 0);
+}
+
 /// A resolver driven by the test itself, on one connection with `config`'s
 /// session limits.
 fn resolver_on(config: &gavel::config::Config) -> gavel::resolver::Resolver {
-    let pool = gavel::db::build_pool(
-        &config.database_url,
-        "test-resolver",
-        &gavel::db::PoolSettings::new(config, 1, "gavel-test"),
-    )
-    .unwrap();
-    gavel::resolver::Resolver::new(
-        pool,
+    resolver_pool_on(config, Plans::Auto).1
+}
+
+/// How a test resolver's session plans its statements.
+enum Plans {
+    /// As PostgreSQL decides by default.
+    Auto,
+    /// For their parameters, as the service's resolver pool does.
+    Custom,
+}
+
+/// A resolver driven by the test itself and its one-connection pool.
+fn resolver_pool_on(
+    config: &gavel::config::Config,
+    plans: Plans,
+) -> (gavel::db::Pool, gavel::resolver::Resolver) {
+    let settings = gavel::db::PoolSettings::new(config, 1, "gavel-test");
+    let settings = match plans {
+        Plans::Auto => settings,
+        Plans::Custom => settings.with_custom_plans(),
+    };
+    let pool = gavel::db::build_pool(&config.database_url, "test-resolver", &settings).unwrap();
+    let resolver = gavel::resolver::Resolver::new(
+        pool.clone(),
         gavel::resolver::Signals::new(),
         config.settle_grace,
         config.resolver_poll,
-    )
+    );
+    (pool, resolver)
 }
 
 /// Rows in the queue of pending bids, as `db` sees them.
