@@ -56,6 +56,9 @@ pub struct BenchOptions {
     /// Record the primary's statements (`pg_stat_statements`, planning
     /// included) and write the costliest of each run beside the report.
     pub statements: bool,
+    /// Nice steps the load generator and pgbench run below Gavel and
+    /// PostgreSQL (see [`crate::priority`]).
+    pub generator_nice: i32,
     /// The command line, for the report.
     pub command: String,
 }
@@ -112,7 +115,12 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
                 "\n== raw append ceiling (pgbench, {} s) ==",
                 options.ceiling_s
             );
-            let mut ceiling = append_ceiling(&primary, options.ceiling_s, &options.work_dir)?;
+            let mut ceiling = append_ceiling(
+                &primary,
+                options.ceiling_s,
+                options.generator_nice,
+                &options.work_dir,
+            )?;
             ceiling.round = round;
             ceilings.push(ceiling);
         }
@@ -196,6 +204,7 @@ async fn run_mode(
             primary: primary.postmaster_pid(),
             replica: replica.and_then(PgCluster::postmaster_pid),
         },
+        generator_nice: options.generator_nice,
         ..gavel.target()
     };
     let measured = async {
@@ -419,6 +428,7 @@ impl Gavel {
             jwt_audience: self.audience.clone(),
             disk_probe: None,
             cpu: CpuWatch::default(),
+            generator_nice: 0,
         }
     }
 
@@ -450,7 +460,13 @@ impl Gavel {
 
 /// The most rows per second PostgreSQL appends to a copy of `bid_log`
 /// (same columns, defaults and indexes) with batched UNNEST inserts.
-fn append_ceiling(primary: &PgCluster, seconds: u32, work_dir: &Path) -> anyhow::Result<Ceiling> {
+/// pgbench runs `nice` steps below the database, as the load generator does.
+fn append_ceiling(
+    primary: &PgCluster,
+    seconds: u32,
+    nice: i32,
+    work_dir: &Path,
+) -> anyhow::Result<Ceiling> {
     let database = "gavel_ceiling";
     primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
     primary.psql("postgres", &format!("CREATE DATABASE {database} TEMPLATE gavel_log"))
@@ -476,7 +492,9 @@ fn append_ceiling(primary: &PgCluster, seconds: u32, work_dir: &Path) -> anyhow:
         "pgbench was not found at {}: install it with apt-get install -y postgresql-contrib (or postgresql)",
         pgbench.display()
     );
-    let output = Command::new(&pgbench)
+    let output = Command::new("nice")
+        .args(["-n", &nice.to_string()])
+        .arg(&pgbench)
         .args(["-n", "-M", "prepared", "-f"])
         .arg(&script)
         .args([

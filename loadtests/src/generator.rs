@@ -31,6 +31,7 @@ use uuid::Uuid;
 use crate::client::{self, Client, Failure};
 use crate::cpu::{CpuProbe, CpuSeconds, CpuUse, CpuWatch, CpuWindow};
 use crate::disk::{DiskProbe, DiskSecond, DiskSeconds};
+use crate::priority::LoweredRuntime;
 use crate::record::{Ended, Ending, Kind, Recorder, Window};
 use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
 use crate::scrape::{self, ServerSample};
@@ -56,6 +57,9 @@ pub struct Target {
     /// The processes to account CPU time to beside the load generator
     /// ([`crate::cpu`]), when they run on this machine.
     pub cpu: CpuWatch,
+    /// Nice steps the requests are sent at, below this process's other
+    /// threads (0: at the same priority; see [`crate::priority`]).
+    pub generator_nice: i32,
 }
 
 /// An auction created for the run.
@@ -143,6 +147,8 @@ pub struct RunOutput {
     pub disk: Vec<DiskSecond>,
     /// CPU use per second by process group, when `/proc` could be read.
     pub cpu: Option<CpuUse>,
+    /// Nice steps the requests were sent at, below the other threads.
+    pub generator_nice: i32,
 }
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -317,25 +323,33 @@ pub async fn run(
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    let readers = tokio::spawn(schedule_reads(shared.clone(), scenario.clone(), duration_s));
-    match (trace, &scenario.trace) {
+    // The requests go out from the load's own runtime (every task they
+    // spawn, their connections included, stays on it); the set-up, the
+    // monitor and the probes stay on this one.
+    let load = LoweredRuntime::start(target.generator_nice)?;
+    let readers = load.spawn(schedule_reads(shared.clone(), scenario.clone(), duration_s));
+    let bids = match (trace, &scenario.trace) {
         (Some(bids), Some(source)) => {
-            let plan = bids.iter().map(|b| {
-                let at = Duration::from_secs_f64(b.offset_ms as f64 / 1000.0 / source.speed);
-                (
-                    at,
-                    label_index[b.auction.as_str()],
-                    bidder_index[b.bidder.as_str()],
-                    Amount::Exact(b.amount),
-                )
-            });
-            schedule_bids(&shared, plan).await;
+            let plan: Vec<_> = bids
+                .iter()
+                .map(|b| {
+                    let at = Duration::from_secs_f64(b.offset_ms as f64 / 1000.0 / source.speed);
+                    (
+                        at,
+                        label_index[b.auction.as_str()],
+                        bidder_index[b.bidder.as_str()],
+                        Amount::Exact(b.amount),
+                    )
+                })
+                .collect();
+            load.spawn(schedule_bids(shared.clone(), plan.into_iter()))
         }
         _ => {
             let plan = synthetic_bids(scenario, duration_s, shared.bidder_names.len());
-            schedule_bids(&shared, plan).await;
+            load.spawn(schedule_bids(shared.clone(), plan))
         }
-    }
+    };
+    bids.await?;
     readers.await?;
     // Let every request finish: each attempt waits at most a client timeout
     // for a slot and another for its answer, then backs off.
@@ -354,6 +368,7 @@ pub async fn run(
     );
     shared.stop.store(true, Ordering::Release);
     monitor.await?;
+    load.stop().await;
 
     let shared = Arc::into_inner(shared).context("every request task has finished")?;
     let mut steps = std::mem::take(&mut *steps.lock().expect("steps"));
@@ -383,6 +398,7 @@ pub async fn run(
         steps,
         disk,
         cpu,
+        generator_nice: target.generator_nice,
     })
 }
 
@@ -555,7 +571,7 @@ fn synthetic_bids(
 }
 
 async fn schedule_bids(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     plan: impl Iterator<Item = (Duration, usize, usize, Amount)>,
 ) {
     for (at, auction, bidder, amount) in plan {

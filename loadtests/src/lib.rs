@@ -7,6 +7,7 @@
 //! - [`audit`]: the database check after every run.
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
+//! - [`priority`]: the load's runtime, at a lower scheduling priority than the service.
 //! - [`bench`]: the one-command comparison on a private PostgreSQL.
 
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod cpu;
 pub mod disk;
 pub mod generator;
+pub mod priority;
 mod probe;
 pub mod record;
 pub mod report;

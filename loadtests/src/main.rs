@@ -70,6 +70,11 @@ enum Command {
         /// where the time goes, not for the figures.
         #[arg(long)]
         statements: bool,
+        /// Nice steps the load generator (and pgbench) run below Gavel and
+        /// PostgreSQL, so that the load does not take the cores of the
+        /// service it measures (0 to 19; 0: the same priority).
+        #[arg(long, default_value_t = 10)]
+        generator_nice: i32,
     },
     /// Run a scenario against a Gavel that is already running, then audit
     /// its database and write a run report.
@@ -110,6 +115,10 @@ enum Command {
         /// is accounted beside the generator's and the machine's.
         #[arg(long)]
         gavel_pid: Option<u32>,
+        /// Nice steps the requests are sent at, below this process's other
+        /// threads: when Gavel shares this machine (0 to 19).
+        #[arg(long, default_value_t = 0)]
+        generator_nice: i32,
     },
     /// Combine run reports (JSON) into report.json, report.md and chart.svg,
     /// or draw a combined report.json again (with its ceilings and rounds).
@@ -170,7 +179,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_replica,
             rounds,
             statements,
+            generator_nice,
         } => {
+            gavel_loadtest::priority::ensure_valid(generator_nice)?;
             let scenario = load_scenario(&path, &shape)?;
             let rounds = rounds.unwrap_or(scenario.rounds);
             anyhow::ensure!(rounds >= 1, "--rounds: at least 1");
@@ -207,6 +218,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 replica: !no_replica,
                 settings: Vec::new(),
                 statements,
+                generator_nice,
                 command: command_line(),
             })
             .await?;
@@ -227,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             record_trace,
             disk_probe,
             gavel_pid,
+            generator_nice,
         } => {
             let scenario = load_scenario(&path, &shape)?;
             let trace = match &scenario.trace {
@@ -243,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     gavel: gavel_pid,
                     ..Default::default()
                 },
+                generator_nice,
             };
             let output = generator::run(&scenario, trace.as_deref(), &target).await?;
             if let Some(path) = record_trace {

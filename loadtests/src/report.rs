@@ -54,6 +54,9 @@ pub struct RunReport {
     pub cpu: Option<CpuBreakdown>,
     /// The highest step rate that was sustainable (rate-finding runs).
     pub max_sustainable_bids_per_s: Option<f64>,
+    /// Nice steps the load generator sent at, below Gavel and PostgreSQL.
+    #[serde(default)]
+    pub generator_nice: i32,
     /// The scenario's targets, checked against this run.
     pub targets: Vec<TargetCheck>,
     /// Per-second figures.
@@ -248,6 +251,7 @@ impl RunReport {
             disk: DiskFlushes::of(&output.disk, output.duration_s),
             cpu: None,
             max_sustainable_bids_per_s: max_sustainable,
+            generator_nice: output.generator_nice,
             targets: Vec::new(),
             series: Series {
                 bids,
@@ -604,6 +608,15 @@ impl Report {
             m.postgres,
             self.command
         ));
+        let mut nices: Vec<i32> = self.runs.iter().map(|r| r.generator_nice).collect();
+        nices.dedup();
+        if let [nice] = nices[..] {
+            if nice > 0 {
+                md.push_str(&format!("The load generator (and pgbench) ran {nice} nice steps below Gavel and PostgreSQL, all on this machine; latency still counts from each request's intended send time.\n\n"));
+            }
+        } else if !nices.is_empty() {
+            md.push_str("The load generator ran at different nice steps in these runs: see `generator_nice` in report.json.\n\n");
+        }
         md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
         for r in &self.runs {
             let b = &r.bids;

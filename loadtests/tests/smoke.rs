@@ -53,6 +53,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         replica: true,
         settings: quick_settings(),
         statements: true,
+        generator_nice: 10,
         command: "smoke test".into(),
     })
     .await
@@ -88,6 +89,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         );
         assert!(bids.ok_latency_ms.p99 > 0.0 && bids.ok_latency_ms.p99 < 2_000.0);
         assert!(run.audit.passed, "{}: {:#?}", run.mode, run.audit.checks);
+        assert_eq!(run.generator_nice, 10);
         // Five checks across the run, and one replay per auction (hot, warm, warm-2).
         assert_eq!(run.audit.checks.len(), 5 + 3, "{:#?}", run.audit.checks);
         assert_eq!(
@@ -182,6 +184,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "auction views answered from Gavel's cache",
         "| PostgreSQL primary: client backends |",
         "✔ every bid answered 2xx",
+        "ran 10 nice steps below Gavel and PostgreSQL",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
     }
@@ -378,6 +381,7 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         jwt_audience: "gavel".into(),
         disk_probe: None,
         cpu: Default::default(),
+        generator_nice: 0,
     };
     let output = generator::run(&scenario, None, &target).await.unwrap();
     let audit_now = || {
