@@ -241,6 +241,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gavel_pid,
             generator_nice,
         } => {
+            gavel_loadtest::priority::ensure_valid(generator_nice)?;
             let scenario = load_scenario(&path, &shape)?;
             let trace = match &scenario.trace {
                 Some(source) => Some(trace::load(&source.file)?),

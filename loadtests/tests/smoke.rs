@@ -336,6 +336,8 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         "replay",
         "--out",
         replay_json.to_str().unwrap(),
+        "--generator-nice",
+        "5",
     ]);
     assert!(
         out.status.success(),
@@ -354,6 +356,27 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         run.duration_s
     );
     assert!(replayed.audit.passed, "{:#?}", replayed.audit.checks);
+    assert_eq!(
+        replayed.generator_nice, 5,
+        "the replay ran at the asked priority"
+    );
+    assert_eq!(
+        run.generator_nice, 0,
+        "`run` sends at its own priority by default"
+    );
+
+    // A priority out of range is refused before anything is sent.
+    let out = cli(&[
+        "run",
+        smoke.to_str().unwrap(),
+        "--target",
+        &served.api,
+        "--generator-nice",
+        "20",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("must be 0 to 19"), "{stderr}");
 
     // A scenario with a mistake is refused with the field named.
     let bad = work.join("bad.toml");
