@@ -2,7 +2,7 @@
 //! it measures.
 //!
 //! The bench runs the generator on the machine it measures. At equal
-//! priority an overloaded generator (answering sheds, retrying) takes the
+//! priority an overloaded generator (its requests shed, then retried) takes the
 //! cores the database needs to commit the bids it sends, and the run then
 //! measures the generator's collapse as much as Gavel's. A production
 //! service does not share its cores with its clients, so the bench sends
