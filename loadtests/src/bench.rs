@@ -90,25 +90,24 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
             eprintln!("\n=== round {round} of {rounds} ===");
         }
         for mode in &options.modes {
-            let mut run =
-                run_mode(&options, &primary, replica.as_ref(), mode, trace.as_deref()).await?;
-            run.round = round;
-            let name = if rounds > 1 {
-                format!("{mode}-{round}.json")
-            } else {
-                format!("{mode}.json")
-            };
-            run.save(&options.out_dir.join(&name))?;
-            if options.statements {
-                let profile = statement_profile(&primary, mode)?;
-                let file = options
-                    .out_dir
-                    .join(format!("statements-{}", name.replace(".json", ".md")));
-                std::fs::write(&file, profile)
-                    .with_context(|| format!("writing {}", file.display()))?;
+            let scenario = &options.scenario;
+            let clusters = (&primary, replica.as_ref());
+            let ramp = run_mode(&options, scenario, clusters, mode, trace.as_deref()).await?;
+            let best = ramp.max_sustainable_bids_per_s;
+            runs.push(keep_run(&options, &primary, ramp, round)?);
+            // Between two steps of the ramp, the rate is known only to
+            // within its step factor: climb again in finer steps.
+            if let Some(refining) = best.and_then(|best| scenario.refined(best)) {
+                eprintln!(
+                    "\n== {mode} mode: refining from {:.0} bids/s in steps of {:.0}% ==",
+                    refining.arrival.from_rate,
+                    (refining.arrival.step_factor.unwrap_or(1.0) - 1.0) * 100.0
+                );
+                let mut run =
+                    run_mode(&options, &refining, clusters, mode, trace.as_deref()).await?;
+                run.refining = true;
+                runs.push(keep_run(&options, &primary, run, round)?);
             }
-            eprintln!("{}", run.summary_text());
-            runs.push(run);
         }
         if options.ceiling_s > 0 {
             eprintln!(
@@ -167,12 +166,38 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Runs the scenario once in `mode` on a fresh database, audits it, and
-/// stops Gavel.
-async fn run_mode(
+/// Files a finished run of `round`: its JSON (and statement profile)
+/// beside the report, and its summary on the terminal.
+fn keep_run(
     options: &BenchOptions,
     primary: &PgCluster,
-    replica: Option<&PgCluster>,
+    mut run: RunReport,
+    round: u32,
+) -> anyhow::Result<RunReport> {
+    run.round = round;
+    let mut name = run.mode.clone();
+    if options.rounds > 1 {
+        name.push_str(&format!("-{round}"));
+    }
+    if run.refining {
+        name.push_str("-refining");
+    }
+    run.save(&options.out_dir.join(format!("{name}.json")))?;
+    if options.statements {
+        let profile = statement_profile(primary, &run.mode)?;
+        let file = options.out_dir.join(format!("statements-{name}.md"));
+        std::fs::write(&file, profile).with_context(|| format!("writing {}", file.display()))?;
+    }
+    eprintln!("{}", run.summary_text());
+    Ok(run)
+}
+
+/// Runs `scenario` once in `mode` on a fresh database of the `(primary,
+/// replica)` clusters, audits it, and stops Gavel.
+async fn run_mode(
+    options: &BenchOptions,
+    scenario: &Scenario,
+    (primary, replica): (&PgCluster, Option<&PgCluster>),
     mode: &str,
     trace: Option<&[trace::TraceBid]>,
 ) -> anyhow::Result<RunReport> {
@@ -194,7 +219,7 @@ async fn run_mode(
         replica.map(|r| r.url(&database)).unwrap_or_default(),
     );
     settings.insert("GAVEL_BID_PATH".into(), mode.to_owned());
-    eprintln!("\n== {mode} mode: {} ==", options.scenario.name);
+    eprintln!("\n== {mode} mode: {} ==", scenario.name);
     let gavel = Gavel::start(&options.launcher, settings).await?;
     let target = Target {
         // The work directory holds the primary's and the replica's data.
@@ -208,9 +233,9 @@ async fn run_mode(
         ..gavel.target()
     };
     let measured = async {
-        let output = generator::run(&options.scenario, trace, &target).await?;
+        let output = generator::run(scenario, trace, &target).await?;
         let audit = audit::audit_run(&database_url, &output).await?;
-        anyhow::Ok(RunReport::new(mode, &options.scenario, &output, audit))
+        anyhow::Ok(RunReport::new(mode, scenario, &output, audit))
     }
     .await;
     gavel.stop().await?;

@@ -255,6 +255,12 @@ pub struct Sustainable {
     /// Failed steps in a row after which the run stops.
     #[serde(default = "default_failed_steps")]
     pub stop_after_failed_steps: u32,
+    /// After the ramp, `gavel-loadtest bench` climbs again on a fresh
+    /// database from just below the ramp's highest sustainable step, in
+    /// steps of this factor (finer than `arrival.step_factor`): the rate is
+    /// then known to within this factor rather than the ramp's.
+    #[serde(default)]
+    pub refine_factor: Option<f64>,
 }
 
 impl Default for Sustainable {
@@ -262,9 +268,14 @@ impl Default for Sustainable {
         Sustainable {
             p99_ms: default_sustainable_p99(),
             stop_after_failed_steps: default_failed_steps(),
+            refine_factor: None,
         }
     }
 }
+
+/// Steps a refining pass starts below the ramp's highest sustainable rate,
+/// so that Gavel and the database warm up before the rates that matter.
+pub const REFINE_STEPS_BELOW: u32 = 2;
 
 fn default_seed() -> u64 {
     1
@@ -442,7 +453,38 @@ impl Scenario {
             self.sustainable.p99_ms > 0.0,
             "sustainable.p99_ms: must be more than 0"
         );
+        if let Some(fine) = self.sustainable.refine_factor {
+            let coarse = self
+                .arrival
+                .step_factor
+                .filter(|_| self.arrival.shape == Shape::Steps);
+            let Some(coarse) = coarse else {
+                bail!("sustainable.refine_factor: refines a ramp of steps with a step_factor only");
+            };
+            ensure!(
+                fine.is_finite() && fine > 1.0 && fine < coarse,
+                "sustainable.refine_factor: must be more than 1 and less than arrival.step_factor ({coarse})"
+            );
+        }
         Ok(())
+    }
+
+    /// The refining pass that follows a ramp whose highest sustainable step
+    /// offered `best` bids/s, or `None` when the scenario asks for none:
+    /// the same scenario, climbing in steps of `sustainable.refine_factor`
+    /// from [`REFINE_STEPS_BELOW`] such steps under `best` to one ramp step
+    /// above it and one step more, and stopping as the ramp does.
+    pub fn refined(&self, best: f64) -> Option<Scenario> {
+        let fine = self.sustainable.refine_factor?;
+        let coarse = self.arrival.step_factor?;
+        let mut refining = self.clone();
+        refining.arrival.from_rate = best / fine.powi(REFINE_STEPS_BELOW as i32);
+        refining.arrival.step_factor = Some(fine);
+        let above = (coarse.ln() / fine.ln()).ceil() + 1.0;
+        refining.duration_s =
+            (f64::from(REFINE_STEPS_BELOW) + 1.0 + above) * refining.arrival.step_s;
+        refining.sustainable.refine_factor = None;
+        Some(refining)
     }
 
     /// The same scenario with every rate multiplied by `factor` and the
@@ -646,5 +688,62 @@ mod tests {
         assert!((small.arrival.from_rate - 10.0).abs() < 1e-9);
         assert_eq!(small.arrival.burst_rate, Some(200.0));
         assert!((small.arrival.burst_s - 1.0).abs() < 1e-9);
+    }
+
+    /// [`minimal`] with a ramp of 25% steps instead of its arrival curve.
+    fn ramp(refine: &str) -> String {
+        let minimal = minimal();
+        let (head, _) = minimal.split_once("[arrival]").unwrap();
+        format!(
+            "{head}[arrival]\nshape = \"steps\"\nfrom_rate = 100\nstep_factor = 1.25\nstep_s = 10\n\
+             [sustainable]\n{refine}\n"
+        )
+    }
+
+    #[test]
+    fn a_refining_pass_climbs_in_fine_steps_through_the_ramps_best_to_past_its_next_step() {
+        let scenario: Scenario = toml::from_str(&ramp("refine_factor = 1.05")).unwrap();
+        scenario.check().unwrap();
+        let refining = scenario.refined(4_441.0).unwrap();
+        refining.check().unwrap();
+        let a = &refining.arrival;
+        let rates: Vec<f64> = (0..(refining.duration_s / a.step_s) as usize)
+            .map(|k| a.step_rate_at(k))
+            .collect();
+        // Two steps below the best, the best itself, then 5% steps to
+        // beyond the ramp's next step (4,441 x 1.25 = 5,551).
+        assert_eq!(rates.len(), 9, "{rates:?}");
+        assert!((rates[0] - 4_441.0 / 1.05 / 1.05).abs() < 1e-6, "{rates:?}");
+        assert!((rates[2] - 4_441.0).abs() < 1e-6, "{rates:?}");
+        assert!((rates[3] - 4_441.0 * 1.05).abs() < 1e-6, "{rates:?}");
+        assert!(rates[7] > 4_441.0 * 1.25, "{rates:?}");
+        for pair in rates.windows(2) {
+            assert!((pair[1] / pair[0] - 1.05).abs() < 1e-9, "{rates:?}");
+        }
+        assert_eq!(a.step_s, 10.0);
+        // A refining pass is not refined again.
+        assert!(refining.refined(5_000.0).is_none());
+        // Without the setting there is none.
+        let plain: Scenario = toml::from_str(&ramp("")).unwrap();
+        assert!(plain.refined(4_441.0).is_none());
+    }
+
+    #[test]
+    fn a_refine_factor_must_be_finer_than_the_ramp_it_refines() {
+        for (refine, message) in [
+            ("refine_factor = 1.25", "less than arrival.step_factor"),
+            ("refine_factor = 1.0", "more than 1"),
+        ] {
+            let scenario: Scenario = toml::from_str(&ramp(refine)).unwrap();
+            let e = scenario.check().unwrap_err().to_string();
+            assert!(
+                e.contains("sustainable.refine_factor") && e.contains(message),
+                "{e}"
+            );
+        }
+        let mut exponential: Scenario = toml::from_str(&minimal()).unwrap();
+        exponential.sustainable.refine_factor = Some(1.05);
+        let e = exponential.check().unwrap_err().to_string();
+        assert!(e.contains("a ramp of steps with a step_factor"), "{e}");
     }
 }

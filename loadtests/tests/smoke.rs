@@ -213,6 +213,89 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ramp_is_refined_in_finer_steps_around_its_highest_sustainable_step() {
+    let scenario: Scenario = toml::from_str(
+        r#"
+            name = "smoke-ramp"
+            duration_s = 3
+            [[auctions]]
+            label = "hot"
+            bid_share = 1.0
+            [bidders]
+            count = 40
+            [arrival]
+            shape = "steps"
+            from_rate = 10
+            step_factor = 2.0
+            step_s = 1
+            [readers]
+            rate = 10
+            [client]
+            timeout_ms = 1000
+            [sustainable]
+            p99_ms = 900
+            stop_after_failed_steps = 3
+            refine_factor = 1.5
+        "#,
+    )
+    .unwrap();
+    scenario.check().unwrap();
+    let out_dir = scratch("ramp-report");
+    let report = bench::bench(BenchOptions {
+        scenario_path: scenarios().join("smoke-ramp.toml"),
+        scenario,
+        modes: vec!["log".into()],
+        launcher: Launcher::InProcess,
+        out_dir: out_dir.clone(),
+        work_dir: scratch("ramp-pg"),
+        ceiling_s: 0,
+        rounds: 1,
+        replica: false,
+        settings: quick_settings(),
+        statements: false,
+        generator_nice: 0,
+        command: "smoke test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the ramp bench failed (it needs PostgreSQL server binaries; \
+             Debian: apt-get install -y postgresql): {e:#}"
+        )
+    });
+
+    let [ramp, refining] = &report.runs[..] else {
+        panic!("expected the ramp and its refining pass: {:?}", report.runs);
+    };
+    assert!(!ramp.refining && refining.refining);
+    let best = ramp
+        .max_sustainable_bids_per_s
+        .unwrap_or_else(|| panic!("no step of the ramp held: {:#?}", ramp.steps));
+    // Two steps of 1.5x below the ramp's best, the best itself, then up.
+    let rates: Vec<f64> = refining.steps.iter().map(|s| s.rate).collect();
+    assert!(rates.len() >= 4, "{rates:?}");
+    assert!((rates[0] - best / 2.25).abs() < 1e-6, "{best} {rates:?}");
+    assert!((rates[2] - best).abs() < 1e-6, "{best} {rates:?}");
+    assert!((rates[3] - best * 1.5).abs() < 1e-6, "{best} {rates:?}");
+    assert!(refining.audit.passed, "{:#?}", refining.audit.checks);
+    assert!(refining.bids.ok > 0);
+    // The round's rate is the highest step held in either pass.
+    let held = ramp
+        .steps
+        .iter()
+        .chain(&refining.steps)
+        .filter(|s| s.sustainable)
+        .map(|s| s.rate)
+        .fold(0.0, f64::max);
+    assert_eq!(report.comparisons()[0].log, Some(held));
+    let saved = RunReport::load(&out_dir.join("log-refining.json")).unwrap();
+    assert!(saved.refining);
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(md.contains("**log refining**"), "{md}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
 /// A private primary with a migrated database and a Gavel serving it.
 struct Served {
     _cluster: PgCluster,
