@@ -3,7 +3,7 @@
 # row-lock design, in one run on this machine:
 #
 #   loadtests/run.sh final-minute            # the targets (about 4 minutes)
-#   loadtests/run.sh max-rate                # highest sustainable rates, three rounds (about 25 minutes)
+#   loadtests/run.sh max-rate                # highest sustainable rates, three rounds (about 30 minutes)
 #   loadtests/run.sh final-minute max-rate   # both
 #
 # For each scenario (a name in loadtests/scenarios/ or a path to a .toml
