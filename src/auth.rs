@@ -1,6 +1,7 @@
 //! Bearer tokens: HS256 JWTs signed with `GAVEL_JWT_SECRET`. The algorithm
 //! is pinned (a token claiming `none` or any other algorithm is refused),
-//! and `exp`, `aud` and `sub` are required.
+//! `exp`, `aud` and `sub` are required, and an `nbf` (optional) is honoured:
+//! a token is refused before its `nbf` just as after its `exp`.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,12 @@ pub struct Claims {
     /// Issued at, seconds since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
+    /// Not before, seconds since the epoch. Typed here (not only checked by
+    /// `jsonwebtoken`, which skips an `nbf` it cannot read) so that a
+    /// present but malformed `nbf` (a string, a negative number) makes the
+    /// token invalid instead of silently unrestricted, like a malformed `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Granted roles.
     #[serde(default)]
     pub roles: Vec<Role>,
@@ -78,10 +85,18 @@ pub enum TokenError {
     /// Expired (`exp` in the past).
     #[error("the token has expired")]
     Expired,
+    /// Not valid yet (`nbf` in the future).
+    #[error("the token is not valid yet")]
+    NotYetValid,
     /// Anything else: bad signature, wrong algorithm or audience, bad claims.
     #[error("the token is invalid")]
     Invalid,
 }
+
+/// Clock-skew allowance, in seconds, for both `exp` and `nbf` (jsonwebtoken
+/// applies one leeway to both): none, so a token is refused from the second
+/// after its `exp` and until the second of its `nbf`.
+pub const LEEWAY_S: u64 = 0;
 
 /// Signing and verification keys for one secret and audience.
 #[derive(Clone)]
@@ -98,7 +113,11 @@ impl JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
-        validation.leeway = 0;
+        validation.leeway = LEEWAY_S;
+        validation.validate_exp = true;
+        // Off by default in jsonwebtoken; without it a token minted for later
+        // use would work at once.
+        validation.validate_nbf = true;
         JwtKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
@@ -113,6 +132,7 @@ impl JwtKeys {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 _ => TokenError::Invalid,
             })?;
         let id = UserId::parse(&data.claims.sub).map_err(|_| TokenError::Invalid)?;
@@ -130,6 +150,7 @@ impl JwtKeys {
             exp: now + ttl_s,
             aud: self.audience.clone(),
             iat: Some(now),
+            nbf: None,
             roles: roles.to_vec(),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -179,6 +200,7 @@ mod tests {
             exp: unix_now() - 10,
             aud: "gavel".into(),
             iat: None,
+            nbf: None,
             roles: vec![],
         };
         let token = jsonwebtoken::encode(
@@ -192,5 +214,45 @@ mod tests {
         let claims = format!(r#"{{"sub":"a","aud":"gavel","exp":{}}}"#, unix_now() + 60);
         let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&claims));
         assert_eq!(keys.verify(&unsigned).unwrap_err(), TokenError::Invalid);
+    }
+
+    fn signed(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn honours_nbf() {
+        let keys = JwtKeys::new(SECRET, "gavel");
+        let now = unix_now();
+        let with_nbf = |nbf: serde_json::Value| {
+            signed(serde_json::json!({"sub": "a", "aud": "gavel", "exp": now + 600, "nbf": nbf}))
+        };
+
+        // Before nbf (beyond the leeway): refused like an expired token.
+        for ahead in [LEEWAY_S + 2, 3600] {
+            assert_eq!(
+                keys.verify(&with_nbf((now + ahead).into())).unwrap_err(),
+                TokenError::NotYetValid,
+                "nbf {ahead} s ahead"
+            );
+        }
+        // From nbf on (and without nbf): accepted.
+        for nbf in [now - 3600, now - 1, now] {
+            assert_eq!(keys.verify(&with_nbf(nbf.into())).unwrap().id.as_str(), "a");
+        }
+        assert!(keys.verify(&with_nbf(serde_json::Value::Null)).is_ok());
+        // An nbf that is not a NumericDate is not ignored.
+        for bad in [serde_json::json!("tomorrow"), serde_json::json!(-5)] {
+            assert_eq!(
+                keys.verify(&with_nbf(bad.clone())).unwrap_err(),
+                TokenError::Invalid,
+                "nbf {bad}"
+            );
+        }
     }
 }

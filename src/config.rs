@@ -48,6 +48,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// API requests in flight before new ones are shed with 503 (`GAVEL_MAX_IN_FLIGHT`).
     pub max_in_flight: usize,
+    /// Client connections and how long a client may take to send.
+    pub edge: EdgeLimits,
     /// Percentage of the API pool that reads may hold on the primary
     /// (`GAVEL_PRIMARY_READ_SHARE_PCT`), so reads cannot starve bids.
     pub primary_read_share_pct: usize,
@@ -86,6 +88,24 @@ pub struct Config {
     /// Wait after `ends_at` before settling, so bids still committing are
     /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
     pub settle_grace: Duration,
+}
+
+/// What one client may hold and how long it may take to send: the limits
+/// that keep slow or idle clients from holding capacity.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// Open connections per listener before new ones are refused with 503
+    /// (`GAVEL_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, from their
+    /// first byte (`GAVEL_HEADER_READ_TIMEOUT_MS`).
+    pub header_read_timeout: Duration,
+    /// How long a kept-alive connection may sit between requests
+    /// (`GAVEL_IDLE_TIMEOUT_MS`).
+    pub idle_timeout: Duration,
+    /// How long a client may take to send a request's body, read before the
+    /// request takes an in-flight slot (`GAVEL_BODY_READ_TIMEOUT_MS`).
+    pub body_read_timeout: Duration,
 }
 
 /// A setting that is missing or invalid; the message names the variable.
@@ -142,6 +162,7 @@ impl Config {
                 ),
             )?,
             max_in_flight: env.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
+            edge: env.edge_limits()?,
             primary_read_share_pct: env.number("GAVEL_PRIMARY_READ_SHARE_PCT", 50, 1..=100)?,
             replica_check_interval,
             // Staleness is known to about two check rounds.
@@ -246,6 +267,19 @@ impl Env<'_> {
     /// Writers of coalesced appends: two by default (one statement commits
     /// while the next batch is collected; more only make smaller batches on
     /// a small machine), never more than the API pool has connections.
+    fn edge_limits(&self) -> Result<EdgeLimits, ConfigError> {
+        Ok(EdgeLimits {
+            max_connections: self.number("GAVEL_MAX_CONNECTIONS", 10_000, 1..=1_000_000)?,
+            header_read_timeout: self.millis(
+                "GAVEL_HEADER_READ_TIMEOUT_MS",
+                5_000,
+                100..=600_000,
+            )?,
+            idle_timeout: self.millis("GAVEL_IDLE_TIMEOUT_MS", 30_000, 100..=3_600_000)?,
+            body_read_timeout: self.millis("GAVEL_BODY_READ_TIMEOUT_MS", 2_000, 100..=600_000)?,
+        })
+    }
+
     fn append_writers(&self, name: &str, api_pool_size: usize) -> Result<usize, ConfigError> {
         let writers = self.number(name, 2.min(api_pool_size), 1..=64)?;
         if writers > api_pool_size {

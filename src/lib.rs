@@ -8,6 +8,7 @@
 //! - [`server`], [`cli`], [`dev`]: running it; [`pg_cluster`]: private
 //!   PostgreSQL clusters for `gavel dev` and the tests.
 
+pub mod alarm;
 pub mod auth;
 pub mod bidding;
 pub mod cli;

@@ -18,6 +18,7 @@ use crate::db::activity::ActivitySampler;
 use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
+use crate::http::serve;
 use crate::http::{self, AppState, Shared};
 use crate::rate_limit::RateLimiter;
 use crate::resolver::{listener, Resolver, Signals};
@@ -40,6 +41,7 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         // Before any pool registers its metrics.
         telemetry::metrics_handle();
+        db::silence::register_metrics();
         let api = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding GAVEL_LISTEN {}", config.listen))?;
@@ -55,6 +57,7 @@ impl Server {
             reads,
             request_timeout: config.request_timeout,
             max_in_flight: config.max_in_flight,
+            body_read_timeout: config.edge.body_read_timeout,
             bids: BidDesk::new(
                 pools.api.clone(),
                 signals.clone(),
@@ -165,25 +168,28 @@ impl Server {
             );
         }
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
-        // `into_make_service` builds the routes once: serving the `Router`
-        // itself rebuilds them for every connection (about 12 KB each).
-        let api_server = axum::serve(api, http::api_router(state).into_make_service())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_server = axum::serve(
-            admin,
-            http::admin_router(metrics, exported).into_make_service(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let limits = config.edge;
         let servers = async {
-            let (a, b) = tokio::join!(
-                std::future::IntoFuture::into_future(api_server),
-                std::future::IntoFuture::into_future(admin_server)
-            );
-            a.and(b)
+            tokio::join!(
+                serve::serve(
+                    "api",
+                    api,
+                    http::api_router(state),
+                    limits,
+                    shutdown.clone()
+                ),
+                serve::serve(
+                    "admin",
+                    admin,
+                    http::admin_router(metrics, exported),
+                    limits,
+                    shutdown.clone()
+                ),
+            )
         };
         tokio::pin!(servers);
         tokio::select! {
-            result = &mut servers => result.context("serving HTTP")?,
+            ((), ()) = &mut servers => {}
             () = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(DRAIN_TIMEOUT).await;

@@ -10,6 +10,7 @@ pub mod auction_cache;
 pub mod auctions;
 pub mod bids;
 pub mod reads;
+pub mod silence;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +21,6 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, PoolError, RecyclingMethod, Runtime, Status, TimeoutType,
 };
 use metrics::{Counter, Gauge, Histogram};
-use tokio_postgres::NoTls;
 
 use crate::config::Config;
 
@@ -182,6 +182,7 @@ pub fn plan_for_parameters(pg: &mut tokio_postgres::Config) {
 pub struct Pool {
     inner: deadpool_postgres::Pool,
     metrics: Arc<PoolMetrics>,
+    heartbeat: Arc<silence::Heartbeat>,
 }
 
 struct PoolMetrics {
@@ -207,8 +208,13 @@ pub enum WaitEnd {
 }
 
 impl Pool {
-    /// Wraps `inner`, labelling its metrics `pool="{name}"`.
-    pub fn new(inner: deadpool_postgres::Pool, name: &str) -> Self {
+    /// Wraps `inner`, labelling its metrics `pool="{name}"`; `heartbeat` is
+    /// its server's.
+    pub fn new(
+        inner: deadpool_postgres::Pool,
+        name: &str,
+        heartbeat: Arc<silence::Heartbeat>,
+    ) -> Self {
         let labels = [("pool", name.to_owned())];
         let metrics = PoolMetrics {
             wait: metrics::histogram!("gavel_db_pool_wait_seconds", &labels),
@@ -224,6 +230,7 @@ impl Pool {
         let pool = Pool {
             inner,
             metrics: Arc::new(metrics),
+            heartbeat,
         };
         pool.export_status();
         pool
@@ -281,6 +288,11 @@ impl Pool {
         }
     }
 
+    /// When the pool's server last sent anything (see [`silence`]).
+    pub fn heartbeat(&self) -> &Arc<silence::Heartbeat> {
+        &self.heartbeat
+    }
+
     /// The pool's wait, create and recycle timeouts.
     pub fn timeouts(&self) -> deadpool_postgres::Timeouts {
         self.inner.timeouts()
@@ -310,15 +322,17 @@ impl Pool {
 }
 
 /// A bounded pool named `name` in metrics, whose callers wait at most
-/// `wait_timeout` for a connection and `connect_timeout` for a new one.
+/// `wait_timeout` for a connection and `connect_timeout` for a new one, and
+/// whose connections are given up on when their server falls silent.
 pub fn build_pool(url: &str, name: &str, settings: &PoolSettings) -> anyhow::Result<Pool> {
     let mut pg = session_config(url, settings.application_name, &settings.limits)?;
     if settings.custom_plans {
         plan_for_parameters(&mut pg);
     }
-    let manager = Manager::from_config(
+    let heartbeat = silence::Heartbeat::of(&pg);
+    let manager = Manager::from_connect(
         pg,
-        NoTls,
+        silence::WatchedConnect,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -331,7 +345,7 @@ pub fn build_pool(url: &str, name: &str, settings: &PoolSettings) -> anyhow::Res
         .recycle_timeout(Some(settings.limits.connect_timeout))
         .build()
         .context("building the connection pool")?;
-    Ok(Pool::new(inner, name))
+    Ok(Pool::new(inner, name, heartbeat))
 }
 
 /// Applies pending migrations to the database at `url`.

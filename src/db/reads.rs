@@ -493,11 +493,19 @@ impl Reads {
         samples.back().map(|(_, lsn)| *lsn)
     }
 
-    /// Checks the replicas every check interval until `shutdown`.
+    /// Checks the replicas every check interval until `shutdown`. The
+    /// samples also prove each server alive, so meanwhile a connection
+    /// waiting on a server that sends nothing for the silence limit is
+    /// given up on (see [`super::silence`]).
     pub async fn watch(self, shutdown: CancellationToken) {
         for replica in &self.inner.replicas {
             tracing::info!(replica = %replica.name, "reading from a streaming replica when it is within the lag bounds");
         }
+        let limit = self.silence_limit();
+        let _monitored: Vec<_> = std::iter::once(&self.inner.sampler)
+            .chain(self.inner.replicas.iter().map(|replica| &replica.monitor))
+            .map(|pool| pool.heartbeat().monitor(limit))
+            .collect();
         loop {
             self.check().await;
             tokio::select! {
@@ -505,6 +513,13 @@ impl Reads {
                 () = tokio::time::sleep(self.inner.check_interval) => {}
             }
         }
+    }
+
+    /// How long a server may send nothing while a connection waits on it:
+    /// the pool wait, and at least two check intervals, so a live server
+    /// is always heard in time.
+    pub fn silence_limit(&self) -> Duration {
+        self.inner.wait_timeout.max(self.inner.check_interval * 2)
     }
 
     /// One round of checks: the primary's position, then every replica's.

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -26,6 +26,28 @@ use crate::rules::{self, AuctionTerms, IncrementTier, Increments};
 const MAX_DURATION_DAYS: i64 = 30;
 /// Longest soft-close window.
 const MAX_SOFT_CLOSE_S: i64 = 86_400;
+/// Default cap on soft-close extensions when `max_end_at` is not sent.
+const DEFAULT_MAX_EXTENSION: Duration = Duration::hours(1);
+
+/// The latest instant Gavel accepts, and so ever emits for an auction:
+/// RFC 3339 has four-digit years only, and chrono writes a later time as
+/// `+10000-01-01T...`, which no RFC 3339 parser reads. Auction times are
+/// bounded by it (an auction's `ends_at` only moves up to its `max_end_at`);
+/// other emitted times come from the server clock.
+const LATEST_TIME: DateTime<Utc> = NaiveDate::from_ymd_opt(9999, 12, 31)
+    .expect("a valid date")
+    .and_hms_nano_opt(23, 59, 59, 999_999_999)
+    .expect("a valid time")
+    .and_utc();
+/// The earliest instant Gavel accepts: year 0000 is four digits too, but
+/// many RFC 3339 parsers (ISO 8601's year 0 is 1 BC) refuse it. Unreachable
+/// today (`ends_at` is in the future and at most 30 days after
+/// `starts_at`), kept so that no rule change can make it reachable.
+const EARLIEST_TIME: DateTime<Utc> = NaiveDate::from_ymd_opt(1, 1, 1)
+    .expect("a valid date")
+    .and_hms_nano_opt(0, 0, 0, 0)
+    .expect("a valid time")
+    .and_utc();
 
 /// Routes under `/api/auctions`.
 pub fn router() -> Router<AppState> {
@@ -308,30 +330,33 @@ fn validate_new_auction(
         "increments",
         increments(body.get("increments")),
     );
+    // `None` when a `starts_at` was sent but is invalid.
     let starts_at = check(
         &mut errors,
         "starts_at",
         optional(body.get("starts_at")).map(time).transpose(),
-    )
-    .flatten();
+    );
     let ends_at = check(
         &mut errors,
         "ends_at",
         required(body.get("ends_at")).and_then(time),
     );
+    // `None` when a `max_end_at` was sent but is invalid.
     let max_end_at = check(
         &mut errors,
         "max_end_at",
         optional(body.get("max_end_at")).map(time).transpose(),
-    )
-    .flatten();
+    );
     let soft_close_s = check(
         &mut errors,
         "soft_close_s",
         soft_close(body.get("soft_close_s")),
     );
 
-    let starts_at = starts_at.unwrap_or(now);
+    // An invalid starts_at is reported on its own: ends_at is not also
+    // measured against a start the client did not ask for.
+    let starts_at_known = starts_at.is_some();
+    let starts_at = starts_at.flatten().unwrap_or(now);
     if let (Some(start), Some(reserve)) = (starting_price, reserve_price) {
         if reserve.get() < start.get() {
             check(
@@ -341,38 +366,14 @@ fn validate_new_auction(
             );
         }
     }
-    if let Some(ends_at) = ends_at {
-        let problem = if ends_at <= starts_at {
-            Some("must be after starts_at".to_owned())
-        } else if ends_at > starts_at + Duration::days(MAX_DURATION_DAYS) {
-            Some(format!(
-                "must be at most {MAX_DURATION_DAYS} days after starts_at"
-            ))
-        } else if ends_at <= now {
-            Some("must be in the future".to_owned())
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            check(&mut errors, "ends_at", Err::<(), _>(problem));
-        }
+    let mut ends_at_ok = ends_at.is_some();
+    if let Some(problem) =
+        ends_at.and_then(|e| ends_at_problem(e, starts_at_known.then_some(starts_at), now))
+    {
+        ends_at_ok = false;
+        check(&mut errors, "ends_at", Err::<(), _>(problem));
     }
-    let max_end_at = match (ends_at, max_end_at) {
-        (Some(ends_at), Some(max)) if max < ends_at => {
-            check(
-                &mut errors,
-                "max_end_at",
-                Err::<(), _>("must not be before ends_at".into()),
-            );
-            None
-        }
-        (Some(_), Some(max)) => Some(max),
-        (Some(ends_at), None) if soft_close_s.is_some_and(|s| s > 0) => {
-            Some(ends_at + Duration::hours(1))
-        }
-        (Some(ends_at), None) => Some(ends_at),
-        (None, _) => None,
-    };
+    let max_end_at = extension_cap(&mut errors, ends_at, ends_at_ok, max_end_at, soft_close_s);
 
     match (
         title,
@@ -408,6 +409,71 @@ fn validate_new_auction(
             soft_close_s,
         }),
         _ => Err(ApiError::Validation(errors)),
+    }
+}
+
+/// Why `ends_at` is refused against the start the client sent (if any)
+/// and the clock, if it is.
+fn ends_at_problem(
+    ends_at: DateTime<Utc>,
+    starts_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    match starts_at {
+        Some(start) if ends_at <= start => Some("must be after starts_at".to_owned()),
+        Some(start) if ends_at > start + Duration::days(MAX_DURATION_DAYS) => Some(format!(
+            "must be at most {MAX_DURATION_DAYS} days after starts_at"
+        )),
+        _ if ends_at <= now => Some("must be in the future".to_owned()),
+        _ => None,
+    }
+}
+
+/// The cap on soft-close extensions: `max_end_at` as sent (`Some(None)`
+/// when not sent, `None` when sent but invalid), else `ends_at` + 1 hour
+/// with soft close on, else `ends_at`; `None` with the problem recorded
+/// when refused.
+fn extension_cap(
+    errors: &mut Vec<FieldError>,
+    ends_at: Option<DateTime<Utc>>,
+    ends_at_ok: bool,
+    max_end_at: Option<Option<DateTime<Utc>>>,
+    soft_close_s: Option<i32>,
+) -> Option<DateTime<Utc>> {
+    match (ends_at, max_end_at) {
+        // Sent but invalid (reported): no default is put in its place.
+        (_, None) | (None, _) => None,
+        (Some(ends_at), Some(Some(max))) if max < ends_at => {
+            check(
+                errors,
+                "max_end_at",
+                Err::<(), _>("must not be before ends_at".into()),
+            );
+            None
+        }
+        (Some(_), Some(Some(max))) => Some(max),
+        (Some(ends_at), Some(None)) if soft_close_s.is_some_and(|s| s > 0) => {
+            let max = ends_at
+                .checked_add_signed(DEFAULT_MAX_EXTENSION)
+                .filter(|max| *max <= LATEST_TIME);
+            // Named on `ends_at`, the value the client sent that causes it
+            // (the client did not send `max_end_at`); the message names
+            // both ways out. Not repeated when `ends_at` is already refused.
+            if max.is_none() && ends_at_ok {
+                check(
+                    errors,
+                    "ends_at",
+                    Err::<(), _>(
+                        "with soft_close_s set and no max_end_at, the default \
+                         max_end_at (ends_at + 1 hour) would pass year 9999; \
+                         send an earlier ends_at or an explicit max_end_at"
+                            .into(),
+                    ),
+                );
+            }
+            max
+        }
+        (Some(ends_at), Some(None)) => Some(ends_at),
     }
 }
 
@@ -449,12 +515,22 @@ fn currency(value: Option<&Value>) -> Result<String, String> {
     }
 }
 
+/// An RFC 3339 time whose UTC form is RFC 3339 too: an offset may carry a
+/// time of 9999-12-31 past the end of year 9999 in UTC (or 0001-01-01 back
+/// before year 1), which Gavel could not write back.
 fn time(value: &Value) -> Result<DateTime<Utc>, String> {
-    value
+    let time = value
         .as_str()
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
-        .ok_or_else(|| "must be an RFC 3339 time".into())
+        .ok_or_else(|| "must be an RFC 3339 time".to_owned())?;
+    if time > LATEST_TIME {
+        Err("must be before year 10000 in UTC (RFC 3339 has four-digit years)".into())
+    } else if time < EARLIEST_TIME {
+        Err("must not be before year 0001 in UTC".into())
+    } else {
+        Ok(time)
+    }
 }
 
 fn soft_close(value: Option<&Value>) -> Result<i32, String> {
@@ -481,4 +557,135 @@ fn increments(value: Option<&Value>) -> Result<Increments, String> {
         return Err(format!("from and step must be at most {MAX_AMOUNT}"));
     }
     Increments::new(tiers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(times: Value) -> Map<String, Value> {
+        let mut body = json!({"title": "Lance", "currency": "GLD", "starting_price": 100});
+        for (k, v) in times.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body.as_object().unwrap().clone()
+    }
+
+    fn fields(result: Result<NewAuction, ApiError>) -> Vec<(String, String)> {
+        match result {
+            Err(ApiError::Validation(errors)) => {
+                errors.into_iter().map(|e| (e.field, e.message)).collect()
+            }
+            Err(other) => panic!("not a validation error: {other:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    fn at(rfc3339: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(rfc3339).unwrap().to_utc()
+    }
+
+    #[test]
+    fn latest_and_earliest_times() {
+        assert_eq!(
+            LATEST_TIME.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            "9999-12-31T23:59:59.999999999Z"
+        );
+        assert_eq!(
+            EARLIEST_TIME.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "0001-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn times_past_year_9999_are_refused_by_field() {
+        let now = at("9999-12-15T00:00:00Z");
+        // Via an offset, each of the three fields.
+        for field in ["starts_at", "ends_at", "max_end_at"] {
+            let mut times = json!({
+                "starts_at": "9999-12-20T00:00:00Z",
+                "ends_at": "9999-12-31T00:00:00Z",
+                "max_end_at": "9999-12-31T12:00:00Z",
+                "soft_close_s": 30,
+            });
+            times[field] = json!("9999-12-31T23:30:00-01:00");
+            let errors = fields(validate_new_auction(&body(times), "s", now));
+            assert_eq!(errors.len(), 1, "{field}: {errors:?}");
+            assert_eq!(errors[0].0, field, "{errors:?}");
+            assert!(errors[0].1.contains("year 10000"), "{errors:?}");
+        }
+        // Year 10000 itself is not RFC 3339.
+        let errors = fields(validate_new_auction(
+            &body(json!({"starts_at": "9999-12-20T00:00:00Z", "ends_at": "10000-01-01T00:00:00Z"})),
+            "s",
+            now,
+        ));
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].0, "ends_at");
+    }
+
+    #[test]
+    fn a_default_max_end_at_past_year_9999_names_ends_at() {
+        let now = at("9999-12-15T00:00:00Z");
+        let errors = fields(validate_new_auction(
+            &body(json!({"ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30})),
+            "s",
+            now,
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, "ends_at");
+        assert!(errors[0].1.contains("max_end_at"), "{errors:?}");
+
+        // An invalid max_end_at is reported alone: no default replaces it.
+        let errors = fields(validate_new_auction(
+            &body(
+                json!({"ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30, "max_end_at": "10000-01-01T00:00:00Z"}),
+            ),
+            "s",
+            now,
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, "max_end_at");
+
+        // An ends_at refused for another reason is reported once.
+        let errors = fields(validate_new_auction(
+            &body(
+                json!({"starts_at": "9999-12-31T23:59:59Z", "ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30}),
+            ),
+            "s",
+            now,
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, "ends_at");
+    }
+
+    #[test]
+    fn the_last_representable_times_are_accepted() {
+        let now = at("9999-12-15T00:00:00Z");
+        // The default max_end_at lands on the last second.
+        let new = validate_new_auction(
+            &body(json!({"ends_at": "9999-12-31T22:59:59Z", "soft_close_s": 30})),
+            "s",
+            now,
+        )
+        .unwrap();
+        assert_eq!(new.terms.max_end_at, at("9999-12-31T23:59:59Z"));
+        // Hard close: max_end_at is ends_at.
+        let new = validate_new_auction(&body(json!({"ends_at": "9999-12-31T23:59:59Z"})), "s", now)
+            .unwrap();
+        assert_eq!(new.terms.max_end_at, at("9999-12-31T23:59:59Z"));
+        // An explicit max_end_at at the last instant.
+        let new = validate_new_auction(
+            &body(json!({
+                "ends_at": "9999-12-31T23:59:59Z",
+                "soft_close_s": 30,
+                "max_end_at": "9999-12-31T23:59:59.999999999Z",
+            })),
+            "s",
+            now,
+        )
+        .unwrap();
+        assert_eq!(new.terms.max_end_at, LATEST_TIME);
+    }
 }

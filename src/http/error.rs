@@ -57,6 +57,10 @@ pub enum ApiError {
     /// 413 `payload_too_large`.
     #[error("request body exceeds {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("the request target exceeds {0} bytes")]
+    UriTooLong(usize),
+    #[error("the request has more than {fields} header fields or {bytes} bytes of headers")]
+    HeadersTooLarge { fields: usize, bytes: usize },
     /// 415 `unsupported_media_type`.
     #[error("request body must be application/json")]
     UnsupportedMediaType,
@@ -109,6 +113,11 @@ impl ApiError {
             MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "invalid_request"),
             IdempotencyKeyInFlight => (StatusCode::CONFLICT, "idempotency_key_in_flight"),
             PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            UriTooLong(_) => (StatusCode::URI_TOO_LONG, "invalid_request"),
+            HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request",
+            ),
             UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
             BidTooLow { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bid_too_low"),

@@ -20,10 +20,19 @@ impl FromRequestParts<AppState> for User {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        // Authorization holds one credential, not a list (RFC 9110, sections
+        // 5.3 and 11.6.2), so several fields are a malformed request: refused
+        // as a whole rather than picking one, so that a second credential
+        // cannot slip past a proxy or check that looked at the other.
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let header = values
+            .next()
             .ok_or(ApiError::Unauthorized("a bearer token is required"))?;
+        if values.next().is_some() {
+            return Err(ApiError::InvalidRequest(
+                "send exactly one Authorization header".into(),
+            ));
+        }
         let token = header
             .to_str()
             .ok()
@@ -35,6 +44,7 @@ impl FromRequestParts<AppState> for User {
             ))?;
         state.jwt.verify(token.trim()).map_err(|e| match e {
             TokenError::Expired => ApiError::Unauthorized("the token has expired"),
+            TokenError::NotYetValid => ApiError::Unauthorized("the token is not valid yet"),
             TokenError::Invalid => ApiError::Unauthorized("the token is invalid"),
         })
     }

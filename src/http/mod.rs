@@ -4,9 +4,11 @@
 pub mod auctions;
 pub mod bids;
 pub mod consistency;
+pub mod edge;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +24,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::auth::JwtKeys;
 use crate::bidding::BidDesk;
@@ -63,6 +64,8 @@ pub struct Shared {
     pub request_timeout: Duration,
     /// Requests in flight before new ones are shed.
     pub max_in_flight: usize,
+    /// How long a request's body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Token verification.
     pub jwt: JwtKeys,
     /// The bid path.
@@ -73,9 +76,27 @@ pub struct Shared {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The security headers every response carries (the API contract).
+static SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
+    (
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000; includeSubDomains"),
+    ),
+    (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    ),
+    (
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    ),
+];
+
 /// The public API with all its middleware. API routes are bounded: a
 /// request beyond the in-flight limit is shed at once and every request
-/// has a deadline, both answered `503 overloaded` with `Retry-After`.
+/// has a deadline, both answered `503 overloaded` with `Retry-After`. A
+/// body is read in full before either bound applies (see `edge.rs`).
 /// Health probes stay outside those bounds so an overloaded process is
 /// not mistaken for a dead one.
 pub fn api_router(state: AppState) -> Router {
@@ -94,11 +115,17 @@ pub fn api_router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .layer(bounds)
+        .layer(middleware::from_fn_with_state(
+            state.body_read_timeout,
+            edge::read_body,
+        ))
         .merge(health::router())
         .layer(middleware::from_fn(track_metrics))
         .with_state(state);
+    edge::register_metrics();
     routes.layer(
         ServiceBuilder::new()
+            .map_request(edge::drop_invalid_request_id)
             .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
             .layer(
                 tower_http::trace::TraceLayer::new_for_http()
@@ -108,16 +135,8 @@ pub fn api_router(state: AppState) -> Router {
                     .on_failure(()),
             )
             .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-            .layer(security_header(
-                header::STRICT_TRANSPORT_SECURITY,
-                "max-age=31536000; includeSubDomains",
-            ))
-            .layer(security_header(header::X_FRAME_OPTIONS, "DENY"))
-            .layer(security_header(
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; frame-ancestors 'none'",
-            ))
-            .layer(security_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+            .layer(middleware::map_response(security_headers))
+            .layer(middleware::from_fn(edge::check_head)),
     )
 }
 
@@ -157,8 +176,12 @@ fn log_response(response: &Response, latency: Duration, _span: &tracing::Span) {
     );
 }
 
-fn security_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
-    SetResponseHeaderLayer::overriding(name, HeaderValue::from_static(value))
+/// Sets the security headers on a response.
+async fn security_headers(mut response: Response) -> Response {
+    for (name, value) in &SECURITY_HEADERS {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
 }
 
 /// The answer to a request shed by the in-flight limit or cut off by its deadline.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use gavel::auth::{JwtKeys, Role};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::header::HeaderValue;
@@ -45,6 +45,12 @@ impl Case {
     /// Sets (replaces) a header; the value may be any bytes.
     fn header(mut self, name: &'static str, value: impl AsRef<[u8]>) -> Self {
         self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self.headers.push((name, value.as_ref().to_vec()));
+        self
+    }
+
+    /// Adds one more field of a header, keeping any already set.
+    fn also(mut self, name: &'static str, value: impl AsRef<[u8]>) -> Self {
         self.headers.push((name, value.as_ref().to_vec()));
         self
     }
@@ -201,6 +207,10 @@ async fn assert_problem(case: &Case, response: Response) -> Value {
     problem
 }
 
+/// A `starts_at` from which the last moments of year 9999 are within the
+/// 30-day rule.
+const LAST_DAYS: &str = "9999-12-15T00:00:00Z";
+
 fn b64(data: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
@@ -315,6 +325,16 @@ async fn every_bad_request_gets_its_problem_code() {
         Algorithm::HS256,
         SECRET,
         &json!({"sub": "alice", "exp": now + 600, "aud": "gavel", "roles": ["root"]}),
+    );
+    let nbf_ahead = sign(
+        Algorithm::HS256,
+        SECRET,
+        &json!({"sub": "alice", "exp": now + 7200, "aud": "gavel", "nbf": now + 3600}),
+    );
+    let nbf_not_a_date = sign(
+        Algorithm::HS256,
+        SECRET,
+        &json!({"sub": "alice", "exp": now + 600, "aud": "gavel", "nbf": "yesterday"}),
     );
     let valid = app.token("alice", &[]);
     let tampered = {
@@ -445,6 +465,36 @@ async fn every_bad_request_gets_its_problem_code() {
         bid("unknown role", r#"{"amount": 1300}"#).auth(&unknown_role).expect(401, "unauthorized"),
         get("expired token (read)", format!("/api/auctions/{auction_id}")).auth(&expired).expect(401, "unauthorized"),
         create("forged token (create)", json!({})).auth(&forged).expect(401, "unauthorized"),
+        bid("nbf an hour ahead", r#"{"amount": 1300}"#).auth(&nbf_ahead).expect(401, "unauthorized"),
+        get("nbf an hour ahead (read)", format!("/api/auctions/{auction_id}"))
+            .auth(&nbf_ahead)
+            .expect(401, "unauthorized"),
+        bid("nbf not a NumericDate", r#"{"amount": 1300}"#).auth(&nbf_not_a_date).expect(401, "unauthorized"),
+        // 400 invalid_request: more than one Authorization header, in either
+        // order: never "first one wins".
+        bid("two Authorization headers (valid, forged)", r#"{"amount": 1300}"#)
+            .auth(&alice)
+            .also("authorization", format!("Bearer {forged}"))
+            .expect(400, "invalid_request"),
+        bid("two Authorization headers (forged, valid)", r#"{"amount": 1300}"#)
+            .auth(&forged)
+            .also("authorization", format!("Bearer {alice}"))
+            .expect(400, "invalid_request"),
+        bid("the same Authorization header twice", r#"{"amount": 1300}"#)
+            .auth(&alice)
+            .also("authorization", format!("Bearer {alice}"))
+            .expect(400, "invalid_request"),
+        get("two Authorization headers (read)", format!("/api/auctions/{auction_id}"))
+            .auth(&alice)
+            .also("authorization", format!("Bearer {forged}"))
+            .expect(400, "invalid_request"),
+        create("two Authorization headers (create)", json!({}))
+            .also("authorization", format!("Bearer {forged}"))
+            .expect(400, "invalid_request"),
+        create("two Authorization headers (forged, valid; create)", json!({}))
+            .auth(&forged)
+            .also("authorization", format!("Bearer {seller}"))
+            .expect(400, "invalid_request"),
         // 403.
         bid("seller bids on own auction", r#"{"amount": 1300}"#).auth(&seller).expect(403, "seller_cannot_bid"),
         create("plain user creates an auction", json!({})).auth(&alice).expect(403, "forbidden"),
@@ -543,6 +593,44 @@ async fn every_bad_request_gets_its_problem_code() {
         create("max_end_at before ends_at", json!({"soft_close_s": 30, "max_end_at": in_hours(-1)}))
             .expect(422, "validation_failed")
             .fields(&["max_end_at"]),
+        // 422 validation_failed: times RFC 3339 could not write back (years
+        // past 9999), each with a starts_at that the 30-day rule accepts.
+        create(
+            "default max_end_at (ends_at + 1 h) past year 9999",
+            json!({"starts_at": LAST_DAYS, "ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30}),
+        )
+        .expect(422, "validation_failed")
+        .fields(&["ends_at"]),
+        create("ends_at in year 10000", json!({"starts_at": LAST_DAYS, "ends_at": "10000-01-01T00:00:00Z"}))
+            .expect(422, "validation_failed")
+            .fields(&["ends_at"]),
+        create("ends_at with a signed 5-digit year", json!({"starts_at": LAST_DAYS, "ends_at": "+10000-01-01T00:59:59Z"}))
+            .expect(422, "validation_failed")
+            .fields(&["ends_at"]),
+        create("ends_at past year 9999 in UTC", json!({"starts_at": LAST_DAYS, "ends_at": "9999-12-31T23:30:00-01:00"}))
+            .expect(422, "validation_failed")
+            .fields(&["ends_at"]),
+        create(
+            "starts_at past year 9999 in UTC",
+            json!({"starts_at": "9999-12-31T23:30:00-01:00", "ends_at": "9999-12-31T12:00:00Z"}),
+        )
+        .expect(422, "validation_failed")
+        .fields(&["starts_at"]),
+        create("starts_at before year 0001 in UTC", json!({"starts_at": "0001-01-01T00:30:00+01:00"}))
+            .expect(422, "validation_failed")
+            .fields(&["starts_at"]),
+        create(
+            "max_end_at past year 9999 in UTC",
+            json!({"starts_at": LAST_DAYS, "ends_at": "9999-12-31T12:00:00Z", "soft_close_s": 30, "max_end_at": "9999-12-31T23:30:00-01:00"}),
+        )
+        .expect(422, "validation_failed")
+        .fields(&["max_end_at"]),
+        create(
+            "max_end_at in year 10000 (no default in its place)",
+            json!({"starts_at": LAST_DAYS, "ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30, "max_end_at": "10000-01-01T00:00:00Z"}),
+        )
+        .expect(422, "validation_failed")
+        .fields(&["max_end_at"]),
         create("soft_close_s negative", json!({"soft_close_s": -1}))
             .expect(422, "validation_failed")
             .fields(&["soft_close_s"]),
@@ -663,6 +751,23 @@ async fn every_bad_request_gets_its_problem_code() {
             .unwrap();
         assert_eq!(read.status(), StatusCode::OK, "scheme {scheme}");
     }
+    // A token is good from its nbf on.
+    let now = unix_now();
+    for (what, nbf) in [("nbf an hour ago", now - 3600), ("nbf now", now)] {
+        let token = sign(
+            Algorithm::HS256,
+            SECRET,
+            &json!({"sub": "alice", "exp": now + 600, "aud": "gavel", "nbf": nbf}),
+        );
+        let read = app
+            .http
+            .get(app.url(&format!("/api/auctions/{auction_id}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), StatusCode::OK, "{what}");
+    }
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     assert_common_headers("healthz", &health);
@@ -714,5 +819,193 @@ async fn every_bad_request_gets_its_problem_code() {
         );
     }
 
+    app.stop().await;
+}
+
+/// Checks that a JSON time is RFC 3339 in UTC with a four-digit year.
+fn assert_rfc3339_utc(what: &str, value: &Value) -> DateTime<Utc> {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: not a string: {value}"));
+    let bytes = text.as_bytes();
+    assert!(
+        bytes.len() > 4 && bytes[..4].iter().all(u8::is_ascii_digit) && bytes[4] == b'-',
+        "{what}: a four-digit year: {text}"
+    );
+    assert!(text.ends_with('Z'), "{what}: UTC written as Z: {text}");
+    DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("{what}: not RFC 3339 ({e}): {text}"))
+        .to_utc()
+}
+
+/// Every time in an auction view is RFC 3339 with a four-digit year.
+fn assert_view_times(what: &str, view: &Value) {
+    let times: Vec<&String> = view
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: not an object: {view}"))
+        .keys()
+        .filter(|k| k.ends_with("_at"))
+        .collect();
+    assert!(times.len() >= 3, "{what}: the view's times: {view}");
+    for key in times {
+        assert_rfc3339_utc(&format!("{what}: {key}"), &view[key.as_str()]);
+    }
+}
+
+#[tokio::test]
+async fn auction_times_stay_within_four_digit_years() {
+    let app = TestApp::spawn().await;
+    let seller = app.token("seller-1", &[Role::Seller]);
+    let body = |overrides: Value| {
+        let mut body = json!({
+            "title": "Crown of the Last Year",
+            "currency": "GLD",
+            "starting_price": 1000,
+            "starts_at": LAST_DAYS,
+        });
+        for (k, v) in overrides.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let create = |body: Value| {
+        app.http
+            .post(app.url("/api/auctions"))
+            .bearer_auth(&seller)
+            .json(&body)
+            .send()
+    };
+
+    // Soft close without max_end_at on the last second: the default cap
+    // (ends_at + 1 h) would be in year 10000, so ends_at is refused, saying why.
+    let refused = create(body(
+        json!({"ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["code"], "validation_failed", "{problem}");
+    let errors = problem["errors"].as_array().expect("an errors array");
+    assert_eq!(errors.len(), 1, "{problem}");
+    assert_eq!(errors[0]["field"], "ends_at", "{problem}");
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_end_at") && message.contains("9999"),
+        "the message explains the default max_end_at: {message}"
+    );
+
+    // The last representable times are accepted and written back as RFC 3339.
+    let accepted = [
+        (
+            "default max_end_at on the last second",
+            json!({"ends_at": "9999-12-31T22:59:59Z", "soft_close_s": 30}),
+            "9999-12-31T23:59:59Z",
+        ),
+        (
+            "hard close on the last second",
+            json!({"ends_at": "9999-12-31T23:59:59Z"}),
+            "9999-12-31T23:59:59Z",
+        ),
+        (
+            // Stored with microseconds: truncated, never rounded into 10000.
+            "explicit max_end_at on the last nanosecond",
+            json!({"ends_at": "9999-12-31T23:59:59Z", "soft_close_s": 30, "max_end_at": "9999-12-31T23:59:59.999999999Z"}),
+            "9999-12-31T23:59:59.999999Z",
+        ),
+    ];
+    for (what, overrides, max_end_at) in accepted {
+        let response = create(body(overrides)).await.unwrap();
+        let status = response.status();
+        let location = header(&response, "location");
+        let created: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{what}: {created}");
+        assert_view_times(what, &created);
+        assert_eq!(created["starts_at"], LAST_DAYS, "{what}");
+        assert_eq!(created["max_end_at"], max_end_at, "{what}");
+        assert_eq!(created["status"], "scheduled", "{what}");
+
+        let read = app.get_as(&location, "bob", &[]).await;
+        assert_eq!(read.status(), StatusCode::OK, "{what}: read back");
+        let server_time = header(&read, "gavel-server-time");
+        if !server_time.is_empty() {
+            assert_rfc3339_utc(&format!("{what}: Gavel-Server-Time"), &json!(server_time));
+        }
+        let view: Value = read.json().await.unwrap();
+        assert_view_times(&format!("{what} (read back)"), &view);
+        assert_eq!(view["max_end_at"], max_end_at, "{what}: read back");
+    }
+
+    app.stop().await;
+}
+
+/// The `X-Request-Id` of the response to a request that sent `sent`.
+async fn request_id_for(app: &TestApp, path: &str, sent: HeaderValue) -> String {
+    let response = app
+        .http
+        .get(app.url(path))
+        .header("x-request-id", sent)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<_> = response.headers().get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "{path}: one X-Request-Id: {ids:?}");
+    ids[0]
+        .to_str()
+        .unwrap_or_else(|_| panic!("{path}: X-Request-Id is visible ASCII: {:?}", ids[0]))
+        .to_owned()
+}
+
+fn assert_generated(what: &str, id: &str) {
+    assert!(
+        Uuid::parse_str(id).is_ok(),
+        "{what}: a generated UUID, not {id:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_request_id_gets_a_generated_one() {
+    let app = TestApp::spawn().await;
+    for path in ["/healthz", "/api/nope"] {
+        let id = request_id_for(&app, path, HeaderValue::from_static("")).await;
+        assert_generated(&format!("empty X-Request-Id on {path}"), &id);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_request_id_gets_a_generated_one_and_a_valid_one_is_echoed() {
+    let app = TestApp::spawn().await;
+    let invalid: [(&str, Vec<u8>); 6] = [
+        ("201 characters", "r".repeat(201).into_bytes()),
+        ("4 KiB", "r".repeat(4096).into_bytes()),
+        ("a space", b"req 42".to_vec()),
+        ("a tab", b"req\t42".to_vec()),
+        ("UTF-8", "req-\u{e9}".as_bytes().to_vec()),
+        ("a Latin-1 byte", b"req-\xe9".to_vec()),
+    ];
+    for (what, sent) in &invalid {
+        for path in ["/healthz", "/api/nope"] {
+            let value = HeaderValue::from_bytes(sent).expect("test header value");
+            let id = request_id_for(&app, path, value).await;
+            assert_generated(&format!("X-Request-Id with {what} on {path}"), &id);
+            assert_ne!(id.as_bytes(), sent.as_slice(), "{what}: not echoed");
+        }
+    }
+
+    let every_visible: String = ('!'..='~').collect();
+    let valid = [
+        "x".to_owned(),
+        "r".repeat(200),
+        every_visible,
+        Uuid::now_v7().to_string(),
+    ];
+    for sent in &valid {
+        for path in ["/healthz", "/api/nope"] {
+            let value = HeaderValue::from_str(sent).expect("test header value");
+            let id = request_id_for(&app, path, value).await;
+            assert_eq!(&id, sent, "{path}: a valid X-Request-Id is echoed");
+        }
+    }
     app.stop().await;
 }

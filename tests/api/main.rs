@@ -5,6 +5,7 @@ mod bidding;
 mod cli;
 mod closing;
 mod coalescing;
+mod edge;
 mod helpers;
 mod observability;
 mod overload;
