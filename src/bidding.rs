@@ -12,9 +12,11 @@
 //! design that locks the row for every bid (`row_lock.rs`), kept only as the
 //! baseline load tests reproduce the incident with.
 
+mod admission;
 mod appender;
 mod row_lock;
 
+pub use admission::Door;
 pub use appender::AppendSettings;
 
 use std::collections::HashMap;
@@ -35,6 +37,7 @@ use crate::http::error::ApiError;
 use crate::rate_limit::RateLimiter;
 use crate::resolver::{Resolved, Signals};
 use crate::rules;
+use admission::Admission;
 use appender::Appender;
 
 /// How long an auction snapshot is trusted for the synchronous checks.
@@ -91,6 +94,7 @@ pub struct BidDesk {
     rate_limit: Arc<RateLimiter>,
     path: BidPath,
     appender: Appender,
+    admission: Arc<Admission>,
 }
 
 /// The result of placing a bid.
@@ -117,8 +121,10 @@ impl BidDesk {
         append: AppendSettings,
     ) -> Self {
         register_metrics();
+        let admission = Arc::new(Admission::new());
         BidDesk {
-            appender: Appender::new(pool.clone(), signals.clone(), append),
+            appender: Appender::new(pool.clone(), signals.clone(), append, admission.clone()),
+            admission,
             pool,
             signals,
             snapshots: Arc::default(),
@@ -142,10 +148,33 @@ impl BidDesk {
         self
     }
 
+    /// Whether a bid may come in now, and how long it may then wait for
+    /// the database (see `admission.rs`); always open on the row-lock path.
+    pub fn admit_bid(&self) -> Door {
+        if self.path == BidPath::RowLock {
+            return Door::Open(self.pool_wait());
+        }
+        let door = self.admission.bid(self.appender.queued(), self.pool_wait());
+        if matches!(door, Door::Open(_)) {
+            admission::count("bid", "admitted");
+        }
+        door
+    }
+
+    /// Whether a read may be served now: not while bids are overloaded.
+    pub fn admit_read(&self) -> Door {
+        let door = self.admission.read();
+        if matches!(door, Door::Open(_)) {
+            admission::count("read", "admitted");
+        }
+        door
+    }
+
     /// Places `amount` (the bidder's maximum) on `auction_id` for `user`,
     /// idempotently under `key`; waits until `wait_until` for the outcome.
-    /// All waits for connections together take at most the pool wait, so an
-    /// overloaded database is answered `503` in about a second.
+    /// All waits for connections together take at most `queue_wait` (the
+    /// pool wait, or less as admission says), so an overloaded database is
+    /// answered `503` in about a second at most.
     pub async fn place(
         &self,
         user: &User,
@@ -153,11 +182,12 @@ impl BidDesk {
         amount: Amount,
         key: &IdempotencyKey,
         wait_until: Option<Instant>,
+        queue_wait: Duration,
     ) -> Result<Placed, ApiError> {
         metrics::counter!("gavel_bids_received_total").increment(1);
         // Every refusal is counted by its code, however it came about.
         async {
-            let budget = Instant::now() + self.pool_wait();
+            let budget = Instant::now() + queue_wait;
             let bidder = user.id.as_str();
             if let Err(wait) = self.rate_limit.check(bidder) {
                 return Err(ApiError::RateLimited {
@@ -498,7 +528,8 @@ impl BidDesk {
         .unwrap_or(Err(ApiError::DeadlineExceeded))
     }
 
-    fn pool_wait(&self) -> Duration {
+    /// How long a bid may wait for connections when not overloaded.
+    pub fn pool_wait(&self) -> Duration {
         self.pool.timeouts().wait.unwrap_or(DEFAULT_POOL_WAIT)
     }
 }

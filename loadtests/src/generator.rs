@@ -5,9 +5,11 @@
 //! its intended send time, and its latency runs from that instant. When
 //! more than `client.max_in_flight` requests are open, new ones wait for a
 //! slot, and that wait counts as latency too. Bids are retried on a
-//! timeout, a transport error or a 503 with the same Idempotency-Key, as a
-//! game client would; every bid sent is remembered with what the client
-//! knows of its fate, for the audit.
+//! timeout, a transport error, a 503 or a 429 with `Retry-After`, with the
+//! same Idempotency-Key, as a game client would: after the server's
+//! `Retry-After` or a jittered exponential backoff, and within a retry
+//! budget ([`crate::retry`]). Every bid sent is remembered with what the
+//! client knows of its fate, for the audit.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,6 +35,7 @@ use crate::cpu::{CpuProbe, CpuSeconds, CpuUse, CpuWatch, CpuWindow};
 use crate::disk::{DiskProbe, DiskSecond, DiskSeconds};
 use crate::priority::LoweredRuntime;
 use crate::record::{Ended, Ending, Kind, Recorder, Window};
+use crate::retry::{Decision, Retries};
 use crate::scenario::{AuctionGroup, Process, Scenario, Shape};
 use crate::scrape::{self, ServerSample};
 use crate::trace::TraceBid;
@@ -179,8 +182,8 @@ struct Shared {
     slots: Semaphore,
     open: AtomicUsize,
     timeout: Duration,
-    max_attempts: u32,
-    backoff_ms: [u64; 2],
+    /// The clients' retry policy and their shared retry budget.
+    retries: Retries,
     if_none_match: bool,
     stop: AtomicBool,
     /// When the ramp was stopped (ms since second 0), or `u64::MAX`.
@@ -288,8 +291,7 @@ pub async fn run(
         slots: Semaphore::new(scenario.client.max_in_flight),
         open: AtomicUsize::new(0),
         timeout: Duration::from_millis(scenario.client.timeout_ms),
-        max_attempts: scenario.client.max_attempts,
-        backoff_ms: scenario.client.backoff_ms,
+        retries: Retries::new(&scenario.client),
         if_none_match: scenario.readers.if_none_match,
         stop: AtomicBool::new(false),
         ramp_stopped_ms: AtomicU64::new(u64::MAX),
@@ -353,9 +355,7 @@ pub async fn run(
     readers.await?;
     // Let every request finish: each attempt waits at most a client timeout
     // for a slot and another for its answer, then backs off.
-    let patience = shared.timeout * 2 * shared.max_attempts
-        + Duration::from_millis(shared.backoff_ms[1] * u64::from(shared.max_attempts))
-        + Duration::from_secs(2);
+    let patience = shared.retries.policy().longest(shared.timeout) + Duration::from_secs(2);
     let waited = Instant::now();
     while shared.open.load(Ordering::Acquire) > 0 && waited.elapsed() < patience {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -696,6 +696,84 @@ fn problem_code(status: StatusCode, body: &[u8]) -> String {
         .unwrap_or_else(|_| status.as_u16().to_string())
 }
 
+/// What a bid's client does after one attempt.
+enum Next {
+    /// The bid ended so (ending, fate, replayed).
+    Done(Ending, Fate, bool),
+    /// The bid may be tried again, after at least the server's
+    /// `Retry-After` (if any); if it is not, it ends so.
+    Retry(Ending, Fate, Option<Duration>),
+}
+
+/// Judges the answer to one attempt of a bid on `auction`. `ambiguous`
+/// says whether some attempt may have reached the log; it is updated.
+fn judge_bid_answer(shared: &Shared, auction: usize, answer: Answer, ambiguous: &mut bool) -> Next {
+    let unknown_or = |ambiguous: bool, fate: Fate| if ambiguous { Fate::Unknown } else { fate };
+    match answer {
+        Answer::Status(status, _, body, replayed) if status.is_success() => {
+            acknowledged(shared, auction, &body, replayed)
+        }
+        Answer::Status(status, retry_after, body, _)
+            if status == StatusCode::SERVICE_UNAVAILABLE =>
+        {
+            *ambiguous = true;
+            let ending = Ending::ServerError(problem_code(status, &body));
+            Next::Retry(ending, Fate::Unknown, retry_after)
+        }
+        Answer::Status(status, Some(retry_after), body, _)
+            if status == StatusCode::TOO_MANY_REQUESTS =>
+        {
+            let code = problem_code(status, &body);
+            let fate = unknown_or(*ambiguous, Fate::Refused(code.clone()));
+            Next::Retry(Ending::Refused(code), fate, Some(retry_after))
+        }
+        Answer::Status(status, _, body, _) => {
+            let code = problem_code(status, &body);
+            // A 5xx may come after the bid committed: only a 4xx is sure.
+            if status.is_server_error() {
+                Next::Done(Ending::ServerError(code), Fate::Unknown, false)
+            } else {
+                let fate = unknown_or(*ambiguous, Fate::Refused(code.clone()));
+                Next::Done(Ending::Refused(code), fate, false)
+            }
+        }
+        Answer::Timeout => {
+            *ambiguous = true;
+            Next::Retry(Ending::Timeout, Fate::Unknown, None)
+        }
+        Answer::Transport => {
+            *ambiguous = true;
+            Next::Retry(Ending::Transport, Fate::Unknown, None)
+        }
+        Answer::NotSent => {
+            Next::Retry(Ending::Timeout, unknown_or(*ambiguous, Fate::NotSent), None)
+        }
+    }
+}
+
+/// A 2xx to a bid: what the clients learn of the auction's price.
+fn acknowledged(shared: &Shared, auction: usize, body: &[u8], replayed: bool) -> Next {
+    #[derive(Deserialize)]
+    struct Bid {
+        id: Uuid,
+        auction_price: Option<i64>,
+    }
+    match serde_json::from_slice::<Bid>(body) {
+        Ok(bid) => {
+            if let Some(price) = bid.auction_price {
+                let next = price.saturating_add(shared.increments.step_at(price));
+                shared.book.next_min[auction].fetch_max(next, Ordering::Relaxed);
+            }
+            Next::Done(Ending::Ok, Fate::Acked(bid.id), replayed)
+        }
+        Err(_) => Next::Done(
+            Ending::ServerError("unparsable 2xx body".into()),
+            Fate::Unknown,
+            false,
+        ),
+    }
+}
+
 async fn send_bid(
     shared: &Shared,
     intended: Instant,
@@ -714,8 +792,9 @@ async fn send_bid(
     let key = Uuid::new_v4().to_string();
     let key_header = HeaderValue::from_str(&key).expect("a UUID is a valid header value");
     let body = Bytes::from(format!("{{\"amount\":{amount}}}"));
-    let mut attempts = 0;
-    let mut ambiguous = false;
+    let since_t0 = || Instant::now().saturating_duration_since(shared.t0);
+    shared.retries.first_attempt(since_t0());
+    let (mut attempts, mut ambiguous, mut withheld) = (0, false, None);
     let (ending, fate, replayed) = loop {
         attempts += 1;
         let request = Request::post(shared.bid_paths[auction].clone())
@@ -724,79 +803,24 @@ async fn send_bid(
             .header(&IDEMPOTENCY_KEY, key_header.clone())
             .body(client::Body::new(body.clone()))
             .expect("the request is well formed");
-        let retry_after = match attempt(shared, request).await {
-            Answer::Status(status, _, body, replayed) if status.is_success() => {
-                #[derive(Deserialize)]
-                struct Bid {
-                    id: Uuid,
-                    auction_price: Option<i64>,
-                }
-                match serde_json::from_slice::<Bid>(&body) {
-                    Ok(bid) => {
-                        if let Some(price) = bid.auction_price {
-                            let next = price.saturating_add(shared.increments.step_at(price));
-                            shared.book.next_min[auction].fetch_max(next, Ordering::Relaxed);
-                        }
-                        break (Ending::Ok, Fate::Acked(bid.id), replayed);
-                    }
-                    Err(_) => {
-                        break (
-                            Ending::ServerError("unparsable 2xx body".into()),
-                            Fate::Unknown,
-                            false,
-                        )
-                    }
-                }
-            }
-            Answer::Status(status, retry_after, body, _)
-                if status == StatusCode::SERVICE_UNAVAILABLE =>
-            {
-                ambiguous = true;
-                if attempts >= shared.max_attempts {
-                    break (
-                        Ending::ServerError(problem_code(status, &body)),
-                        Fate::Unknown,
-                        false,
-                    );
-                }
-                retry_after
-            }
-            Answer::Status(status, _, body, _) => {
-                let code = problem_code(status, &body);
-                // A 5xx may come after the bid committed: only a 4xx is sure.
-                let fate = if ambiguous || status.is_server_error() {
-                    Fate::Unknown
-                } else {
-                    Fate::Refused(code.clone())
-                };
-                let ending = if status.is_server_error() {
-                    Ending::ServerError(code)
-                } else {
-                    Ending::Refused(code)
-                };
+        let answer = attempt(shared, request).await;
+        let (ending, fate, retry_after) =
+            match judge_bid_answer(shared, auction, answer, &mut ambiguous) {
+                Next::Done(ending, fate, replayed) => break (ending, fate, replayed),
+                Next::Retry(ending, fate, retry_after) => (ending, fate, retry_after),
+            };
+        let decision =
+            shared
+                .retries
+                .decide(attempts, retry_after, since_t0(), &mut rand::thread_rng());
+        match decision {
+            Decision::Retry(wait) => tokio::time::sleep(wait).await,
+            Decision::Exhausted => break (ending, fate, false),
+            Decision::Withheld(why) => {
+                withheld = Some(why);
                 break (ending, fate, false);
             }
-            Answer::Timeout | Answer::Transport if attempts < shared.max_attempts => {
-                ambiguous = true;
-                None
-            }
-            Answer::NotSent if attempts < shared.max_attempts => None,
-            Answer::NotSent => {
-                let fate = if ambiguous {
-                    Fate::Unknown
-                } else {
-                    Fate::NotSent
-                };
-                break (Ending::Timeout, fate, false);
-            }
-            Answer::Timeout => break (Ending::Timeout, Fate::Unknown, false),
-            Answer::Transport => break (Ending::Transport, Fate::Unknown, false),
-        };
-        let jitter = rand::thread_rng().gen_range(shared.backoff_ms[0]..=shared.backoff_ms[1]);
-        let wait = Duration::from_millis(jitter)
-            .max(retry_after.unwrap_or_default())
-            .min(Duration::from_millis(shared.backoff_ms[1]));
-        tokio::time::sleep(wait).await;
+        }
     };
     let done = Instant::now();
     let sent = intended.saturating_duration_since(shared.t0);
@@ -808,6 +832,7 @@ async fn send_bid(
         attempts,
         ending: &ending,
         replayed,
+        withheld,
     });
     shared.sent.lock().expect("sent bids").push(SentBid {
         key,
@@ -852,6 +877,7 @@ async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: u
         attempts: 1,
         ending: &ending,
         replayed: false,
+        withheld: None,
     });
 }
 
@@ -1099,6 +1125,7 @@ mod tests {
                 attempts: 1,
                 ending: &Ending::Ok,
                 replayed: false,
+                withheld: None,
             });
         }
     }

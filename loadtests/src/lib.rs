@@ -3,7 +3,7 @@
 //! compares with the classic row-lock design.
 //!
 //! - [`scenario`], [`trace`]: what is offered (TOML scenarios, CSV traces).
-//! - [`generator`]: the open-model load generator, over [`client`]; [`record`]: what it measured.
+//! - [`generator`]: the open-model load generator, over [`client`], retrying as [`retry`] says; [`record`]: what it measured.
 //! - [`audit`]: the database check after every run.
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
@@ -20,6 +20,7 @@ pub mod priority;
 mod probe;
 pub mod record;
 pub mod report;
+pub mod retry;
 pub mod scenario;
 pub mod scrape;
 pub mod trace;

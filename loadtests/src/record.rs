@@ -61,6 +61,15 @@ impl Ending {
     }
 }
 
+/// Why a request that could have been retried was not ([`crate::retry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withheld {
+    /// The clients' retry budget was spent.
+    Budget,
+    /// The server's `Retry-After` was longer than the clients wait.
+    RetryAfterOverCap,
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
 }
@@ -86,6 +95,8 @@ pub struct Ended<'a> {
     pub ending: &'a Ending,
     /// Whether the answer was an idempotent replay.
     pub replayed: bool,
+    /// A retry the client did not make, and why (it ended with its last answer).
+    pub withheld: Option<Withheld>,
 }
 
 /// One stream's figures for one second.
@@ -121,6 +132,8 @@ struct StreamTotals {
     all_latency: Histogram<u64>,
     retries: u64,
     replays: u64,
+    denied_by_budget: u64,
+    over_max_wait: u64,
 }
 
 impl StreamTotals {
@@ -131,6 +144,8 @@ impl StreamTotals {
             all_latency: histogram(),
             retries: 0,
             replays: 0,
+            denied_by_budget: 0,
+            over_max_wait: 0,
         }
     }
 }
@@ -207,6 +222,11 @@ impl Recorder {
         }
         t.retries += retries;
         t.replays += u64::from(e.replayed);
+        match e.withheld {
+            Some(Withheld::Budget) => t.denied_by_budget += 1,
+            Some(Withheld::RetryAfterOverCap) => t.over_max_wait += 1,
+            None => {}
+        }
     }
 
     /// Seconds recorded so far.
@@ -285,6 +305,8 @@ impl Recorder {
             errors,
             endings: t.endings.clone(),
             retries: t.retries,
+            retries_denied_by_budget: t.denied_by_budget,
+            retries_over_max_wait: t.over_max_wait,
             idempotent_replays: t.replays,
             ok_latency_ms: Quantiles::of(&t.ok_latency),
             all_latency_ms: Quantiles::of(&t.all_latency),
@@ -376,8 +398,17 @@ pub struct StreamSummary {
     pub errors: u64,
     /// Count by ending (`ok`, `4xx bid_too_low`, `5xx overloaded`, `timeout`, ...).
     pub endings: BTreeMap<String, u64>,
-    /// Retries made (attempts beyond the first).
+    /// Retries made (attempts beyond the first): each was allowed by the
+    /// clients' retry budget.
     pub retries: u64,
+    /// Retries the retry budget denied: each such request ended with its
+    /// last answer.
+    #[serde(default)]
+    pub retries_denied_by_budget: u64,
+    /// Retries not made because the server's `Retry-After` was longer than
+    /// `client.max_retry_wait_ms`: each such request ended with that answer.
+    #[serde(default)]
+    pub retries_over_max_wait: u64,
     /// Answers marked `Idempotent-Replayed: true`.
     pub idempotent_replays: u64,
     /// Latency of the 2xx answers.
@@ -406,6 +437,7 @@ mod tests {
             attempts,
             ending,
             replayed,
+            withheld: None,
         }
     }
 
@@ -470,5 +502,35 @@ mod tests {
             (w.offered, w.ended, w.ok, w.errors, w.p99_ms),
             (4, 4, 0, 3, None)
         );
+    }
+
+    #[test]
+    fn retries_not_made_are_counted_by_why_beside_the_retries_made() {
+        let mut r = Recorder::new();
+        let overloaded = Ending::ServerError("overloaded".into());
+        let rate_limited = Ending::Refused("rate_limited".into());
+        let ms = Duration::from_millis;
+        r.ended(ended(0, 1, ms(1_200), 3, &Ending::Ok, true));
+        for (ending, withheld) in [
+            (&overloaded, Withheld::Budget),
+            (&overloaded, Withheld::Budget),
+            (&overloaded, Withheld::RetryAfterOverCap),
+            (&rate_limited, Withheld::RetryAfterOverCap),
+        ] {
+            r.ended(Ended {
+                withheld: Some(withheld),
+                ..ended(0, 0, ms(10), 1, ending, false)
+            });
+        }
+        let s = r.summary(Kind::Bid);
+        assert_eq!((s.requests, s.ok, s.errors, s.retries), (5, 1, 3, 2));
+        assert_eq!(
+            (s.retries_denied_by_budget, s.retries_over_max_wait),
+            (2, 2)
+        );
+        // A request ended by a withheld retry ends like one out of attempts.
+        assert_eq!(s.endings["5xx overloaded"], 3);
+        assert_eq!(s.endings["4xx rate_limited"], 1);
+        assert_eq!(r.summary(Kind::Read).retries_denied_by_budget, 0);
     }
 }

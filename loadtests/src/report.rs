@@ -15,7 +15,7 @@ use crate::cpu::{CpuSecond, CpuUse, CpuWindow};
 use crate::disk::{self, DiskSecond};
 use crate::generator::{RunOutput, StepResult};
 use crate::record::{Kind, Point, StreamSummary};
-use crate::scenario::Scenario;
+use crate::scenario::{Client, Scenario};
 use crate::scrape::ServerSample;
 
 /// One run of one mode.
@@ -61,6 +61,10 @@ pub struct RunReport {
     /// Nice steps the load generator sent at, below Gavel and PostgreSQL.
     #[serde(default)]
     pub generator_nice: i32,
+    /// The clients' timeout and retry policy the run used (none in reports
+    /// written before it was recorded).
+    #[serde(default)]
+    pub client: Option<Client>,
     /// The scenario's targets, checked against this run.
     pub targets: Vec<TargetCheck>,
     /// Per-second figures.
@@ -257,6 +261,7 @@ impl RunReport {
             cpu: None,
             max_sustainable_bids_per_s: max_sustainable,
             generator_nice: output.generator_nice,
+            client: Some(scenario.client.clone()),
             targets: Vec::new(),
             series: Series {
                 bids,
@@ -363,6 +368,12 @@ impl RunReport {
             lag = self.audit.resolver_lag_ms.p99,
             audit = if self.audit.passed { "passed" } else { "FAILED" },
         );
+        if b.retries_denied_by_budget + b.retries_over_max_wait > 0 {
+            text.push_str(&format!(
+                "; retries not made: {} denied by the retry budget, {} over the longest wait",
+                b.retries_denied_by_budget, b.retries_over_max_wait
+            ));
+        }
         if let Some(rate) = self.max_sustainable_bids_per_s {
             text.push_str(&format!("; highest sustainable rate {rate:.0} bids/s"));
         }
@@ -616,34 +627,7 @@ impl Report {
             m.postgres,
             self.command
         ));
-        let mut nices: Vec<i32> = self.runs.iter().map(|r| r.generator_nice).collect();
-        nices.dedup();
-        if let [nice] = nices[..] {
-            if nice > 0 {
-                md.push_str(&format!("The load generator (and pgbench) ran {nice} nice steps below Gavel and PostgreSQL, all on this machine; latency still counts from each request's intended send time.\n\n"));
-            }
-        } else if !nices.is_empty() {
-            md.push_str("The load generator ran at different nice steps in these runs: see `generator_nice` in report.json.\n\n");
-        }
-        md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
-        for r in &self.runs {
-            let b = &r.bids;
-            md.push_str(&format!(
-                "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {:.1} ms | {} |\n",
-                self.label(r),
-                r.peak_offered_bids_per_s,
-                b.requests,
-                b.ok,
-                b.errors,
-                b.ok_latency_ms.p50,
-                b.ok_latency_ms.p99,
-                b.ok_latency_ms.max,
-                b.retries,
-                r.audit.resolver_lag_ms.p99,
-                if r.audit.passed { "passed" } else { "**FAILED**" }
-            ));
-        }
-        md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
+        self.bids_section(&mut md);
         md.push_str("## Endings\n\n");
         for r in &self.runs {
             let endings: Vec<String> = r
@@ -808,6 +792,59 @@ const COLORS: [RGBColor; 12] = [
 ];
 
 impl Report {
+    /// "Bids": the load's priority, each run's bid figures, and the
+    /// clients' policy.
+    fn bids_section(&self, md: &mut String) {
+        let mut nices: Vec<i32> = self.runs.iter().map(|r| r.generator_nice).collect();
+        nices.dedup();
+        if let [nice] = nices[..] {
+            if nice > 0 {
+                md.push_str(&format!("The load generator (and pgbench) ran {nice} nice steps below Gavel and PostgreSQL, all on this machine; latency still counts from each request's intended send time.\n\n"));
+            }
+        } else if !nices.is_empty() {
+            md.push_str("The load generator ran at different nice steps in these runs: see `generator_nice` in report.json.\n\n");
+        }
+        md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries (allowed) | retries denied by budget | Retry-After over cap | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        for r in &self.runs {
+            let b = &r.bids;
+            md.push_str(&format!(
+                "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {:.1} ms | {} |\n",
+                self.label(r),
+                r.peak_offered_bids_per_s,
+                b.requests,
+                b.ok,
+                b.errors,
+                b.ok_latency_ms.p50,
+                b.ok_latency_ms.p99,
+                b.ok_latency_ms.max,
+                b.retries,
+                b.retries_denied_by_budget,
+                b.retries_over_max_wait,
+                r.audit.resolver_lag_ms.p99,
+                if r.audit.passed { "passed" } else { "**FAILED**" }
+            ));
+        }
+        md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
+        let mut policies: Vec<&Client> =
+            self.runs.iter().filter_map(|r| r.client.as_ref()).collect();
+        policies.dedup();
+        match policies[..] {
+            [] => {}
+            [client] => md.push_str(&format!("Clients: {}.\n\n", client.policy_text())),
+            _ => {
+                for r in &self.runs {
+                    if let Some(client) = &r.client {
+                        md.push_str(&format!(
+                            "Clients of **{}**: {}.\n\n",
+                            self.label(r),
+                            client.policy_text()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     /// "Comparison": the ratios, as medians of the rounds when there were
     /// several, with each round's figures.
     fn comparison_section(&self, md: &mut String) {
@@ -1232,6 +1269,55 @@ mod tests {
         assert_eq!(read.ceilings.len(), 2);
         assert_eq!(read.comparisons(), written.comparisons());
         assert!(run_report.is_none());
+    }
+
+    #[test]
+    fn the_bids_table_gives_the_retries_made_and_not_made_and_the_clients_policy() {
+        let mut log = run("log", 1, Some(5_000.0));
+        log.bids.retries = 12;
+        log.bids.retries_denied_by_budget = 5;
+        log.bids.retries_over_max_wait = 1;
+        log.client = Some(Client::default());
+        let mut refining = log.clone();
+        refining.refining = true;
+        let md = report(vec![log.clone(), refining], vec![]).markdown();
+        assert!(
+            md.contains("| retries (allowed) | retries denied by budget | Retry-After over cap |"),
+            "{md}"
+        );
+        assert!(md.contains("| 12 | 5 | 1 |"), "{md}");
+        // One policy, stated once.
+        assert_eq!(md.matches("Clients: timeout 2000 ms").count(), 1, "{md}");
+        assert!(
+            md.contains("retry budget 20% of first attempts over 10 s plus 10/s"),
+            "{md}"
+        );
+
+        // Runs with different policies are given one by one.
+        let mut patient = run("row_lock", 1, None);
+        let mut client = Client::default();
+        client.max_retry_wait_ms = 30_000;
+        patient.client = Some(client);
+        let md = report(vec![log.clone(), patient], vec![]).markdown();
+        assert!(md.contains("Clients of **log**: "), "{md}");
+        assert!(
+            md.contains("Clients of **row_lock**: ") && md.contains("up to 30000 ms"),
+            "{md}"
+        );
+
+        // A run report keeps its policy; one written before it was recorded still loads.
+        let json = serde_json::to_value(&log).unwrap();
+        let read: RunReport = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(read.client, log.client);
+        assert_eq!(read.bids.retries_denied_by_budget, 5);
+        let mut older = json;
+        older.as_object_mut().unwrap().remove("client");
+        older["bids"]
+            .as_object_mut()
+            .unwrap()
+            .remove("retries_denied_by_budget");
+        let read: RunReport = serde_json::from_value(older).unwrap();
+        assert_eq!((read.client, read.bids.retries_denied_by_budget), (None, 0));
     }
 
     #[test]

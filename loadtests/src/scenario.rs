@@ -203,8 +203,8 @@ impl Default for Readers {
     }
 }
 
-/// The game client's timeout and retry policy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The game client's timeout and retry policy (see [`crate::retry`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Client {
     /// A request with no answer after this long is abandoned (and retried).
@@ -213,14 +213,35 @@ pub struct Client {
     /// Attempts per bid, the first included; retries reuse the Idempotency-Key.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
-    /// Backoff before a retry: a random wait in this range (ms), or the
-    /// server's `Retry-After` if longer, capped at the range's top.
-    #[serde(default = "default_backoff")]
-    pub backoff_ms: [u64; 2],
+    /// Backoff before a retry the server named no wait for: retry `k`
+    /// waits a random time in `[d/2, d]`, `d = backoff_base_ms × 2^(k-1)`...
+    #[serde(default = "default_backoff_base")]
+    pub backoff_base_ms: u64,
+    /// ...at most this.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// The longest wait before a retry. A `Retry-After` (honoured, plus
+    /// jitter) longer than this ends the bid with that answer instead.
+    #[serde(default = "default_max_retry_wait")]
+    pub max_retry_wait_ms: u64,
+    /// Retries at most this percentage of the bids' first attempts over
+    /// the last `retry_budget_window_s`...
+    #[serde(default = "default_retry_budget_pct")]
+    pub retry_budget_pct: u32,
+    /// ...plus this many per second of the window.
+    #[serde(default = "default_retry_budget_min_per_s")]
+    pub retry_budget_min_per_s: u32,
+    /// The retry budget's sliding window, in seconds.
+    #[serde(default = "default_retry_budget_window_s")]
+    pub retry_budget_window_s: u32,
     /// Requests the generator keeps open at once; beyond it, requests wait
     /// for a slot (their latency still counts from the intended send time).
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// The former `backoff_ms = [low, high]`: read only to name what
+    /// replaced it.
+    #[serde(default, rename = "backoff_ms", skip_serializing)]
+    former_backoff_ms: Option<serde::de::IgnoredAny>,
 }
 
 impl Default for Client {
@@ -228,9 +249,84 @@ impl Default for Client {
         Client {
             timeout_ms: default_timeout_ms(),
             max_attempts: default_attempts(),
-            backoff_ms: default_backoff(),
+            backoff_base_ms: default_backoff_base(),
+            backoff_max_ms: default_backoff_max(),
+            max_retry_wait_ms: default_max_retry_wait(),
+            retry_budget_pct: default_retry_budget_pct(),
+            retry_budget_min_per_s: default_retry_budget_min_per_s(),
+            retry_budget_window_s: default_retry_budget_window_s(),
             max_in_flight: default_max_in_flight(),
+            former_backoff_ms: None,
         }
+    }
+}
+
+impl Client {
+    /// Checks every field; the message names the one that is wrong.
+    pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.former_backoff_ms.is_none(),
+            "client.backoff_ms: replaced by backoff_base_ms (retry k waits [d/2, d], \
+             d = backoff_base_ms x 2^(k-1)) and backoff_max_ms (the cap of d)"
+        );
+        ensure!(
+            (10..=120_000).contains(&self.timeout_ms),
+            "client.timeout_ms: must be 10 to 120000"
+        );
+        ensure!(
+            (1..=10).contains(&self.max_attempts),
+            "client.max_attempts: must be 1 to 10"
+        );
+        ensure!(
+            (1..=60_000).contains(&self.backoff_base_ms),
+            "client.backoff_base_ms: must be 1 to 60000"
+        );
+        ensure!(
+            (self.backoff_base_ms..=60_000).contains(&self.backoff_max_ms),
+            "client.backoff_max_ms: must be backoff_base_ms to 60000"
+        );
+        ensure!(
+            (self.backoff_max_ms..=600_000).contains(&self.max_retry_wait_ms),
+            "client.max_retry_wait_ms: must be backoff_max_ms to 600000"
+        );
+        ensure!(
+            self.retry_budget_pct <= 1_000,
+            "client.retry_budget_pct: must be 0 to 1000"
+        );
+        ensure!(
+            self.retry_budget_min_per_s <= 1_000_000,
+            "client.retry_budget_min_per_s: must be 0 to 1000000"
+        );
+        ensure!(
+            (1..=600).contains(&self.retry_budget_window_s),
+            "client.retry_budget_window_s: must be 1 to 600"
+        );
+        ensure!(
+            (1..=100_000).contains(&self.max_in_flight),
+            "client.max_in_flight: must be 1 to 100000"
+        );
+        Ok(())
+    }
+
+    /// The policy in one line, for reports.
+    pub fn policy_text(&self) -> String {
+        format!(
+            "timeout {} ms; up to {} attempts per bid (same Idempotency-Key), reads not retried; \
+             backoff without Retry-After: random in [d/2, d], d = {} ms doubling per retry, at most {} ms; \
+             Retry-After on a 503 or 429 honoured, plus up to {:.0}% jitter, up to {} ms (longer: no retry); \
+             retry budget {}% of first attempts over {} s plus {}/s, shared by the simulated clients; \
+             at most {} requests open",
+            self.timeout_ms,
+            self.max_attempts,
+            self.backoff_base_ms,
+            self.backoff_max_ms,
+            crate::retry::RETRY_AFTER_JITTER * 100.0,
+            self.max_retry_wait_ms,
+            self.retry_budget_pct,
+            self.retry_budget_window_s,
+            self.retry_budget_min_per_s,
+            self.max_in_flight,
+        )
     }
 }
 
@@ -313,8 +409,23 @@ fn default_timeout_ms() -> u64 {
 fn default_attempts() -> u32 {
     3
 }
-fn default_backoff() -> [u64; 2] {
-    [50, 1_000]
+fn default_backoff_base() -> u64 {
+    200
+}
+fn default_backoff_max() -> u64 {
+    2_000
+}
+fn default_max_retry_wait() -> u64 {
+    10_000
+}
+fn default_retry_budget_pct() -> u32 {
+    20
+}
+fn default_retry_budget_min_per_s() -> u32 {
+    10
+}
+fn default_retry_budget_window_s() -> u32 {
+    10
 }
 fn default_max_in_flight() -> usize {
     4_096
@@ -426,23 +537,7 @@ impl Scenario {
             self.readers.rate.is_finite() && (0.0..=100_000.0).contains(&self.readers.rate),
             "readers.rate: must be 0 to 100000"
         );
-        let c = &self.client;
-        ensure!(
-            (10..=120_000).contains(&c.timeout_ms),
-            "client.timeout_ms: must be 10 to 120000"
-        );
-        ensure!(
-            (1..=10).contains(&c.max_attempts),
-            "client.max_attempts: must be 1 to 10"
-        );
-        ensure!(
-            c.backoff_ms[0] <= c.backoff_ms[1] && c.backoff_ms[1] <= 60_000,
-            "client.backoff_ms: [low, high] with low <= high <= 60000"
-        );
-        ensure!(
-            (1..=100_000).contains(&c.max_in_flight),
-            "client.max_in_flight: must be 1 to 100000"
-        );
+        self.client.check()?;
         if let Some(trace) = &self.trace {
             ensure!(
                 trace.speed.is_finite() && trace.speed > 0.0 && trace.speed <= 1_000.0,
@@ -678,6 +773,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `speed`"), "{e}");
+    }
+
+    #[test]
+    fn the_client_policy_has_defaults_and_the_former_backoff_is_named_with_its_replacement() {
+        let scenario: Scenario = toml::from_str(&minimal()).unwrap();
+        let c = &scenario.client;
+        assert_eq!(
+            (c.backoff_base_ms, c.backoff_max_ms, c.max_retry_wait_ms),
+            (200, 2_000, 10_000)
+        );
+        assert_eq!(
+            (
+                c.retry_budget_pct,
+                c.retry_budget_min_per_s,
+                c.retry_budget_window_s
+            ),
+            (20, 10, 10)
+        );
+        let text = c.policy_text();
+        assert!(
+            text.contains("up to 10000 ms") && text.contains("retry budget 20%"),
+            "{text}"
+        );
+
+        let with = |client: &str| format!("{}\n[client]\n{client}\n", minimal());
+        let former: Scenario = toml::from_str(&with("backoff_ms = [50, 1000]")).unwrap();
+        let e = former.check().unwrap_err().to_string();
+        assert!(
+            e.contains("client.backoff_ms: replaced by backoff_base_ms")
+                && e.contains("backoff_max_ms"),
+            "{e}"
+        );
+        let e = toml::from_str::<Scenario>(&with("backoff_min_ms = 5"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `backoff_min_ms`"), "{e}");
+        for (client, message) in [
+            (
+                "backoff_base_ms = 500\nbackoff_max_ms = 100",
+                "client.backoff_max_ms",
+            ),
+            (
+                "backoff_max_ms = 20000",
+                "client.max_retry_wait_ms: must be backoff_max_ms",
+            ),
+            ("retry_budget_pct = 1001", "client.retry_budget_pct"),
+            ("retry_budget_window_s = 0", "client.retry_budget_window_s"),
+        ] {
+            let scenario: Scenario = toml::from_str(&with(client)).unwrap();
+            let e = scenario.check().unwrap_err().to_string();
+            assert!(e.contains(message), "{client}: {e}");
+        }
     }
 
     #[test]

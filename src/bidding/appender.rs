@@ -35,7 +35,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
+use super::admission::Admission;
 use crate::db::bids::{self, Append, NewBid};
 use crate::db::{Pool, WaitEnd};
 use crate::http::error::ApiError;
@@ -107,6 +108,10 @@ struct Writers {
     in_flight: Mutex<Vec<Option<Instant>>>,
     /// Notified whenever a batch ends.
     batch_done: Notify,
+    /// Told how long the bids of each batch waited in the queue.
+    admission: Arc<Admission>,
+    /// Bids queued and neither taken nor withdrawn.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// A queued bid and where its answer goes.
@@ -120,6 +125,8 @@ struct Submission {
     /// the bid, or its request withdrawing it.
     claimed: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<Appended, ApiError>>,
+    /// The appender's count of waiting bids, left when claimed.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Submission {
@@ -128,6 +135,7 @@ impl Submission {
     fn claim(&self, pool: &Pool, end: WaitEnd) -> bool {
         let claimed = !self.claimed.swap(true, Ordering::AcqRel);
         if claimed {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
             pool.wait_ended(self.queued_at, end);
         }
         claimed
@@ -143,9 +151,9 @@ impl Submission {
     }
 
     /// Sheds the bid, out of time, unless its request already withdrew it.
-    fn refuse(self, pool: &Pool) {
+    fn refuse(self, pool: &Pool, admission: &Admission) {
         if self.claim(pool, WaitEnd::TimedOut) {
-            self.answer(Err(ApiError::Overloaded));
+            self.answer(Err(admission.queue_refusal()));
         }
     }
 }
@@ -155,21 +163,38 @@ impl Submission {
 struct Withdraw<'a> {
     claimed: Arc<AtomicBool>,
     pool: &'a Pool,
+    waiting: &'a AtomicUsize,
     queued_at: Instant,
+}
+
+impl Withdraw<'_> {
+    /// Claims the bid for its request: it leaves the queue unwritten.
+    fn claim(&self, end: WaitEnd) -> bool {
+        let claimed = !self.claimed.swap(true, Ordering::AcqRel);
+        if claimed {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.pool.wait_ended(self.queued_at, end);
+        }
+        claimed
+    }
 }
 
 impl Drop for Withdraw<'_> {
     fn drop(&mut self) {
-        if !self.claimed.swap(true, Ordering::AcqRel) {
-            self.pool.wait_ended(self.queued_at, WaitEnd::Abandoned);
-        }
+        self.claim(WaitEnd::Abandoned);
     }
 }
 
 impl Appender {
-    /// An appender writing through `pool` and waking the resolver via
-    /// `signals`; nothing is written until [`Appender::run`] runs.
-    pub(super) fn new(pool: Pool, signals: Signals, settings: AppendSettings) -> Self {
+    /// An appender writing through `pool`, waking the resolver via
+    /// `signals` and telling `admission` how long bids queue; nothing is
+    /// written until [`Appender::run`] runs.
+    pub(super) fn new(
+        pool: Pool,
+        signals: Signals,
+        settings: AppendSettings,
+        admission: Arc<Admission>,
+    ) -> Self {
         let count = settings.writers.clamp(1, pool.status().max_size.max(1));
         let batch_max = settings.batch_max.max(1);
         // Room for every writer's next full batch, twice over.
@@ -185,8 +210,15 @@ impl Appender {
                 write_limit: settings.write_limit,
                 in_flight: Mutex::new(vec![None; count]),
                 batch_done: Notify::new(),
+                admission,
+                waiting: Arc::default(),
             }),
         }
+    }
+
+    /// Bids waiting in the queue now (not those withdrawn or taken).
+    pub(super) fn queued(&self) -> usize {
+        self.writers.waiting.load(Ordering::Relaxed)
     }
 
     /// Appends `bid` with the next batch, unless it cannot be taken into
@@ -204,9 +236,12 @@ impl Appender {
             budget,
             claimed: claimed.clone(),
             reply,
+            waiting: self.writers.waiting.clone(),
         };
         pool.wait_started();
+        self.writers.waiting.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.queue.try_send(submission) {
+            self.writers.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
                 // As many bids wait as the writers' next batches can hold.
                 mpsc::error::TrySendError::Full(_) => {
@@ -219,19 +254,19 @@ impl Appender {
                 }
             });
         }
-        let _withdraw = Withdraw {
-            claimed: claimed.clone(),
+        let withdraw = Withdraw {
+            claimed,
             pool,
+            waiting: &self.writers.waiting,
             queued_at,
         };
         tokio::select! {
             answer = &mut answer => return answered(answer),
             () = tokio::time::sleep_until(budget.into()) => {}
         }
-        if !claimed.swap(true, Ordering::AcqRel) {
+        if withdraw.claim(WaitEnd::TimedOut) {
             // Still queued at the end of its budget: withdrawn, never written.
-            pool.wait_ended(queued_at, WaitEnd::TimedOut);
-            return Err(ApiError::Overloaded);
+            return Err(self.writers.admission.queue_refusal());
         }
         // In a batch: its outcome is this bid's.
         answered(answer.await)
@@ -303,19 +338,24 @@ impl Writers {
             return None;
         }
         if !self.unstalled(first.budget).await {
-            first.refuse(&self.pool);
+            first.refuse(&self.pool, &self.admission);
             return None;
         }
         // The bids' waits are recorded as theirs, not as the writer's.
         match self.pool.get_before_on_behalf(first.budget).await {
             Ok(client) => {
-                let batch = collect(first, queue, self.batch_max, &self.pool, Instant::now());
+                let now = Instant::now();
+                let batch = collect(first, queue, self.batch_max, self.sinks(), now);
+                let waits = batch
+                    .iter()
+                    .map(|s| now.saturating_duration_since(s.queued_at));
+                self.admission.taken(waits);
                 (!batch.is_empty()).then_some((client, batch))
             }
             // No connection within the oldest bid's budget: that bid is shed,
             // the younger ones wait on.
             Err(PoolError::Timeout(TimeoutType::Wait)) => {
-                first.refuse(&self.pool);
+                first.refuse(&self.pool, &self.admission);
                 None
             }
             // The database cannot be reached: the batch fails as its
@@ -323,12 +363,17 @@ impl Writers {
             Err(e) => {
                 let failure = Arc::new(e);
                 let now = Instant::now();
-                for submission in collect(first, queue, self.batch_max, &self.pool, now) {
+                for submission in collect(first, queue, self.batch_max, self.sinks(), now) {
                     submission.answer(Err(failure.clone().into()));
                 }
                 None
             }
         }
+    }
+
+    /// Where a batch's bids report their waits and refusals.
+    fn sinks(&self) -> (&Pool, &Admission) {
+        (&self.pool, &self.admission)
     }
 
     /// Waits until no batch is stalled; false if `budget` runs out first.
@@ -412,14 +457,14 @@ fn collect(
     first: Submission,
     queue: &mut mpsc::Receiver<Submission>,
     max: usize,
-    pool: &Pool,
+    (pool, admission): (&Pool, &Admission),
     now: Instant,
 ) -> Vec<Submission> {
     let mut batch = Vec::new();
     let mut next = Some(first);
     while let Some(submission) = next {
         if submission.budget <= now {
-            submission.refuse(pool);
+            submission.refuse(pool, admission);
         } else if submission.claim(pool, WaitEnd::Served) {
             batch.push(submission);
         }
@@ -625,6 +670,8 @@ mod tests {
             budget,
             claimed: claimed.clone(),
             reply,
+            // Counted as queued, as `append` does.
+            waiting: Arc::new(AtomicUsize::new(1)),
         };
         (submission, claimed, answer)
     }
@@ -684,7 +731,14 @@ mod tests {
             assert!(queue.try_send(s).is_ok());
         }
 
-        let batch = collect(first, &mut receiver, 3, &unconnected_pool(), now);
+        let admission = Admission::new();
+        let batch = collect(
+            first,
+            &mut receiver,
+            3,
+            (&unconnected_pool(), &admission),
+            now,
+        );
         assert_eq!(batch.len(), 3, "first, kept and fourth");
         assert!(kept_claim.load(Ordering::Acquire), "taken bids are claimed");
         // The expired bid was answered overloaded, never written.

@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::consistency::{self, ReadToken};
 use super::error::{ApiError, FieldError};
 use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject, PathId};
-use super::AppState;
+use super::{AppState, QueueWait};
 use crate::auth::User;
 use crate::db::bids::BidRecord;
 use crate::domain::Amount;
@@ -65,9 +65,11 @@ pub async fn place(
     user: User,
     PathId(auction_id): PathId,
     headers: HeaderMap,
+    admitted: Option<Extension<QueueWait>>,
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let queue_wait = admitted.map_or(state.bids.pool_wait(), |Extension(QueueWait(w))| w);
     let auction_id = parse_id(&auction_id, "auction")?;
     let key = idempotency_key(&headers)?;
     let JsonObject(body) = body?;
@@ -93,6 +95,7 @@ pub async fn place(
                 started
                     + Duration::from_secs(n).min(state.request_timeout.saturating_sub(WAIT_MARGIN))
             }),
+            queue_wait,
         )
         .await?;
     let status = match (

@@ -88,6 +88,8 @@ pub enum ApiError {
     /// 503 `overloaded`: shed load now, retry soon.
     #[error("the service is overloaded; retry shortly")]
     Overloaded,
+    #[error("the service is overloaded; retry after {retry_after_s} s")]
+    Shed { retry_after_s: u64 },
     /// 503 `overloaded`: the request did not finish within its deadline.
     #[error("the request did not finish in time; retry shortly")]
     DeadlineExceeded,
@@ -124,7 +126,9 @@ impl ApiError {
             AuctionClosed => (StatusCode::UNPROCESSABLE_ENTITY, "auction_closed"),
             IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Overloaded | DeadlineExceeded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Overloaded | Shed { .. } | DeadlineExceeded => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -180,7 +184,7 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded | ApiError::DeadlineExceeded | ApiError::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            ApiError::RateLimited { retry_after_s } => {
+            ApiError::RateLimited { retry_after_s } | ApiError::Shed { retry_after_s } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
             _ => {}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -26,7 +26,7 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::auth::JwtKeys;
-use crate::bidding::BidDesk;
+use crate::bidding::{BidDesk, Door};
 use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
@@ -115,6 +115,7 @@ pub fn api_router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::BODY_LIMIT))
         .layer(bounds)
+        .layer(middleware::from_fn_with_state(state.clone(), admit))
         .layer(middleware::from_fn_with_state(
             state.body_read_timeout,
             edge::read_body,
@@ -174,6 +175,29 @@ fn log_response(response: &Response, latency: Duration, _span: &tracing::Span) {
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request finished"
     );
+}
+
+/// How long an admitted bid may wait for the database (see
+/// `bidding/admission.rs`), handed from [`admit`] to the bid handler.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueWait(pub Duration);
+
+/// Admission at the door, before the request is authenticated or parsed:
+/// refused bids and reads cost only this answer.
+async fn admit(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let route = matched_route(&request);
+    let door = match *request.method() {
+        Method::POST if route == "/api/auctions/{id}/bids" => state.bids.admit_bid(),
+        Method::GET | Method::HEAD => state.bids.admit_read(),
+        _ => return next.run(request).await,
+    };
+    match door {
+        Door::Open(wait) => {
+            request.extensions_mut().insert(QueueWait(wait));
+            next.run(request).await
+        }
+        Door::Refused { retry_after_s } => ApiError::Shed { retry_after_s }.into_response(),
+    }
 }
 
 /// Sets the security headers on a response.

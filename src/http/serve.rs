@@ -129,7 +129,7 @@ fn tracked(
 /// Answers a connection beyond the limit with `503 overloaded`, without
 /// reading its request, and closes it.
 async fn refuse(mut stream: TcpStream) {
-    let response = refusal();
+    let response = refusal().await;
     let answered = tokio::time::timeout(REFUSAL_LINGER, async {
         stream.write_all(&response).await?;
         stream.shutdown().await?;
@@ -143,11 +143,12 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 /// The bytes of a `503 overloaded` answer, in the contract's shape.
-fn refusal() -> Vec<u8> {
+async fn refusal() -> Vec<u8> {
     let response = axum::response::IntoResponse::into_response(ApiError::Overloaded);
-    let (parts, _) = response.into_parts();
-    let body = br#"{"type":"https://gavel.dev/problems/overloaded","title":"Service Unavailable","status":503,"detail":"too many open connections; retry shortly","code":"overloaded"}"#;
-    let mut head = String::from("HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n");
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .expect("a problem body is in memory");
     let request_id = HeaderValue::from_str(&Uuid::new_v4().to_string()).expect("a uuid");
     let headers = parts
         .headers
@@ -155,12 +156,13 @@ fn refusal() -> Vec<u8> {
         .filter(|(name, _)| *name != header::CONTENT_LENGTH)
         .chain(super::SECURITY_HEADERS.iter().map(|(n, v)| (n, v)))
         .chain([(&super::REQUEST_ID, &request_id)]);
+    let mut head = format!("HTTP/1.1 {}\r\nconnection: close\r\n", parts.status);
     for (name, value) in headers {
         head.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or("")));
     }
     head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
     let mut bytes = head.into_bytes();
-    bytes.extend_from_slice(body);
+    bytes.extend_from_slice(&body);
     bytes
 }
 

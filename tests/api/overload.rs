@@ -386,3 +386,592 @@ async fn every_backend_says_which_part_of_gavel_it_serves() {
     );
     app.stop().await;
 }
+
+/// Auctions of the burst test. Bidder `i` bids only on auction `i`, so it
+/// leads there and no bid is refused as too low whatever order the bids
+/// arrive in (one that arrives after a higher one of its bidder is
+/// acknowledged, then rejected by the resolver: still goodput).
+const BURST_AUCTIONS: usize = 8;
+/// Closed-loop clients measuring what the small Gavel sustains: twice the
+/// batch maximum below, so the writer is always busy but no bid waits long.
+const CAPACITY_CLIENTS: usize = 8;
+/// How long the capacity is measured.
+const CAPACITY_RUN: Duration = Duration::from_secs(2);
+/// How long the burst lasts.
+const BURST: Duration = Duration::from_secs(4);
+/// The burst's bid rate, as a multiple of the measured capacity.
+const BURST_FACTOR: f64 = 4.0;
+/// The most bids a second this test sends: it shares a small machine with
+/// the server it overloads (on 2 cores it cannot send much over 2,500
+/// requests a second, even to `/healthz`).
+const MAX_BURST_RATE: f64 = 2_000.0;
+/// One read is sent with every this many bids of the burst.
+const BIDS_PER_READ: usize = 10;
+/// Client connections opened before the burst: a burst of players already
+/// connected. Opening thousands of connections during it would measure the
+/// kernel's accept queue (it overflows, and each dropped SYN costs the
+/// client a 1 s retransmission), not admission.
+const BURST_CONNECTIONS: usize = 512;
+/// By then admission has seen the overload: the window open when the burst
+/// starts closes within an interval (500 ms), and the next full window, or
+/// the one after if the queue was still short at its start, finds it. Bids
+/// admitted before then may still wait up to the whole pool wait (1 s).
+const DETECTED_WITHIN: Duration = Duration::from_millis(1_500);
+/// A database whose commits are slow, like a disk taking 10 ms per flush:
+/// every append statement sleeps 10 ms, so the writer (one, of at most 4
+/// bids a statement) commits a few hundred bids a second and is what runs
+/// out, not this machine's CPU. Only in this test's own database.
+const SLOW_APPENDS: &str = "
+    CREATE FUNCTION slow_append() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM pg_sleep(0.01); RETURN NULL; END $$;
+    CREATE TRIGGER slow_append AFTER INSERT ON bid_log
+        FOR EACH STATEMENT EXECUTE FUNCTION slow_append();";
+
+/// One request of the burst test and its answer.
+#[derive(Debug)]
+struct Exchange {
+    /// The bid's `Idempotency-Key`; `None` for a read.
+    key: Option<String>,
+    sent_at: Instant,
+    /// Until the whole answer was read.
+    took: Duration,
+    /// `None`: no answer (a connection error or the client's timeout).
+    status: Option<StatusCode>,
+    retry_after: Option<String>,
+    content_type: String,
+    /// The problem code of an error answer.
+    code: Option<String>,
+    /// Why there was no answer.
+    error: Option<String>,
+}
+
+impl Exchange {
+    fn ok(&self) -> bool {
+        self.status.is_some_and(|s| s.is_success())
+    }
+
+    fn refused(&self) -> bool {
+        self.status == Some(StatusCode::SERVICE_UNAVAILABLE)
+    }
+
+    fn answered_at(&self) -> Instant {
+        self.sent_at + self.took
+    }
+}
+
+/// Sends `request` once (no retry) and records its answer.
+async fn exchange(request: reqwest::RequestBuilder, key: Option<String>) -> Exchange {
+    let sent_at = Instant::now();
+    let mut exchange = Exchange {
+        key,
+        sent_at,
+        took: Duration::ZERO,
+        status: None,
+        retry_after: None,
+        content_type: String::new(),
+        code: None,
+        error: None,
+    };
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) => {
+            exchange.took = sent_at.elapsed();
+            exchange.error = Some(e.to_string());
+            return exchange;
+        }
+    };
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
+    let content_type = header(&response, "content-type");
+    let body = response.bytes().await;
+    exchange.took = sent_at.elapsed();
+    match body {
+        Ok(body) => {
+            exchange.status = Some(status);
+            exchange.retry_after = retry_after;
+            exchange.content_type = content_type;
+            if !status.is_success() {
+                exchange.code = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|problem| problem["code"].as_str().map(str::to_owned));
+            }
+        }
+        Err(e) => exchange.error = Some(format!("reading the body: {e}")),
+    }
+    exchange
+}
+
+/// What the burst test's clients share. Cheap to clone.
+#[derive(Clone)]
+struct BurstLoad {
+    http: reqwest::Client,
+    addr: std::net::SocketAddr,
+    auctions: Arc<Vec<String>>,
+    tokens: Arc<Vec<String>>,
+    /// Bid amounts rise with every bid sent.
+    amounts: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl BurstLoad {
+    /// A bid of bidder `i` on auction `i`, higher than all sent before.
+    fn bid(&self, i: usize) -> impl std::future::Future<Output = Exchange> + Send + 'static {
+        let i = i % BURST_AUCTIONS;
+        let n = self
+            .amounts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = new_key();
+        let request = self
+            .http
+            .post(format!(
+                "http://{}/api/auctions/{}/bids",
+                self.addr, self.auctions[i]
+            ))
+            .bearer_auth(&self.tokens[i])
+            .header("Idempotency-Key", &key)
+            .json(&json!({ "amount": 1_000 + 10 * n }));
+        exchange(request, Some(key))
+    }
+
+    /// A read of auction `i`.
+    fn read(&self, i: usize) -> impl std::future::Future<Output = Exchange> + Send + 'static {
+        let i = i % BURST_AUCTIONS;
+        let request = self
+            .http
+            .get(format!(
+                "http://{}/api/auctions/{}",
+                self.addr, self.auctions[i]
+            ))
+            .bearer_auth(&self.tokens[i]);
+        exchange(request, None)
+    }
+
+    /// `clients` closed-loop clients bidding as fast as they are answered
+    /// for `run`; all their exchanges.
+    async fn closed_loop(&self, clients: usize, run: Duration) -> Vec<Exchange> {
+        let clients: Vec<_> = (0..clients)
+            .map(|c| {
+                let load = self.clone();
+                tokio::spawn(async move {
+                    let until = Instant::now() + run;
+                    let mut done = Vec::new();
+                    while Instant::now() < until {
+                        done.push(load.bid(c).await);
+                    }
+                    done
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for client in clients {
+            done.extend(client.await.unwrap());
+        }
+        done
+    }
+}
+
+/// The `p` quantile (0..=1) of the exchanges' latencies (nearest rank);
+/// zero when there are none.
+fn quantile<'a>(exchanges: impl IntoIterator<Item = &'a &'a Exchange>, p: f64) -> Duration {
+    let mut sorted: Vec<Duration> = exchanges.into_iter().map(|e| e.took).collect();
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted.sort();
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Exchanges counted by status and problem code (`none`: no answer).
+fn by_status(exchanges: &[&Exchange]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for e in exchanges {
+        let status = e.status.map_or("none".to_owned(), |s| {
+            format!("{} {}", s.as_u16(), e.code.as_deref().unwrap_or(""))
+                .trim_end()
+                .to_owned()
+        });
+        *counts.entry(status).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_capacity_keeps_goodput_and_refuses_the_excess_fast() {
+    // A small Gavel in a process of its own (its admission metrics are this
+    // test's alone) on a database with slow commits: the writer is what
+    // runs out, as in a real overload, not the machine.
+    let database_url = fresh_database().await;
+    connect(&database_url)
+        .await
+        .batch_execute(SLOW_APPENDS)
+        .await
+        .unwrap();
+    let process = ServeProcess::start_with(
+        &database_url,
+        &[
+            ("GAVEL_API_POOL_SIZE", "2"),
+            ("GAVEL_APPEND_WRITERS", "1"),
+            ("GAVEL_APPEND_BATCH_MAX", "4"),
+            ("GAVEL_MAX_IN_FLIGHT", "256"),
+            ("GAVEL_BID_RATE_LIMIT", "0"),
+            // No access log line per request; admission's own lines stay.
+            ("GAVEL_LOG", "info,gavel::http=warn"),
+        ],
+    )
+    .await;
+    let app = process.client(&database_url);
+    let mut auctions = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..BURST_AUCTIONS {
+        let auction = app.create_auction("seller", json!({})).await;
+        auctions.push(auction["id"].as_str().unwrap().to_owned());
+        tokens.push(app.token(&format!("burst-bidder-{i}"), &[]));
+    }
+    let load = BurstLoad {
+        // One attempt per request, never waiting long for an answer.
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(BURST_CONNECTIONS)
+            .build()
+            .unwrap(),
+        addr: app.addr,
+        auctions: Arc::new(auctions),
+        tokens: Arc::new(tokens),
+        amounts: Arc::default(),
+    };
+    // Requests all in flight at once each open a connection.
+    let opening: Vec<_> = (0..BURST_CONNECTIONS)
+        .map(|_| tokio::spawn(load.http.get(app.url("/healthz")).send()))
+        .collect();
+    for opened in opening {
+        assert_eq!(opened.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    let connections = Scrape::take(&app)
+        .await
+        .sum("gavel_http_connections_open", &[("listener", "api")]);
+    eprintln!("burst: {connections} client connections open");
+    let mut acknowledged: Vec<String> = Vec::new();
+    let mut unacknowledged: Vec<String> = Vec::new();
+    let mut keep = |e: &Exchange| {
+        if let Some(key) = &e.key {
+            if e.ok() {
+                acknowledged.push(key.clone());
+            } else {
+                unacknowledged.push(key.clone());
+            }
+        }
+    };
+
+    // Phase 1: what the small Gavel sustains without overload, closed loop
+    // (after a warm-up that caches the auction snapshots).
+    for e in load
+        .closed_loop(CAPACITY_CLIENTS, Duration::from_millis(500))
+        .await
+    {
+        assert!(e.ok(), "warm-up bid: {e:?}");
+        keep(&e);
+    }
+    let started = Instant::now();
+    let phase1 = load.closed_loop(CAPACITY_CLIENTS, CAPACITY_RUN).await;
+    let phase1_took = started.elapsed();
+    phase1.iter().for_each(&mut keep);
+    let phase1: Vec<&Exchange> = phase1.iter().collect();
+    assert!(
+        phase1.iter().all(|e| e.ok()),
+        "without overload every bid is acknowledged: {:?}",
+        by_status(&phase1)
+    );
+    let capacity = phase1.len() as f64 / phase1_took.as_secs_f64();
+    eprintln!(
+        "burst: capacity {capacity:.0} bids/s ({} bids from {CAPACITY_CLIENTS} closed-loop \
+         clients in {phase1_took:.2?}; latency p50 {:.1?}, p99 {:.1?})",
+        phase1.len(),
+        quantile(&phase1, 0.5),
+        quantile(&phase1, 0.99),
+    );
+
+    // Phase 2: an open-loop burst of several times that, one attempt per
+    // request, with some reads alongside.
+    let rate = (BURST_FACTOR * capacity).min(MAX_BURST_RATE);
+    let total = (rate * BURST.as_secs_f64()) as usize;
+    let mut requests = Vec::with_capacity(total + total / BIDS_PER_READ);
+    let mut tick = tokio::time::interval(Duration::from_millis(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let started = Instant::now();
+    let started_wall = chrono::Utc::now();
+    let mut sent = 0;
+    let mut late = Duration::ZERO;
+    while sent < total && started.elapsed() < BURST + Duration::from_secs(1) {
+        tick.tick().await;
+        let now = started.elapsed();
+        let due = ((now.as_secs_f64() * rate) as usize).min(total);
+        while sent < due {
+            late = late.max(now.saturating_sub(Duration::from_secs_f64(sent as f64 / rate)));
+            requests.push(tokio::spawn(load.bid(sent)));
+            if sent % BIDS_PER_READ == BIDS_PER_READ - 1 {
+                requests.push(tokio::spawn(load.read(sent)));
+            }
+            sent += 1;
+        }
+    }
+    let sending_took = started.elapsed();
+    let mut burst = Vec::with_capacity(requests.len());
+    for request in requests {
+        burst.push(request.await.unwrap());
+    }
+    burst.iter().for_each(&mut keep);
+
+    let bids: Vec<&Exchange> = burst.iter().filter(|e| e.key.is_some()).collect();
+    let reads: Vec<&Exchange> = burst.iter().filter(|e| e.key.is_none()).collect();
+    let ok: Vec<&Exchange> = bids.iter().copied().filter(|e| e.ok()).collect();
+    let refused: Vec<&Exchange> = burst.iter().filter(|e| e.refused()).collect();
+    // Admitted once admission knew of the overload: a short queue wait.
+    let ok_detected: Vec<&Exchange> = ok
+        .iter()
+        .copied()
+        .filter(|e| e.sent_at >= started + DETECTED_WITHIN)
+        .collect();
+    // Goodput: acknowledged bids over the burst, from its first request to
+    // its last acknowledgement (at least its sending time).
+    let window = ok
+        .iter()
+        .map(|e| e.answered_at().saturating_duration_since(started))
+        .max()
+        .unwrap_or_default()
+        .max(sending_took);
+    let goodput = ok.len() as f64 / window.as_secs_f64();
+    let sent_rate = sent as f64 / sending_took.as_secs_f64();
+    let mut retry_afters = std::collections::BTreeMap::new();
+    for e in &refused {
+        let value = e.retry_after.clone().unwrap_or_default();
+        *retry_afters.entry(value).or_insert(0) += 1;
+    }
+    let p99_ok = quantile(&ok, 0.99);
+    let p99_ok_detected = quantile(&ok_detected, 0.99);
+    let p99_refused = quantile(&refused, 0.99);
+    eprintln!(
+        "burst: offered {rate:.0} bids/s, sent {sent} bids ({sent_rate:.0}/s, {:.1}x capacity; \
+         at most {late:.1?} behind schedule) and {} reads in {sending_took:.2?}",
+        sent_rate / capacity,
+        reads.len(),
+    );
+    eprintln!(
+        "burst: bids {:?}; reads {:?}",
+        by_status(&bids),
+        by_status(&reads)
+    );
+    eprintln!(
+        "burst: goodput {goodput:.0} bids/s over {window:.2?} ({:.0}% of capacity)",
+        100.0 * goodput / capacity,
+    );
+    eprintln!(
+        "burst: 2xx latency p50 {:.1?} p99 {p99_ok:.1?} max {:.1?}; once the overload was \
+         known (sent after {DETECTED_WITHIN:?}, {} bids) p50 {:.1?} p99 {p99_ok_detected:.1?} \
+         max {:.1?}",
+        quantile(&ok, 0.5),
+        quantile(&ok, 1.0),
+        ok_detected.len(),
+        quantile(&ok_detected, 0.5),
+        quantile(&ok_detected, 1.0),
+    );
+    eprintln!(
+        "burst: 503 latency p50 {:.1?} p99 {p99_refused:.1?} max {:.1?}; \
+         Retry-After {retry_afters:?}",
+        quantile(&refused, 0.5),
+        quantile(&refused, 1.0),
+    );
+    for event in process.logs.lock().unwrap().iter() {
+        let message = event["fields"]["message"].as_str().unwrap_or("");
+        if message.contains("admission") || message.contains("overload") {
+            let at = time_of(&event["timestamp"]) - started_wall;
+            eprintln!(
+                "burst:   {:>+6} ms: {message} {}",
+                at.num_milliseconds(),
+                event["fields"]
+            );
+        }
+    }
+    for from in (0..window.as_millis() as u64).step_by(500) {
+        let slot = Duration::from_millis(from)..Duration::from_millis(from + 500);
+        let sent: Vec<&Exchange> = bids
+            .iter()
+            .copied()
+            .filter(|e| slot.contains(&e.sent_at.saturating_duration_since(started)))
+            .collect();
+        let ok: Vec<&Exchange> = sent.iter().copied().filter(|e| e.ok()).collect();
+        let refused: Vec<&Exchange> = sent.iter().copied().filter(|e| e.refused()).collect();
+        eprintln!(
+            "burst:   bids sent {:>4}-{:>4} ms: {:>4}, {:>4} acknowledged (p50 {:>7.1?}, max \
+             {:>7.1?}), {:>4} refused (max {:>6.1?})",
+            from,
+            from + 500,
+            sent.len(),
+            ok.len(),
+            quantile(&ok, 0.5),
+            quantile(&ok, 1.0),
+            refused.len(),
+            quantile(&refused, 1.0),
+        );
+    }
+
+    // Every request was answered: acknowledged, or refused 503 `overloaded`
+    // with a Retry-After, and reads were served or refused the same way.
+    let unanswered: Vec<&Exchange> = burst.iter().filter(|e| e.status.is_none()).collect();
+    assert!(
+        unanswered.is_empty(),
+        "{} requests got no answer, e.g. {:?}",
+        unanswered.len(),
+        unanswered.first()
+    );
+    for e in &bids {
+        assert!(e.ok() || e.refused(), "a bid of the burst: {e:?}");
+    }
+    for e in &reads {
+        assert!(
+            e.status == Some(StatusCode::OK) || e.refused(),
+            "a read during the overload: {e:?}"
+        );
+    }
+    for e in &refused {
+        assert_eq!(e.code.as_deref(), Some("overloaded"), "{e:?}");
+        assert!(
+            e.content_type.starts_with("application/problem+json"),
+            "{e:?}"
+        );
+        assert!(
+            e.retry_after
+                .as_deref()
+                .is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)),
+            "Retry-After is a whole number of seconds, at least 1: {e:?}"
+        );
+    }
+    assert!(
+        sent_rate >= 2.0 * capacity,
+        "the burst was several times the capacity: {sent_rate:.0} bids/s sent"
+    );
+    assert!(
+        !refused.is_empty() && ok.len() < bids.len(),
+        "the burst exceeded what Gavel commits: {:?}",
+        by_status(&bids)
+    );
+    // The acceptance figures.
+    assert!(
+        goodput >= 0.5 * capacity,
+        "goodput under overload {goodput:.0} bids/s fell below half the capacity \
+         {capacity:.0} bids/s"
+    );
+    assert!(
+        p99_refused < Duration::from_millis(300),
+        "refusals are fast: p99 {p99_refused:?}"
+    );
+    assert!(
+        p99_ok_detected < Duration::from_millis(500),
+        "bids admitted during the overload wait little: p99 {p99_ok_detected:?}"
+    );
+    // Before admission sees the overload, a bid waits at most the pool wait.
+    assert!(
+        p99_ok < Duration::from_millis(1_500),
+        "no acknowledged bid waited much beyond the pool wait: p99 {p99_ok:?}"
+    );
+
+    // Once the burst is over, bids are accepted at once and the overload
+    // ends by itself.
+    let burst_ended = Instant::now();
+    let first = load.bid(0).await;
+    keep(&first);
+    assert!(first.ok(), "a bid right after the burst: {first:?}");
+    assert!(
+        first.took < Duration::from_millis(200),
+        "a bid right after the burst took {:?}",
+        first.took
+    );
+    let after = Mutex::new(Vec::new());
+    eventually(Duration::from_secs(2), "the overload to end", || async {
+        let e = load.bid(1).await;
+        let scrape = Scrape::take(&app).await;
+        after.lock().unwrap().push(e);
+        (scrape.sum("gavel_admission_overloaded", &[]) == 0.0).then_some(())
+    })
+    .await;
+    let after = after.into_inner().unwrap();
+    after.iter().for_each(&mut keep);
+    let after: Vec<&Exchange> = after.iter().collect();
+    eprintln!(
+        "burst: a bid right after it took {:.1?}; overload over {:.2?} after the burst, {} \
+         bids later (slowest {:.1?})",
+        first.took,
+        burst_ended.elapsed(),
+        after.len(),
+        quantile(&after, 1.0),
+    );
+    for e in &after {
+        assert!(e.ok(), "a bid after the burst: {e:?}");
+    }
+    let read = load.read(2).await;
+    assert_eq!(read.status, Some(StatusCode::OK), "a read after the burst");
+
+    let scrape = Scrape::take(&app).await;
+    let decisions = |kind: &str, decision: &str| {
+        scrape.sum(
+            "gavel_admission_decisions_total",
+            &[("kind", kind), ("decision", decision)],
+        )
+    };
+    let (at_door, in_queue) = (
+        decisions("bid", "refused_at_door"),
+        decisions("bid", "refused_in_queue"),
+    );
+    eprintln!(
+        "burst: admission: bids admitted {}, refused at the door {at_door}, in the queue \
+         {in_queue}; reads admitted {}, refused {}; shed by the in-flight limit {}",
+        decisions("bid", "admitted"),
+        decisions("read", "admitted"),
+        decisions("read", "refused_at_door"),
+        scrape.sum("gavel_http_shed_total", &[("reason", "in_flight_limit")]),
+    );
+    assert!(
+        at_door + in_queue > 0.0,
+        "admission refused bids of the burst"
+    );
+
+    // The audit: every acknowledged bid is in the log exactly once, and
+    // every auction's state is what its bids make it.
+    let db = app.db().await;
+    for auction_id in load.auctions.iter() {
+        let auction_id: Uuid = auction_id.parse().unwrap();
+        wait_resolved(&db, auction_id, Duration::from_secs(20)).await;
+        assert_consistent(&db, auction_id).await;
+    }
+    let logged: std::collections::HashMap<String, i64> = db
+        .query(
+            "SELECT idempotency_key, count(*) FROM bid_log GROUP BY idempotency_key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    for key in &acknowledged {
+        assert_eq!(
+            logged.get(key).copied().unwrap_or(0),
+            1,
+            "acknowledged bid {key} is in the log once"
+        );
+    }
+    let mut refused_but_logged = 0;
+    for key in &unacknowledged {
+        let rows = logged.get(key).copied().unwrap_or(0);
+        assert!(rows <= 1, "refused bid {key} is in the log {rows} times");
+        refused_but_logged += rows;
+    }
+    eprintln!(
+        "burst: audit: {} acknowledged bids each in the log once; {} refused, \
+         {refused_but_logged} of them logged anyway",
+        acknowledged.len(),
+        unacknowledged.len(),
+    );
+}
