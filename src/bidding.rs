@@ -162,6 +162,8 @@ impl BidDesk {
     }
 
     /// Whether a read may be served now: not while bids are overloaded.
+    /// (Reads beyond their share of the in-flight limit are refused by the
+    /// HTTP layer, and counted with [`count_refused_read`].)
     pub fn admit_read(&self) -> Door {
         let door = self.admission.read();
         if matches!(door, Door::Open(_)) {
@@ -532,6 +534,11 @@ impl BidDesk {
     pub fn pool_wait(&self) -> Duration {
         self.pool.timeouts().wait.unwrap_or(DEFAULT_POOL_WAIT)
     }
+}
+
+/// Counts a read refused at the door.
+pub fn count_refused_read() {
+    admission::count("read", "refused_at_door");
 }
 
 /// The `reason` labels of `gavel_bids_rejected_total`: the problem codes a

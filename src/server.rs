@@ -5,10 +5,12 @@
 //! their current step, then close the pools.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
@@ -58,6 +60,7 @@ impl Server {
             request_timeout: config.request_timeout,
             max_in_flight: config.max_in_flight,
             body_read_timeout: config.edge.body_read_timeout,
+            read_slots: Arc::new(Semaphore::new((config.max_in_flight / 4).max(1))),
             bids: BidDesk::new(
                 pools.api.clone(),
                 signals.clone(),

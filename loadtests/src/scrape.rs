@@ -27,6 +27,23 @@ pub struct ServerSample {
     /// Auction view reads that went to the database so far (a counter).
     #[serde(default)]
     pub view_cache_misses: f64,
+    /// Gavel's own account of its decisions (counters, but the gauge).
+    #[serde(default)]
+    pub gavel: Decisions,
+}
+
+/// What Gavel decided, from its metrics: counters since it started, and
+/// whether it was overloaded at the scrape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Decisions {
+    pub overloaded: f64,
+    pub bids_accepted: f64,
+    pub bids_refused_at_door: f64,
+    pub bids_refused_in_queue: f64,
+    pub reads_refused_at_door: f64,
+    pub shed_in_flight_limit: f64,
+    pub shed_deadline: f64,
+    pub http_requests: f64,
 }
 
 /// Reads the figures a run reports from a Prometheus text exposition.
@@ -66,13 +83,37 @@ pub fn parse(text: &str, t: f64) -> ServerSample {
             "gavel_auction_cache_total" if labels.contains("result=\"miss\"") => {
                 sample.view_cache_misses = value;
             }
-            _ => {}
+            _ => decision(&mut sample.gavel, name, labels, value),
         }
     }
     sample
 }
 
 /// Scrapes `url` once.
+fn decision(d: &mut Decisions, name: &str, labels: &str, value: f64) {
+    let has = |label: &str| labels.contains(label);
+    match name {
+        "gavel_admission_overloaded" => d.overloaded = value,
+        "gavel_bids_accepted_total" => d.bids_accepted = value,
+        "gavel_admission_decisions_total" if has("kind=\"bid\"") => {
+            if has("decision=\"refused_at_door\"") {
+                d.bids_refused_at_door = value;
+            } else if has("decision=\"refused_in_queue\"") {
+                d.bids_refused_in_queue = value;
+            }
+        }
+        "gavel_admission_decisions_total" if has("decision=\"refused_at_door\"") => {
+            d.reads_refused_at_door = value;
+        }
+        "gavel_http_shed_total" if has("reason=\"in_flight_limit\"") => {
+            d.shed_in_flight_limit = value;
+        }
+        "gavel_http_shed_total" if has("reason=\"deadline\"") => d.shed_deadline = value,
+        "gavel_http_requests_total" => d.http_requests += value,
+        _ => {}
+    }
+}
+
 pub async fn scrape(client: &reqwest::Client, url: &str, t: f64) -> anyhow::Result<ServerSample> {
     let text = client
         .get(url)
@@ -88,6 +129,32 @@ pub async fn scrape(client: &reqwest::Client, url: &str, t: f64) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gavels_own_decisions_are_read_by_kind() {
+        let text = "\
+gavel_admission_overloaded 1
+gavel_bids_accepted_total 900
+gavel_admission_decisions_total{kind=\"bid\",decision=\"admitted\"} 1000
+gavel_admission_decisions_total{kind=\"bid\",decision=\"refused_at_door\"} 70
+gavel_admission_decisions_total{kind=\"bid\",decision=\"refused_in_queue\"} 5
+gavel_admission_decisions_total{kind=\"read\",decision=\"refused_at_door\"} 30
+gavel_http_shed_total{reason=\"in_flight_limit\"} 4
+gavel_http_shed_total{reason=\"deadline\"} 2
+gavel_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 10
+gavel_http_requests_total{method=\"POST\",route=\"/api/auctions/{id}/bids\",status=\"202\"} 900
+";
+        let d = parse(text, 1.0).gavel;
+        assert_eq!(d.overloaded, 1.0);
+        assert_eq!(d.bids_accepted, 900.0);
+        assert_eq!(
+            (d.bids_refused_at_door, d.bids_refused_in_queue),
+            (70.0, 5.0)
+        );
+        assert_eq!(d.reads_refused_at_door, 30.0);
+        assert_eq!((d.shed_in_flight_limit, d.shed_deadline), (4.0, 2.0));
+        assert_eq!(d.http_requests, 910.0);
+    }
 
     #[test]
     fn lock_waiters_add_up_over_wait_events() {

@@ -3,10 +3,12 @@
 //! excess at once, so overload costs the refused requests almost nothing
 //! and the admitted ones still succeed.
 //!
-//! It watches the time bids spend in the append queue (CoDel's signal):
-//! when no bid the writers took during a whole [`INTERVAL`] had waited
-//! less than [`TARGET`] (a standing queue while they commit), the process
-//! is overloaded. Then a new bid may wait in the queue at most
+//! It watches how long the oldest bid of each append batch took from
+//! entering the queue to its commit (CoDel's signal, adapted to batches,
+//! which empty the queue at every take): when every batch committed during
+//! two [`INTERVAL`]s in a row had a bid older than [`TARGET`], the writers
+//! are not keeping up, and the process is overloaded (one such interval is
+//! what the catch-up after a short stall looks like). Then a new bid may wait in the queue at most
 //! [`OVERLOAD_WAIT`] instead of the pool wait, and a bid arriving to a
 //! queue longer than what the writers commit in that time is refused at the
 //! door, before its request is authenticated or read further. The overload
@@ -19,24 +21,26 @@
 //! At any time a bid that could not be taken within its wait at the
 //! current commit rate is refused at the door: it would only time out.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::http::error::ApiError;
 
-/// The queueing delay tolerated as standing (CoDel's target).
-pub const TARGET: Duration = Duration::from_millis(40);
+/// The oldest bid's time to commit tolerated as standing (CoDel's target).
+pub const TARGET: Duration = Duration::from_millis(50);
 /// How long the delay must stay above the target to mean overload.
 pub const INTERVAL: Duration = Duration::from_millis(100);
 /// The most a bid admitted during overload waits in the append queue.
-pub const OVERLOAD_WAIT: Duration = Duration::from_millis(60);
+pub const OVERLOAD_WAIT: Duration = Duration::from_millis(50);
 /// The longest `Retry-After` base, in seconds (the answer is 1-2 times it).
 const MAX_RETRY_AFTER_BASE_S: u64 = 8;
 
 /// The admission state of one process's bid path.
 pub struct Admission {
     state: Mutex<State>,
+    /// Bids waiting in the append queue, kept by the appender.
+    waiting: Arc<AtomicUsize>,
     /// State for the `Retry-After` jitter.
     jitter: AtomicU64,
 }
@@ -44,12 +48,15 @@ pub struct Admission {
 #[derive(Debug)]
 struct State {
     window_start: Instant,
-    /// The shortest queue wait of a bid taken in this window.
+    /// The shortest time to commit of a batch's oldest bid in this window.
     window_min: Option<Duration>,
-    /// Bids taken into batches in this window.
+    /// Bids committed (or failed) in this window.
     window_taken: u64,
     /// Bids refused at the door in this window.
     window_refused: u64,
+    /// Windows in a row whose batches all had a bid older than the target
+    /// (windows without a batch leave it as it is).
+    standing_windows: u32,
     /// Bids taken per second, over the last windows (moving average).
     rate: f64,
     overloaded_since: Option<Instant>,
@@ -74,23 +81,41 @@ impl Admission {
                 window_min: None,
                 window_taken: 0,
                 window_refused: 0,
+                standing_windows: 0,
                 rate: 0.0,
                 overloaded_since: None,
             }),
+            waiting: Arc::default(),
             jitter: AtomicU64::new(seed()),
         }
     }
 
+    /// The count of bids waiting in the append queue, for the appender to
+    /// keep: an overload lasts while bids wait and nothing is written.
+    pub fn waiting(&self) -> Arc<AtomicUsize> {
+        self.waiting.clone()
+    }
+
+    fn roll(&self, state: &mut State, now: Instant) {
+        state.roll(now, self.waiting.load(Ordering::Relaxed) > 0);
+    }
+
     /// Notes the queue waits of a batch's bids as a writer takes them.
     pub fn taken(&self, waits: impl Iterator<Item = Duration>) {
+        let histogram = metrics::histogram!("gavel_admission_queue_wait_seconds");
+        for wait in waits {
+            histogram.record(wait.as_secs_f64());
+        }
+    }
+
+    /// Notes a batch of `bids` written (or failed), whose oldest bid took
+    /// `oldest` from entering the queue to the end of the batch.
+    pub fn written(&self, bids: usize, oldest: Duration) {
         let now = Instant::now();
         let mut state = self.state.lock().expect("admission state");
-        for wait in waits {
-            metrics::histogram!("gavel_admission_queue_wait_seconds").record(wait.as_secs_f64());
-            state.window_min = Some(state.window_min.map_or(wait, |min| min.min(wait)));
-            state.window_taken += 1;
-        }
-        state.roll(now);
+        state.window_min = Some(state.window_min.map_or(oldest, |min| min.min(oldest)));
+        state.window_taken += bids as u64;
+        self.roll(&mut state, now);
     }
 
     /// Whether a bid arriving now, to a queue of `queued` waiting bids, may
@@ -98,7 +123,7 @@ impl Admission {
     pub fn bid(&self, queued: usize, normal: Duration) -> Door {
         let now = Instant::now();
         let mut state = self.state.lock().expect("admission state");
-        state.roll(now);
+        self.roll(&mut state, now);
         let wait = match state.overloaded_since {
             Some(_) => normal.min(OVERLOAD_WAIT),
             None => normal,
@@ -126,7 +151,7 @@ impl Admission {
     pub fn read(&self) -> Door {
         let since = {
             let mut state = self.state.lock().expect("admission state");
-            state.roll(Instant::now());
+            self.roll(&mut state, Instant::now());
             state.overloaded_since
         };
         match since {
@@ -182,15 +207,24 @@ impl Default for Admission {
 
 impl State {
     /// Closes the window when an interval has passed. Overload starts when
-    /// no bid taken in it waited less than the target; it goes on while
-    /// that holds or the door refused bids in the window.
-    fn roll(&mut self, now: Instant) {
+    /// two windows in a row had every batch written with a bid older than
+    /// the target; it goes on while that holds, while the door refused
+    /// bids, or while bids wait and none was written.
+    fn roll(&mut self, now: Instant, bids_waiting: bool) {
         let elapsed = now.saturating_duration_since(self.window_start);
         if elapsed < INTERVAL {
             return;
         }
-        let standing = self.window_min.is_some_and(|min| min > TARGET);
-        let over = standing || (self.overloaded_since.is_some() && self.window_refused > 0);
+        let standing = self.window_min.map(|min| min > TARGET);
+        match standing {
+            Some(true) => self.standing_windows += 1,
+            Some(false) => self.standing_windows = 0,
+            None => {}
+        }
+        let over = match self.overloaded_since {
+            None => self.standing_windows >= 2,
+            Some(_) => standing.unwrap_or(bids_waiting) || self.window_refused > 0,
+        };
         let window_rate = self.window_taken as f64 / elapsed.as_secs_f64();
         self.rate = if self.rate == 0.0 {
             window_rate
@@ -263,9 +297,10 @@ mod tests {
         }
     }
 
-    /// A window in which the writers took `count` bids, the shortest wait `min`.
+    /// A window in which the writers wrote `count` bids in batches whose
+    /// oldest bids took at least `min`.
     fn window(admission: &Admission, count: usize, min: Duration) {
-        admission.taken(std::iter::repeat_n(min, count));
+        admission.written(count, min);
         age(admission, INTERVAL);
     }
 
@@ -273,10 +308,11 @@ mod tests {
     fn a_queue_that_drains_within_the_target_is_never_overloaded() {
         let admission = Admission::new();
         for _ in 0..5 {
-            admission.taken([Duration::from_millis(2), Duration::from_millis(90)].into_iter());
+            admission.written(10, Duration::from_millis(90));
+            admission.written(10, Duration::from_millis(2));
             age(&admission, INTERVAL);
         }
-        admission.taken(std::iter::once(Duration::from_millis(1)));
+        admission.written(1, Duration::from_millis(1));
         assert!(!overloaded(&admission));
         assert_eq!(admission.bid(5, NORMAL), Door::Open(NORMAL));
         assert_eq!(admission.read(), Door::Open(Duration::ZERO));
@@ -285,11 +321,12 @@ mod tests {
     #[test]
     fn a_standing_queue_shortens_the_wait_and_refuses_beyond_what_fits() {
         let admission = Admission::new();
-        // 200 bids in 0.1 s, none waiting less than 50 ms: 2,000 a second.
-        window(&admission, 200, Duration::from_millis(50));
-        admission.taken(std::iter::once(Duration::from_millis(55)));
+        // 200 bids in 0.1 s, every batch's oldest over the target: 2,000 a second.
+        window(&admission, 200, Duration::from_millis(60));
+        window(&admission, 200, Duration::from_millis(60));
+        admission.written(1, Duration::from_millis(55));
         assert!(overloaded(&admission));
-        // 60 ms of 2,000 bids a second: 120 fit.
+        // 50 ms of 2,000 bids a second: 100 fit.
         assert_eq!(admission.bid(10, NORMAL), Door::Open(OVERLOAD_WAIT));
         let Door::Refused { retry_after_s } = admission.bid(500, NORMAL) else {
             panic!("a long queue refuses");
@@ -301,26 +338,43 @@ mod tests {
     #[test]
     fn the_overload_lasts_while_the_door_refuses_and_ends_when_demand_fits() {
         let admission = Admission::new();
-        window(&admission, 200, Duration::from_millis(50));
-        admission.taken(std::iter::once(Duration::from_millis(55)));
+        window(&admission, 200, Duration::from_millis(60));
+        window(&admission, 200, Duration::from_millis(60));
+        admission.written(1, Duration::from_millis(55));
         assert!(overloaded(&admission));
         // Short waits, but the door refused bids: still overloaded.
         assert!(matches!(admission.bid(500, NORMAL), Door::Refused { .. }));
         window(&admission, 200, Duration::from_millis(1));
-        admission.taken(std::iter::once(Duration::from_millis(1)));
+        admission.written(1, Duration::from_millis(1));
         assert!(overloaded(&admission));
         // A window with short waits and no refusal ends it.
         window(&admission, 100, Duration::from_millis(1));
-        admission.taken(std::iter::once(Duration::from_millis(1)));
+        admission.written(1, Duration::from_millis(1));
         assert!(!overloaded(&admission));
         assert_eq!(admission.bid(5, NORMAL), Door::Open(NORMAL));
     }
 
     #[test]
+    fn the_overload_lasts_while_bids_wait_and_nothing_is_written() {
+        let admission = Admission::new();
+        window(&admission, 200, Duration::from_millis(60));
+        window(&admission, 200, Duration::from_millis(60));
+        admission.written(1, Duration::from_millis(55));
+        assert!(overloaded(&admission));
+        admission.waiting().store(3, Ordering::Relaxed);
+        age(&admission, INTERVAL);
+        assert!(matches!(admission.read(), Door::Refused { .. }));
+        admission.waiting().store(0, Ordering::Relaxed);
+        age(&admission, INTERVAL);
+        assert_eq!(admission.read(), Door::Open(Duration::ZERO));
+    }
+
+    #[test]
     fn reads_alone_end_an_overload_once_bids_stop() {
         let admission = Admission::new();
-        window(&admission, 200, Duration::from_millis(50));
-        admission.taken(std::iter::once(Duration::from_millis(55)));
+        window(&admission, 200, Duration::from_millis(60));
+        window(&admission, 200, Duration::from_millis(60));
+        admission.written(1, Duration::from_millis(55));
         assert!(matches!(admission.read(), Door::Refused { .. }));
         age(&admission, INTERVAL);
         assert_eq!(admission.read(), Door::Open(Duration::ZERO));
@@ -335,7 +389,9 @@ mod tests {
         // 1,000 a second: 1,000 fit in a second's wait.
         assert_eq!(admission.bid(900, NORMAL), Door::Open(NORMAL));
         assert!(matches!(admission.bid(1_000, NORMAL), Door::Refused { .. }));
-        // The writers take nothing for a while: not overload.
+        // One slow window (the catch-up after a stall) is not overload,
+        // and neither is a while in which the writers write nothing.
+        window(&admission, 100, Duration::from_millis(300));
         age(&admission, INTERVAL * 3);
         assert!(matches!(admission.bid(50, NORMAL), Door::Open(_)));
         assert!(!overloaded(&admission));

@@ -210,8 +210,8 @@ impl Appender {
                 write_limit: settings.write_limit,
                 in_flight: Mutex::new(vec![None; count]),
                 batch_done: Notify::new(),
+                waiting: admission.waiting(),
                 admission,
-                waiting: Arc::default(),
             }),
         }
     }
@@ -401,8 +401,18 @@ impl Writers {
         self.batch_done.notify_waiters();
     }
 
-    /// Writes `batch` on `client` and answers each of its bids.
+    /// Writes `batch` on `client` and answers each of its bids; tells
+    /// admission how long its oldest bid took.
     async fn write(&self, slot: usize, client: Object, batch: Vec<Submission>) {
+        let oldest = batch.iter().map(|s| s.queued_at).min();
+        let size = batch.len();
+        self.write_batch(slot, client, batch).await;
+        if let Some(oldest) = oldest {
+            self.admission.written(size, oldest.elapsed());
+        }
+    }
+
+    async fn write_batch(&self, slot: usize, client: Object, batch: Vec<Submission>) {
         self.in_flight.lock().expect("in-flight lock")[slot] = Some(Instant::now());
         let bids: Vec<&NewBid> = batch.iter().map(|s| &s.bid).collect();
         let Ok((outcomes, wal_position)) =

@@ -233,7 +233,7 @@ pub struct StateUpdate<'a> {
 /// each auction of a group, all in one round trip. One statement over
 /// arrays of auctions, joined to `auctions`, got a generic plan that
 /// scanned the table (a handful of rows, but thousands of dead versions
-/// during a burst) and cost 2.4 times as much per call (BENCHMARKS.md,
+/// during a burst) and cost 2.4 times as much per call (BENCHMARKS.md as of 2026-12-06,
 /// "Quiet auctions resolved together").
 pub async fn compare_and_set(
     client: &impl GenericClient,

@@ -555,7 +555,7 @@ pub async fn record_outcomes(
 /// each auction of a group whose leader was outbid, all in one round trip.
 /// One statement over arrays of bids, joined to `bid_log`, ran on a
 /// generic plan that scanned the log: 11.5 ms per call at 140,000 bids
-/// (BENCHMARKS.md, "Quiet auctions resolved together").
+/// (BENCHMARKS.md as of 2026-12-06, "Quiet auctions resolved together").
 pub async fn mark_outbid(
     client: &impl GenericClient,
     auction_id: Uuid,

@@ -21,12 +21,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::auth::JwtKeys;
-use crate::bidding::{BidDesk, Door};
+use crate::bidding::{self, BidDesk, Door};
 use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
@@ -72,6 +73,9 @@ pub struct Shared {
     pub bids: BidDesk,
     /// Wake-ups between the bid path and the resolver.
     pub signals: Signals,
+    /// Reads in progress: at most a quarter of the in-flight limit, so
+    /// reads waiting on a slow database cannot crowd bids out.
+    pub read_slots: Arc<Semaphore>,
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -188,7 +192,16 @@ async fn admit(State(state): State<AppState>, mut request: Request, next: Next) 
     let route = matched_route(&request);
     let door = match *request.method() {
         Method::POST if route == "/api/auctions/{id}/bids" => state.bids.admit_bid(),
-        Method::GET | Method::HEAD => state.bids.admit_read(),
+        Method::GET | Method::HEAD => {
+            let Ok(_slot) = state.read_slots.clone().try_acquire_owned() else {
+                bidding::count_refused_read();
+                return ApiError::Shed { retry_after_s: 1 }.into_response();
+            };
+            return match state.bids.admit_read() {
+                Door::Open(_) => next.run(request).await,
+                Door::Refused { retry_after_s } => ApiError::Shed { retry_after_s }.into_response(),
+            };
+        }
         _ => return next.run(request).await,
     };
     match door {

@@ -442,7 +442,7 @@ impl Resolver {
     /// planned) per auction. The reads and the writes over the bids are
     /// one statement each for the whole group; the compare-and-set and the
     /// outbid mark are one key lookup per auction, in the same round trip
-    /// (BENCHMARKS.md, "Quiet auctions resolved together").
+    /// (BENCHMARKS.md as of 2026-12-06, "Quiet auctions resolved together").
     /// The statements that look rows up by key run on generic plans, the
     /// writes over the batch's arrays on plans made for them ([`plan_modes`]).
     /// An auction takes at most `limit` bids, [`BatchSize`] by default.
@@ -739,7 +739,7 @@ fn plan_batch<'a>(
 /// Splits `work` into groups resolved one transaction each: as few as
 /// hold it in groups of at most [`GROUP_MAX`], spread round-robin. One
 /// transaction per auction, even two groups where one would do, cost the
-/// primary more than running them side by side saved (BENCHMARKS.md,
+/// primary more than running them side by side saved (BENCHMARKS.md as of 2026-12-06,
 /// "Quiet auctions resolved together").
 fn groups(work: Vec<Uuid>) -> Vec<Vec<Uuid>> {
     let count = work.len().div_ceil(GROUP_MAX);
@@ -770,7 +770,7 @@ fn group_limit(batch: i64, auctions: usize) -> i64 {
 /// compare-and-set, the outbid marks, the notification) look rows up by
 /// key whatever their parameters, so a generic plan serves them all; at
 /// a few thousand bids per second, planning them once per batch cost as
-/// much statement time as executing them (BENCHMARKS.md, "Generic plans
+/// much statement time as executing them (BENCHMARKS.md as of 2026-12-06, "Generic plans
 /// for the resolver's key lookups").
 async fn plan_modes(
     tx: &impl deadpool_postgres::GenericClient,
