@@ -96,7 +96,7 @@ pub const METRICS: &[MetricDoc] = &[
     metric("gavel_admission_queue_wait_seconds", Histogram, &[],
         "Time each bid waited in the append queue before a writer took it into a batch (the admission controller's signal)."),
     metric("gavel_admission_overloaded", Gauge, &[],
-        "1 while bids wait longer than the admission target (40 ms) for a whole interval (0.5 s): the process refuses the excess at once."),
+        "1 while the append batches commit bids older than the admission target (50 ms): the process refuses the excess at once."),
     metric("gavel_bids_append_batch_size", Histogram, &[],
         "Bids written per append statement (concurrent bids are coalesced into one INSERT)."),
     metric("gavel_resolver_bids_resolved_total", Counter, &["outcome"],
