@@ -252,21 +252,7 @@ fn assert_gavel_headers(what: &str, response: &RawResponse) {
             .unwrap_or_else(|| panic!("{what}: missing {name} in {:?}", response.headers))
             .to_owned()
     };
-    assert_eq!(
-        header("strict-transport-security"),
-        "max-age=31536000; includeSubDomains",
-        "{what}"
-    );
-    assert_eq!(header("x-frame-options"), "DENY", "{what}");
-    assert!(
-        header("content-security-policy").contains("frame-ancestors 'none'"),
-        "{what}"
-    );
-    assert_eq!(header("x-content-type-options"), "nosniff", "{what}");
-    assert!(
-        !header("x-request-id").is_empty(),
-        "{what}: empty X-Request-Id"
-    );
+    assert_contract_headers(what, header);
 }
 
 /// Asserts a Gavel problem: the status, problem+json, the contract's

@@ -775,3 +775,24 @@ fn parse_sample(line: &str) -> Option<(String, HashMap<String, String>, f64)> {
     }
     Some((name.to_owned(), labels, value))
 }
+
+/// Asserts the headers every response carries (the API contract's
+/// conventions), reading each through `header`, which panics when one is
+/// missing.
+pub fn assert_contract_headers(what: &str, header: impl Fn(&str) -> String) {
+    assert_eq!(
+        header("strict-transport-security"),
+        "max-age=31536000; includeSubDomains",
+        "{what}"
+    );
+    assert_eq!(header("x-frame-options"), "DENY", "{what}");
+    assert!(
+        header("content-security-policy").contains("frame-ancestors 'none'"),
+        "{what}"
+    );
+    assert_eq!(header("x-content-type-options"), "nosniff", "{what}");
+    assert!(
+        !header("x-request-id").is_empty(),
+        "{what}: empty X-Request-Id"
+    );
+}
