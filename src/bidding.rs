@@ -31,12 +31,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::auth::User;
+pub use crate::config::BidPath;
 use crate::db::{auctions, bids, reads, Pool};
 use crate::domain::{Amount, IdempotencyKey};
-use crate::http::error::ApiError;
+use crate::error::ApiError;
 use crate::rate_limit::RateLimiter;
-use crate::resolver::{Resolved, Signals};
 use crate::rules;
+use crate::signals::{Resolved, Signals};
 use admission::Admission;
 use appender::Appender;
 
@@ -71,18 +72,6 @@ struct CachedSnapshot {
     read_at: Instant,
     snapshot: Arc<Snapshot>,
     refreshing: bool,
-}
-
-/// How a bid is written (`GAVEL_BID_PATH`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum BidPath {
-    /// `log`: the durable append to `bid_log`, resolved in the background.
-    #[default]
-    Log,
-    /// `row_lock`: the classic transaction that locks the auction row
-    /// `FOR UPDATE` and resolves the bid at once; a reproduction baseline
-    /// for load tests, never for production (see `bidding/row_lock.rs`).
-    RowLock,
 }
 
 /// The bid path's shared parts.
@@ -249,8 +238,7 @@ impl BidDesk {
         }
         .await
         .inspect_err(|refusal| {
-            metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.status_and_code().1)
-                .increment(1);
+            metrics::counter!("gavel_bids_rejected_total", "reason" => refusal.code()).increment(1);
         })
     }
 

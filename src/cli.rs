@@ -64,7 +64,7 @@ fn load_config() -> anyhow::Result<Config> {
 
 async fn serve() -> anyhow::Result<()> {
     let config = load_config()?;
-    telemetry::init_tracing(&config.log_filter, config.log_json);
+    telemetry::init_tracing(&config.telemetry.log_filter, config.telemetry.log_json);
     let server = server::Server::bind(config).await?;
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
@@ -77,7 +77,7 @@ async fn serve() -> anyhow::Result<()> {
 
 async fn migrate() -> anyhow::Result<()> {
     let config = load_config()?;
-    telemetry::init_tracing(&config.log_filter, config.log_json);
+    telemetry::init_tracing(&config.telemetry.log_filter, config.telemetry.log_json);
     db::migrate(&config.database_url).await?;
     tracing::info!("migrations applied");
     Ok(())

@@ -5,74 +5,112 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::bidding::BidPath;
-use crate::db::reads::check_limit;
-
 /// Minimum length of the HS256 secret, in bytes (the API contract).
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 
-/// Everything `gavel serve` needs, validated.
+/// Everything `gavel serve` needs, validated, grouped by concern.
 #[derive(Clone)]
 pub struct Config {
     /// Primary PostgreSQL URL (`GAVEL_DATABASE_URL`).
     pub database_url: String,
-    /// Streaming replica URLs (`GAVEL_REPLICA_URLS`, comma-separated).
-    pub replica_urls: Vec<String>,
     /// Public API listener (`GAVEL_LISTEN`).
     pub listen: SocketAddr,
     /// Admin listener serving `/metrics` (`GAVEL_ADMIN_LISTEN`).
     pub admin_listen: SocketAddr,
+    /// How callers are authenticated.
+    pub auth: AuthConfig,
+    /// Logs and database sampling.
+    pub telemetry: TelemetryConfig,
+    /// Connection pools and the timeouts of their connections.
+    pub pools: PoolConfig,
+    /// Where reads go: replicas, their freshness, the view cache.
+    pub reads: ReadConfig,
+    /// The background resolver.
+    pub resolver: ResolverConfig,
+    /// How bids are written and kept.
+    pub bids: BidConfig,
+    /// How much work the API takes on at once, and for how long.
+    pub limits: Limits,
+}
+
+/// Bearer tokens (HS256 JWTs).
+#[derive(Clone)]
+pub struct AuthConfig {
     /// HS256 signing secret (`GAVEL_JWT_SECRET`).
     pub jwt_secret: String,
     /// Expected `aud` claim (`GAVEL_JWT_AUDIENCE`).
     pub jwt_audience: String,
+}
+
+/// Logs and the sampling of PostgreSQL for metrics.
+#[derive(Clone)]
+pub struct TelemetryConfig {
     /// Tracing filter (`GAVEL_LOG`).
     pub log_filter: String,
     /// Log output format (`GAVEL_LOG_FORMAT`: `text` or `json`).
     pub log_json: bool,
+    /// How often `pg_stat_activity` and the resolver backlog are sampled
+    /// for metrics (`GAVEL_PG_SAMPLE_MS`).
+    pub pg_sample_interval: Duration,
+}
+
+/// The connection pools, and the limits every pooled connection runs under.
+#[derive(Clone)]
+pub struct PoolConfig {
     /// Connections the API may hold on the primary (`GAVEL_API_POOL_SIZE`).
-    pub api_pool_size: usize,
+    pub api_size: usize,
     /// Connections the resolver may hold on the primary (`GAVEL_RESOLVER_POOL_SIZE`).
-    pub resolver_pool_size: usize,
+    pub resolver_size: usize,
     /// Connections the API may hold on each replica (`GAVEL_REPLICA_POOL_SIZE`).
-    pub replica_pool_size: usize,
+    pub replica_size: usize,
     /// How long a request waits for a pooled connection before 503 (`GAVEL_POOL_WAIT_TIMEOUT_MS`).
-    pub pool_wait_timeout: Duration,
+    pub wait_timeout: Duration,
     /// How long opening a new connection may take (`GAVEL_CONNECT_TIMEOUT_MS`).
     pub connect_timeout: Duration,
     /// `statement_timeout` of every connection (`GAVEL_STATEMENT_TIMEOUT_MS`).
     pub statement_timeout: Duration,
     /// `lock_timeout` of every connection (`GAVEL_LOCK_TIMEOUT_MS`, at most the statement timeout).
     pub lock_timeout: Duration,
-    /// Deadline of every API request (`GAVEL_REQUEST_TIMEOUT_MS`).
-    pub request_timeout: Duration,
-    /// API requests in flight before new ones are shed with 503 (`GAVEL_MAX_IN_FLIGHT`).
-    pub max_in_flight: usize,
-    /// Client connections and how long a client may take to send.
-    pub edge: EdgeLimits,
+}
+
+/// Read routing: streaming replicas, how fresh they must be, the view cache.
+#[derive(Clone)]
+pub struct ReadConfig {
+    /// Streaming replica URLs (`GAVEL_REPLICA_URLS`, comma-separated).
+    pub replica_urls: Vec<String>,
     /// Percentage of the API pool that reads may hold on the primary
     /// (`GAVEL_PRIMARY_READ_SHARE_PCT`), so reads cannot starve bids.
-    pub primary_read_share_pct: usize,
+    pub primary_share_pct: usize,
     /// How often replica health and lag are checked (`GAVEL_REPLICA_CHECK_MS`).
-    pub replica_check_interval: Duration,
+    pub check_interval: Duration,
     /// How stale a replica may be and still serve reads (`GAVEL_REPLICA_MAX_LAG_MS`).
-    pub replica_max_lag: Duration,
+    pub max_lag: Duration,
     /// How far behind the primary's WAL a replica may be and still serve
     /// reads (`GAVEL_REPLICA_MAX_LAG_BYTES`).
-    pub replica_max_lag_bytes: u64,
+    pub max_lag_bytes: u64,
     /// How long an auction view may serve token-less reads from memory
     /// (`GAVEL_READ_CACHE_MS`; 0 turns the cache off).
-    pub read_cache_ttl: Duration,
-    /// How often `pg_stat_activity` and the resolver backlog are sampled
-    /// for metrics (`GAVEL_PG_SAMPLE_MS`).
-    pub pg_sample_interval: Duration,
+    pub cache_ttl: Duration,
+}
+
+/// The background resolver.
+#[derive(Clone)]
+pub struct ResolverConfig {
     /// Whether this process runs the resolver (`GAVEL_RESOLVER`: `on` or `off`).
-    pub resolver_enabled: bool,
+    pub enabled: bool,
     /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
-    pub resolver_poll: Duration,
+    pub poll: Duration,
+    /// Wait after `ends_at` before settling, so bids still committing are
+    /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
+    pub settle_grace: Duration,
+}
+
+/// How bids are written, paced and remembered.
+#[derive(Clone)]
+pub struct BidConfig {
     /// How a bid is written (`GAVEL_BID_PATH`: `log`, the append-only bid
     /// log, or `row_lock`, the classic row-lock baseline for load tests).
-    pub bid_path: BidPath,
+    pub path: BidPath,
     /// Writer tasks of coalesced bid appends, each writing one batch at a
     /// time on an API pool connection (`GAVEL_APPEND_WRITERS`, at most
     /// `GAVEL_API_POOL_SIZE`).
@@ -80,14 +118,22 @@ pub struct Config {
     /// Most bids one append statement writes (`GAVEL_APPEND_BATCH_MAX`).
     pub append_batch_max: usize,
     /// Sustained bids per second one bidder may place (`GAVEL_BID_RATE_LIMIT`, 0 = off).
-    pub bid_rate_limit: u32,
+    pub rate_limit: u32,
     /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
-    pub bid_rate_burst: u32,
+    pub rate_burst: u32,
     /// How long idempotency keys are kept (`GAVEL_IDEMPOTENCY_RETENTION_H`, at least 24).
     pub idempotency_retention: Duration,
-    /// Wait after `ends_at` before settling, so bids still committing are
-    /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
-    pub settle_grace: Duration,
+}
+
+/// How much work the API takes on at once and how long it may take.
+#[derive(Clone)]
+pub struct Limits {
+    /// Deadline of every API request (`GAVEL_REQUEST_TIMEOUT_MS`).
+    pub request_timeout: Duration,
+    /// API requests in flight before new ones are shed with 503 (`GAVEL_MAX_IN_FLIGHT`).
+    pub max_in_flight: usize,
+    /// Client connections and how long a client may take to send.
+    pub edge: EdgeLimits,
 }
 
 /// What one client may hold and how long it may take to send: the limits
@@ -127,82 +173,118 @@ impl Config {
     /// Reads the configuration through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&lookup);
-        let statement_timeout = env.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
-        let pool_wait_timeout = env.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?;
-        let replica_check_interval = env.millis("GAVEL_REPLICA_CHECK_MS", 500, 50..=60_000)?;
-        let api_pool_size = env.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?;
+        let pools = env.pools()?;
         Ok(Config {
             database_url: env.database_url("GAVEL_DATABASE_URL")?,
-            replica_urls: env.replica_urls("GAVEL_REPLICA_URLS")?,
             listen: env.socket_addr("GAVEL_LISTEN", "127.0.0.1:8080")?,
             admin_listen: env.socket_addr("GAVEL_ADMIN_LISTEN", "127.0.0.1:9090")?,
-            jwt_secret: env.jwt_secret("GAVEL_JWT_SECRET")?,
-            jwt_audience: env.non_empty("GAVEL_JWT_AUDIENCE", "gavel")?,
-            log_filter: env.log_filter("GAVEL_LOG")?,
-            log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
-            api_pool_size,
-            resolver_pool_size: env.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
-            replica_pool_size: env.number("GAVEL_REPLICA_POOL_SIZE", 8, 1..=1000)?,
-            pool_wait_timeout,
-            connect_timeout: env.millis("GAVEL_CONNECT_TIMEOUT_MS", 1_000, 50..=60_000)?,
+            auth: AuthConfig {
+                jwt_secret: env.jwt_secret("GAVEL_JWT_SECRET")?,
+                jwt_audience: env.non_empty("GAVEL_JWT_AUDIENCE", "gavel")?,
+            },
+            telemetry: TelemetryConfig {
+                log_filter: env.log_filter("GAVEL_LOG")?,
+                log_json: env.choice("GAVEL_LOG_FORMAT", "text", &["text", "json"])? == "json",
+                pg_sample_interval: env.millis("GAVEL_PG_SAMPLE_MS", 2_000, 100..=60_000)?,
+            },
+            reads: env.reads()?,
+            resolver: env.resolver(pools.statement_timeout)?,
+            bids: env.bids(pools.api_size)?,
+            limits: env.limits(&pools)?,
+            pools,
+        })
+    }
+}
+
+impl Env<'_> {
+    fn pools(&self) -> Result<PoolConfig, ConfigError> {
+        let statement_timeout = self.millis("GAVEL_STATEMENT_TIMEOUT_MS", 5_000, 100..=600_000)?;
+        Ok(PoolConfig {
+            api_size: self.number("GAVEL_API_POOL_SIZE", 16, 1..=1000)?,
+            resolver_size: self.number("GAVEL_RESOLVER_POOL_SIZE", 2, 1..=100)?,
+            replica_size: self.number("GAVEL_REPLICA_POOL_SIZE", 8, 1..=1000)?,
+            wait_timeout: self.millis("GAVEL_POOL_WAIT_TIMEOUT_MS", 1_000, 1..=30_000)?,
+            connect_timeout: self.millis("GAVEL_CONNECT_TIMEOUT_MS", 1_000, 50..=60_000)?,
             statement_timeout,
-            lock_timeout: env.at_most(
+            lock_timeout: self.at_most(
                 "GAVEL_LOCK_TIMEOUT_MS",
                 500,
                 ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
             )?,
-            // Room for a connection wait and a whole statement, so a request
-            // is normally ended by its statement, not cut off mid-query.
-            request_timeout: env.at_least(
-                "GAVEL_REQUEST_TIMEOUT_MS",
-                12_000,
-                (
-                    "GAVEL_POOL_WAIT_TIMEOUT_MS + GAVEL_STATEMENT_TIMEOUT_MS, and twice the pool wait",
-                    (pool_wait_timeout + statement_timeout).max(pool_wait_timeout * 2),
-                ),
-            )?,
-            max_in_flight: env.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
-            edge: env.edge_limits()?,
-            primary_read_share_pct: env.number("GAVEL_PRIMARY_READ_SHARE_PCT", 50, 1..=100)?,
-            replica_check_interval,
+        })
+    }
+
+    fn reads(&self) -> Result<ReadConfig, ConfigError> {
+        let check_interval = self.millis("GAVEL_REPLICA_CHECK_MS", 500, 50..=60_000)?;
+        Ok(ReadConfig {
+            replica_urls: self.replica_urls("GAVEL_REPLICA_URLS")?,
+            primary_share_pct: self.number("GAVEL_PRIMARY_READ_SHARE_PCT", 50, 1..=100)?,
+            check_interval,
             // Staleness is known to about two check rounds.
-            replica_max_lag: env.at_least(
+            max_lag: self.at_least(
                 "GAVEL_REPLICA_MAX_LAG_MS",
                 2_000,
                 (
                     "twice GAVEL_REPLICA_CHECK_MS plus one check's time limit",
-                    replica_check_interval * 2 + check_limit(replica_check_interval),
+                    check_interval * 2 + check_limit(check_interval),
                 ),
             )?,
-            replica_max_lag_bytes: env.number(
+            max_lag_bytes: self.number(
                 "GAVEL_REPLICA_MAX_LAG_BYTES",
                 16 << 20,
                 8_192..=(1 << 40),
             )? as u64,
-            read_cache_ttl: env.millis("GAVEL_READ_CACHE_MS", 250, 0..=10_000)?,
-            pg_sample_interval: env.millis("GAVEL_PG_SAMPLE_MS", 2_000, 100..=60_000)?,
-            resolver_enabled: env.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
-            resolver_poll: env.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
-            bid_path: match env
+            cache_ttl: self.millis("GAVEL_READ_CACHE_MS", 250, 0..=10_000)?,
+        })
+    }
+
+    fn resolver(&self, statement_timeout: Duration) -> Result<ResolverConfig, ConfigError> {
+        Ok(ResolverConfig {
+            enabled: self.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
+            poll: self.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
+            // The grace covers a bid insert still committing at the end.
+            settle_grace: self.at_least(
+                "GAVEL_SETTLE_GRACE_MS",
+                statement_timeout.as_millis() as u64 + 1_000,
+                ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
+            )?,
+        })
+    }
+
+    fn bids(&self, api_pool_size: usize) -> Result<BidConfig, ConfigError> {
+        Ok(BidConfig {
+            path: match self
                 .choice("GAVEL_BID_PATH", "log", &["log", "row_lock"])?
                 .as_str()
             {
                 "row_lock" => BidPath::RowLock,
                 _ => BidPath::Log,
             },
-            append_writers: env.append_writers("GAVEL_APPEND_WRITERS", api_pool_size)?,
-            append_batch_max: env.number("GAVEL_APPEND_BATCH_MAX", 500, 1..=5_000)?,
-            bid_rate_limit: env.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
-            bid_rate_burst: env.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
+            append_writers: self.append_writers("GAVEL_APPEND_WRITERS", api_pool_size)?,
+            append_batch_max: self.number("GAVEL_APPEND_BATCH_MAX", 500, 1..=5_000)?,
+            rate_limit: self.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
+            rate_burst: self.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
             idempotency_retention: Duration::from_secs(
-                3600 * env.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
+                3600 * self.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
             ),
-            // The grace covers a bid insert still committing at the end.
-            settle_grace: env.at_least(
-                "GAVEL_SETTLE_GRACE_MS",
-                statement_timeout.as_millis() as u64 + 1_000,
-                ("GAVEL_STATEMENT_TIMEOUT_MS", statement_timeout),
+        })
+    }
+
+    fn limits(&self, pools: &PoolConfig) -> Result<Limits, ConfigError> {
+        let (wait, statement) = (pools.wait_timeout, pools.statement_timeout);
+        Ok(Limits {
+            // Room for a connection wait and a whole statement, so a request
+            // is normally ended by its statement, not cut off mid-query.
+            request_timeout: self.at_least(
+                "GAVEL_REQUEST_TIMEOUT_MS",
+                12_000,
+                (
+                    "GAVEL_POOL_WAIT_TIMEOUT_MS + GAVEL_STATEMENT_TIMEOUT_MS, and twice the pool wait",
+                    (wait + statement).max(wait * 2),
+                ),
             )?,
+            max_in_flight: self.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
+            edge: self.edge_limits()?,
         })
     }
 }
@@ -406,6 +488,24 @@ fn err(name: &str, problem: &str) -> ConfigError {
     }
 }
 
+/// How a bid is written (`GAVEL_BID_PATH`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BidPath {
+    /// `log`: the durable append to `bid_log`, resolved in the background.
+    #[default]
+    Log,
+    /// `row_lock`: the classic transaction that locks the auction row
+    /// `FOR UPDATE` and resolves the bid at once; a reproduction baseline
+    /// for load tests, never for production (see `bidding/row_lock.rs`).
+    RowLock,
+}
+
+/// How long one replica check ([`crate::db::reads`]) may take: the
+/// interval, but at least a second.
+pub fn check_limit(interval: Duration) -> Duration {
+    interval.max(Duration::from_secs(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,18 +527,18 @@ mod tests {
         let c = config(&[("GAVEL_DATABASE_URL", URL), ("GAVEL_JWT_SECRET", SECRET)]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
-        assert_eq!(c.jwt_audience, "gavel");
-        assert!(c.replica_urls.is_empty());
-        assert_eq!(c.settle_grace, Duration::from_millis(6_000));
-        assert!(c.resolver_enabled);
-        assert_eq!(c.bid_path, BidPath::Log);
-        assert_eq!(c.lock_timeout, Duration::from_millis(500));
-        assert_eq!(c.request_timeout, Duration::from_millis(12_000));
-        assert_eq!(c.replica_max_lag, Duration::from_millis(2_000));
-        assert_eq!(c.pg_sample_interval, Duration::from_millis(2_000));
-        assert_eq!(c.read_cache_ttl, Duration::from_millis(250));
-        assert_eq!(c.append_writers, 2);
-        assert_eq!(c.append_batch_max, 500);
+        assert_eq!(c.auth.jwt_audience, "gavel");
+        assert!(c.reads.replica_urls.is_empty());
+        assert_eq!(c.resolver.settle_grace, Duration::from_millis(6_000));
+        assert!(c.resolver.enabled);
+        assert_eq!(c.bids.path, BidPath::Log);
+        assert_eq!(c.pools.lock_timeout, Duration::from_millis(500));
+        assert_eq!(c.limits.request_timeout, Duration::from_millis(12_000));
+        assert_eq!(c.reads.max_lag, Duration::from_millis(2_000));
+        assert_eq!(c.telemetry.pg_sample_interval, Duration::from_millis(2_000));
+        assert_eq!(c.reads.cache_ttl, Duration::from_millis(250));
+        assert_eq!(c.bids.append_writers, 2);
+        assert_eq!(c.bids.append_batch_max, 500);
         // A short statement timeout caps the default lock timeout.
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
@@ -446,7 +546,7 @@ mod tests {
             ("GAVEL_STATEMENT_TIMEOUT_MS", "300"),
         ])
         .unwrap();
-        assert_eq!(c.lock_timeout, Duration::from_millis(300));
+        assert_eq!(c.pools.lock_timeout, Duration::from_millis(300));
     }
 
     #[test]
@@ -457,7 +557,7 @@ mod tests {
             ("GAVEL_BID_PATH", "row_lock"),
         ])
         .unwrap();
-        assert_eq!(c.bid_path, BidPath::RowLock);
+        assert_eq!(c.bids.path, BidPath::RowLock);
         let e = config(&[
             ("GAVEL_DATABASE_URL", URL),
             ("GAVEL_JWT_SECRET", SECRET),
@@ -479,7 +579,10 @@ mod tests {
             ("GAVEL_API_POOL_SIZE", "1"),
         ])
         .unwrap();
-        assert_eq!(c.append_writers, 1, "the default is capped by the pool");
+        assert_eq!(
+            c.bids.append_writers, 1,
+            "the default is capped by the pool"
+        );
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
             ("GAVEL_JWT_SECRET", SECRET),
@@ -487,7 +590,7 @@ mod tests {
             ("GAVEL_APPEND_BATCH_MAX", "1"),
         ])
         .unwrap();
-        assert_eq!((c.append_writers, c.append_batch_max), (4, 1));
+        assert_eq!((c.bids.append_writers, c.bids.append_batch_max), (4, 1));
         let e = config(&[
             ("GAVEL_DATABASE_URL", URL),
             ("GAVEL_JWT_SECRET", SECRET),

@@ -68,7 +68,7 @@ pub async fn run() -> anyhow::Result<()> {
         Err(_) => defaults.get(name).cloned(),
     })?;
     db::migrate(&config.database_url).await?;
-    let keys = JwtKeys::new(&config.jwt_secret, &config.jwt_audience);
+    let keys = JwtKeys::new(&config.auth.jwt_secret, &config.auth.jwt_audience);
     let auction_id = seed_demo_auction(&config).await?;
 
     let server = server::Server::bind(config).await?;

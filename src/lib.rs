@@ -5,6 +5,9 @@
 //! - [`rules`]: where the price is computed (pure auction rules).
 //! - [`resolver`]: the background writer of auction state.
 //! - [`http`]: the API; [`db`]: pools, migrations and queries.
+//! - [`signals`]: the in-process bus (and its LISTEN/NOTIFY bridge) that
+//!   wakes the resolver and waiting requests; [`error`]: the one
+//!   application error type; [`config`]: settings, validated at start-up.
 //! - [`server`], [`cli`], [`dev`]: running it; [`pg_cluster`]: private
 //!   PostgreSQL clusters for `gavel dev` and the tests.
 
@@ -16,10 +19,12 @@ pub mod config;
 pub mod db;
 pub mod dev;
 pub mod domain;
+pub mod error;
 pub mod http;
 pub mod pg_cluster;
 pub mod rate_limit;
 pub mod resolver;
 pub mod rules;
 pub mod server;
+pub mod signals;
 pub mod telemetry;

@@ -23,7 +23,8 @@ use crate::db::{self, Pools, SessionLimits};
 use crate::http::serve;
 use crate::http::{self, AppState, Shared};
 use crate::rate_limit::RateLimiter;
-use crate::resolver::{listener, Resolver, Signals};
+use crate::resolver::Resolver;
+use crate::signals::{listener, Signals};
 use crate::telemetry;
 
 /// How long in-flight requests may take to finish after shutdown starts.
@@ -55,24 +56,24 @@ impl Server {
         let signals = Signals::new();
         let activity = ActivitySampler::new(&config)?;
         let state = AppState::new(Shared {
-            auction_views: AuctionCache::new(reads.clone(), &signals, config.read_cache_ttl),
+            auction_views: AuctionCache::new(reads.clone(), &signals, config.reads.cache_ttl),
             reads,
-            request_timeout: config.request_timeout,
-            max_in_flight: config.max_in_flight,
-            body_read_timeout: config.edge.body_read_timeout,
-            read_slots: Arc::new(Semaphore::new((config.max_in_flight / 4).max(1))),
+            request_timeout: config.limits.request_timeout,
+            max_in_flight: config.limits.max_in_flight,
+            body_read_timeout: config.limits.edge.body_read_timeout,
+            read_slots: Arc::new(Semaphore::new((config.limits.max_in_flight / 4).max(1))),
             bids: BidDesk::new(
                 pools.api.clone(),
                 signals.clone(),
-                RateLimiter::new(config.bid_rate_limit, config.bid_rate_burst),
+                RateLimiter::new(config.bids.rate_limit, config.bids.rate_burst),
                 AppendSettings {
-                    writers: config.append_writers,
-                    batch_max: config.append_batch_max,
-                    write_limit: config.statement_timeout + Duration::from_secs(1),
+                    writers: config.bids.append_writers,
+                    batch_max: config.bids.append_batch_max,
+                    write_limit: config.pools.statement_timeout + Duration::from_secs(1),
                 },
             )
-            .with_bid_path(config.bid_path),
-            jwt: JwtKeys::new(&config.jwt_secret, &config.jwt_audience),
+            .with_bid_path(config.bids.path),
+            jwt: JwtKeys::new(&config.auth.jwt_secret, &config.auth.jwt_audience),
             pools,
             signals,
         });
@@ -132,17 +133,17 @@ impl Server {
         tasks.spawn(listener::listen(
             listen_config,
             state.signals.clone(),
-            config.resolver_enabled,
+            config.resolver.enabled,
             workers.clone(),
         ));
-        if config.resolver_enabled {
+        if config.resolver.enabled {
             let resolver = Resolver::new(
                 state.pools.resolver.clone(),
                 state.signals.clone(),
-                config.settle_grace,
-                config.resolver_poll,
+                config.resolver.settle_grace,
+                config.resolver.poll,
             )
-            .with_key_retention(config.idempotency_retention);
+            .with_key_retention(config.bids.idempotency_retention);
             tasks.spawn(resolver.run(workers.clone()));
         } else {
             tasks.spawn(listener::forward_bids(
@@ -163,7 +164,7 @@ impl Server {
         });
 
         tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
-        if config.bid_path == BidPath::RowLock {
+        if config.bids.path == BidPath::RowLock {
             tracing::warn!(
                 "GAVEL_BID_PATH=row_lock: the classic row-lock bid path, a reproduction \
                  baseline for load tests; not for production (every bid queues on its \
@@ -171,7 +172,7 @@ impl Server {
             );
         }
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
-        let limits = config.edge;
+        let limits = config.limits.edge;
         let servers = async {
             tokio::join!(
                 serve::serve(

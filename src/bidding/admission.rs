@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::http::error::ApiError;
+use crate::error::ApiError;
 
 /// The oldest bid's time to commit tolerated as standing (CoDel's target).
 pub const TARGET: Duration = Duration::from_millis(50);

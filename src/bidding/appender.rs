@@ -47,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use super::admission::Admission;
 use crate::db::bids::{self, Append, NewBid};
 use crate::db::{Pool, WaitEnd};
-use crate::http::error::ApiError;
-use crate::resolver::Signals;
+use crate::error::ApiError;
+use crate::signals::Signals;
 
 /// A batch in flight for longer than this means the database is stalled
 /// (an append statement normally takes a few milliseconds).

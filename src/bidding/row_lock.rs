@@ -33,9 +33,10 @@ use uuid::Uuid;
 use super::{connection, BidDesk, Placed};
 use crate::db::{auctions, bids, reads};
 use crate::domain::{Amount, IdempotencyKey};
-use crate::http::error::ApiError;
-use crate::resolver::{self, listener, Resolved, Signals};
+use crate::error::ApiError;
+use crate::resolver;
 use crate::rules::{self, BidInput};
+use crate::signals::{listener, Resolved, Signals};
 
 /// What one row-lock transaction did.
 enum Placement {

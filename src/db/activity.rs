@@ -61,7 +61,7 @@ impl ActivitySampler {
         )?;
         Ok(ActivitySampler {
             pool,
-            interval: config.pg_sample_interval,
+            interval: config.telemetry.pg_sample_interval,
             seen: HashSet::new(),
         })
     }

@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use super::auctions::{self, AuctionRecord};
 use super::reads::{ReadSource, Reads};
-use crate::http::error::ApiError;
-use crate::resolver::{Resolved, Signals};
+use crate::error::ApiError;
+use crate::signals::{Resolved, Signals};
 
 /// Auctions kept before the cache is emptied.
 const CAPACITY: usize = 10_000;

@@ -49,12 +49,12 @@ impl Pools {
             api: build_pool(
                 url,
                 "api",
-                &PoolSettings::new(config, config.api_pool_size, "gavel-api"),
+                &PoolSettings::new(config, config.pools.api_size, "gavel-api"),
             )?,
             resolver: build_pool(
                 url,
                 "resolver",
-                &PoolSettings::new(config, config.resolver_pool_size, "gavel-resolver")
+                &PoolSettings::new(config, config.pools.resolver_size, "gavel-resolver")
                     .with_custom_plans(),
             )?,
             monitor: build_pool(
@@ -96,9 +96,9 @@ impl SessionLimits {
     /// The limits configured for this process.
     pub fn from_config(config: &Config) -> Self {
         SessionLimits {
-            connect_timeout: config.connect_timeout,
-            statement_timeout: config.statement_timeout,
-            lock_timeout: config.lock_timeout,
+            connect_timeout: config.pools.connect_timeout,
+            statement_timeout: config.pools.statement_timeout,
+            lock_timeout: config.pools.lock_timeout,
         }
     }
 }
@@ -123,7 +123,7 @@ impl PoolSettings {
     pub fn new(config: &Config, size: usize, application_name: &'static str) -> Self {
         PoolSettings {
             size,
-            wait_timeout: config.pool_wait_timeout,
+            wait_timeout: config.pools.wait_timeout,
             limits: SessionLimits::from_config(config),
             application_name,
             custom_plans: false,

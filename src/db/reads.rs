@@ -26,8 +26,8 @@ use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
 
 use super::{build_pool, Pool, PoolSettings, MONITOR_POOL_SIZE};
-use crate::config::Config;
-use crate::http::error::ApiError;
+use crate::config::{check_limit, Config};
+use crate::error::ApiError;
 
 /// The primary's current WAL insert position: after this session's writes.
 pub async fn wal_position(client: &impl GenericClient) -> Result<PgLsn, tokio_postgres::Error> {
@@ -224,13 +224,14 @@ impl Reads {
     /// A router over `primary` (the API pool) and the configured replicas.
     /// Builds pools; connects lazily.
     pub fn new(config: &Config, primary: Pool) -> anyhow::Result<Self> {
-        let share = (config.api_pool_size * config.primary_read_share_pct).div_ceil(100);
+        let share = (config.pools.api_size * config.reads.primary_share_pct).div_ceil(100);
         let replicas = config
+            .reads
             .replica_urls
             .iter()
             .enumerate()
             .map(|(i, url)| {
-                let reads = PoolSettings::new(config, config.replica_pool_size, "gavel-api");
+                let reads = PoolSettings::new(config, config.pools.replica_size, "gavel-api");
                 let checks = PoolSettings::new(config, MONITOR_POOL_SIZE, "gavel-monitor");
                 let name = format!("replica-{}", i + 1);
                 Ok(Replica {
@@ -245,7 +246,7 @@ impl Reads {
             inner: Arc::new(Inner {
                 primary,
                 primary_share: Arc::new(Semaphore::new(share.max(1))),
-                wait_timeout: config.pool_wait_timeout,
+                wait_timeout: config.pools.wait_timeout,
                 sampler: build_pool(
                     &config.database_url,
                     "wal-sampler",
@@ -253,9 +254,9 @@ impl Reads {
                 )?,
                 geometry: OnceLock::new(),
                 replicas,
-                check_interval: config.replica_check_interval,
-                max_lag: config.replica_max_lag,
-                max_lag_bytes: config.replica_max_lag_bytes,
+                check_interval: config.reads.check_interval,
+                max_lag: config.reads.max_lag,
+                max_lag_bytes: config.reads.max_lag_bytes,
                 next: AtomicUsize::new(0),
                 samples: Mutex::default(),
             }),
@@ -626,11 +627,6 @@ impl Reads {
             metrics::gauge!("gavel_replica_lag_seconds", &labels).set(stale.as_secs_f64());
         }
     }
-}
-
-/// How long one check may take: the interval, but at least a second.
-pub fn check_limit(interval: Duration) -> Duration {
-    interval.max(Duration::from_secs(1))
 }
 
 /// A replica's replay position, failing when it is not a standby.

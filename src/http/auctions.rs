@@ -13,13 +13,13 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::consistency::{self, ReadToken};
-use super::error::{ApiError, FieldError};
 use super::extract::{parse_id, JsonObject, PathId};
 use super::AppState;
 use crate::auth::{Role, User};
 use crate::db::auctions::{self, AuctionRecord, NewAuction};
 use crate::db::{bids, reads};
 use crate::domain::{mask_user, Amount, MAX_AMOUNT};
+use crate::error::{ApiError, FieldError};
 use crate::rules::{self, AuctionTerms, IncrementTier, Increments};
 
 /// Longest auction, from start to scheduled end.

@@ -13,12 +13,12 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::consistency::{self, ReadToken};
-use super::error::{ApiError, FieldError};
 use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject, PathId};
 use super::{AppState, QueueWait};
 use crate::auth::User;
 use crate::db::bids::BidRecord;
 use crate::domain::Amount;
+use crate::error::{ApiError, FieldError};
 
 /// Time left between the end of a `Prefer: wait` and the request deadline.
 const WAIT_MARGIN: Duration = Duration::from_secs(1);

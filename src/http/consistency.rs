@@ -11,8 +11,8 @@ use axum::response::Response;
 use base64::Engine as _;
 use tokio_postgres::types::PgLsn;
 
-use super::error::ApiError;
 use crate::db::reads::ReadSource;
+use crate::error::ApiError;
 
 /// The token header, on responses and on requests.
 pub static CONSISTENCY_TOKEN: HeaderName = HeaderName::from_static("gavel-consistency-token");

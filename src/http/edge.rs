@@ -12,9 +12,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 
-use super::error::ApiError;
 use super::extract::BODY_LIMIT;
 use super::REQUEST_ID;
+use crate::error::ApiError;
 
 /// Longest request target (path and query) Gavel serves.
 pub const MAX_URI_BYTES: usize = 8 * 1024;

@@ -8,10 +8,10 @@ use axum::http::{header, request::Parts, HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::error::ApiError;
 use super::AppState;
 use crate::auth::{TokenError, User};
 use crate::domain::IdempotencyKey;
+use crate::error::ApiError;
 
 /// Largest accepted request body (the API contract's 16 KiB).
 pub const BODY_LIMIT: usize = 16 * 1024;

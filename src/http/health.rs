@@ -8,9 +8,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::error::ApiError;
 use super::AppState;
 use crate::db;
+use crate::error::ApiError;
 
 /// `/healthz` and `/readyz`.
 pub fn router() -> Router<AppState> {

@@ -31,8 +31,8 @@ use crate::bidding::{self, BidDesk, Door};
 use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
-use crate::resolver::Signals;
-use error::ApiError;
+use crate::error::ApiError;
+use crate::signals::Signals;
 
 /// State shared by every handler: one pointer, so a request clones it
 /// with a single reference-count increment.

@@ -35,9 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use uuid::Uuid;
 
-use super::error::ApiError;
 use crate::alarm::Alarm;
 use crate::config::EdgeLimits;
+use crate::error::ApiError;
 
 /// hyper's read buffer, which bounds a request head: heads larger than this
 /// are answered `431` by hyper itself (Gavel's own limit is below it).

@@ -22,9 +22,6 @@
 //! committed (the settle grace), because such an earlier bid may still
 //! extend the end and make the later one valid.
 
-pub mod listener;
-pub mod signals;
-
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +35,7 @@ use uuid::Uuid;
 
 use crate::db::{auctions, bids, Pool};
 use crate::rules::{self, Outcome};
-pub use signals::{Resolved, Signals};
+use crate::signals::{listener, Resolved, Signals};
 
 /// Most bids applied in one transaction.
 pub const BATCH_LIMIT: i64 = 2_000;

@@ -372,8 +372,8 @@ async fn prefer_wait_returns_the_resolved_outcome() {
 #[tokio::test]
 async fn a_bidder_over_the_rate_limit_gets_429_with_retry_after() {
     let app = TestApp::spawn_with(|c| {
-        c.bid_rate_limit = 1;
-        c.bid_rate_burst = 2;
+        c.bids.rate_limit = 1;
+        c.bids.rate_burst = 2;
     })
     .await;
     let auction = app.create_auction("seller-1", json!({})).await;
@@ -494,7 +494,7 @@ async fn a_table_with_shrinking_steps_never_refuses_a_bid_the_resolver_accepts()
 
 #[tokio::test]
 async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
-    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
     for (bidder, amount) in [("alice", 1_000), ("bob", 1_500)] {
@@ -504,8 +504,8 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
         assert_eq!(response.status(), StatusCode::ACCEPTED);
     }
     let mut config = test_config(&app.database_url);
-    config.statement_timeout = Duration::from_millis(200);
-    config.lock_timeout = Duration::from_secs(5);
+    config.pools.statement_timeout = Duration::from_millis(200);
+    config.pools.lock_timeout = Duration::from_secs(5);
     let resolver = resolver_on(&config);
     let full = resolver.batch_size();
 
@@ -534,7 +534,7 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
 
 #[tokio::test]
 async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_key_lookups() {
-    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
     let config = test_config(&app.database_url);
@@ -611,9 +611,9 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
 
 #[tokio::test]
 async fn quiet_auctions_are_resolved_together_in_one_transaction() {
-    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
     let mut config = test_config(&app.database_url);
-    config.settle_grace = Duration::from_millis(200);
+    config.resolver.settle_grace = Duration::from_millis(200);
     let resolver = resolver_on(&config);
     let db = app.db().await;
     let bid = |bidder: &'static str, auction: Uuid, amount: i64| {
@@ -757,9 +757,9 @@ fn resolver_pool_on(
     let pool = gavel::db::build_pool(&config.database_url, "test-resolver", &settings).unwrap();
     let resolver = gavel::resolver::Resolver::new(
         pool.clone(),
-        gavel::resolver::Signals::new(),
-        config.settle_grace,
-        config.resolver_poll,
+        gavel::signals::Signals::new(),
+        config.resolver.settle_grace,
+        config.resolver.poll,
     );
     (pool, resolver)
 }

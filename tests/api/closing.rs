@@ -38,7 +38,7 @@ async fn assert_refused_closed(app: &TestApp, bidder: &str, auction_id: &str, am
 async fn a_late_bid_is_rejected_and_refused_outright_once_settled() {
     // A settle grace long enough that a bid just after the end is reliably
     // accepted into the log before the close is settled.
-    let app = TestApp::spawn_with(|c| c.settle_grace = Duration::from_millis(1_500)).await;
+    let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(1_500)).await;
     let ends_at = in_ms(1_500);
     let auction = app
         .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
@@ -122,7 +122,7 @@ async fn a_late_bid_is_rejected_and_refused_outright_once_settled() {
 
 #[tokio::test]
 async fn soft_close_extends_the_end_up_to_max_end_at() {
-    let app = TestApp::spawn_with(|c| c.settle_grace = Duration::from_millis(1_000)).await;
+    let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(1_000)).await;
     let ends_at = in_ms(1_500);
     let max_end_at = ends_at + chrono::Duration::seconds(3);
     let auction = app

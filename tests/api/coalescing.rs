@@ -99,8 +99,8 @@ async fn concurrent_bids_share_append_statements_and_each_is_logged_once() {
 async fn one_key_sent_twenty_times_at_once_is_one_bid_and_every_answer_names_it() {
     let app = TestApp::spawn_with(|config| {
         // Pending bids: every answer is 202, a replay marked as one.
-        config.resolver_enabled = false;
-        config.pool_wait_timeout = Duration::from_secs(5);
+        config.resolver.enabled = false;
+        config.pools.wait_timeout = Duration::from_secs(5);
     })
     .await;
     let auction = app.create_auction("seller", json!({})).await;
@@ -157,7 +157,8 @@ async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_wri
     let config = test_config(&app.database_url);
     // What a bid may take here: waiting for a writer within its budget, then
     // its statement's lock wait.
-    let bound = config.pool_wait_timeout + config.lock_timeout + Duration::from_millis(1_000);
+    let bound =
+        config.pools.wait_timeout + config.pools.lock_timeout + Duration::from_millis(1_000);
     let auction = app.create_auction("seller", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
     let warm = app.bid("warm-up", &auction_id, 1_000, &new_key()).await;
@@ -232,8 +233,8 @@ async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_wri
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bid_token_is_at_or_past_the_commit_of_the_bid_it_names() {
     let app = TestApp::spawn_with(|config| {
-        config.resolver_enabled = false;
-        config.pool_wait_timeout = Duration::from_secs(5);
+        config.resolver.enabled = false;
+        config.pools.wait_timeout = Duration::from_secs(5);
     })
     .await;
     let db = app.db().await;

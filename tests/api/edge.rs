@@ -1034,10 +1034,10 @@ async fn slowloris_silent_and_idle_connections_are_closed_on_time_while_bids_flo
     const SLACK: Duration = Duration::from_secs(1);
     const GIVE_UP: Duration = Duration::from_secs(5);
     let app = TestApp::spawn_with(|config| {
-        config.edge.header_read_timeout = HEADER_READ;
-        config.edge.idle_timeout = IDLE;
-        config.edge.body_read_timeout = Duration::from_secs(1);
-        config.max_in_flight = 64;
+        config.limits.edge.header_read_timeout = HEADER_READ;
+        config.limits.edge.idle_timeout = IDLE;
+        config.limits.edge.body_read_timeout = Duration::from_secs(1);
+        config.limits.max_in_flight = 64;
     })
     .await;
     let mut lanes = Vec::new();
@@ -1145,8 +1145,8 @@ async fn stalled_uploads_are_answered_400_and_hold_no_in_flight_slot() {
     const BODY_READ: Duration = Duration::from_secs(1);
     const SLACK: Duration = Duration::from_secs(1);
     let app = TestApp::spawn_with(|config| {
-        config.max_in_flight = 64;
-        config.edge.body_read_timeout = BODY_READ;
+        config.limits.max_in_flight = 64;
+        config.limits.edge.body_read_timeout = BODY_READ;
     })
     .await;
     let auction = app.create_auction("seller", json!({})).await;
@@ -1245,7 +1245,7 @@ async fn stalled_uploads_are_answered_400_and_hold_no_in_flight_slot() {
 #[tokio::test]
 async fn a_truncated_body_is_answered_400_when_it_stalls_or_ends() {
     const BODY_READ: Duration = Duration::from_secs(1);
-    let app = TestApp::spawn_with(|config| config.edge.body_read_timeout = BODY_READ).await;
+    let app = TestApp::spawn_with(|config| config.limits.edge.body_read_timeout = BODY_READ).await;
     let auction = app.create_auction("seller", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
     let token = app.token("bidder", &[]);
@@ -1325,9 +1325,9 @@ async fn a_truncated_body_is_answered_400_when_it_stalls_or_ends() {
 async fn connections_beyond_the_limit_are_refused_503_and_served_once_below_it() {
     const LIMIT: usize = 50;
     let app = TestApp::spawn_with(|config| {
-        config.edge.max_connections = LIMIT;
-        config.edge.header_read_timeout = Duration::from_secs(30);
-        config.edge.idle_timeout = Duration::from_secs(30);
+        config.limits.edge.max_connections = LIMIT;
+        config.limits.edge.header_read_timeout = Duration::from_secs(30);
+        config.limits.edge.idle_timeout = Duration::from_secs(30);
     })
     .await;
 

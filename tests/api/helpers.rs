@@ -183,7 +183,7 @@ impl TestApp {
     pub async fn spawn_on(database_url: &str, tweak: impl FnOnce(&mut Config)) -> TestApp {
         let mut config = test_config(database_url);
         tweak(&mut config);
-        let keys = JwtKeys::new(&config.jwt_secret, &config.jwt_audience);
+        let keys = JwtKeys::new(&config.auth.jwt_secret, &config.auth.jwt_audience);
         let server = Server::bind(config).await.expect("bind test server");
         let addr = server.api_addr();
         let admin_addr = server.admin_addr();

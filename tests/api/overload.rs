@@ -27,13 +27,13 @@ async fn assert_overloaded(response: Response, what: &str) {
 async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
     const DEADLINE: Duration = Duration::from_secs(3);
     let app = TestApp::spawn_with(|config| {
-        config.api_pool_size = 2;
-        config.pool_wait_timeout = Duration::from_secs(1);
-        config.request_timeout = DEADLINE;
+        config.pools.api_size = 2;
+        config.pools.wait_timeout = Duration::from_secs(1);
+        config.limits.request_timeout = DEADLINE;
         // Long enough that only the request deadline ends a blocked request.
-        config.statement_timeout = Duration::from_secs(20);
-        config.lock_timeout = Duration::from_secs(20);
-        config.settle_grace = Duration::from_secs(20);
+        config.pools.statement_timeout = Duration::from_secs(20);
+        config.pools.lock_timeout = Duration::from_secs(20);
+        config.resolver.settle_grace = Duration::from_secs(20);
     })
     .await;
     let auction = app.create_auction("seller", json!({})).await;
@@ -134,9 +134,9 @@ async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
 #[tokio::test]
 async fn requests_beyond_the_in_flight_limit_are_shed_at_once() {
     let app = TestApp::spawn_with(|config| {
-        config.max_in_flight = 2;
+        config.limits.max_in_flight = 2;
         // Bids stay pending, so `Prefer: wait` holds the request.
-        config.resolver_enabled = false;
+        config.resolver.enabled = false;
     })
     .await;
     let auction = app.create_auction("seller", json!({})).await;

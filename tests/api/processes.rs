@@ -80,7 +80,7 @@ async fn two_processes_on_one_database_apply_every_bid_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_server_loses_no_acknowledged_bid() {
-    let app = TestApp::spawn_with(|c| c.resolver_enabled = false).await;
+    let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
     let mut server = ServeProcess::start(&app.database_url).await;
@@ -163,8 +163,8 @@ async fn an_api_only_process_wakes_another_processes_resolver_over_notify() {
     // The resolver process polls only once a minute: a quick outcome proves
     // it was woken by LISTEN/NOTIFY, and the 201 proves the API process heard
     // the resolution the same way.
-    let resolver = TestApp::spawn_with(|c| c.resolver_poll = Duration::from_secs(60)).await;
-    let api_only = TestApp::spawn_on(&resolver.database_url, |c| c.resolver_enabled = false).await;
+    let resolver = TestApp::spawn_with(|c| c.resolver.poll = Duration::from_secs(60)).await;
+    let api_only = TestApp::spawn_on(&resolver.database_url, |c| c.resolver.enabled = false).await;
     let auction = api_only.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap();
     // Let the resolver finish its start-up scan before the bids arrive.

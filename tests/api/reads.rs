@@ -577,7 +577,7 @@ async fn polls_are_answered_from_memory_until_the_auction_changes() {
     // The resolver runs in this test; the process under test only serves the
     // API, so it hears resolutions the way one of many API processes does
     // (NOTIFY), and its metrics count only these reads.
-    let resolver = TestApp::spawn_with(|c| c.resolver_poll = Duration::from_secs(60)).await;
+    let resolver = TestApp::spawn_with(|c| c.resolver.poll = Duration::from_secs(60)).await;
     let database_url = resolver.database_url.clone();
     let process = ServeProcess::start_with(
         &database_url,

@@ -29,10 +29,10 @@ async fn app_with_replicas_and(
 ) -> TestApp {
     let replica_urls = replicas.iter().map(|r| r.url("gavel")).collect();
     TestApp::spawn_on(&primary.url("gavel"), |config| {
-        config.replica_urls = replica_urls;
-        config.replica_check_interval = CHECK_INTERVAL;
-        config.replica_max_lag = Duration::from_secs(60);
-        config.replica_max_lag_bytes = 1 << 40;
+        config.reads.replica_urls = replica_urls;
+        config.reads.check_interval = CHECK_INTERVAL;
+        config.reads.max_lag = Duration::from_secs(60);
+        config.reads.max_lag_bytes = 1 << 40;
         tweak(config);
     })
     .await
@@ -171,7 +171,7 @@ async fn reads_survive_a_lost_replica_and_return_to_it() {
     // This test follows where every read is routed; the auction cache
     // would answer some before routing, from a view the replica gave.
     let app = app_with_replicas_and(&primary, &replicas, |config| {
-        config.read_cache_ttl = Duration::ZERO;
+        config.reads.cache_ttl = Duration::ZERO;
     })
     .await;
     let mut replica = replicas.pop().unwrap();
@@ -303,8 +303,8 @@ async fn unflushed_wal_on_an_idle_primary_does_not_count_as_replica_lag() {
     let (primary, replicas) = start_primary_and_replicas(1).await;
     let replica_urls = vec![replicas[0].url("gavel")];
     let app = TestApp::spawn_on(&primary.url("gavel"), |config| {
-        config.replica_urls = replica_urls;
-        config.replica_check_interval = CHECK_INTERVAL;
+        config.reads.replica_urls = replica_urls;
+        config.reads.check_interval = CHECK_INTERVAL;
     })
     .await;
     let auction = app.create_auction("seller", json!({})).await;

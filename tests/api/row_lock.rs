@@ -22,7 +22,7 @@ use crate::helpers::*;
 /// A server on the row-lock path, with `tweak` applied on top.
 async fn row_lock_app(tweak: impl FnOnce(&mut Config)) -> TestApp {
     TestApp::spawn_with(|config| {
-        config.bid_path = BidPath::RowLock;
+        config.bids.path = BidPath::RowLock;
         tweak(config);
     })
     .await
@@ -258,7 +258,7 @@ async fn a_retried_key_replays_its_bid_and_a_reused_one_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bid_queued_on_a_locked_auction_row_waits_then_is_shed() {
     const LOCK_TIMEOUT: Duration = Duration::from_millis(400);
-    let app = row_lock_app(|config| config.lock_timeout = LOCK_TIMEOUT).await;
+    let app = row_lock_app(|config| config.pools.lock_timeout = LOCK_TIMEOUT).await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
 

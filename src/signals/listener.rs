@@ -15,7 +15,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::signals::{Resolved, Signals};
+use super::{Resolved, Signals};
 
 /// Channel for "this auction has new pending bids".
 pub const BIDS_CHANNEL: &str = "gavel_bids";

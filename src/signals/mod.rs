@@ -2,6 +2,8 @@
 //! have new bids (wake the resolver) and which bids were just resolved (wake
 //! requests waiting with `Prefer: wait`).
 
+pub mod listener;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
