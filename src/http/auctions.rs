@@ -9,11 +9,11 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::consistency::{self, ReadToken};
-use super::extract::{parse_id, JsonObject, PathId};
+use super::extract::{parse_id, JsonBody, PathId};
 use super::AppState;
 use crate::auth::{Role, User};
 use crate::db::auctions::{self, AuctionRecord, NewAuction};
@@ -148,14 +148,14 @@ fn auction_response(status: StatusCode, auction: &AuctionRecord, viewer: &User) 
 async fn create(
     State(state): State<AppState>,
     user: User,
-    body: Result<JsonObject, ApiError>,
+    body: Result<JsonBody<CreateAuction>, ApiError>,
 ) -> Result<Response, ApiError> {
     if !(user.has(Role::Seller) || user.is_admin()) {
         return Err(ApiError::Forbidden(
             "creating an auction needs the seller or admin role",
         ));
     }
-    let JsonObject(body) = body?;
+    let JsonBody(body) = body?;
     let new = validate_new_auction(&body, user.id.as_str(), Utc::now())?;
     let client = state.pools.api.get().await?;
     let auction = auctions::insert(&client, &new).await?;
@@ -302,62 +302,89 @@ fn decode_cursor(cursor: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::InvalidRequest("cursor is not valid".into()))
 }
 
-/// Checks every field of a create-auction body, reporting all problems at once.
+/// The body of `POST /api/auctions`. Each field is kept as sent (absent and
+/// `null` alike are `None`) and parsed into its domain type by
+/// [`validate_new_auction`], so one response names every invalid field with
+/// the contract's message rather than serde's first error.
+#[derive(Debug, Default, Deserialize)]
+struct CreateAuction {
+    title: Option<Value>,
+    currency: Option<Value>,
+    starting_price: Option<Value>,
+    reserve_price: Option<Value>,
+    increments: Option<Value>,
+    starts_at: Option<Value>,
+    ends_at: Option<Value>,
+    max_end_at: Option<Value>,
+    soft_close_s: Option<Value>,
+}
+
+/// Each field of a [`CreateAuction`] parsed on its own: `None` where the
+/// field is invalid (its problem recorded), `Some(None)` where an optional
+/// field was not sent.
+struct Fields {
+    title: Option<String>,
+    currency: Option<String>,
+    starting_price: Option<Amount>,
+    reserve_price: Option<Amount>,
+    increments: Option<Increments>,
+    starts_at: Option<Option<DateTime<Utc>>>,
+    ends_at: Option<DateTime<Utc>>,
+    max_end_at: Option<Option<DateTime<Utc>>>,
+    soft_close_s: Option<i32>,
+}
+
+impl Fields {
+    fn parse(body: &CreateAuction, errors: &mut Vec<FieldError>) -> Self {
+        let reserve_price = body.reserve_price.as_ref().map(Amount::from_json);
+        Fields {
+            title: check(errors, "title", title(body.title.as_ref())),
+            currency: check(errors, "currency", currency(body.currency.as_ref())),
+            starting_price: check(
+                errors,
+                "starting_price",
+                required(body.starting_price.as_ref()).and_then(Amount::from_json),
+            ),
+            reserve_price: check(errors, "reserve_price", reserve_price.transpose()).flatten(),
+            increments: check(errors, "increments", increments(body.increments.as_ref())),
+            starts_at: check(
+                errors,
+                "starts_at",
+                body.starts_at.as_ref().map(time).transpose(),
+            ),
+            ends_at: check(
+                errors,
+                "ends_at",
+                required(body.ends_at.as_ref()).and_then(time),
+            ),
+            max_end_at: check(
+                errors,
+                "max_end_at",
+                body.max_end_at.as_ref().map(time).transpose(),
+            ),
+            soft_close_s: check(
+                errors,
+                "soft_close_s",
+                soft_close(body.soft_close_s.as_ref()),
+            ),
+        }
+    }
+}
+
+/// Checks every field of a create-auction body, then the rules between
+/// fields, reporting all problems at once.
 fn validate_new_auction(
-    body: &Map<String, Value>,
+    body: &CreateAuction,
     seller_id: &str,
     now: DateTime<Utc>,
 ) -> Result<NewAuction, ApiError> {
     let mut errors = Vec::new();
-
-    let title = check(&mut errors, "title", title(body.get("title")));
-    let currency = check(&mut errors, "currency", currency(body.get("currency")));
-    let starting_price = check(
-        &mut errors,
-        "starting_price",
-        required(body.get("starting_price")).and_then(Amount::from_json),
-    );
-    let reserve_price = check(
-        &mut errors,
-        "reserve_price",
-        optional(body.get("reserve_price"))
-            .map(Amount::from_json)
-            .transpose(),
-    )
-    .flatten();
-    let increments = check(
-        &mut errors,
-        "increments",
-        increments(body.get("increments")),
-    );
-    // `None` when a `starts_at` was sent but is invalid.
-    let starts_at = check(
-        &mut errors,
-        "starts_at",
-        optional(body.get("starts_at")).map(time).transpose(),
-    );
-    let ends_at = check(
-        &mut errors,
-        "ends_at",
-        required(body.get("ends_at")).and_then(time),
-    );
-    // `None` when a `max_end_at` was sent but is invalid.
-    let max_end_at = check(
-        &mut errors,
-        "max_end_at",
-        optional(body.get("max_end_at")).map(time).transpose(),
-    );
-    let soft_close_s = check(
-        &mut errors,
-        "soft_close_s",
-        soft_close(body.get("soft_close_s")),
-    );
-
+    let f = Fields::parse(body, &mut errors);
     // An invalid starts_at is reported on its own: ends_at is not also
     // measured against a start the client did not ask for.
-    let starts_at_known = starts_at.is_some();
-    let starts_at = starts_at.flatten().unwrap_or(now);
-    if let (Some(start), Some(reserve)) = (starting_price, reserve_price) {
+    let starts_at_known = f.starts_at.is_some();
+    let starts_at = f.starts_at.flatten().unwrap_or(now);
+    if let (Some(start), Some(reserve)) = (f.starting_price, f.reserve_price) {
         if reserve.get() < start.get() {
             check(
                 &mut errors,
@@ -366,50 +393,60 @@ fn validate_new_auction(
             );
         }
     }
-    let mut ends_at_ok = ends_at.is_some();
-    if let Some(problem) =
-        ends_at.and_then(|e| ends_at_problem(e, starts_at_known.then_some(starts_at), now))
+    let mut ends_at_ok = f.ends_at.is_some();
+    if let Some(problem) = f
+        .ends_at
+        .and_then(|e| ends_at_problem(e, starts_at_known.then_some(starts_at), now))
     {
         ends_at_ok = false;
         check(&mut errors, "ends_at", Err::<(), _>(problem));
     }
-    let max_end_at = extension_cap(&mut errors, ends_at, ends_at_ok, max_end_at, soft_close_s);
-
-    match (
+    let max_end_at = extension_cap(
+        &mut errors,
+        f.ends_at,
+        ends_at_ok,
+        f.max_end_at,
+        f.soft_close_s,
+    );
+    let (
+        Some(title),
+        Some(currency),
+        Some(starting_price),
+        Some(increments),
+        Some(ends_at),
+        Some(soft_close_s),
+        Some(max_end_at),
+    ) = (
+        f.title,
+        f.currency,
+        f.starting_price,
+        f.increments,
+        f.ends_at,
+        f.soft_close_s,
+        max_end_at,
+    )
+    else {
+        return Err(ApiError::Validation(errors));
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    Ok(NewAuction {
+        id: Uuid::now_v7(),
         title,
         currency,
-        starting_price,
-        increments,
+        terms: AuctionTerms {
+            seller_id: seller_id.to_owned(),
+            starting_price: starting_price.get(),
+            reserve_price: f.reserve_price.map(Amount::get),
+            increments,
+            starts_at,
+            soft_close: Duration::seconds(i64::from(soft_close_s)),
+            max_end_at,
+        },
         ends_at,
         soft_close_s,
-        max_end_at,
-    ) {
-        (
-            Some(title),
-            Some(currency),
-            Some(starting_price),
-            Some(increments),
-            Some(ends_at),
-            Some(soft_close_s),
-            Some(max_end_at),
-        ) if errors.is_empty() => Ok(NewAuction {
-            id: Uuid::now_v7(),
-            title,
-            currency,
-            terms: AuctionTerms {
-                seller_id: seller_id.to_owned(),
-                starting_price: starting_price.get(),
-                reserve_price: reserve_price.map(Amount::get),
-                increments,
-                starts_at,
-                soft_close: Duration::seconds(i64::from(soft_close_s)),
-                max_end_at,
-            },
-            ends_at,
-            soft_close_s,
-        }),
-        _ => Err(ApiError::Validation(errors)),
-    }
+    })
 }
 
 /// Why `ends_at` is refused against the start the client sent (if any)
@@ -489,11 +526,7 @@ fn check<T>(errors: &mut Vec<FieldError>, field: &str, result: Result<T, String>
 }
 
 fn required(value: Option<&Value>) -> Result<&Value, String> {
-    optional(value).ok_or_else(|| "is required".to_owned())
-}
-
-fn optional(value: Option<&Value>) -> Option<&Value> {
-    value.filter(|v| !v.is_null())
+    value.ok_or_else(|| "is required".to_owned())
 }
 
 fn title(value: Option<&Value>) -> Result<String, String> {
@@ -534,7 +567,7 @@ fn time(value: &Value) -> Result<DateTime<Utc>, String> {
 }
 
 fn soft_close(value: Option<&Value>) -> Result<i32, String> {
-    match optional(value) {
+    match value {
         None => Ok(0),
         Some(v) => v
             .as_i64()
@@ -545,7 +578,7 @@ fn soft_close(value: Option<&Value>) -> Result<i32, String> {
 }
 
 fn increments(value: Option<&Value>) -> Result<Increments, String> {
-    let Some(value) = optional(value) else {
+    let Some(value) = value else {
         return Ok(Increments::default_table());
     };
     let tiers: Vec<IncrementTier> = serde_json::from_value(value.clone())
@@ -564,12 +597,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn body(times: Value) -> Map<String, Value> {
+    fn body(times: Value) -> CreateAuction {
         let mut body = json!({"title": "Lance", "currency": "GLD", "starting_price": 100});
         for (k, v) in times.as_object().unwrap() {
             body[k] = v.clone();
         }
-        body.as_object().unwrap().clone()
+        serde_json::from_value(body).unwrap()
     }
 
     fn fields(result: Result<NewAuction, ApiError>) -> Vec<(String, String)> {

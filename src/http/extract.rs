@@ -5,6 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::{header, request::Parts, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -74,6 +75,22 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
             )),
             Err(e) => Err(ApiError::InvalidRequest(format!("malformed JSON: {e}"))),
         }
+    }
+}
+
+/// A JSON object body ([`JsonObject`]) read into the request type `T`,
+/// whose fields say the body's shape; their values are judged by the
+/// handler, which reports every invalid field at once.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let JsonObject(map) = JsonObject::from_request(req, state).await?;
+        serde_json::from_value(Value::Object(map))
+            .map(JsonBody)
+            .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON: {e}")))
     }
 }
 
