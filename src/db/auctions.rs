@@ -230,11 +230,9 @@ pub struct StateUpdate<'a> {
 /// Compare-and-set on `version`; returns whether this writer won.
 ///
 /// One statement per auction, found by key: the resolver sends one for
-/// each auction of a group, all in one round trip. One statement over
-/// arrays of auctions, joined to `auctions`, got a generic plan that
-/// scanned the table (a handful of rows, but thousands of dead versions
-/// during a burst) and cost 2.4 times as much per call (BENCHMARKS.md as of 2026-12-06,
-/// "Quiet auctions resolved together").
+/// each auction of a group, all in one round trip. (One statement over
+/// arrays of auctions gets a generic plan that scans the table and its
+/// dead versions during a burst.)
 pub async fn compare_and_set(
     client: &impl GenericClient,
     update: &StateUpdate<'_>,
