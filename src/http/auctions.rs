@@ -2,7 +2,7 @@
 //! public bid history.
 
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -137,12 +137,33 @@ fn etag(version: i64) -> HeaderValue {
 }
 
 fn auction_response(status: StatusCode, auction: &AuctionRecord, viewer: &User) -> Response {
-    let view = AuctionView::new(auction, viewer, Utc::now());
+    let now = Utc::now();
+    let view = AuctionView::new(auction, viewer, now);
     let mut response = (status, Json(view)).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::ETAG, etag(auction.version));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    version_headers(response.headers_mut(), auction.version, now);
     response
+}
+
+/// The headers of every auction response, 304 included: the version as a
+/// strong `ETag`, `Cache-Control: no-cache` and `Gavel-Server-Time`.
+fn version_headers(headers: &mut HeaderMap, version: i64, now: DateTime<Utc>) {
+    headers.insert(header::ETAG, etag(version));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(SERVER_TIME, server_time(now));
+}
+
+/// `Gavel-Server-Time`: the server's clock, so clients count time left
+/// against it rather than their own.
+pub const SERVER_TIME: HeaderName = HeaderName::from_static("gavel-server-time");
+
+/// An instant as `Gavel-Server-Time` and `server_time` write it: UTC with
+/// exactly three fractional digits.
+pub fn format_server_time(now: DateTime<Utc>) -> String {
+    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn server_time(now: DateTime<Utc>) -> HeaderValue {
+    HeaderValue::from_str(&format_server_time(now)).expect("a time is a valid header value")
 }
 
 async fn create(
@@ -186,9 +207,7 @@ async fn show(
         None => ApiError::NotFound("auction").into_response(),
         Some(auction) if if_none_match(&headers, auction.version) => {
             let mut response = StatusCode::NOT_MODIFIED.into_response();
-            let headers = response.headers_mut();
-            headers.insert(header::ETAG, etag(auction.version));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            version_headers(response.headers_mut(), auction.version, Utc::now());
             response
         }
         Some(auction) => auction_response(StatusCode::OK, &auction, &user),
@@ -617,6 +636,18 @@ mod tests {
 
     fn at(rfc3339: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(rfc3339).unwrap().to_utc()
+    }
+
+    #[test]
+    fn server_time_has_exactly_three_fractional_digits() {
+        assert_eq!(
+            format_server_time(at("2026-11-25T11:59:41.25Z")),
+            "2026-11-25T11:59:41.250Z"
+        );
+        assert_eq!(
+            format_server_time(at("2026-11-25T11:59:41+01:00")),
+            "2026-11-25T10:59:41.000Z"
+        );
     }
 
     #[test]

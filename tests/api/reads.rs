@@ -37,6 +37,19 @@ fn header(response: &reqwest::Response, name: &str) -> String {
         .to_owned()
 }
 
+/// `Gavel-Server-Time`: UTC, exactly three fractional digits, and the
+/// server's clock (this test runs on the same machine).
+fn assert_server_time(value: &str) {
+    assert_eq!(value.len(), "2026-11-25T11:59:41.250Z".len(), "{value}");
+    assert!(
+        value.ends_with('Z') && value.as_bytes()[19] == b'.',
+        "{value}"
+    );
+    let at = chrono::DateTime::parse_from_rfc3339(value).expect("RFC 3339");
+    let skew = (Utc::now() - at.to_utc()).num_milliseconds().abs();
+    assert!(skew < 5_000, "{value} is {skew} ms from this clock");
+}
+
 #[tokio::test]
 async fn auction_etag_is_the_version_and_if_none_match_gives_304() {
     let app = TestApp::spawn().await;
@@ -46,6 +59,7 @@ async fn auction_etag_is_the_version_and_if_none_match_gives_304() {
     let first = get_auction_with(&app, &auction_id, None).await;
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(header(&first, "cache-control"), "no-cache");
+    assert_server_time(&header(&first, "gavel-server-time"));
     let tag = header(&first, "etag");
     let view: Value = first.json().await.unwrap();
     let version = view["version"].as_i64().unwrap();
@@ -58,6 +72,7 @@ async fn auction_etag_is_the_version_and_if_none_match_gives_304() {
     let cached = get_auction_with(&app, &auction_id, Some(&tag)).await;
     assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
     assert_eq!(header(&cached, "etag"), tag);
+    assert_server_time(&header(&cached, "gavel-server-time"));
     assert_eq!(
         header(&cached, "x-frame-options"),
         "DENY",
