@@ -65,6 +65,8 @@ pub struct User {
     pub id: UserId,
     /// The token's roles.
     pub roles: Vec<Role>,
+    /// The token's `exp`, in Unix seconds: a stream ends when it passes.
+    pub expires_at: u64,
 }
 
 impl User {
@@ -139,6 +141,7 @@ impl JwtKeys {
         Ok(User {
             id,
             roles: data.claims.roles,
+            expires_at: data.claims.exp,
         })
     }
 

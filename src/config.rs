@@ -134,6 +134,8 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Client connections and how long a client may take to send.
     pub edge: EdgeLimits,
+    /// Event streams open at once in this process (`GAVEL_MAX_STREAMS`).
+    pub max_streams: usize,
 }
 
 /// What one client may hold and how long it may take to send: the limits
@@ -285,6 +287,7 @@ impl Env<'_> {
             )?,
             max_in_flight: self.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
             edge: self.edge_limits()?,
+            max_streams: self.number("GAVEL_MAX_STREAMS", 10_000, 1..=1_000_000)?,
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod live;
 pub mod pg_cluster;
 pub mod rate_limit;
 pub mod resolver;

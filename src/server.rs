@@ -22,6 +22,7 @@ use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
 use crate::http::serve;
 use crate::http::{self, AppState, Shared};
+use crate::live::LiveViews;
 use crate::rate_limit::RateLimiter;
 use crate::resolver::Resolver;
 use crate::signals::{listener, Signals};
@@ -55,8 +56,17 @@ impl Server {
         let reads = Reads::new(&config, pools.api.clone())?;
         let signals = Signals::new();
         let activity = ActivitySampler::new(&config)?;
+        let auction_views = AuctionCache::new(reads.clone(), &signals, config.reads.cache_ttl);
+        let streams_end = CancellationToken::new();
         let state = AppState::new(Shared {
-            auction_views: AuctionCache::new(reads.clone(), &signals, config.reads.cache_ttl),
+            live: LiveViews::new(
+                auction_views.clone(),
+                &signals,
+                config.limits.max_streams,
+                streams_end.clone(),
+            ),
+            shutdown: streams_end,
+            auction_views,
             reads,
             request_timeout: config.limits.request_timeout,
             max_in_flight: config.limits.max_in_flight,
@@ -109,6 +119,13 @@ impl Server {
             state,
             activity,
         } = self;
+        // Event streams end when shutdown starts, so draining can finish.
+        let streams_end = state.shutdown.clone();
+        let end_streams = shutdown.clone();
+        tokio::spawn(async move {
+            end_streams.cancelled().await;
+            streams_end.cancel();
+        });
         let metrics = telemetry::metrics_handle();
         let mut tasks = tokio::task::JoinSet::new();
         // Background workers outlive the HTTP drain, so requests waiting for

@@ -6,6 +6,7 @@ pub mod bids;
 pub mod consistency;
 pub mod edge;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod serve;
@@ -22,6 +23,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -32,6 +34,7 @@ use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
 use crate::error::ApiError;
+use crate::live::LiveViews;
 use crate::signals::Signals;
 
 /// State shared by every handler: one pointer, so a request clones it
@@ -76,6 +79,10 @@ pub struct Shared {
     /// Reads in progress: at most a quarter of the in-flight limit, so
     /// reads waiting on a slow database cannot crowd bids out.
     pub read_slots: Arc<Semaphore>,
+    /// The live auction views behind the event streams.
+    pub live: LiveViews,
+    /// Cancelled at shutdown, which ends the event streams.
+    pub shutdown: CancellationToken,
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -102,7 +109,8 @@ static SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
 /// has a deadline, both answered `503 overloaded` with `Retry-After`. A
 /// body is read in full before either bound applies (see `edge.rs`).
 /// Health probes stay outside those bounds so an overloaded process is
-/// not mistaken for a dead one.
+/// not mistaken for a dead one; event streams too, bounded by
+/// `GAVEL_MAX_STREAMS` instead.
 pub fn api_router(state: AppState) -> Router {
     let bounds = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(overload_response))
@@ -125,6 +133,7 @@ pub fn api_router(state: AppState) -> Router {
             edge::read_body,
         ))
         .merge(health::router())
+        .merge(events::router())
         .layer(middleware::from_fn(track_metrics))
         .with_state(state);
     edge::register_metrics();

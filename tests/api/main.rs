@@ -7,6 +7,7 @@ mod closing;
 mod coalescing;
 mod edge;
 mod helpers;
+mod live;
 mod observability;
 mod overload;
 mod processes;

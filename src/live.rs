@@ -1,0 +1,281 @@
+//! Live auction views for the event streams: one feed per watched auction
+//! per process. A change announced on the signal bus (a resolution in this
+//! process or, through LISTEN/NOTIFY, in another) is read once per process,
+//! from the view cache or through read routing, and published to every
+//! watcher of that auction through a `watch` channel: a watcher that reads
+//! slowly skips to the latest view and never holds up the others. Watchers
+//! hold no database connection, and a feed lives only while watched.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::auction_cache::AuctionCache;
+use crate::db::auctions::AuctionRecord;
+use crate::error::ApiError;
+use crate::signals::{Resolved, Signals};
+
+/// How often every feed reads its auction again even when no change was
+/// announced: the safety net under a lost notification.
+const POLL: Duration = Duration::from_secs(1);
+/// The first wait before reading again a view older than an announced
+/// change (a replica that has not replayed it yet); it doubles up to
+/// [`GIVE_UP`], after which the poll takes over.
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+const GIVE_UP: Duration = Duration::from_millis(1_000);
+/// Masking classes a view is rendered for (see [`Snapshot::rendered`]).
+pub const CLASSES: usize = 3;
+
+/// One version of an auction's view, shared by all its watchers.
+pub struct Snapshot {
+    /// The auction as read.
+    pub auction: Arc<AuctionRecord>,
+    /// The event each masking class receives, rendered by the first watcher
+    /// of that class and reused by the others.
+    pub rendered: [OnceLock<Bytes>; CLASSES],
+}
+
+impl Snapshot {
+    fn new(auction: Arc<AuctionRecord>) -> Arc<Self> {
+        Arc::new(Snapshot {
+            auction,
+            rendered: Default::default(),
+        })
+    }
+
+    /// The auction's version.
+    pub fn version(&self) -> i64 {
+        self.auction.version
+    }
+}
+
+/// The live views of this process. Cheap to clone.
+#[derive(Clone)]
+pub struct LiveViews {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    views: AuctionCache,
+    feeds: Mutex<HashMap<Uuid, Weak<Feed>>>,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+}
+
+/// A watcher's hold on one auction's feed and on a stream slot.
+pub struct Watch {
+    /// The latest view; `changed()` wakes on every later version.
+    pub views: watch::Receiver<Arc<Snapshot>>,
+    _feed: Arc<Feed>,
+    _slot: OwnedSemaphorePermit,
+}
+
+struct Feed {
+    id: Uuid,
+    latest: watch::Sender<Arc<Snapshot>>,
+    refresh: Mutex<Refresh>,
+}
+
+/// The reads a feed still owes: until its view reaches `wanted`.
+#[derive(Default)]
+struct Refresh {
+    running: bool,
+    wanted: i64,
+}
+
+impl LiveViews {
+    /// Live views read through `views`, following the changes `signals`
+    /// announces until `shutdown`, for at most `max_streams` watchers.
+    pub fn new(
+        views: AuctionCache,
+        signals: &Signals,
+        max_streams: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        register_metrics();
+        let inner = Arc::new(Inner {
+            views,
+            feeds: Mutex::new(HashMap::new()),
+            streams: Arc::new(Semaphore::new(max_streams)),
+            max_streams,
+        });
+        tokio::spawn(follow(
+            Arc::downgrade(&inner),
+            signals.subscribe(),
+            shutdown,
+        ));
+        LiveViews { inner }
+    }
+
+    /// Starts watching auction `id`: `Ok(None)` when there is no such
+    /// auction, `Overloaded` when every stream slot is taken.
+    pub async fn watch(&self, id: Uuid) -> Result<Option<Watch>, ApiError> {
+        let Ok(slot) = self.inner.streams.clone().try_acquire_owned() else {
+            metrics::counter!("gavel_streams_refused_total").increment(1);
+            return Err(ApiError::Overloaded);
+        };
+        let feed = match self.inner.feed(id) {
+            Some(feed) => feed,
+            None => {
+                let (auction, _) = self.inner.views.get(id, None).await?;
+                let Some(auction) = auction else {
+                    return Ok(None);
+                };
+                self.inner.adopt(id, auction)
+            }
+        };
+        Ok(Some(Watch {
+            views: feed.latest.subscribe(),
+            _feed: feed,
+            _slot: slot,
+        }))
+    }
+
+    /// Streams open in this process.
+    pub fn open_streams(&self) -> usize {
+        self.inner.max_streams - self.inner.streams.available_permits()
+    }
+}
+
+impl Inner {
+    fn feed(&self, id: Uuid) -> Option<Arc<Feed>> {
+        self.feeds
+            .lock()
+            .expect("feeds")
+            .get(&id)
+            .and_then(Weak::upgrade)
+    }
+
+    /// The feed of `id`, made from `auction` unless another watcher made
+    /// one meanwhile (then it keeps the newer view of the two).
+    fn adopt(&self, id: Uuid, auction: Arc<AuctionRecord>) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock().expect("feeds");
+        if let Some(feed) = feeds.get(&id).and_then(Weak::upgrade) {
+            feed.publish(auction);
+            return feed;
+        }
+        let feed = Arc::new(Feed {
+            id,
+            latest: watch::channel(Snapshot::new(auction)).0,
+            refresh: Mutex::new(Refresh::default()),
+        });
+        feeds.insert(id, Arc::downgrade(&feed));
+        feed
+    }
+
+    fn live_feeds(&self) -> Vec<Arc<Feed>> {
+        let mut feeds = self.feeds.lock().expect("feeds");
+        feeds.retain(|_, feed| feed.strong_count() > 0);
+        feeds.values().filter_map(Weak::upgrade).collect()
+    }
+}
+
+/// Follows the announced changes: each one wakes its auction's feed, and
+/// every feed is read again each [`POLL`] in case an announcement was lost.
+async fn follow(
+    inner: Weak<Inner>,
+    mut changes: broadcast::Receiver<Resolved>,
+    shutdown: CancellationToken,
+) {
+    let mut poll = tokio::time::interval(POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let change = tokio::select! {
+            () = shutdown.cancelled() => return,
+            change = changes.recv() => Some(change),
+            _ = poll.tick() => None,
+        };
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        match change {
+            Some(Ok(change)) => {
+                if let Some(feed) = inner.feed(change.auction_id) {
+                    let wanted = change.version.unwrap_or(feed.version() + 1);
+                    feed.refresh(&inner.views, wanted);
+                }
+            }
+            Some(Err(RecvError::Closed)) => return,
+            // Missed announcements, or the poll: read every feed again.
+            Some(Err(RecvError::Lagged(_))) | None => {
+                for feed in inner.live_feeds() {
+                    feed.refresh(&inner.views, feed.version());
+                }
+            }
+        }
+    }
+}
+
+impl Feed {
+    fn version(&self) -> i64 {
+        self.latest.borrow().version()
+    }
+
+    /// Publishes `auction` if it is newer than the view watchers have.
+    fn publish(&self, auction: Arc<AuctionRecord>) -> bool {
+        self.latest.send_if_modified(|latest| {
+            if auction.version <= latest.version() {
+                return false;
+            }
+            *latest = Snapshot::new(auction);
+            metrics::counter!("gavel_stream_versions_total").increment(1);
+            true
+        })
+    }
+
+    /// Reads the auction until its view reaches version `wanted`, one read
+    /// at a time however many changes are announced meanwhile.
+    fn refresh(self: &Arc<Self>, views: &AuctionCache, wanted: i64) {
+        {
+            let mut refresh = self.refresh.lock().expect("refresh");
+            refresh.wanted = refresh.wanted.max(wanted);
+            if refresh.running {
+                return;
+            }
+            refresh.running = true;
+        }
+        tokio::spawn(self.clone().read_until_current(views.clone()));
+    }
+
+    async fn read_until_current(self: Arc<Self>, views: AuctionCache) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            match views.get(self.id, None).await {
+                Ok((Some(auction), _)) => {
+                    self.publish(auction);
+                }
+                Ok((None, _)) => {}
+                Err(e) => tracing::debug!(auction = %self.id, error = %e, "live view read failed"),
+            }
+            {
+                let mut refresh = self.refresh.lock().expect("refresh");
+                let done = self.version() >= refresh.wanted || self.latest.is_closed();
+                if done || retry > GIVE_UP {
+                    refresh.running = false;
+                    return;
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry *= 2;
+        }
+    }
+}
+
+fn register_metrics() {
+    metrics::describe_counter!(
+        "gavel_stream_versions_total",
+        "Auction versions published to this process's live feeds (each read once, whatever the number of watchers)."
+    );
+    metrics::describe_counter!(
+        "gavel_streams_refused_total",
+        "Event streams refused because GAVEL_MAX_STREAMS were open."
+    );
+    metrics::counter!("gavel_stream_versions_total").increment(0);
+    metrics::counter!("gavel_streams_refused_total").increment(0);
+}

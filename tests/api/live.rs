@@ -1,0 +1,305 @@
+//! Live updates: the auction event stream (`GET /api/auctions/{id}/events`)
+//! read as a client reads Server-Sent Events, against the real server.
+
+use std::time::Duration;
+
+use chrono::{SubsecRound as _, Utc};
+use gavel::auth::Role;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// One Server-Sent Events frame.
+#[derive(Debug)]
+struct Frame {
+    event: Option<String>,
+    id: Option<String>,
+    data: String,
+    comment: bool,
+}
+
+/// A client's view of an event stream.
+struct Stream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Stream {
+    /// The next frame, `None` once the server closed the stream. Panics
+    /// after `limit` without one.
+    async fn next(&mut self, limit: Duration) -> Option<Frame> {
+        tokio::time::timeout(limit, self.next_frame())
+            .await
+            .unwrap_or_else(|_| panic!("no frame within {limit:?}"))
+    }
+
+    async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let raw: String = self.buffer.drain(..end + 2).collect();
+                return Some(parse(&raw));
+            }
+            let chunk = self.response.chunk().await.expect("stream read")?;
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// The next frame that is not a keep-alive comment.
+    async fn next_event(&mut self, limit: Duration) -> Option<Frame> {
+        loop {
+            let frame = self.next(limit).await?;
+            if !frame.comment {
+                return Some(frame);
+            }
+        }
+    }
+}
+
+fn parse(raw: &str) -> Frame {
+    let mut frame = Frame {
+        event: None,
+        id: None,
+        data: String::new(),
+        comment: false,
+    };
+    for line in raw.lines() {
+        if line.starts_with(':') {
+            frame.comment = true;
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            frame.event = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            frame.id = Some(v.to_owned());
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            frame.data.push_str(v);
+        }
+    }
+    frame
+}
+
+async fn open(
+    app: &TestApp,
+    auction_id: &str,
+    token: &str,
+    last: Option<&str>,
+) -> reqwest::Response {
+    let mut request = app
+        .http
+        .get(app.url(&format!("/api/auctions/{auction_id}/events")))
+        .bearer_auth(token);
+    if let Some(last) = last {
+        request = request.header("Last-Event-ID", last);
+    }
+    request.send().await.unwrap()
+}
+
+async fn stream(app: &TestApp, auction_id: &str, token: &str, last: Option<&str>) -> Stream {
+    let response = open(app, auction_id, token, last).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    Stream {
+        response,
+        buffer: String::new(),
+    }
+}
+
+/// The auction view an event carries, without its `server_time` (checked
+/// to be the server's clock, three fractional digits).
+fn view_of(frame: &Frame) -> (i64, Value) {
+    assert_eq!(frame.event.as_deref(), Some("auction"), "{frame:?}");
+    let mut view: Value = serde_json::from_str(&frame.data).unwrap();
+    let time = view
+        .as_object_mut()
+        .unwrap()
+        .remove("server_time")
+        .expect("server_time");
+    let time = chrono::DateTime::parse_from_rfc3339(time.as_str().unwrap()).unwrap();
+    assert!((Utc::now() - time.to_utc()).num_seconds().abs() < 5);
+    let version: i64 = frame.id.as_deref().unwrap().parse().unwrap();
+    assert_eq!(view["version"], version, "the event id is the version");
+    (version, view)
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn an_auction_stream_sends_the_view_then_every_new_version_then_end() {
+    let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(500)).await;
+    let ends_at = (Utc::now() + chrono::Duration::seconds(4)).trunc_subsecs(3);
+    let auction = app
+        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut watcher = stream(&app, &auction_id, &app.token("watcher", &[]), None).await;
+    let mut seller = stream(
+        &app,
+        &auction_id,
+        &app.token("seller-1", &[Role::Seller]),
+        None,
+    )
+    .await;
+
+    let (first, view) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    assert_eq!(
+        view,
+        app.auction_as(&auction_id, "watcher", &[]).await,
+        "the first event is the current view, as GET shows it"
+    );
+    view_of(&seller.next_event(WAIT).await.unwrap());
+
+    app.bid_resolved("alice", &auction_id, 1_500).await;
+    let (second, view) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    assert!(second > first, "versions increase");
+    assert_eq!(view["current_price"], 1_000);
+    assert_eq!(
+        view["leading_bidder"],
+        gavel::domain::mask_user("alice"),
+        "masked for a watcher"
+    );
+    let (_, seen_by_seller) = view_of(&seller.next_event(WAIT).await.unwrap());
+    assert_eq!(
+        seen_by_seller["leading_bidder"], "alice",
+        "unmasked for the seller"
+    );
+
+    app.bid_resolved("bob", &auction_id, 2_000).await;
+    let (third, view) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    assert!(third > second);
+    assert_eq!(view["leading_bidder"], gavel::domain::mask_user("bob"));
+
+    // A reconnect at the latest version waits for the next one.
+    let mut resumed = stream(
+        &app,
+        &auction_id,
+        &app.token("watcher", &[]),
+        Some(&third.to_string()),
+    )
+    .await;
+    // A reconnect one version behind starts with the current view.
+    let mut behind = stream(
+        &app,
+        &auction_id,
+        &app.token("watcher", &[]),
+        Some(&second.to_string()),
+    )
+    .await;
+    let (caught_up, _) = view_of(&behind.next_event(WAIT).await.unwrap());
+    assert_eq!(caught_up, third);
+
+    // Settlement: the final view, `end` with the final version, then close.
+    let limit = Duration::from_secs(10);
+    let (last, view) = loop {
+        let (version, view) = view_of(&watcher.next_event(limit).await.unwrap());
+        if view["status"] == "closed" {
+            break (version, view);
+        }
+    };
+    assert_eq!(view["winner_id"], gavel::domain::mask_user("bob"));
+    let end = watcher.next_event(WAIT).await.unwrap();
+    assert_eq!(end.event.as_deref(), Some("end"));
+    assert_eq!(end.data, last.to_string());
+    assert!(
+        watcher.next(WAIT).await.is_none(),
+        "the server closes the stream"
+    );
+    let (next, _) = view_of(&resumed.next_event(limit).await.unwrap());
+    assert!(
+        next > third,
+        "the resumed stream skipped the version it had"
+    );
+
+    // Connecting to a closed auction: the three steps at once.
+    let mut late = stream(&app, &auction_id, &app.token("bob", &[]), None).await;
+    let (version, view) = view_of(&late.next_event(WAIT).await.unwrap());
+    assert_eq!(
+        (version, view["winner_id"].as_str()),
+        (last, Some("bob")),
+        "the winner sees itself"
+    );
+    assert_eq!(
+        late.next_event(WAIT).await.unwrap().event.as_deref(),
+        Some("end")
+    );
+    assert!(late.next(WAIT).await.is_none());
+    // ... unless the client already has the final version.
+    let mut done = stream(
+        &app,
+        &auction_id,
+        &app.token("bob", &[]),
+        Some(&last.to_string()),
+    )
+    .await;
+    assert_eq!(
+        done.next_event(WAIT).await.unwrap().event.as_deref(),
+        Some("end")
+    );
+    assert!(done.next(WAIT).await.is_none());
+}
+
+#[tokio::test]
+async fn a_stream_is_refused_before_it_starts_and_ends_at_token_expiry() {
+    let app = TestApp::spawn_with(|c| c.limits.max_streams = 1).await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let token = app.token("watcher", &[]);
+    let code = |response: reqwest::Response| async move {
+        let status = response.status();
+        let problem: Value = response.json().await.unwrap();
+        (status, problem["code"].as_str().unwrap().to_owned())
+    };
+    let anonymous = app
+        .http
+        .get(app.url(&format!("/api/auctions/{auction_id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(anonymous).await,
+        (StatusCode::UNAUTHORIZED, "unauthorized".into())
+    );
+    let malformed = open(&app, "not-an-id", &token, None).await;
+    assert_eq!(
+        code(malformed).await,
+        (StatusCode::BAD_REQUEST, "invalid_request".into())
+    );
+    let unknown = open(&app, &uuid::Uuid::now_v7().to_string(), &token, None).await;
+    assert_eq!(
+        code(unknown).await,
+        (StatusCode::NOT_FOUND, "not_found".into())
+    );
+    let bad_cursor = open(&app, &auction_id, &token, Some("yesterday")).await;
+    assert_eq!(
+        code(bad_cursor).await,
+        (StatusCode::BAD_REQUEST, "invalid_request".into())
+    );
+
+    // One stream open: the next is refused with Retry-After, until it closes.
+    let short = app.keys.mint("watcher", &[], 2);
+    let mut first = stream(&app, &auction_id, &short, None).await;
+    let refused = open(&app, &auction_id, &token, None).await;
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(
+        code(refused).await,
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded".into())
+    );
+
+    // The two-second token ends its stream, which frees the place.
+    let started = std::time::Instant::now();
+    first.next_event(WAIT).await.unwrap();
+    assert!(
+        first.next(WAIT).await.is_none(),
+        "the stream ends at token expiry"
+    );
+    let lasted = started.elapsed();
+    assert!(
+        lasted < Duration::from_secs(4),
+        "ended {lasted:?} after opening"
+    );
+    drop(first);
+    eventually(WAIT, "the place to be free again", || async {
+        let response = open(&app, &auction_id, &token, None).await;
+        (response.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+}
