@@ -303,3 +303,61 @@ async fn a_stream_is_refused_before_it_starts_and_ends_at_token_expiry() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_watcher_on_one_process_sees_changes_resolved_by_another() {
+    // Two servers on one database share nothing but PostgreSQL: A runs no
+    // resolver, B resolves, and A hears of it over LISTEN/NOTIFY only.
+    let a = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
+    let b = TestApp::spawn_on(&a.database_url, |_| {}).await;
+    let auction = b.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut watcher = stream(&a, &auction_id, &a.token("watcher", &[]), None).await;
+    let (first, _) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    for (i, bidder) in ["alice", "bob", "carol"].into_iter().enumerate() {
+        b.bid_resolved(bidder, &auction_id, 1_500 + 500 * i as i64)
+            .await;
+        let resolved = std::time::Instant::now();
+        let (version, view) = view_of(&watcher.next_event(WAIT).await.unwrap());
+        let took = resolved.elapsed();
+        assert!(version > first);
+        assert_eq!(view["leading_bidder"], gavel::domain::mask_user(bidder));
+        assert!(
+            took < Duration::from_secs(1),
+            "seen on A {took:?} after B resolved it"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_watcher_that_stops_reading_holds_up_no_one() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut stalled = stream(&app, &auction_id, &app.token("stalled", &[]), None).await;
+    let (first, _) = view_of(&stalled.next_event(WAIT).await.unwrap());
+    let mut reader = stream(&app, &auction_id, &app.token("reader", &[]), None).await;
+    view_of(&reader.next_event(WAIT).await.unwrap());
+    // The stalled watcher reads nothing while 30 versions go by; the other
+    // sees each one as it is resolved.
+    let mut latest = first;
+    for i in 0..30_i64 {
+        app.bid_resolved(&format!("bidder-{i}"), &auction_id, 1_100 + 100 * i)
+            .await;
+        let (version, _) = view_of(&reader.next_event(WAIT).await.unwrap());
+        assert!(version > latest);
+        latest = version;
+    }
+    // Then it receives increasing versions up to the latest, never more
+    // than there were.
+    let mut seen = first;
+    let mut events = 0;
+    while seen < latest {
+        let (version, _) = view_of(&stalled.next_event(WAIT).await.unwrap());
+        assert!(version > seen, "versions strictly increase");
+        seen = version;
+        events += 1;
+    }
+    assert_eq!(seen, latest, "it ends on the latest version");
+    assert!(events <= 30);
+}
