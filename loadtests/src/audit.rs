@@ -1,15 +1,8 @@
-//! The audit after every run, read from the database:
-//!
-//! - every bid answered 2xx is in `bid_log` exactly once, as sent;
-//! - no bid is in the log twice (one row per bidder and Idempotency-Key),
-//!   none that was refused is there, and nothing is there that the
-//!   generator did not send;
-//! - once the auctions settle, every bid has a final outcome;
-//! - each auction's final state equals Gavel's pure rules replayed over its
-//!   `bid_log` in resolution order, bid by bid (outcome, reason, price).
-//!
-//! It also measures the resolver lag of every bid (`resolved_at -
-//! received_at`), which no client can see.
+//! The audit after every run, read from the database: every bid answered
+//! 2xx is in `bid_log` exactly once as sent, nothing refused, unsent or
+//! repeated is there, every bid has its outcome once the auctions settle,
+//! and Gavel's pure rules replayed over each auction's log give its state.
+//! It also measures every bid's resolver lag, which no client can see.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -24,7 +17,7 @@ use uuid::Uuid;
 use crate::generator::{Fate, RunAuction, SentBid};
 use crate::record::Quantiles;
 use gavel::db::auctions;
-use gavel::rules::{self, AuctionState, BidInput, Outcome};
+use gavel::rules::{self, AuctionState, AuctionTerms, BidInput, Leader, Outcome};
 
 /// How long the audit waits for the resolver to finish and ended auctions
 /// to settle after a run.
@@ -106,6 +99,37 @@ pub async fn audit(
     let ids: Vec<Uuid> = auctions.iter().map(|a| a.id).collect();
 
     let settle_wait_s = wait_for_settlement(&client, &ids, settle_timeout).await?;
+    let log = read_log(&client, &ids).await?;
+    let mut report = AuditReport {
+        bids_sent: sent.len() as u64,
+        bids_acknowledged: sent
+            .iter()
+            .filter(|b| matches!(b.fate, Fate::Acked(_)))
+            .count() as u64,
+        bids_in_log: log.len() as u64,
+        settle_wait_s,
+        ..AuditReport::default()
+    };
+    check_acknowledged(&mut report, auctions, sent, &log);
+    let records = read_auctions(&client, auctions).await?;
+    let closed: HashSet<Uuid> = records
+        .iter()
+        .filter(|r| r.state.closed)
+        .map(|r| r.id)
+        .collect();
+    check_outcomes(&mut report, &log, &closed);
+    check_queue(&mut report, &log, &read_queue(&client, &ids).await?);
+    for (auction, record) in auctions.iter().zip(&records) {
+        let bids: Vec<&LogRow> = log.iter().filter(|r| r.auction_id == auction.id).collect();
+        report.checks.push(replay(&auction.label, record, &bids));
+    }
+    report.resolver_lag_ms = resolver_lag(&log);
+    report.passed = report.checks.iter().all(|c| c.passed);
+    Ok(report)
+}
+
+/// The run's auctions' rows of `bid_log`, each auction's in resolution order.
+async fn read_log(client: &tokio_postgres::Client, ids: &[Uuid]) -> anyhow::Result<Vec<LogRow>> {
     let rows = client
         .query(
             "SELECT auction_id, id, bidder_id, amount, idempotency_key, received_at, status, \
@@ -114,7 +138,7 @@ pub async fn audit(
             &[&ids],
         )
         .await?;
-    let log: Vec<LogRow> = rows
+    Ok(rows
         .iter()
         .map(|r| LogRow {
             auction_id: r.get(0),
@@ -130,33 +154,30 @@ pub async fn audit(
             resolved_at: r.get(10),
             resolved_version: r.get(11),
         })
-        .collect();
+        .collect())
+}
 
-    let mut report = AuditReport {
-        bids_sent: sent.len() as u64,
-        bids_acknowledged: sent
-            .iter()
-            .filter(|b| matches!(b.fate, Fate::Acked(_)))
-            .count() as u64,
-        bids_in_log: log.len() as u64,
-        settle_wait_s,
-        ..AuditReport::default()
-    };
-    check_acknowledged(&mut report, auctions, sent, &log);
+/// Each of the run's auctions as Gavel stores it, in order.
+async fn read_auctions(
+    client: &deadpool_postgres::Client,
+    auctions: &[RunAuction],
+) -> anyhow::Result<Vec<auctions::AuctionRecord>> {
     let mut records = Vec::with_capacity(auctions.len());
     for auction in auctions {
-        let record = auctions::get(&client, auction.id)
+        let record = auctions::get(client, auction.id)
             .await?
             .with_context(|| format!("the auction {} is gone", auction.id))?;
         records.push(record);
     }
-    let closed: HashSet<Uuid> = records
-        .iter()
-        .filter(|r| r.state.closed)
-        .map(|r| r.id)
-        .collect();
-    check_outcomes(&mut report, &log, &closed);
-    let queued: HashSet<Uuid> = client
+    Ok(records)
+}
+
+/// The bids of the run's auctions in the queue of pending bids.
+async fn read_queue(
+    client: &tokio_postgres::Client,
+    ids: &[Uuid],
+) -> anyhow::Result<HashSet<Uuid>> {
+    Ok(client
         .query(
             "SELECT id FROM pending_bids WHERE auction_id = ANY($1)",
             &[&ids],
@@ -164,15 +185,7 @@ pub async fn audit(
         .await?
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    check_queue(&mut report, &log, &queued);
-    for (auction, record) in auctions.iter().zip(&records) {
-        let bids: Vec<&LogRow> = log.iter().filter(|r| r.auction_id == auction.id).collect();
-        report.checks.push(replay(&auction.label, record, &bids));
-    }
-    report.resolver_lag_ms = resolver_lag(&log);
-    report.passed = report.checks.iter().all(|c| c.passed);
-    Ok(report)
+        .collect())
 }
 
 /// Audits what a run sent, waiting at most [`SETTLE_PATIENCE`].
@@ -256,81 +269,132 @@ fn check(report: &mut AuditReport, name: &str, problems: Vec<String>, fine: Stri
     });
 }
 
+/// The run's rows of `bid_log` by bidder and Idempotency-Key.
+type RowsByKey<'a> = HashMap<(&'a str, &'a str), Vec<&'a LogRow>>;
+
+/// Every bid sent against the log: acknowledged ones there once each,
+/// refused and unsent ones absent, none there twice or never sent.
 fn check_acknowledged(
     report: &mut AuditReport,
     auctions: &[RunAuction],
     sent: &[SentBid],
     log: &[LogRow],
 ) {
-    let mut by_key: HashMap<(&str, &str), Vec<&LogRow>> = HashMap::new();
+    let mut by_key: RowsByKey = HashMap::new();
     for row in log {
         by_key
             .entry((row.bidder_id.as_str(), row.key.as_str()))
             .or_default()
             .push(row);
     }
-    let mut lost = Vec::new();
-    let mut refused_in_log = Vec::new();
-    let mut unknown_in_log = 0;
-    for bid in sent {
-        let rows = by_key
-            .get(&(bid.bidder.as_str(), bid.key.as_str()))
-            .map_or(&[][..], Vec::as_slice);
-        let as_sent =
-            |r: &&LogRow| r.auction_id == auctions[bid.auction].id && r.amount == bid.amount;
-        match &bid.fate {
-            Fate::Acked(id) => {
-                if !(rows.len() == 1 && rows[0].id == *id && as_sent(&rows[0])) {
-                    lost.push(format!(
-                        "bid {id} (key {}) answered 2xx has {} matching rows",
-                        bid.key,
-                        rows.iter().filter(|r| r.id == *id && as_sent(r)).count()
-                    ));
-                }
-            }
-            Fate::Refused(code) => {
-                if !rows.is_empty() {
-                    refused_in_log.push(format!(
-                        "key {} was refused {code} but is in the log",
-                        bid.key
-                    ));
-                }
-            }
-            Fate::NotSent => {
-                if !rows.is_empty() {
-                    refused_in_log
-                        .push(format!("key {} was never sent but is in the log", bid.key));
-                }
-            }
-            Fate::Unknown => match rows {
-                [] => {}
-                [row] if as_sent(row) => unknown_in_log += 1,
-                // More than one row is caught by the duplicate check below.
-                [row] => lost.push(format!(
-                    "bid {} (key {}) is in the log with another auction or amount than sent",
-                    row.id, bid.key
-                )),
-                _ => {}
-            },
-        }
-    }
-    report.unknown_fate_in_log = unknown_in_log;
+    let found = FatesInLog::of(auctions, sent, &by_key);
+    report.unknown_fate_in_log = found.unknown_in_log;
     check(
         report,
         "every bid answered 2xx is in bid_log exactly once, as sent",
-        lost,
+        found.lost,
         format!(
             "{} acknowledged bids found once each",
             report.bids_acknowledged
         ),
     );
-    let sent_keys: std::collections::HashSet<(&str, &str)> = sent
+    let (twice, phantom) = twice_or_never_sent(sent, &by_key);
+    check(
+        report,
+        "no bid is in bid_log twice (one row per bidder and Idempotency-Key)",
+        twice,
+        format!("{} rows, {} distinct keys", log.len(), by_key.len()),
+    );
+    let mut refused_in_log = found.refused_in_log;
+    refused_in_log.extend(phantom);
+    check(
+        report,
+        "no refused or unsent bid is in bid_log",
+        refused_in_log,
+        format!(
+            "{} bids refused by the API or never sent are absent; {} bids of unknown fate (timeouts, 5xx) were in the log",
+            sent.iter()
+                .filter(|b| matches!(b.fate, Fate::Refused(_) | Fate::NotSent))
+                .count(),
+            found.unknown_in_log
+        ),
+    );
+}
+
+/// What the log holds of each bid sent, against what its client knows.
+struct FatesInLog {
+    /// Acknowledged bids not in the log once as sent, and bids of unknown
+    /// fate in it otherwise than sent.
+    lost: Vec<String>,
+    /// Refused or unsent bids that are in the log.
+    refused_in_log: Vec<String>,
+    /// Bids of unknown fate in the log once, as sent.
+    unknown_in_log: u64,
+}
+
+impl FatesInLog {
+    fn of(auctions: &[RunAuction], sent: &[SentBid], by_key: &RowsByKey) -> Self {
+        let mut found = FatesInLog {
+            lost: Vec::new(),
+            refused_in_log: Vec::new(),
+            unknown_in_log: 0,
+        };
+        for bid in sent {
+            let rows = by_key
+                .get(&(bid.bidder.as_str(), bid.key.as_str()))
+                .map_or(&[][..], Vec::as_slice);
+            let as_sent =
+                |r: &&LogRow| r.auction_id == auctions[bid.auction].id && r.amount == bid.amount;
+            match &bid.fate {
+                Fate::Acked(id) => {
+                    if !(rows.len() == 1 && rows[0].id == *id && as_sent(&rows[0])) {
+                        found.lost.push(format!(
+                            "bid {id} (key {}) answered 2xx has {} matching rows",
+                            bid.key,
+                            rows.iter().filter(|r| r.id == *id && as_sent(r)).count()
+                        ));
+                    }
+                }
+                Fate::Refused(code) => {
+                    if !rows.is_empty() {
+                        found.refused_in_log.push(format!(
+                            "key {} was refused {code} but is in the log",
+                            bid.key
+                        ));
+                    }
+                }
+                Fate::NotSent => {
+                    if !rows.is_empty() {
+                        found
+                            .refused_in_log
+                            .push(format!("key {} was never sent but is in the log", bid.key));
+                    }
+                }
+                Fate::Unknown => match rows {
+                    [] => {}
+                    [row] if as_sent(row) => found.unknown_in_log += 1,
+                    // More than one row is caught by the duplicate check.
+                    [row] => found.lost.push(format!(
+                        "bid {} (key {}) is in the log with another auction or amount than sent",
+                        row.id, bid.key
+                    )),
+                    _ => {}
+                },
+            }
+        }
+        found
+    }
+}
+
+/// Keys with more than one row in the log, and rows the generator never sent.
+fn twice_or_never_sent(sent: &[SentBid], by_key: &RowsByKey) -> (Vec<String>, Vec<String>) {
+    let sent_keys: HashSet<(&str, &str)> = sent
         .iter()
         .map(|b| (b.bidder.as_str(), b.key.as_str()))
         .collect();
     let mut twice = Vec::new();
     let mut phantom = Vec::new();
-    for (key, rows) in &by_key {
+    for (key, rows) in by_key {
         if rows.len() > 1 {
             twice.push(format!(
                 "{} rows for bidder {} key {}",
@@ -346,25 +410,7 @@ fn check_acknowledged(
             ));
         }
     }
-    check(
-        report,
-        "no bid is in bid_log twice (one row per bidder and Idempotency-Key)",
-        twice,
-        format!("{} rows, {} distinct keys", log.len(), by_key.len()),
-    );
-    refused_in_log.extend(phantom);
-    check(
-        report,
-        "no refused or unsent bid is in bid_log",
-        refused_in_log,
-        format!(
-            "{} bids refused by the API or never sent are absent; {} bids of unknown fate (timeouts, 5xx) were in the log",
-            sent.iter()
-                .filter(|b| matches!(b.fate, Fate::Refused(_) | Fate::NotSent))
-                .count(),
-            unknown_in_log
-        ),
-    );
+    (twice, phantom)
 }
 
 fn check_outcomes(report: &mut AuditReport, log: &[LogRow], closed: &HashSet<Uuid>) {
@@ -443,6 +489,46 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
     let terms = &record.terms;
     let mut state = AuctionState::opening(record.original_ends_at);
     let mut problems = Vec::new();
+    let accepted = replay_bids(terms, &mut state, bids, &mut problems);
+    // An auction still running (it ends after the run) is compared unsettled.
+    let winner = if record.state.closed {
+        rules::settle(terms, &mut state)
+    } else {
+        None
+    };
+    compare_auction_row(record, &state, winner.as_ref(), bids.len(), &mut problems);
+    compare_accepted(&state, winner.as_ref(), &accepted, &mut problems);
+    Check {
+        name: format!(
+            "auction {label}: the rules replayed over bid_log give its {} state",
+            if state.closed { "final" } else { "current" }
+        ),
+        passed: problems.is_empty(),
+        detail: if problems.is_empty() {
+            let batches: HashSet<i64> = bids.iter().filter_map(|b| b.resolved_version).collect();
+            format!(
+                "{} bids replayed, resolved in {} batches; price {}, {} accepted, winner {}",
+                bids.len(),
+                batches.len(),
+                state.price.map_or("-".into(), |p| p.to_string()),
+                state.bid_count,
+                winner.map_or("none".into(), |w| w.bidder_id)
+            )
+        } else {
+            format!("{} problems: {}", problems.len(), listing(&problems))
+        },
+    }
+}
+
+/// Applies the rules to `bids` in order, noting where the log disagrees;
+/// returns the bids the rules accepted. Stops at a gap in the resolution
+/// numbers (what follows it cannot be compared).
+fn replay_bids<'a>(
+    terms: &AuctionTerms,
+    state: &mut AuctionState,
+    bids: &[&'a LogRow],
+    problems: &mut Vec<String>,
+) -> Vec<&'a LogRow> {
     let mut accepted = Vec::new();
     for (i, bid) in bids.iter().enumerate() {
         let expected_no = i as i64 + 1;
@@ -455,7 +541,7 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
         }
         let applied = rules::apply_bid(
             terms,
-            &mut state,
+            state,
             &BidInput {
                 id: bid.id,
                 bidder_id: bid.bidder_id.clone(),
@@ -489,12 +575,18 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
             ));
         }
     }
-    // An auction still running (it ends after the run) is compared unsettled.
-    let winner = if record.state.closed {
-        rules::settle(terms, &mut state)
-    } else {
-        None
-    };
+    accepted
+}
+
+/// The auction row against the replayed state: leader, price, bid count,
+/// end, whether closed, winner and how many bids were resolved.
+fn compare_auction_row(
+    record: &auctions::AuctionRecord,
+    state: &AuctionState,
+    winner: Option<&Leader>,
+    bids: usize,
+    problems: &mut Vec<String>,
+) {
     let stored = &record.state;
     if stored.leader != state.leader
         || stored.price != state.price
@@ -507,22 +599,30 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
             state, stored
         ));
     }
-    if record.winner_id != winner.as_ref().map(|w| w.bidder_id.clone()) {
+    if record.winner_id != winner.map(|w| w.bidder_id.clone()) {
         problems.push(format!(
             "winner: rules {:?}, auction row {:?}",
-            winner.as_ref().map(|w| &w.bidder_id),
+            winner.map(|w| &w.bidder_id),
             record.winner_id
         ));
     }
-    if record.resolved_count != bids.len() as i64 {
+    if record.resolved_count != bids as i64 {
         problems.push(format!(
             "resolved_count {} but {} bids in the log",
-            record.resolved_count,
-            bids.len()
+            record.resolved_count, bids
         ));
     }
+}
+
+/// Every accepted bid's status against the one the replay gives it.
+fn compare_accepted(
+    state: &AuctionState,
+    winner: Option<&Leader>,
+    accepted: &[&LogRow],
+    problems: &mut Vec<String>,
+) {
     for bid in accepted {
-        let due = match (&winner, &state.leader) {
+        let due = match (winner, &state.leader) {
             _ if !state.closed => {
                 if state.leader.as_ref().is_some_and(|l| l.bid_id == bid.id) {
                     "leading"
@@ -539,26 +639,6 @@ fn replay(label: &str, record: &auctions::AuctionRecord, bids: &[&LogRow]) -> Ch
                 bid.id, bid.status
             ));
         }
-    }
-    Check {
-        name: format!(
-            "auction {label}: the rules replayed over bid_log give its {} state",
-            if state.closed { "final" } else { "current" }
-        ),
-        passed: problems.is_empty(),
-        detail: if problems.is_empty() {
-            let batches: HashSet<i64> = bids.iter().filter_map(|b| b.resolved_version).collect();
-            format!(
-                "{} bids replayed, resolved in {} batches; price {}, {} accepted, winner {}",
-                bids.len(),
-                batches.len(),
-                state.price.map_or("-".into(), |p| p.to_string()),
-                state.bid_count,
-                winner.map_or("none".into(), |w| w.bidder_id)
-            )
-        } else {
-            format!("{} problems: {}", problems.len(), listing(&problems))
-        },
     }
 }
 

@@ -82,54 +82,9 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
     );
     let (primary, replica) = start_clusters(&options).await?;
     let postgres = primary.psql("postgres", "SHOW server_version")?;
-    let mut runs = Vec::new();
-    let mut ceilings = Vec::new();
-    let rounds = options.rounds.max(1);
-    for round in 1..=rounds {
-        if rounds > 1 {
-            eprintln!("\n=== round {round} of {rounds} ===");
-        }
-        for mode in &options.modes {
-            let scenario = &options.scenario;
-            let clusters = (&primary, replica.as_ref());
-            let ramp = run_mode(&options, scenario, clusters, mode, trace.as_deref()).await?;
-            let best = ramp.max_sustainable_bids_per_s;
-            runs.push(keep_run(&options, &primary, ramp, round)?);
-            // Between two steps of the ramp, the rate is known only to
-            // within its step factor: climb again in finer steps.
-            if let Some(refining) = best.and_then(|best| scenario.refined(best)) {
-                eprintln!(
-                    "\n== {mode} mode: refining from {:.0} bids/s in steps of {:.0}% ==",
-                    refining.arrival.from_rate,
-                    (refining.arrival.step_factor.unwrap_or(1.0) - 1.0) * 100.0
-                );
-                let mut run =
-                    run_mode(&options, &refining, clusters, mode, trace.as_deref()).await?;
-                run.refining = true;
-                runs.push(keep_run(&options, &primary, run, round)?);
-            }
-        }
-        if options.ceiling_s > 0 {
-            eprintln!(
-                "\n== raw append ceiling (pgbench, {} s) ==",
-                options.ceiling_s
-            );
-            let mut ceiling = append_ceiling(
-                &primary,
-                options.ceiling_s,
-                options.generator_nice,
-                &options.work_dir,
-            )?;
-            ceiling.round = round;
-            ceilings.push(ceiling);
-        }
-    }
-    // The median round's ceiling (the lower middle one of an even count).
-    let ceiling = {
-        let mut sorted = ceilings.clone();
-        sorted.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
-        sorted.get(sorted.len().saturating_sub(1) / 2).cloned()
-    };
+    let clusters = (&primary, replica.as_ref());
+    let (runs, ceilings) = run_rounds(&options, clusters, trace.as_deref()).await?;
+    let ceiling = median_ceiling(&ceilings);
     // Keep the primary's log (checkpoints, autovacuum) with the report.
     let log = options.work_dir.join("primary").join("postgres.log");
     if let Err(e) = std::fs::copy(&log, options.out_dir.join("postgres.log")) {
@@ -164,6 +119,75 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         options.out_dir.join("report.md").display()
     );
     Ok(report)
+}
+
+/// Every round: each mode (and its refining pass), then the append ceiling.
+async fn run_rounds(
+    options: &BenchOptions,
+    clusters: (&PgCluster, Option<&PgCluster>),
+    trace: Option<&[trace::TraceBid]>,
+) -> anyhow::Result<(Vec<RunReport>, Vec<Ceiling>)> {
+    let mut runs = Vec::new();
+    let mut ceilings = Vec::new();
+    let rounds = options.rounds.max(1);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("\n=== round {round} of {rounds} ===");
+        }
+        for mode in &options.modes {
+            runs.extend(run_and_refine(options, clusters, mode, trace, round).await?);
+        }
+        if options.ceiling_s > 0 {
+            eprintln!(
+                "\n== raw append ceiling (pgbench, {} s) ==",
+                options.ceiling_s
+            );
+            let mut ceiling = append_ceiling(
+                clusters.0,
+                options.ceiling_s,
+                options.generator_nice,
+                &options.work_dir,
+            )?;
+            ceiling.round = round;
+            ceilings.push(ceiling);
+        }
+    }
+    Ok((runs, ceilings))
+}
+
+/// One mode in one round: its run, then, when the scenario refines and a
+/// step held, its refining pass.
+async fn run_and_refine(
+    options: &BenchOptions,
+    clusters: (&PgCluster, Option<&PgCluster>),
+    mode: &str,
+    trace: Option<&[trace::TraceBid]>,
+    round: u32,
+) -> anyhow::Result<Vec<RunReport>> {
+    let scenario = &options.scenario;
+    let ramp = run_mode(options, scenario, clusters, mode, trace).await?;
+    let best = ramp.max_sustainable_bids_per_s;
+    let mut runs = vec![keep_run(options, clusters.0, ramp, round)?];
+    // Between two steps of the ramp, the rate is known only to
+    // within its step factor: climb again in finer steps.
+    if let Some(refining) = best.and_then(|best| scenario.refined(best)) {
+        eprintln!(
+            "\n== {mode} mode: refining from {:.0} bids/s in steps of {:.0}% ==",
+            refining.arrival.from_rate,
+            (refining.arrival.step_factor.unwrap_or(1.0) - 1.0) * 100.0
+        );
+        let mut run = run_mode(options, &refining, clusters, mode, trace).await?;
+        run.refining = true;
+        runs.push(keep_run(options, clusters.0, run, round)?);
+    }
+    Ok(runs)
+}
+
+/// The median round's ceiling (the lower middle one of an even count).
+fn median_ceiling(ceilings: &[Ceiling]) -> Option<Ceiling> {
+    let mut sorted = ceilings.to_vec();
+    sorted.sort_by(|a, b| a.rows_per_s.total_cmp(&b.rows_per_s));
+    sorted.get(sorted.len().saturating_sub(1) / 2).cloned()
 }
 
 /// Files a finished run of `round`: its JSON (and statement profile)

@@ -1,13 +1,8 @@
 //! The generator's HTTP client: keep-alive HTTP/1.1 connections to one
-//! target, driven through hyper's connection API.
-//!
-//! The generator shares the machine with Gavel and PostgreSQL, so every
-//! microsecond it spends per request is taken from the system under test.
-//! This client does only what the generator needs: requests built from
-//! pre-parsed paths and header values, a stack of idle connections (the
-//! most recently used first, so a lull lets the others go cold), and one
-//! deadline per exchange. There are no redirects, proxies, cookies or URL
-//! parsing per request.
+//! target, driven through hyper's connection API. It shares the machine
+//! with the service it measures, so it does only what the generator needs:
+//! pre-parsed paths and headers, a stack of idle connections (most recent
+//! first) and one deadline per exchange.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;

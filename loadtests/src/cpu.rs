@@ -1,16 +1,8 @@
-//! Where the machine's CPU goes during a run, by process group.
-//!
-//! Gavel, PostgreSQL and the load generator share the machine in a bench
-//! run, so a rate that stops holding can mean Gavel needs more CPU per bid,
-//! or that the database, the replica or the generator took the cores, or
-//! that the hypervisor did (steal time, on a shared virtual machine). The
-//! probe reads `/proc` once a second: the machine's busy and stolen time
-//! from `/proc/stat`, and each watched process's CPU time from
-//! `/proc/<pid>/stat`. PostgreSQL is watched as a postmaster and its
-//! children, split into client backends and the rest (WAL writer, WAL
-//! sender, checkpointer, autovacuum); a child that exits is counted through
-//! its postmaster, which reaps it. What no group holds is "other
-//! processes". On a machine without `/proc` there is no probe.
+//! Where the machine's CPU goes during a run, by process group (Gavel, the
+//! generator, PostgreSQL's client backends and its own processes, the
+//! replica, other processes; busy and stolen time), read from `/proc` once
+//! a second, so that a rate that stops holding can be told from a machine
+//! whose cores went elsewhere. Without `/proc` there is no probe.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

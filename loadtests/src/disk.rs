@@ -1,13 +1,8 @@
-//! The disk's flush latency during a run, beside the database.
-//!
-//! Every acknowledged bid waits for a WAL flush, so one slow `fdatasync`
-//! on the database's disk holds every bid committing at that moment: on a
-//! shared virtual machine a 200 ms flush stall shows as a 200 ms latency
-//! spike that no change to Gavel could remove. The probe writes one 8 kB
-//! block and flushes it every 10 ms, on the filesystem of the database's
-//! data directory, and keeps the slowest flush of each second. The report
-//! puts it beside the bids' latency, so a spike can be read as the disk's
-//! or as Gavel's. Its own load is 100 small flushes a second.
+//! The disk's flush latency during a run, beside the database: every
+//! acknowledged bid waits for a WAL flush, so a slow `fdatasync` holds
+//! every bid committing at that moment. One 8 kB write and flush every
+//! 10 ms; the slowest of each second is kept, for the report to set beside
+//! the bids' latency.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt as _;

@@ -8,7 +8,7 @@
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
 //! - [`priority`]: the load's runtime, at a lower scheduling priority than the service.
-//! - [`bench`]: the one-command comparison on a private PostgreSQL.
+//! - [`bench`](mod@bench): the one-command comparison on a private PostgreSQL.
 
 pub mod audit;
 pub mod bench;

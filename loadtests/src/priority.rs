@@ -1,20 +1,9 @@
 //! The load's own runtime, at a lower scheduling priority than the service
-//! it measures.
-//!
-//! The bench runs the generator on the machine it measures. At equal
-//! priority an overloaded generator (its requests shed, then retried) takes the
-//! cores the database needs to commit the bids it sends, and the run then
-//! measures the generator's collapse as much as Gavel's. A production
-//! service does not share its cores with its clients, so the bench sends
-//! its requests from threads with a higher nice value than Gavel and
-//! PostgreSQL. This does not flatter the figures: each request's latency
-//! still runs from its intended send time, so a request the generator sends
-//! late counts against the service.
-//!
-//! Linux keeps a nice value per thread and a new thread or process starts
-//! with its creator's, so only the load runtime's threads are lowered: Gavel
-//! and PostgreSQL, started from the bench's other threads, keep theirs, and
-//! so do the probes of the disk and the CPU.
+//! it measures: on a shared machine an overloaded generator at equal
+//! priority takes the cores the database needs to commit the bids it sends.
+//! Latency still runs from each request's intended send time, so a request
+//! sent late counts against the service. Linux keeps a nice value per
+//! thread, so only this runtime's threads are lowered.
 
 use std::io;
 

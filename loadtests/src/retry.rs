@@ -1,22 +1,9 @@
 //! The game client's retry policy: whether a bid is tried again, and after
-//! how long.
-//!
-//! - **`Retry-After` is honoured.** A 503 or 429 that names a wait (in
-//!   delta-seconds) is retried no earlier than that, plus up to a quarter
-//!   more at random so that the clients told to come back together do not.
-//!   A wait longer than `client.max_retry_wait_ms` is not waited out: the
-//!   bid ends with that answer.
-//! - **Exponential backoff with jitter** otherwise (a timeout, a transport
-//!   error, a 503 without `Retry-After`): retry `k` waits a random time in
-//!   `[d/2, d]`, `d = backoff_base_ms × 2^(k-1)`, at most `backoff_max_ms`.
-//! - **A retry budget** ([`RetryBudget`], after Finagle's `RetryBudget`,
-//!   gRPC's retry throttling and the SRE book's "Handling Overload"):
-//!   retries may be at most `retry_budget_pct` percent of the bids' first
-//!   attempts over the last `retry_budget_window_s`, plus
-//!   `retry_budget_min_per_s`. The generator's simulated clients share one
-//!   budget: it models a fleet of clients that each hold such a budget,
-//!   which together allow the same share. A retry the budget denies is not
-//!   made: the bid ends with its last answer.
+//! how long. `Retry-After` is honoured (with jitter, up to a longest wait),
+//! otherwise a jittered exponential backoff; and a retry budget shared by
+//! the clients ([`RetryBudget`], after Finagle's and gRPC's) caps retries
+//! at a share of first attempts, so that retries cannot bury an overloaded
+//! server (loadtests/README.md, "Retries").
 
 use std::sync::Mutex;
 use std::time::Duration;

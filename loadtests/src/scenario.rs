@@ -469,45 +469,37 @@ impl Scenario {
             self.duration_s.is_finite() && self.duration_s > 0.0 && self.duration_s <= 3_600.0,
             "duration_s: must be more than 0 and at most 3600"
         );
+        self.check_auctions()?;
+        self.check_bidders()?;
+        self.arrival.check(self.duration_s)?;
+        ensure!(
+            self.readers.rate.is_finite() && (0.0..=100_000.0).contains(&self.readers.rate),
+            "readers.rate: must be 0 to 100000"
+        );
+        self.client.check()?;
+        if let Some(trace) = &self.trace {
+            ensure!(
+                trace.speed.is_finite() && trace.speed > 0.0 && trace.speed <= 1_000.0,
+                "trace.speed: must be more than 0 and at most 1000"
+            );
+        }
+        self.check_sustainable()
+    }
+
+    /// `[[auctions]]`: each group, their labels unique, and (without a
+    /// trace) their bid shares adding up to 1.
+    fn check_auctions(&self) -> anyhow::Result<()> {
         ensure!(!self.auctions.is_empty(), "auctions: name at least one");
         let mut labels = std::collections::HashSet::new();
         for (i, group) in self.auctions.iter().enumerate() {
             let at = format!("auctions[{i}]");
-            ensure!(
-                !group.label.is_empty()
-                    && group
-                        .label
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-'),
-                "{at}.label: use letters, digits and '-'"
-            );
+            group.check_label(&at)?;
             ensure!(
                 labels.insert(&group.label),
                 "{at}.label: '{}' is used twice",
                 group.label
             );
-            ensure!(
-                (1..=10_000).contains(&group.count),
-                "{at}.count: must be 1 to 10000"
-            );
-            ensure!(share(group.bid_share), "{at}.bid_share: must be 0 to 1");
-            if let Some(read_share) = group.read_share {
-                ensure!(share(read_share), "{at}.read_share: must be 0 to 1");
-            }
-            ensure!(
-                (1..=gavel::domain::MAX_AMOUNT).contains(&group.starting_price),
-                "{at}.starting_price: must be 1 to 10^15"
-            );
-            if let Some(reserve) = group.reserve_price {
-                ensure!(
-                    reserve >= group.starting_price && reserve <= gavel::domain::MAX_AMOUNT,
-                    "{at}.reserve_price: must be at least starting_price"
-                );
-            }
-            ensure!(
-                group.ends_after_s.is_finite() && (0.0..=86_400.0).contains(&group.ends_after_s),
-                "{at}.ends_after_s: must be 0 to 86400"
-            );
+            group.check_terms(&at)?;
         }
         if self.trace.is_none() {
             let total: f64 = self.auctions.iter().map(|g| g.bid_share).sum();
@@ -516,6 +508,11 @@ impl Scenario {
                 "auctions: bid_share must add up to 1 (it adds up to {total})"
             );
         }
+        Ok(())
+    }
+
+    /// `[bidders]`.
+    fn check_bidders(&self) -> anyhow::Result<()> {
         ensure!(
             (1..=1_000_000).contains(&self.bidders.count),
             "bidders.count: must be 1 to 1000000"
@@ -532,18 +529,12 @@ impl Scenario {
             share(self.bidders.proxy_share),
             "bidders.proxy_share: must be 0 to 1"
         );
-        self.arrival.check(self.duration_s)?;
-        ensure!(
-            self.readers.rate.is_finite() && (0.0..=100_000.0).contains(&self.readers.rate),
-            "readers.rate: must be 0 to 100000"
-        );
-        self.client.check()?;
-        if let Some(trace) = &self.trace {
-            ensure!(
-                trace.speed.is_finite() && trace.speed > 0.0 && trace.speed <= 1_000.0,
-                "trace.speed: must be more than 0 and at most 1000"
-            );
-        }
+        Ok(())
+    }
+
+    /// `[sustainable]`: the bound, and a refining factor finer than the
+    /// ramp's own.
+    fn check_sustainable(&self) -> anyhow::Result<()> {
         ensure!(
             self.sustainable.p99_ms > 0.0,
             "sustainable.p99_ms: must be more than 0"
@@ -603,6 +594,48 @@ impl Scenario {
         }
         self.check()?;
         Ok(self)
+    }
+}
+
+impl AuctionGroup {
+    /// The group's label; `at` names it in the message (`auctions[0]`).
+    fn check_label(&self, at: &str) -> anyhow::Result<()> {
+        ensure!(
+            !self.label.is_empty()
+                && self
+                    .label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "{at}.label: use letters, digits and '-'"
+        );
+        Ok(())
+    }
+
+    /// The group's count, shares, prices and end.
+    fn check_terms(&self, at: &str) -> anyhow::Result<()> {
+        ensure!(
+            (1..=10_000).contains(&self.count),
+            "{at}.count: must be 1 to 10000"
+        );
+        ensure!(share(self.bid_share), "{at}.bid_share: must be 0 to 1");
+        if let Some(read_share) = self.read_share {
+            ensure!(share(read_share), "{at}.read_share: must be 0 to 1");
+        }
+        ensure!(
+            (1..=gavel::domain::MAX_AMOUNT).contains(&self.starting_price),
+            "{at}.starting_price: must be 1 to 10^15"
+        );
+        if let Some(reserve) = self.reserve_price {
+            ensure!(
+                reserve >= self.starting_price && reserve <= gavel::domain::MAX_AMOUNT,
+                "{at}.reserve_price: must be at least starting_price"
+            );
+        }
+        ensure!(
+            self.ends_after_s.is_finite() && (0.0..=86_400.0).contains(&self.ends_after_s),
+            "{at}.ends_after_s: must be 0 to 86400"
+        );
+        Ok(())
     }
 }
 

@@ -1,22 +1,24 @@
 //! Reports: one JSON file per run (a mode of Gavel under one scenario),
-//! and a combined report of the modes measured side by side: JSON, a
-//! Markdown summary and an SVG chart of throughput, p50/p99 latency and
-//! errors over time, every mode on the same axes.
+//! and a combined report of the modes side by side. This module holds the
+//! report data, its figures and its JSON; `markdown` renders `report.md`
+//! and `chart` draws `chart.svg`.
 
 use std::path::Path;
 
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
-use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditReport;
-use crate::cpu::{CpuSecond, CpuUse, CpuWindow};
+use crate::cpu::{CpuUse, CpuWindow};
 use crate::disk::{self, DiskSecond};
 use crate::generator::{RunOutput, StepResult};
 use crate::record::{Kind, Point, StreamSummary};
 use crate::scenario::{Client, Scenario};
 use crate::scrape::ServerSample;
+
+mod chart;
+mod markdown;
 
 /// One run of one mode.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -160,26 +162,6 @@ impl CpuBreakdown {
     pub fn us_per_bid(&self, cores: f64) -> Option<f64> {
         (self.accepted_bids > 0)
             .then(|| cores * self.cpu.seconds as f64 * 1e6 / self.accepted_bids as f64)
-    }
-
-    /// Every row of the breakdown: the groups, other processes, the
-    /// machine busy, stolen and idle time, in cores.
-    fn rows(&self) -> Vec<(String, f64, bool)> {
-        let c = &self.cpu;
-        let mut rows: Vec<(String, f64, bool)> = c
-            .groups
-            .iter()
-            .map(|(n, v)| (n.clone(), *v, true))
-            .collect();
-        rows.push(("other processes".into(), c.other, true));
-        rows.push(("**machine busy**".into(), c.busy, true));
-        rows.push(("stolen by the hypervisor".into(), c.steal, false));
-        rows.push((
-            "idle".into(),
-            (c.cores as f64 - c.busy - c.steal).max(0.0),
-            false,
-        ));
-        rows
     }
 }
 
@@ -605,554 +587,9 @@ impl Report {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
-        chart(self, &dir.join("chart.svg"))?;
+        chart::chart(self, &dir.join("chart.svg"))?;
         Ok(())
     }
-
-    /// The Markdown summary.
-    pub fn markdown(&self) -> String {
-        let mut md = String::new();
-        let m = &self.machine;
-        md.push_str(&format!("# Load test: {}\n\n", self.scenario));
-        if !self.description.is_empty() {
-            md.push_str(&format!("{}\n\n", self.description.trim()));
-        }
-        md.push_str(&format!(
-            "- Measured {} on {} CPUs ({}), {} GiB, Linux {}, {}.\n- Command: `{}`\n- Chart: [chart.svg](chart.svg); every figure: [report.json](report.json).\n\n",
-            self.generated_at.format("%Y-%m-%d %H:%M UTC"),
-            m.cpus,
-            m.cpu_model,
-            m.memory_gib,
-            m.kernel,
-            m.postgres,
-            self.command
-        ));
-        self.bids_section(&mut md);
-        md.push_str("## Endings\n\n");
-        for r in &self.runs {
-            let endings: Vec<String> = r
-                .bids
-                .endings
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
-            md.push_str(&format!(
-                "- **{}** bids: {}\n",
-                self.label(r),
-                endings.join(", ")
-            ));
-            let endings: Vec<String> = r
-                .reads
-                .endings
-                .iter()
-                .map(|(k, v)| format!("{k}: {v}"))
-                .collect();
-            let from_memory = r.server.views_from_memory.map_or(String::new(), |share| {
-                format!(
-                    "; auction views answered from Gavel's cache: {:.0}%",
-                    share * 100.0
-                )
-            });
-            md.push_str(&format!(
-                "- **{}** reads ({} requests, p99 {:.1} ms): {}{from_memory}\n",
-                self.label(r),
-                r.reads.requests,
-                r.reads.ok_latency_ms.p99,
-                endings.join(", ")
-            ));
-        }
-        md.push_str(&format!("\n## Gavel and PostgreSQL during the run\n\n| mode | lock waiters (max) | blocked backends (max) | longest lock wait | API pool waiters (max) | pending bids (max) | RSS (max) | slowest disk flush | seconds with a flush over {:.0} ms |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n", disk::STALL_MS));
-        for r in &self.runs {
-            let s = &r.server;
-            md.push_str(&format!(
-                "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} | {} | {} |\n",
-                self.label(r),
-                s.lock_waiters_max,
-                s.blocked_backends_max,
-                s.lock_wait_max_s,
-                s.api_pool_waiting_max,
-                s.pending_bids_max,
-                s.rss_max_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
-                r.disk
-                    .map_or("-".into(), |d| format!("{:.1} ms", d.slowest_ms)),
-                r.disk.map_or("-".into(), |d| format!(
-                    "{} of {}",
-                    d.stalled_seconds, d.seconds
-                )),
-            ));
-        }
-        if self.runs.iter().any(|r| r.disk.is_some()) {
-            md.push_str("\nEvery acknowledged bid waits for a WAL flush: a slow flush of the database's disk (probed beside it, one 8 kB write and `fdatasync` every 10 ms) holds every bid committing at that moment, whatever Gavel does.\n");
-        }
-        if self.runs.iter().any(|r| !r.steps.is_empty()) {
-            md.push_str("\n## Highest sustainable bid rate\n\n");
-            for r in &self.runs {
-                if r.steps.is_empty() {
-                    continue;
-                }
-                md.push_str(&format!(
-                    "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | CPU busy | CPU stolen | sustainable |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
-                    self.label(r),
-                    r.max_sustainable_bids_per_s
-                        .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
-                ));
-                for s in &r.steps {
-                    let pct = |f: fn(&CpuWindow) -> f64| {
-                        s.cpu
-                            .as_ref()
-                            .map_or("-".into(), |c| format!("{:.0}%", c.share_pct(f(c))))
-                    };
-                    md.push_str(&format!(
-                        "| {:.0}/s | {} | {} | {} | {} | {} | {} | {} |\n",
-                        s.rate,
-                        s.window.ok,
-                        s.window.errors,
-                        s.window.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
-                        s.slowest_flush_ms
-                            .map_or("-".into(), |f| format!("{f:.1} ms")),
-                        pct(|c| c.busy),
-                        pct(|c| c.steal),
-                        if s.sustainable { "yes" } else { "no" }
-                    ));
-                }
-                md.push('\n');
-            }
-        }
-        self.cpu_section(&mut md);
-        if let Some(c) = &self.ceiling {
-            md.push_str(&format!(
-                "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s",
-                c.clients, c.batch_rows, c.rows_per_s, c.tps, c.latency_ms, c.duration_s
-            ));
-            if self.ceilings.len() > 1 {
-                let each: Vec<String> = self
-                    .ceilings
-                    .iter()
-                    .map(|c| format!("{:.0}", c.rows_per_s))
-                    .collect();
-                md.push_str(&format!(
-                    ", the median of the rounds' {} rows/s",
-                    each.join(", ")
-                ));
-            }
-            md.push_str(".\n");
-        }
-        self.comparison_section(&mut md);
-        for r in &self.runs {
-            if r.targets.is_empty() {
-                continue;
-            }
-            md.push_str(&format!(
-                "\n## Targets: {}\n\n| target | measured | met |\n| --- | --- | --- |\n",
-                self.label(r)
-            ));
-            for t in &r.targets {
-                md.push_str(&format!(
-                    "| {} | {} | {} |\n",
-                    t.target,
-                    t.measured,
-                    if t.met { "yes" } else { "**no**" }
-                ));
-            }
-        }
-        md.push_str("\n## Audit\n\n");
-        for r in &self.runs {
-            md.push_str(&format!(
-                "**{}** ({} bids sent, {} acknowledged, {} in bid_log; settled {:.1} s after the end):\n\n",
-                self.label(r), r.audit.bids_sent, r.audit.bids_acknowledged, r.audit.bids_in_log, r.audit.settle_wait_s
-            ));
-            for c in &r.audit.checks {
-                md.push_str(&format!(
-                    "- {} {}: {}\n",
-                    if c.passed { "✔" } else { "✘" },
-                    c.name,
-                    c.detail
-                ));
-            }
-            md.push('\n');
-        }
-        md
-    }
-}
-
-/// One colour per run (mode, round and pass), in the order they ran.
-const COLORS: [RGBColor; 12] = [
-    RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
-    RGBColor(255, 127, 14),
-    RGBColor(140, 86, 75),
-    RGBColor(23, 190, 207),
-    RGBColor(227, 119, 194),
-    RGBColor(188, 189, 34),
-    RGBColor(127, 127, 127),
-    RGBColor(0, 0, 128),
-    RGBColor(128, 0, 0),
-];
-
-impl Report {
-    /// "Bids": the load's priority, each run's bid figures, and the
-    /// clients' policy.
-    fn bids_section(&self, md: &mut String) {
-        let mut nices: Vec<i32> = self.runs.iter().map(|r| r.generator_nice).collect();
-        nices.dedup();
-        if let [nice] = nices[..] {
-            if nice > 0 {
-                md.push_str(&format!("The load generator (and pgbench) ran {nice} nice steps below Gavel and PostgreSQL, all on this machine; latency still counts from each request's intended send time.\n\n"));
-            }
-        } else if !nices.is_empty() {
-            md.push_str("The load generator ran at different nice steps in these runs: see `generator_nice` in report.json.\n\n");
-        }
-        md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries (allowed) | retries denied by budget | Retry-After over cap | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
-        for r in &self.runs {
-            let b = &r.bids;
-            md.push_str(&format!(
-                "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {:.1} ms | {} |\n",
-                self.label(r),
-                r.peak_offered_bids_per_s,
-                b.requests,
-                b.ok,
-                b.errors,
-                b.ok_latency_ms.p50,
-                b.ok_latency_ms.p99,
-                b.ok_latency_ms.max,
-                b.retries,
-                b.retries_denied_by_budget,
-                b.retries_over_max_wait,
-                r.audit.resolver_lag_ms.p99,
-                if r.audit.passed { "passed" } else { "**FAILED**" }
-            ));
-        }
-        md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
-        let mut policies: Vec<&Client> =
-            self.runs.iter().filter_map(|r| r.client.as_ref()).collect();
-        policies.dedup();
-        match policies[..] {
-            [] => {}
-            [client] => md.push_str(&format!("Clients: {}.\n\n", client.policy_text())),
-            _ => {
-                for r in &self.runs {
-                    if let Some(client) = &r.client {
-                        md.push_str(&format!(
-                            "Clients of **{}**: {}.\n\n",
-                            self.label(r),
-                            client.policy_text()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-
-    /// "Comparison": the ratios, as medians of the rounds when there were
-    /// several, with each round's figures.
-    fn comparison_section(&self, md: &mut String) {
-        let (over_row_lock, of_ceiling) = self.ratios();
-        if over_row_lock.is_none() && of_ceiling.is_none() {
-            return;
-        }
-        let rounds = self.comparisons();
-        let of_rounds = if rounds.len() > 1 {
-            format!(" (the median of {} rounds)", rounds.len())
-        } else {
-            String::new()
-        };
-        md.push_str("\n## Comparison\n\n");
-        if self.runs.iter().any(|r| r.refining) {
-            md.push_str("A mode's rate in a round is the highest step that held in its ramp or in the refining pass that followed it: a second climb on a fresh database, in finer steps from just below the ramp's best to past its next step.\n\n");
-        }
-        if let Some(x) = over_row_lock {
-            md.push_str(&format!(
-                "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design{of_rounds}.\n"
-            ));
-        }
-        if let Some(x) = of_ceiling {
-            md.push_str(&format!(
-                "- Log mode sustains **{:.0}%** of the database's raw append ceiling{of_rounds}.\n",
-                x * 100.0
-            ));
-        }
-        if rounds.len() > 1 {
-            md.push_str("\nThe modes ran in turn, round after round, so that a slow spell of the machine falls on both:\n\n| round | log | row_lock | log / row_lock | ceiling | log / ceiling |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
-            let rate =
-                |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.0} {unit}"));
-            for c in &rounds {
-                md.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} |\n",
-                    c.round,
-                    rate(c.log, "bids/s"),
-                    rate(c.row_lock, "bids/s"),
-                    c.over_row_lock.map_or("-".into(), |x| format!("{x:.1}×")),
-                    rate(c.ceiling, "rows/s"),
-                    c.of_ceiling
-                        .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
-                ));
-            }
-        }
-    }
-
-    /// "Where the CPU went": each mode's CPU use by process group, as a
-    /// share of the machine and per accepted bid.
-    fn cpu_section(&self, md: &mut String) {
-        let runs: Vec<(&RunReport, &CpuBreakdown)> = self
-            .runs
-            .iter()
-            .filter_map(|r| Some((r, r.cpu.as_ref()?)))
-            .collect();
-        if runs.is_empty() {
-            return;
-        }
-        md.push_str("\n## Where the CPU went\n\nRead from `/proc` once a second; each cell is the share of the machine's cores and the CPU time per accepted bid (reads included).\n\n");
-        for (r, c) in &runs {
-            md.push_str(&format!(
-                "- **{}**: over {} ({} s, {} accepted bids)\n",
-                self.label(r),
-                c.window,
-                c.cpu.seconds,
-                c.accepted_bids
-            ));
-        }
-        md.push_str("\n| process |");
-        for (r, _) in &runs {
-            md.push_str(&format!(" {} |", self.label(r)));
-        }
-        md.push_str("\n| --- |");
-        md.push_str(&" ---: |".repeat(runs.len()));
-        md.push('\n');
-        let rows: Vec<Vec<(String, f64, bool)>> = runs.iter().map(|(_, c)| c.rows()).collect();
-        // Rows by name, in the first run's order, then any only others have.
-        let mut names: Vec<(&str, bool)> = Vec::new();
-        for (name, _, per_bid) in rows.iter().flatten() {
-            if !names.iter().any(|(n, _)| n == name) {
-                names.push((name, *per_bid));
-            }
-        }
-        for (name, per_bid) in names {
-            md.push_str(&format!("| {name} |"));
-            for ((_, c), rows) in runs.iter().zip(&rows) {
-                let cell = rows.iter().find(|(n, ..)| n == name).map_or(
-                    "-".to_owned(),
-                    |&(_, cores, _)| {
-                        let share = format!("{:.1}%", c.cpu.share_pct(cores));
-                        match c.us_per_bid(cores).filter(|_| per_bid) {
-                            Some(us) => format!("{share} · {us:.0} µs"),
-                            None => share,
-                        }
-                    },
-                );
-                md.push_str(&format!(" {cell} |"));
-            }
-            md.push('\n');
-        }
-    }
-}
-
-/// Throughput, latency, errors and CPU over time, one line per run.
-fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1200, 1450)).into_drawing_area();
-    root.fill(&WHITE).map_err(plot_error)?;
-    let root = root
-        .titled(
-            &format!(
-                "Gavel load test: {} (x: seconds since the start)",
-                report.scenario
-            ),
-            ("sans-serif", 22),
-        )
-        .map_err(plot_error)?;
-    let panels = root.split_evenly((4, 1));
-    let x_max = report
-        .runs
-        .iter()
-        .map(|r| r.series.bids.len())
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
-
-    // Throughput: offered (thin) and answered 2xx (thick), per second.
-    let y_max = report
-        .runs
-        .iter()
-        .flat_map(|r| r.series.bids.iter().map(|p| p.offered.max(p.completed_ok)))
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
-        * 1.1;
-    let mut c = panel(
-        &panels[0],
-        "Bids per second: answered 2xx (thick), offered (thin)",
-    )
-    .build_cartesian_2d(0f64..x_max, 0f64..y_max)
-    .map_err(plot_error)?;
-    c.configure_mesh()
-        .y_desc("bids/s")
-        .draw()
-        .map_err(plot_error)?;
-    for (i, r) in report.runs.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points = |f: fn(&Point) -> u64| {
-            r.series
-                .bids
-                .iter()
-                .map(move |p| (p.t as f64, f(p) as f64))
-                .collect::<Vec<_>>()
-        };
-        c.draw_series(LineSeries::new(
-            points(|p| p.completed_ok),
-            color.stroke_width(2),
-        ))
-        .map_err(plot_error)?
-        .label(report.label(r))
-        .legend(legend_line(color));
-        c.draw_series(LineSeries::new(points(|p| p.offered), color.mix(0.5)))
-            .map_err(plot_error)?;
-    }
-    draw_legend(&mut c)?;
-
-    // Latency, log scale: p99 (thick) and p50 (thin) of bids answered 2xx.
-    let lat_max = report
-        .runs
-        .iter()
-        .flat_map(|r| {
-            let bids = r.series.bids.iter().filter_map(|p| p.p99_ms);
-            bids.chain(r.series.disk.iter().map(|s| s.max_ms))
-        })
-        .fold(10.0f64, f64::max)
-        * 1.5;
-    let mut c = panel(&panels[1], "Bid latency from the intended send time: p99 (thick), p50 (thin); the disk's slowest flush (x)")
-        .build_cartesian_2d(0f64..x_max, (0.1f64..lat_max).log_scale())
-        .map_err(plot_error)?;
-    c.configure_mesh().y_desc("ms").draw().map_err(plot_error)?;
-    for (i, r) in report.runs.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let points = |f: fn(&Point) -> Option<f64>| {
-            r.series
-                .bids
-                .iter()
-                .filter_map(move |p| f(p).map(|v| (p.t as f64, v.max(0.1))))
-                .collect::<Vec<_>>()
-        };
-        c.draw_series(LineSeries::new(points(|p| p.p99_ms), color.stroke_width(2)))
-            .map_err(plot_error)?
-            .label(report.label(r))
-            .legend(legend_line(color));
-        c.draw_series(LineSeries::new(points(|p| p.p50_ms), color.mix(0.6)))
-            .map_err(plot_error)?;
-        // Every bid waits for a flush: a slow one shows beside the spike it causes.
-        let flushes = r
-            .series
-            .disk
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.flushes > 0);
-        c.draw_series(
-            flushes.map(|(t, s)| Cross::new((t as f64, s.max_ms.max(0.1)), 3, color.mix(0.7))),
-        )
-        .map_err(plot_error)?;
-    }
-    draw_legend(&mut c)?;
-
-    // Errors: 5xx, timeouts and transport errors per second.
-    let err_max = report
-        .runs
-        .iter()
-        .flat_map(|r| r.series.bids.iter().map(|p| p.errors))
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64
-        * 1.1;
-    let mut c = panel(
-        &panels[2],
-        "Bid errors per second (5xx, timeouts, transport errors)",
-    )
-    .build_cartesian_2d(0f64..x_max, 0f64..err_max)
-    .map_err(plot_error)?;
-    c.configure_mesh()
-        .y_desc("errors/s")
-        .draw()
-        .map_err(plot_error)?;
-    for (i, r) in report.runs.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        c.draw_series(LineSeries::new(
-            r.series.bids.iter().map(|p| (p.t as f64, p.errors as f64)),
-            color.stroke_width(2),
-        ))
-        .map_err(plot_error)?
-        .label(report.label(r))
-        .legend(legend_line(color));
-    }
-    draw_legend(&mut c)?;
-
-    // CPU: the machine busy and stolen, as a share of its cores.
-    let mut c = panel(
-        &panels[3],
-        "CPU: the machine busy (thick), stolen by the hypervisor (thin), % of the cores",
-    )
-    .build_cartesian_2d(0f64..x_max, 0f64..105f64)
-    .map_err(plot_error)?;
-    c.configure_mesh()
-        .x_desc("seconds")
-        .y_desc("%")
-        .draw()
-        .map_err(plot_error)?;
-    for (i, r) in report.runs.iter().enumerate() {
-        let Some(cpu) = &r.series.cpu else {
-            continue;
-        };
-        let color = COLORS[i % COLORS.len()];
-        let share = |f: fn(&CpuSecond) -> f64| {
-            let cores = cpu.cores.max(1) as f64;
-            cpu.seconds
-                .iter()
-                .enumerate()
-                .map(move |(t, s)| (t as f64, 100.0 * f(s) / cores))
-                .collect::<Vec<_>>()
-        };
-        c.draw_series(LineSeries::new(share(|s| s.busy), color.stroke_width(2)))
-            .map_err(plot_error)?
-            .label(report.label(r))
-            .legend(legend_line(color));
-        c.draw_series(LineSeries::new(share(|s| s.steal), color.mix(0.6)))
-            .map_err(plot_error)?;
-    }
-    draw_legend(&mut c)?;
-    root.present().map_err(plot_error)?;
-    Ok(())
-}
-
-/// A chart panel with its caption and the margins every panel shares.
-fn panel<'a, DB: DrawingBackend>(
-    area: &'a DrawingArea<DB, plotters::coord::Shift>,
-    caption: &str,
-) -> ChartBuilder<'a, 'static, DB> {
-    let mut builder = ChartBuilder::on(area);
-    builder
-        .caption(caption, ("sans-serif", 16))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70);
-    builder
-}
-
-/// The legend's sample of a mode's line.
-fn legend_line(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
-    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-}
-
-/// Draws a panel's legend: one entry per mode.
-fn draw_legend<'a, CT: CoordTranslate>(
-    c: &mut ChartContext<'a, SVGBackend<'a>, CT>,
-) -> anyhow::Result<()> {
-    c.configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_error)
-}
-
-fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("drawing the chart: {e:?}")
 }
 
 #[cfg(test)]
@@ -1203,6 +640,29 @@ mod tests {
             ceiling: ceilings.get(1).or(ceilings.first()).cloned(),
             ceilings,
         }
+    }
+
+    /// A report cut from a real bench renders exactly as `testdata/` holds
+    /// it: the JSON, the Markdown and the chart, byte for byte.
+    #[test]
+    fn a_fixed_report_renders_byte_for_byte_as_before() {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/report/testdata");
+        let json = std::fs::read(data.join("report.json")).unwrap();
+        let report = Report::load_combined(&data.join("report.json"))
+            .unwrap()
+            .expect("a combined report");
+        assert_eq!(serde_json::to_vec_pretty(&report).unwrap(), json);
+        let md = std::fs::read_to_string(data.join("report.md")).unwrap();
+        assert_eq!(report.markdown(), md);
+        let dir = std::env::temp_dir().join(format!("report-chart-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        chart::chart(&report, &dir.join("chart.svg")).unwrap();
+        let svg = std::fs::read_to_string(dir.join("chart.svg")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            svg == std::fs::read_to_string(data.join("chart.svg")).unwrap(),
+            "chart.svg differs from src/report/testdata/chart.svg"
+        );
     }
 
     #[test]

@@ -1,0 +1,409 @@
+//! `report.md`: the combined report as Markdown, one function per section,
+//! in the order the sections appear.
+
+use super::{CpuBreakdown, Report, RoundComparison, RunReport};
+use crate::cpu::CpuWindow;
+use crate::disk;
+use crate::scenario::Client;
+
+impl Report {
+    /// The Markdown summary.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        self.header(&mut md);
+        self.bids_section(&mut md);
+        self.endings_section(&mut md);
+        self.server_section(&mut md);
+        self.steps_section(&mut md);
+        self.cpu_section(&mut md);
+        self.ceiling_section(&mut md);
+        self.comparison_section(&mut md);
+        self.targets_section(&mut md);
+        self.audit_section(&mut md);
+        md
+    }
+
+    /// The title, the scenario's description, the machine and the command.
+    fn header(&self, md: &mut String) {
+        let m = &self.machine;
+        md.push_str(&format!("# Load test: {}\n\n", self.scenario));
+        if !self.description.is_empty() {
+            md.push_str(&format!("{}\n\n", self.description.trim()));
+        }
+        md.push_str(&format!(
+            "- Measured {} on {} CPUs ({}), {} GiB, Linux {}, {}.\n- Command: `{}`\n- Chart: [chart.svg](chart.svg); every figure: [report.json](report.json).\n\n",
+            self.generated_at.format("%Y-%m-%d %H:%M UTC"),
+            m.cpus,
+            m.cpu_model,
+            m.memory_gib,
+            m.kernel,
+            m.postgres,
+            self.command
+        ));
+    }
+
+    /// "Bids": the load's priority, each run's bid figures, and the
+    /// clients' policy.
+    fn bids_section(&self, md: &mut String) {
+        self.generator_priority(md);
+        md.push_str("## Bids\n\n| mode | peak offered | bids | 2xx | errors (5xx, timeouts) | p50 | p99 | max | retries (allowed) | retries denied by budget | Retry-After over cap | resolver lag p99 | audit |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+        for r in &self.runs {
+            let b = &r.bids;
+            md.push_str(&format!(
+                "| {} | {}/s | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} | {} | {} | {:.1} ms | {} |\n",
+                self.label(r),
+                r.peak_offered_bids_per_s,
+                b.requests,
+                b.ok,
+                b.errors,
+                b.ok_latency_ms.p50,
+                b.ok_latency_ms.p99,
+                b.ok_latency_ms.max,
+                b.retries,
+                b.retries_denied_by_budget,
+                b.retries_over_max_wait,
+                r.audit.resolver_lag_ms.p99,
+                if r.audit.passed { "passed" } else { "**FAILED**" }
+            ));
+        }
+        md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
+        self.client_policies(md);
+    }
+
+    /// The nice steps the load generator ran below Gavel and PostgreSQL.
+    fn generator_priority(&self, md: &mut String) {
+        let mut nices: Vec<i32> = self.runs.iter().map(|r| r.generator_nice).collect();
+        nices.dedup();
+        if let [nice] = nices[..] {
+            if nice > 0 {
+                md.push_str(&format!("The load generator (and pgbench) ran {nice} nice steps below Gavel and PostgreSQL, all on this machine; latency still counts from each request's intended send time.\n\n"));
+            }
+        } else if !nices.is_empty() {
+            md.push_str("The load generator ran at different nice steps in these runs: see `generator_nice` in report.json.\n\n");
+        }
+    }
+
+    /// The clients' timeout and retry policy: once when every run used the
+    /// same, else run by run.
+    fn client_policies(&self, md: &mut String) {
+        let mut policies: Vec<&Client> =
+            self.runs.iter().filter_map(|r| r.client.as_ref()).collect();
+        policies.dedup();
+        match policies[..] {
+            [] => {}
+            [client] => md.push_str(&format!("Clients: {}.\n\n", client.policy_text())),
+            _ => {
+                for r in &self.runs {
+                    if let Some(client) = &r.client {
+                        md.push_str(&format!(
+                            "Clients of **{}**: {}.\n\n",
+                            self.label(r),
+                            client.policy_text()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// "Endings": how each run's bids and reads ended.
+    fn endings_section(&self, md: &mut String) {
+        md.push_str("## Endings\n\n");
+        for r in &self.runs {
+            let endings: Vec<String> = r
+                .bids
+                .endings
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            md.push_str(&format!(
+                "- **{}** bids: {}\n",
+                self.label(r),
+                endings.join(", ")
+            ));
+            let endings: Vec<String> = r
+                .reads
+                .endings
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let from_memory = r.server.views_from_memory.map_or(String::new(), |share| {
+                format!(
+                    "; auction views answered from Gavel's cache: {:.0}%",
+                    share * 100.0
+                )
+            });
+            md.push_str(&format!(
+                "- **{}** reads ({} requests, p99 {:.1} ms): {}{from_memory}\n",
+                self.label(r),
+                r.reads.requests,
+                r.reads.ok_latency_ms.p99,
+                endings.join(", ")
+            ));
+        }
+    }
+
+    /// "Gavel and PostgreSQL during the run": the peaks of Gavel's metrics
+    /// and the disk's slowest flushes.
+    fn server_section(&self, md: &mut String) {
+        md.push_str(&format!("\n## Gavel and PostgreSQL during the run\n\n| mode | lock waiters (max) | blocked backends (max) | longest lock wait | API pool waiters (max) | pending bids (max) | RSS (max) | slowest disk flush | seconds with a flush over {:.0} ms |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n", disk::STALL_MS));
+        for r in &self.runs {
+            let s = &r.server;
+            md.push_str(&format!(
+                "| {} | {:.0} | {:.0} | {:.2} s | {:.0} | {:.0} | {} | {} | {} |\n",
+                self.label(r),
+                s.lock_waiters_max,
+                s.blocked_backends_max,
+                s.lock_wait_max_s,
+                s.api_pool_waiting_max,
+                s.pending_bids_max,
+                s.rss_max_mib.map_or("-".into(), |m| format!("{m:.0} MiB")),
+                r.disk
+                    .map_or("-".into(), |d| format!("{:.1} ms", d.slowest_ms)),
+                r.disk.map_or("-".into(), |d| format!(
+                    "{} of {}",
+                    d.stalled_seconds, d.seconds
+                )),
+            ));
+        }
+        if self.runs.iter().any(|r| r.disk.is_some()) {
+            md.push_str("\nEvery acknowledged bid waits for a WAL flush: a slow flush of the database's disk (probed beside it, one 8 kB write and `fdatasync` every 10 ms) holds every bid committing at that moment, whatever Gavel does.\n");
+        }
+    }
+
+    /// "Highest sustainable bid rate": the steps of each rate-finding run.
+    fn steps_section(&self, md: &mut String) {
+        if self.runs.iter().all(|r| r.steps.is_empty()) {
+            return;
+        }
+        md.push_str("\n## Highest sustainable bid rate\n\n");
+        for r in self.runs.iter().filter(|r| !r.steps.is_empty()) {
+            self.steps_table(md, r);
+        }
+    }
+
+    /// One run's steps: what each offered and how it held.
+    fn steps_table(&self, md: &mut String, r: &RunReport) {
+        md.push_str(&format!(
+            "**{}**: {}\n\n| offered | 2xx | errors | p99 | slowest disk flush | CPU busy | CPU stolen | sustainable |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n",
+            self.label(r),
+            r.max_sustainable_bids_per_s
+                .map_or("no step was sustainable".into(), |v| format!("{v:.0} bids/s"))
+        ));
+        for s in &r.steps {
+            let pct = |f: fn(&CpuWindow) -> f64| {
+                s.cpu
+                    .as_ref()
+                    .map_or("-".into(), |c| format!("{:.0}%", c.share_pct(f(c))))
+            };
+            md.push_str(&format!(
+                "| {:.0}/s | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.rate,
+                s.window.ok,
+                s.window.errors,
+                s.window.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
+                s.slowest_flush_ms
+                    .map_or("-".into(), |f| format!("{f:.1} ms")),
+                pct(|c| c.busy),
+                pct(|c| c.steal),
+                if s.sustainable { "yes" } else { "no" }
+            ));
+        }
+        md.push('\n');
+    }
+
+    /// "Where the CPU went": each mode's CPU use by process group, as a
+    /// share of the machine and per accepted bid.
+    fn cpu_section(&self, md: &mut String) {
+        let runs: Vec<(&RunReport, &CpuBreakdown)> = self
+            .runs
+            .iter()
+            .filter_map(|r| Some((r, r.cpu.as_ref()?)))
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        md.push_str("\n## Where the CPU went\n\nRead from `/proc` once a second; each cell is the share of the machine's cores and the CPU time per accepted bid (reads included).\n\n");
+        for (r, c) in &runs {
+            md.push_str(&format!(
+                "- **{}**: over {} ({} s, {} accepted bids)\n",
+                self.label(r),
+                c.window,
+                c.cpu.seconds,
+                c.accepted_bids
+            ));
+        }
+        md.push_str("\n| process |");
+        for (r, _) in &runs {
+            md.push_str(&format!(" {} |", self.label(r)));
+        }
+        md.push_str("\n| --- |");
+        md.push_str(&" ---: |".repeat(runs.len()));
+        md.push('\n');
+        cpu_rows(md, &runs);
+    }
+
+    /// "Raw append ceiling": the pgbench figures, with each round's.
+    fn ceiling_section(&self, md: &mut String) {
+        let Some(c) = &self.ceiling else {
+            return;
+        };
+        md.push_str(&format!(
+            "\n## Raw append ceiling\n\npgbench, {} clients, one {}-row UNNEST INSERT per transaction into a scratch copy of `bid_log` (same indexes): **{:.0} rows/s** ({:.0} transactions/s, {:.1} ms each) over {} s",
+            c.clients, c.batch_rows, c.rows_per_s, c.tps, c.latency_ms, c.duration_s
+        ));
+        if self.ceilings.len() > 1 {
+            let each: Vec<String> = self
+                .ceilings
+                .iter()
+                .map(|c| format!("{:.0}", c.rows_per_s))
+                .collect();
+            md.push_str(&format!(
+                ", the median of the rounds' {} rows/s",
+                each.join(", ")
+            ));
+        }
+        md.push_str(".\n");
+    }
+
+    /// "Comparison": the ratios, as medians of the rounds when there were
+    /// several, with each round's figures.
+    fn comparison_section(&self, md: &mut String) {
+        let (over_row_lock, of_ceiling) = self.ratios();
+        if over_row_lock.is_none() && of_ceiling.is_none() {
+            return;
+        }
+        let rounds = self.comparisons();
+        let of_rounds = if rounds.len() > 1 {
+            format!(" (the median of {} rounds)", rounds.len())
+        } else {
+            String::new()
+        };
+        md.push_str("\n## Comparison\n\n");
+        if self.runs.iter().any(|r| r.refining) {
+            md.push_str("A mode's rate in a round is the highest step that held in its ramp or in the refining pass that followed it: a second climb on a fresh database, in finer steps from just below the ramp's best to past its next step.\n\n");
+        }
+        if let Some(x) = over_row_lock {
+            md.push_str(&format!(
+                "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design{of_rounds}.\n"
+            ));
+        }
+        if let Some(x) = of_ceiling {
+            md.push_str(&format!(
+                "- Log mode sustains **{:.0}%** of the database's raw append ceiling{of_rounds}.\n",
+                x * 100.0
+            ));
+        }
+        if rounds.len() > 1 {
+            rounds_table(md, &rounds);
+        }
+    }
+
+    /// "Targets": each run held to the scenario's targets, target by target.
+    fn targets_section(&self, md: &mut String) {
+        for r in self.runs.iter().filter(|r| !r.targets.is_empty()) {
+            md.push_str(&format!(
+                "\n## Targets: {}\n\n| target | measured | met |\n| --- | --- | --- |\n",
+                self.label(r)
+            ));
+            for t in &r.targets {
+                md.push_str(&format!(
+                    "| {} | {} | {} |\n",
+                    t.target,
+                    t.measured,
+                    if t.met { "yes" } else { "**no**" }
+                ));
+            }
+        }
+    }
+
+    /// "Audit": each run's audit, check by check.
+    fn audit_section(&self, md: &mut String) {
+        md.push_str("\n## Audit\n\n");
+        for r in &self.runs {
+            md.push_str(&format!(
+                "**{}** ({} bids sent, {} acknowledged, {} in bid_log; settled {:.1} s after the end):\n\n",
+                self.label(r), r.audit.bids_sent, r.audit.bids_acknowledged, r.audit.bids_in_log, r.audit.settle_wait_s
+            ));
+            for c in &r.audit.checks {
+                md.push_str(&format!(
+                    "- {} {}: {}\n",
+                    if c.passed { "✔" } else { "✘" },
+                    c.name,
+                    c.detail
+                ));
+            }
+            md.push('\n');
+        }
+    }
+}
+
+/// Each round's rates, ceiling and ratios.
+fn rounds_table(md: &mut String, rounds: &[RoundComparison]) {
+    md.push_str("\nThe modes ran in turn, round after round, so that a slow spell of the machine falls on both:\n\n| round | log | row_lock | log / row_lock | ceiling | log / ceiling |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let rate = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.0} {unit}"));
+    for c in rounds {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            c.round,
+            rate(c.log, "bids/s"),
+            rate(c.row_lock, "bids/s"),
+            c.over_row_lock.map_or("-".into(), |x| format!("{x:.1}×")),
+            rate(c.ceiling, "rows/s"),
+            c.of_ceiling
+                .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),
+        ));
+    }
+}
+
+/// The rows of the CPU table: each process group's share of the machine
+/// (and CPU time per accepted bid) in every run.
+fn cpu_rows(md: &mut String, runs: &[(&RunReport, &CpuBreakdown)]) {
+    let rows: Vec<Vec<(String, f64, bool)>> = runs.iter().map(|(_, c)| c.rows()).collect();
+    // Rows by name, in the first run's order, then any only others have.
+    let mut names: Vec<(&str, bool)> = Vec::new();
+    for (name, _, per_bid) in rows.iter().flatten() {
+        if !names.iter().any(|(n, _)| n == name) {
+            names.push((name, *per_bid));
+        }
+    }
+    for (name, per_bid) in names {
+        md.push_str(&format!("| {name} |"));
+        for ((_, c), rows) in runs.iter().zip(&rows) {
+            let cell =
+                rows.iter()
+                    .find(|(n, ..)| n == name)
+                    .map_or("-".to_owned(), |&(_, cores, _)| {
+                        let share = format!("{:.1}%", c.cpu.share_pct(cores));
+                        match c.us_per_bid(cores).filter(|_| per_bid) {
+                            Some(us) => format!("{share} · {us:.0} µs"),
+                            None => share,
+                        }
+                    });
+            md.push_str(&format!(" {cell} |"));
+        }
+        md.push('\n');
+    }
+}
+
+impl CpuBreakdown {
+    /// Every row of the breakdown: the groups, other processes, the
+    /// machine busy, stolen and idle time, in cores.
+    fn rows(&self) -> Vec<(String, f64, bool)> {
+        let c = &self.cpu;
+        let mut rows: Vec<(String, f64, bool)> = c
+            .groups
+            .iter()
+            .map(|(n, v)| (n.clone(), *v, true))
+            .collect();
+        rows.push(("other processes".into(), c.other, true));
+        rows.push(("**machine busy**".into(), c.busy, true));
+        rows.push(("stolen by the hypervisor".into(), c.steal, false));
+        rows.push((
+            "idle".into(),
+            (c.cores as f64 - c.busy - c.steal).max(0.0),
+            false,
+        ));
+        rows
+    }
+}
