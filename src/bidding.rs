@@ -33,7 +33,7 @@ use uuid::Uuid;
 use crate::auth::User;
 pub use crate::config::BidPath;
 use crate::db::{auctions, bids, reads, Pool};
-use crate::domain::{Amount, IdempotencyKey};
+use crate::domain::{Amount, BidStatus, IdempotencyKey};
 use crate::error::ApiError;
 use crate::rate_limit::RateLimiter;
 use crate::rules;
@@ -337,13 +337,13 @@ impl BidDesk {
                 },
             };
             let bid = match wait_until {
-                Some(until) if bid.status == "pending" && until > Instant::now() => {
+                Some(until) if bid.status == BidStatus::Pending && until > Instant::now() => {
                     let resolutions = resolutions.unwrap_or_else(|| self.signals.subscribe());
                     self.wait_for_outcome(bid, until, resolutions).await
                 }
                 _ => bid,
             };
-            let resolved_in_wait = wait_until.is_some() && bid.status != "pending";
+            let resolved_in_wait = wait_until.is_some() && bid.status != BidStatus::Pending;
             Placed {
                 bid,
                 replayed,
@@ -497,7 +497,7 @@ impl BidDesk {
                         return bid;
                     }
                 }
-                if bid.status != "pending" {
+                if bid.status != BidStatus::Pending {
                     return bid;
                 }
             }

@@ -1,7 +1,12 @@
 //! Domain values with parse constructors: a value of these types has already
 //! passed the contract's checks, so handlers and queries never re-validate.
+//! A bid's status and what a resolved outcome writes are in [`bid_status`].
 
 use std::fmt;
+
+pub mod bid_status;
+
+pub use bid_status::BidStatus;
 
 /// Largest accepted amount in minor units (the API accepts `1 <= amount <= 10^15`).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;

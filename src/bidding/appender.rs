@@ -633,7 +633,7 @@ mod tests {
             seq,
             bidder_id: bid.bidder_id.clone(),
             amount: bid.amount,
-            status: "pending".into(),
+            status: crate::domain::BidStatus::Pending,
             reason: None,
             price_after: None,
             received_at: Utc::now(),

@@ -27,14 +27,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use deadpool_postgres::Object;
+use deadpool_postgres::{Object, Transaction};
 use uuid::Uuid;
 
 use super::{connection, BidDesk, Placed};
-use crate::db::{auctions, bids, reads};
+use crate::db::auctions::{self, AuctionRecord};
+use crate::db::{bids, reads};
+use crate::domain::bid_status::count_resolved;
 use crate::domain::{Amount, IdempotencyKey};
 use crate::error::ApiError;
-use crate::resolver;
 use crate::rules::{self, BidInput};
 use crate::signals::{listener, Resolved, Signals};
 
@@ -87,7 +88,7 @@ impl BidDesk {
                 return Ok((placement, None));
             };
             metrics::counter!("gavel_bids_accepted_total").increment(1);
-            resolver::count_resolved(&[*reason]);
+            count_resolved([*reason]);
             signals.publish(Resolved {
                 auction_id,
                 bids: Some(Arc::from([bid.id])),
@@ -142,57 +143,14 @@ async fn write(
         tx.rollback().await?;
         return Err(ApiError::NotFound("auction"));
     };
-    let mut state = auction.state.clone();
-    let applied = rules::apply_bid(
-        &auction.terms,
-        &mut state,
-        &BidInput {
-            id: bid_id,
-            bidder_id: bidder.to_owned(),
-            amount,
-            // The transaction's clock: the bid row's `received_at` too.
-            received_at: now,
-        },
-    );
-    let resolution_no = auction.resolved_count + 1;
-    // Written even for a rejected bid, as the classic design does: the
-    // resolution count moves with every bid.
-    let written = auctions::compare_and_set(
-        &tx,
-        &auctions::StateUpdate {
-            id: auction_id,
-            expected_version: auction.version,
-            state: &state,
-            resolved_count: resolution_no,
-            settlement: None,
-        },
-    )
-    .await?;
-    if !written {
-        return Err(ApiError::Internal(anyhow::anyhow!(
-            "auction {auction_id} changed while its row was locked FOR UPDATE"
-        )));
-    }
-    let (status, reason) = resolver::outcome_columns(applied.outcome);
-    let bid = bids::insert_resolved(
-        &tx,
-        &bids::ResolvedBid {
-            auction_id,
-            id: bid_id,
-            bidder_id: bidder,
-            amount,
-            idempotency_key: key,
-            status,
-            reason,
-            price_after: applied.price_after,
-            resolution_no,
-            resolved_version: auction.version + 1,
-        },
-    )
-    .await?;
-    if let Some(displaced) = applied.displaced {
-        bids::mark_outbid(&tx, auction_id, displaced).await?;
-    }
+    let bid = BidInput {
+        id: bid_id,
+        bidder_id: bidder.to_owned(),
+        amount,
+        // The transaction's clock: the bid row's `received_at` too.
+        received_at: now,
+    };
+    let (bid, reason) = apply_locked(&tx, &auction, bid, key).await?;
     // Requests of other processes waiting on this auction hear of it.
     tx.execute(
         "SELECT pg_notify($1, $2)",
@@ -208,4 +166,51 @@ async fn write(
         reason,
         version: auction.version + 1,
     })
+}
+
+/// Applies `bid` to the locked `auction` by the rules, writes the auction's
+/// new state, inserts the bid with its outcome (idempotency `key`), and
+/// marks a displaced leader outbid; returns the bid as stored and its
+/// rejection reason.
+async fn apply_locked(
+    tx: &Transaction<'_>,
+    auction: &AuctionRecord,
+    bid: BidInput,
+    key: &str,
+) -> Result<(bids::BidRecord, Option<&'static str>), ApiError> {
+    let mut state = auction.state.clone();
+    let applied = rules::apply_bid(&auction.terms, &mut state, &bid);
+    let resolution_no = auction.resolved_count + 1;
+    // Written even for a rejected bid, as the classic design does: the
+    // resolution count moves with every bid.
+    let written = auctions::compare_and_set(
+        tx,
+        &auctions::StateUpdate {
+            id: auction.id,
+            expected_version: auction.version,
+            state: &state,
+            resolved_count: resolution_no,
+            settlement: None,
+        },
+    )
+    .await?;
+    if !written {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "auction {} changed while its row was locked FOR UPDATE",
+            auction.id
+        )));
+    }
+    let resolved = bids::ResolvedBid {
+        auction_id: auction.id,
+        id: bid.id,
+        bidder_id: &bid.bidder_id,
+        amount: bid.amount,
+        idempotency_key: key,
+        resolution: bids::Resolution::new(&applied, resolution_no, auction.version + 1),
+    };
+    let stored = bids::insert_resolved(tx, &resolved).await?;
+    if let Some(displaced) = applied.displaced {
+        bids::mark_outbid(tx, auction.id, displaced).await?;
+    }
+    Ok((stored, resolved.resolution.reason))
 }

@@ -241,7 +241,7 @@ struct HistoryItem {
     amount_shown: Option<i64>,
     bidder: String,
     received_at: DateTime<Utc>,
-    status: String,
+    status: crate::domain::BidStatus,
 }
 
 #[derive(Serialize)]

@@ -35,7 +35,7 @@ pub struct BidView {
     auction_id: Uuid,
     bidder_id: String,
     amount: i64,
-    status: String,
+    status: crate::domain::BidStatus,
     reason: Option<String>,
     received_at: DateTime<Utc>,
     resolved_at: Option<DateTime<Utc>>,
@@ -98,13 +98,9 @@ pub async fn place(
             queue_wait,
         )
         .await?;
-    let status = match (
-        placed.resolved_in_wait,
-        placed.replayed,
-        placed.bid.status.as_str(),
-    ) {
+    let status = match (placed.resolved_in_wait, placed.replayed, placed.bid.status) {
         (true, false, _) => StatusCode::CREATED,
-        (_, true, status) if status != "pending" => StatusCode::OK,
+        (_, true, status) if status != crate::domain::BidStatus::Pending => StatusCode::OK,
         _ => StatusCode::ACCEPTED,
     };
     let location = format!("/api/bids/{}", placed.bid.id);

@@ -1,0 +1,428 @@
+//! The batch planner: from what a resolution transaction read, which bids
+//! of each auction it applies, their outcomes by the pure
+//! [`rules`](crate::rules), each auction's new state, and whether it
+//! settles. No database and no clock of its own: the transaction reads,
+//! this decides, the transaction writes.
+//!
+//! Within a batch bids are applied in receipt order (`received_at`, then
+//! `seq`). Near the end of a soft-close auction a bid received after the
+//! current end is held back until every bid received before it must have
+//! committed (the settle grace), because such an earlier bid may still
+//! extend the end and make the later one valid.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::Step;
+use crate::db::auctions::AuctionRecord;
+use crate::db::bids::{BidOutcome, BidRecord, PendingBid, Resolution};
+use crate::domain::BidStatus;
+use crate::rules::{self, AuctionState, Leader};
+
+/// What a resolution transaction read once it had taken its locks.
+pub(super) struct Snapshot {
+    /// The database's clock in the transaction.
+    pub now: DateTime<Utc>,
+    /// The auctions this transaction holds the lock of.
+    pub locked: HashSet<Uuid>,
+    /// The auctions read, by id.
+    pub auctions: HashMap<Uuid, AuctionRecord>,
+    /// Their oldest pending bids, by auction and then in receipt order.
+    pending: Vec<PendingBid>,
+}
+
+impl Snapshot {
+    /// Puts `pending` in the order the planner applies it.
+    pub fn new(
+        now: DateTime<Utc>,
+        locked: HashSet<Uuid>,
+        auctions: impl IntoIterator<Item = AuctionRecord>,
+        mut pending: Vec<PendingBid>,
+    ) -> Self {
+        pending.sort_by_key(|p| (p.bid.auction_id, p.bid.received_at, p.bid.seq));
+        Snapshot {
+            now,
+            locked,
+            auctions: auctions.into_iter().map(|a| (a.id, a)).collect(),
+            pending,
+        }
+    }
+}
+
+/// What a resolution transaction writes.
+pub(super) struct Plan<'a> {
+    /// The auctions with nothing to write (busy or idle), in the order asked.
+    pub steps: Vec<(Uuid, Step)>,
+    /// Every applied bid's outcome, batch after batch.
+    pub outcomes: Vec<BidOutcome<'a>>,
+    /// The auctions with something to write.
+    pub batches: Vec<Batch<'a>>,
+}
+
+/// One auction's part of a resolution transaction.
+pub(super) struct Batch<'a> {
+    pub auction_id: Uuid,
+    /// The version the transaction writes (one above the one read).
+    pub version: i64,
+    pub state: AuctionState,
+    pub resolved_count: i64,
+    /// `Some(winner)` when the batch settles the auction.
+    pub settlement: Option<Option<Leader>>,
+    /// The bids applied, in resolution order.
+    pub applied: Vec<&'a BidRecord>,
+    /// Their outcomes' place among the plan's.
+    pub outcomes: Range<usize>,
+    /// Bids leading before the batch that it outbid.
+    pub displaced_earlier: Vec<Uuid>,
+    /// Whether pending bids remain beyond the batch.
+    pub more: bool,
+}
+
+/// Plans the batches of `auction_ids` (distinct) from `snapshot`, each
+/// auction having taken at most `limit` pending bids; auctions are settled
+/// `grace` after their end.
+pub(super) fn plan<'a>(
+    snapshot: &'a Snapshot,
+    auction_ids: &[Uuid],
+    limit: i64,
+    grace: chrono::Duration,
+) -> Plan<'a> {
+    let pending_of: HashMap<Uuid, &[PendingBid]> = snapshot
+        .pending
+        .chunk_by(|a, b| a.bid.auction_id == b.bid.auction_id)
+        .map(|bids| (bids[0].bid.auction_id, bids))
+        .collect();
+    let mut plan = Plan {
+        steps: Vec::with_capacity(auction_ids.len()),
+        outcomes: Vec::new(),
+        batches: Vec::new(),
+    };
+    for &auction_id in auction_ids {
+        if !snapshot.locked.contains(&auction_id) {
+            plan.steps.push((auction_id, Step::Busy));
+            continue;
+        }
+        let pending = pending_of.get(&auction_id).copied().unwrap_or_default();
+        let Some(auction) = snapshot.auctions.get(&auction_id) else {
+            if !pending.is_empty() {
+                tracing::error!(%auction_id, "pending bids reference an unknown auction");
+            }
+            plan.steps.push((auction_id, Step::Idle));
+            continue;
+        };
+        let full = pending.len() as i64 == limit;
+        match plan_batch(
+            auction,
+            pending,
+            full,
+            snapshot.now,
+            grace,
+            &mut plan.outcomes,
+        ) {
+            Some(batch) => plan.batches.push(batch),
+            None => plan.steps.push((auction_id, Step::Idle)),
+        }
+    }
+    plan
+}
+
+/// Applies `pending` (an auction's oldest pending bids in receipt order;
+/// `full` when more may be waiting) to `auction` by the rules, appending
+/// the bids' outcomes to `outcomes`, and settles the auction if it is due;
+/// `None` when there is nothing to write.
+fn plan_batch<'a>(
+    auction: &AuctionRecord,
+    pending: &'a [PendingBid],
+    full: bool,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+    outcomes: &mut Vec<BidOutcome<'a>>,
+) -> Option<Batch<'a>> {
+    let terms = &auction.terms;
+    // Bids received after the current end of a soft-close auction wait
+    // until every earlier bid must have committed (see the module docs).
+    let held_back = |bid: &BidRecord, ends_at: DateTime<Utc>| {
+        terms.soft_close > chrono::Duration::zero()
+            && !auction.state.closed
+            && bid.received_at > ends_at
+            && now < bid.received_at + grace
+    };
+    let version = auction.version + 1;
+    let first = outcomes.len();
+    let mut state = auction.state.clone();
+    let mut position: HashMap<Uuid, usize> = HashMap::with_capacity(pending.len());
+    let mut displaced_earlier = Vec::new();
+    let mut resolved_count = auction.resolved_count;
+    let mut applied = Vec::with_capacity(pending.len());
+    for PendingBid { bid, row_version } in pending {
+        // Sorted by receipt: every later bid would be held back too.
+        if held_back(bid, state.ends_at) {
+            break;
+        }
+        let outcome = rules::apply_bid(terms, &mut state, &bid.input());
+        if let Some(displaced) = outcome.displaced {
+            match position.get(&displaced) {
+                Some(&i) => outcomes[i].resolution.status = BidStatus::Outbid,
+                None => displaced_earlier.push(displaced),
+            }
+        }
+        resolved_count += 1;
+        position.insert(bid.id, outcomes.len());
+        outcomes.push(BidOutcome {
+            auction_id: auction.id,
+            seq: bid.seq,
+            id: bid.id,
+            row_version,
+            resolution: Resolution::new(&outcome, resolved_count, version),
+        });
+        applied.push(bid);
+    }
+    let all_applied = applied.len() == pending.len();
+    // Settle only when nothing received before the end can still be pending.
+    let settling = !state.closed && !full && all_applied && now > state.ends_at + grace;
+    if applied.is_empty() && !settling {
+        return None;
+    }
+    let settlement = settling.then(|| rules::settle(terms, &mut state));
+    Some(Batch {
+        auction_id: auction.id,
+        version,
+        state,
+        resolved_count,
+        settlement,
+        applied,
+        outcomes: first..outcomes.len(),
+        displaced_earlier,
+        more: full && all_applied,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{AuctionTerms, Increments, Outcome, RejectReason};
+
+    const GRACE: chrono::Duration = chrono::Duration::seconds(5);
+
+    /// `s` seconds after the auctions' start.
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    /// An auction without bids, ending at `t(1_000)`, read at `version`.
+    fn auction(soft_close_s: i64, version: i64) -> AuctionRecord {
+        AuctionRecord {
+            id: Uuid::now_v7(),
+            title: "A lamp".into(),
+            currency: "EUR".into(),
+            terms: AuctionTerms {
+                seller_id: "seller".into(),
+                starting_price: 100,
+                reserve_price: None,
+                increments: Increments::default_table(),
+                starts_at: t(0),
+                soft_close: chrono::Duration::seconds(soft_close_s),
+                max_end_at: t(10_000),
+            },
+            original_ends_at: t(1_000),
+            soft_close_s: soft_close_s as i32,
+            state: AuctionState::opening(t(1_000)),
+            resolved_count: 0,
+            winner_id: None,
+            version,
+        }
+    }
+
+    /// A pending bid on `auction`: `(seq, bidder, amount, received at)`.
+    fn pending(
+        auction: &AuctionRecord,
+        (seq, bidder, amount, at): (i64, &str, i64, i64),
+    ) -> PendingBid {
+        PendingBid {
+            bid: BidRecord {
+                auction_id: auction.id,
+                id: Uuid::now_v7(),
+                seq,
+                bidder_id: bidder.into(),
+                amount,
+                status: BidStatus::Pending,
+                reason: None,
+                price_after: None,
+                received_at: t(at),
+                resolved_at: None,
+                resolution_no: None,
+            },
+            row_version: format!("(0,{seq})"),
+        }
+    }
+
+    /// What a transaction at `t(now)` holding the lock of `auction` reads,
+    /// with its pending `bids`.
+    fn read(now: i64, auction: &AuctionRecord, bids: &[(i64, &str, i64, i64)]) -> Snapshot {
+        let pending = bids.iter().map(|&bid| pending(auction, bid)).collect();
+        Snapshot::new(
+            t(now),
+            HashSet::from([auction.id]),
+            [auction.clone()],
+            pending,
+        )
+    }
+
+    /// Each outcome's row version and status, in the order written.
+    fn statuses<'a>(plan: &Plan<'a>) -> Vec<(&'a str, BidStatus)> {
+        plan.outcomes
+            .iter()
+            .map(|o| (o.row_version, o.resolution.status))
+            .collect()
+    }
+
+    #[test]
+    fn bids_apply_in_receipt_order_and_an_outbid_leader_of_the_batch_is_marked_in_it() {
+        let lamp = auction(0, 7);
+        // Bob's bid got the lower sequence number but was received later.
+        let read = read(30, &lamp, &[(1, "bob", 1_000, 20), (2, "ann", 500, 10)]);
+        let plan = plan(&read, &[lamp.id], 10, GRACE);
+
+        assert!(plan.steps.is_empty());
+        assert_eq!(
+            statuses(&plan),
+            [("(0,2)", BidStatus::Outbid), ("(0,1)", BidStatus::Leading)]
+        );
+        let numbers: Vec<(i64, i64)> = plan
+            .outcomes
+            .iter()
+            .map(|o| (o.resolution.resolution_no, o.resolution.resolved_version))
+            .collect();
+        assert_eq!(
+            numbers,
+            [(1, 8), (2, 8)],
+            "numbered in order, at the next version"
+        );
+        assert!(plan
+            .outcomes
+            .iter()
+            .all(|o| o.resolution.reason.is_none() && o.resolution.price_after.is_some()));
+        let [batch] = &plan.batches[..] else {
+            panic!("one batch")
+        };
+        assert_eq!(
+            (batch.auction_id, batch.version, batch.resolved_count),
+            (lamp.id, 8, 2)
+        );
+        assert_eq!(batch.outcomes, 0..2);
+        assert!(batch.displaced_earlier.is_empty());
+        assert_eq!(batch.state.leader.as_ref().unwrap().bidder_id, "bob");
+        assert!(batch.settlement.is_none() && !batch.more);
+    }
+
+    #[test]
+    fn a_leader_of_an_earlier_batch_is_left_to_the_outbid_mark() {
+        let mut lamp = auction(0, 3);
+        let earlier = Uuid::now_v7();
+        let ann = rules::BidInput {
+            id: earlier,
+            bidder_id: "ann".into(),
+            amount: 500,
+            received_at: t(5),
+        };
+        let applied = rules::apply_bid(&lamp.terms, &mut lamp.state, &ann);
+        assert_eq!(applied.outcome, Outcome::Leading);
+        lamp.resolved_count = 1;
+        let read = read(30, &lamp, &[(9, "bob", 1_000, 20)]);
+        let plan = plan(&read, &[lamp.id], 10, GRACE);
+
+        assert_eq!(statuses(&plan), [("(0,9)", BidStatus::Leading)]);
+        assert_eq!(plan.outcomes[0].resolution.resolution_no, 2);
+        assert_eq!(plan.batches[0].displaced_earlier, [earlier]);
+    }
+
+    #[test]
+    fn auctions_locked_elsewhere_without_work_or_unknown_write_nothing() {
+        let (busy, idle) = (auction(0, 1), auction(0, 1));
+        let unknown = Uuid::now_v7();
+        let read = Snapshot::new(
+            t(30),
+            HashSet::from([idle.id, unknown]),
+            [busy.clone(), idle.clone()],
+            vec![pending(&busy, (1, "ann", 500, 10))],
+        );
+        let plan = plan(&read, &[busy.id, idle.id, unknown], 10, GRACE);
+
+        assert_eq!(
+            plan.steps,
+            [
+                (busy.id, Step::Busy),
+                (idle.id, Step::Idle),
+                (unknown, Step::Idle)
+            ]
+        );
+        assert!(plan.outcomes.is_empty() && plan.batches.is_empty());
+    }
+
+    #[test]
+    fn a_bid_after_a_soft_close_end_waits_out_the_grace_then_the_auction_settles() {
+        let lamp = auction(60, 1);
+        let bids = [(1, "ann", 500, 900), (2, "bob", 900, 1_001)];
+
+        // Within the grace of Bob's bid: an earlier bid might still extend the end.
+        let early_read = read(1_002, &lamp, &bids);
+        let early = plan(&early_read, &[lamp.id], 10, GRACE);
+        assert_eq!(statuses(&early), [("(0,1)", BidStatus::Leading)]);
+        assert!(early.batches[0].settlement.is_none(), "a bid is held back");
+        assert!(!early.batches[0].more);
+
+        let late_read = read(1_010, &lamp, &bids);
+        let late = plan(&late_read, &[lamp.id], 10, GRACE);
+        assert_eq!(
+            statuses(&late),
+            [
+                ("(0,1)", BidStatus::Leading),
+                ("(0,2)", BidStatus::Rejected)
+            ]
+        );
+        assert_eq!(
+            late.outcomes[1].resolution.reason,
+            Some(RejectReason::AuctionClosed.as_str())
+        );
+        let batch = &late.batches[0];
+        let winner = batch.settlement.as_ref().expect("settled").as_ref();
+        assert_eq!(winner.map(|w| w.bidder_id.as_str()), Some("ann"));
+        assert!(batch.state.closed);
+    }
+
+    #[test]
+    fn a_full_batch_has_more_to_come_and_does_not_settle() {
+        let lamp = auction(0, 1);
+        let read = read(2_000, &lamp, &[(1, "ann", 500, 10), (2, "bob", 900, 20)]);
+
+        let full = plan(&read, &[lamp.id], 2, GRACE);
+        assert!(full.batches[0].more);
+        assert!(full.batches[0].settlement.is_none(), "more may be pending");
+
+        let all = plan(&read, &[lamp.id], 3, GRACE);
+        assert!(!all.batches[0].more);
+        assert!(all.batches[0].settlement.is_some());
+    }
+
+    #[test]
+    fn an_auction_due_without_bids_settles_without_a_winner() {
+        let lamp = auction(0, 4);
+        let early_read = read(1_004, &lamp, &[]);
+        let early = plan(&early_read, &[lamp.id], 10, GRACE);
+        assert_eq!(
+            early.steps,
+            [(lamp.id, Step::Idle)],
+            "not before the grace has passed"
+        );
+
+        let due_read = read(1_006, &lamp, &[]);
+        let due = plan(&due_read, &[lamp.id], 10, GRACE);
+        assert!(due.steps.is_empty() && due.outcomes.is_empty());
+        let batch = &due.batches[0];
+        assert_eq!(batch.settlement, Some(None));
+        assert_eq!((batch.version, batch.outcomes.clone()), (5, 0..0));
+    }
+}

@@ -1,0 +1,295 @@
+//! One resolution transaction over a group of auctions, in named steps:
+//! lock and read ([`read`]), plan (the pure [`plan`](super::plan)), write
+//! ([`write`]), verify, settle and commit, publish.
+//!
+//! Four round trips to the primary (five when one settles) whatever the
+//! number of auctions: begin, the locks with both reads, the writes,
+//! commit. Most auctions have a bid or two waiting at each round, and one
+//! transaction for each would cost more than its bids (a commit and its
+//! WAL flush, a dozen statements each). The reads and
+//! the writes over the bids are one statement each for the whole group;
+//! the compare-and-set and the outbid mark are one key lookup per auction,
+//! in the same round trip.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Statement;
+use uuid::Uuid;
+
+use super::error::cause;
+use super::plan::{self, Plan, Snapshot};
+use super::{instruments, ResolveError, Resolver, Step};
+use crate::db::{auctions, bids};
+use crate::signals::{listener, Resolved, Signals};
+
+impl Resolver {
+    /// Resolves one auction: [`resolve_auctions`](Self::resolve_auctions)
+    /// for it alone.
+    pub async fn resolve_auction(&self, auction_id: Uuid) -> Result<Step, ResolveError> {
+        let steps = self.resolve_auctions(&[auction_id]).await?;
+        Ok(steps.first().map_or(Step::Idle, |&(_, step)| step))
+    }
+
+    /// One transaction over several auctions (distinct ids): lock each for
+    /// this resolver, apply a batch of each one's pending bids, settle
+    /// those due, and compare-and-set them all; returns each auction's
+    /// [`Step`]. If any auction's compare-and-set loses, or some bid was no
+    /// longer queued and pending, nothing is written and every auction
+    /// written for is reported as [`Step::Conflict`].
+    ///
+    /// The statements that look rows up by key run on generic plans, the
+    /// writes over the batch's arrays on plans made for them (`plan_modes`).
+    /// An auction takes at most [`BatchSize`](super::BatchSize) bids.
+    pub async fn resolve_auctions(
+        &self,
+        auction_ids: &[Uuid],
+    ) -> Result<Vec<(Uuid, Step)>, ResolveError> {
+        self.resolve_group(auction_ids, self.batch.get()).await
+    }
+
+    /// [`resolve_auctions`](Self::resolve_auctions), each auction taking
+    /// at most `limit` bids.
+    pub(super) async fn resolve_group(
+        &self,
+        auction_ids: &[Uuid],
+        limit: i64,
+    ) -> Result<Vec<(Uuid, Step)>, ResolveError> {
+        if auction_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let [generic_plans, custom_plans] = plan_modes(&tx).await?;
+        let snapshot = read(&tx, &generic_plans, auction_ids, limit).await?;
+        let mut plan = plan::plan(&snapshot, auction_ids, limit, self.grace);
+        if plan.batches.is_empty() {
+            return Ok(plan.steps);
+        }
+        let written = write(&tx, &custom_plans, &plan, &self.signals).await?;
+        if !written.verify(&plan) {
+            let conflicts = plan.batches.iter().map(|b| (b.auction_id, Step::Conflict));
+            plan.steps.extend(conflicts);
+            return Ok(plan.steps);
+        }
+        settle(&tx, &plan).await?;
+        tx.commit().await?;
+        self.dequeued.fetch_add(written.dequeued, Ordering::Relaxed);
+        Ok(self.publish(plan, snapshot.now, started))
+    }
+
+    /// After the commit: records the transaction's metrics, tells waiting
+    /// requests and caches of every auction written, and returns every
+    /// auction's step.
+    fn publish(&self, plan: Plan<'_>, now: DateTime<Utc>, started: Instant) -> Vec<(Uuid, Step)> {
+        instruments::record_transaction(&plan, now, started);
+        let Plan {
+            mut steps,
+            outcomes,
+            batches,
+        } = plan;
+        for batch in batches {
+            let ids: Arc<[Uuid]> = outcomes[batch.outcomes].iter().map(|o| o.id).collect();
+            self.signals.publish(Resolved {
+                auction_id: batch.auction_id,
+                bids: Some(ids),
+                version: Some(batch.version),
+            });
+            let step = Step::Applied {
+                bids: batch.applied.len(),
+                settled: batch.settlement.is_some(),
+                more: batch.more,
+            };
+            steps.push((batch.auction_id, step));
+        }
+        steps
+    }
+}
+
+/// Takes each auction's advisory lock for this transaction and reads the
+/// auctions and their oldest pending bids (at most `limit` each).
+///
+/// Sent at once and run in order, one round trip: the plan mode's and the
+/// lock's statements are prepared, so they are on the wire before either
+/// read, and both reads see what was committed before the locks were
+/// taken. The reads of auctions not locked are thrown away by the planner.
+async fn read(
+    tx: &Transaction<'_>,
+    generic_plans: &Statement,
+    auction_ids: &[Uuid],
+    limit: i64,
+) -> Result<Snapshot, ResolveError> {
+    let lock = tx
+        .prepare_cached(
+            "SELECT a.id, pg_try_advisory_xact_lock(hashtextextended(a.id::text, 0)), now() \
+             FROM unnest($1::uuid[]) AS a(id)",
+        )
+        .await?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&auction_ids];
+    let (locks, records, pending) = match futures::join!(
+        tx.execute(generic_plans, &[]),
+        tx.query(&lock, &lock_params),
+        auctions::get_many(tx, auction_ids),
+        bids::pending(tx, auction_ids, limit),
+    ) {
+        (Ok(_), Ok(locks), Ok(records), Ok(pending)) => (locks, records, pending),
+        (plan_mode, locks, records, pending) => {
+            return Err(cause([
+                plan_mode.err(),
+                locks.err(),
+                records.err(),
+                pending.err(),
+            ]))
+        }
+    };
+    let now: DateTime<Utc> = locks[0].get(2);
+    let locked: HashSet<Uuid> = locks
+        .iter()
+        .filter(|row| row.get::<_, bool>(1))
+        .map(|row| row.get(0))
+        .collect();
+    Ok(Snapshot::new(now, locked, records, pending))
+}
+
+/// What the writes of a transaction reported.
+struct Written {
+    /// Whether each auction's compare-and-set won.
+    won: Vec<bool>,
+    /// Bids taken off the queue of pending bids.
+    dequeued: u64,
+    /// Outcomes written to still pending bids.
+    written: u64,
+}
+
+impl Written {
+    /// Whether the transaction may commit: every compare-and-set won and
+    /// every bid was still queued and pending. Otherwise someone resolved
+    /// some of these bids outside the version protocol, or first: write
+    /// nothing and start over from fresh state.
+    fn verify(&self, plan: &Plan<'_>) -> bool {
+        if self.won.contains(&false) {
+            return false;
+        }
+        let expected = plan.outcomes.len() as u64;
+        if self.dequeued != self.written || self.written != expected {
+            tracing::error!(
+                auctions = plan.batches.len(),
+                dequeued = self.dequeued,
+                written = self.written,
+                expected,
+                "bids already resolved"
+            );
+            return false;
+        }
+        true
+    }
+}
+
+/// Writes the plan: each auction's compare-and-set, the notification of
+/// other processes, the outbid marks, the bids off the queue and their
+/// outcomes.
+///
+/// The writes touch different rows and are sent at once, one round trip.
+/// If a compare-and-set lost, or some bid was no longer queued and
+/// pending, the caller drops the transaction and none of them is
+/// committed. The statements over the batch's arrays come after the switch
+/// back to custom plans (prepared, so on the wire before them).
+async fn write(
+    tx: &Transaction<'_>,
+    custom_plans: &Statement,
+    plan: &Plan<'_>,
+    signals: &Signals,
+) -> Result<Written, ResolveError> {
+    let updates: Vec<auctions::StateUpdate> = plan
+        .batches
+        .iter()
+        .map(|b| auctions::StateUpdate {
+            id: b.auction_id,
+            expected_version: b.version - 1,
+            state: &b.state,
+            resolved_count: b.resolved_count,
+            settlement: b.settlement.as_ref().map(Option::as_ref),
+        })
+        .collect();
+    let marks: Vec<(Uuid, Uuid)> = plan
+        .batches
+        .iter()
+        .flat_map(|b| b.displaced_earlier.iter().map(|&bid| (b.auction_id, bid)))
+        .collect();
+    let notifications: Vec<String> = plan
+        .batches
+        .iter()
+        .map(|b| signals.notification(b.auction_id))
+        .collect();
+    let notify = tx
+        .prepare_cached("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
+        .await?;
+    let notify_params: [&(dyn ToSql + Sync); 2] = [&listener::RESOLVED_CHANNEL, &notifications];
+    match futures::join!(
+        futures::future::try_join_all(updates.iter().map(|u| auctions::compare_and_set(tx, u))),
+        tx.execute(&notify, &notify_params),
+        futures::future::try_join_all(
+            marks
+                .iter()
+                .map(|&(auction_id, bid_id)| bids::mark_outbid(tx, auction_id, bid_id)),
+        ),
+        tx.execute(custom_plans, &[]),
+        bids::dequeue(tx, &plan.outcomes),
+        bids::record_outcomes(tx, &plan.outcomes),
+    ) {
+        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written)) => Ok(Written {
+            won,
+            dequeued,
+            written,
+        }),
+        (won, notified, marked, plan_mode, dequeued, written) => Err(cause([
+            won.err(),
+            notified.err(),
+            marked.err(),
+            plan_mode.err(),
+            dequeued.err(),
+            written.err(),
+        ])),
+    }
+}
+
+/// Settles the bids of the auctions the plan settles: after the outcomes,
+/// as it settles the bids they made leading.
+async fn settle(tx: &Transaction<'_>, plan: &Plan<'_>) -> Result<(), ResolveError> {
+    futures::future::try_join_all(plan.batches.iter().filter_map(|b| {
+        let winner = b.settlement.as_ref()?;
+        Some(bids::settle_outcomes(
+            tx,
+            b.auction_id,
+            winner.as_ref().map(|w| w.bid_id),
+        ))
+    }))
+    .await?;
+    Ok(())
+}
+
+/// The statements that switch a resolver transaction to generic plans and
+/// back to custom ones (`SET LOCAL plan_cache_mode`), prepared.
+///
+/// The resolver's sessions plan every statement for its parameters (see
+/// [`PoolSettings::with_custom_plans`](crate::db::PoolSettings::with_custom_plans)),
+/// which its writes over a batch's arrays need. Its other statements
+/// (the lock, the auction's row, the pending bids in queue order, the
+/// compare-and-set, the outbid marks, the notification) look rows up by
+/// key whatever their parameters, so a generic plan serves them all, and
+/// planning them once per batch would cost as much as running them.
+async fn plan_modes(tx: &impl GenericClient) -> Result<[Statement; 2], tokio_postgres::Error> {
+    let generic = tx
+        .prepare_cached("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?;
+    let custom = tx
+        .prepare_cached("SET LOCAL plan_cache_mode = force_custom_plan")
+        .await?;
+    Ok([generic, custom])
+}
