@@ -137,7 +137,7 @@ impl PoolSettings {
     /// sees each array's length, at a fraction of a millisecond of
     /// planning per batch. The resolver switches back to generic plans,
     /// within its transactions, for the statements that look rows up by
-    /// key (see `resolver::plan_modes`).
+    /// key (see `resolver::transaction::plan_modes`).
     pub fn with_custom_plans(mut self) -> Self {
         self.custom_plans = true;
         self
