@@ -1,12 +1,13 @@
-//! The `gavel` command line: `serve`, `migrate`, `dev` and `token`.
+//! The `gavel` command line: `serve`, `migrate`, `dev` and `token`. `dev`
+//! exists only with the `dev` feature (on by default), so a serve-only build
+//! (`--no-default-features`) carries no development infrastructure.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{JwtKeys, Role};
 use crate::config::{Config, MIN_JWT_SECRET_LEN};
-use crate::{db, dev, server, telemetry};
+use crate::{db, server, telemetry};
 
 /// Gavel: auction bidding backend.
 #[derive(Debug, Parser)]
@@ -23,6 +24,7 @@ enum Command {
     /// Apply database migrations and exit.
     Migrate,
     /// Zero-configuration local run on a private PostgreSQL.
+    #[cfg(feature = "dev")]
     Dev,
     /// Print a JWT signed with GAVEL_JWT_SECRET (development and load tests).
     Token {
@@ -52,7 +54,8 @@ pub fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve => serve().await,
             Command::Migrate => migrate().await,
-            Command::Dev => dev::run().await,
+            #[cfg(feature = "dev")]
+            Command::Dev => crate::dev::run().await,
             Command::Token { .. } => unreachable!("handled above"),
         }
     })
@@ -65,14 +68,10 @@ fn load_config() -> anyhow::Result<Config> {
 async fn serve() -> anyhow::Result<()> {
     let config = load_config()?;
     telemetry::init_tracing(&config.telemetry.log_filter, config.telemetry.log_json);
-    let server = server::Server::bind(config).await?;
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        trigger.cancel();
-    });
-    server.run(shutdown).await
+    server::Server::bind(config)
+        .await?
+        .run_until_signalled()
+        .await
 }
 
 async fn migrate() -> anyhow::Result<()> {

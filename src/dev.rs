@@ -3,19 +3,20 @@
 //! `.gavel/dev`, migrates, seeds a demo auction ending a few minutes later,
 //! serves (reads from the replica), prints what to try, and stops both
 //! servers on Ctrl-C. The primary's data is kept between runs; the replica
-//! is cloned from it afresh each time.
+//! is cloned from it afresh each time. Built only with the `dev` feature,
+//! which brings in the `pg_cluster` crate.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 use chrono::{Duration, Utc};
-use tokio_util::sync::CancellationToken;
+use pg_cluster::{ClusterOptions, PgCluster};
 use uuid::Uuid;
 
 use crate::auth::{JwtKeys, Role};
 use crate::config::Config;
 use crate::db::{self, auctions};
-use crate::pg_cluster::{ClusterOptions, PgCluster};
 use crate::rules::{AuctionTerms, Increments};
 use crate::{server, telemetry};
 
@@ -32,10 +33,42 @@ pub async fn run() -> anyhow::Result<()> {
 
     let dir = std::env::current_dir()?.join(DEV_DIR);
     println!("Starting a private PostgreSQL in {} ...", dir.display());
+    let (cluster, replica) = start_clusters(dir).await?;
+    let database_url = cluster.url("gavel");
+    let replica_url = replica.url("gavel");
+
+    let config = dev_config(&database_url, &replica_url)?;
+    db::migrate(&config.database_url).await?;
+    let keys = JwtKeys::new(&config.auth.jwt_secret, &config.auth.jwt_audience);
+    let auction_id = seed_demo_auction(&config).await?;
+
+    let server = server::Server::bind(config).await?;
+    let bidder_token = keys.mint("demo-bidder", &[Role::Bidder], 24 * 3600);
+    print_welcome(
+        &server,
+        &database_url,
+        &replica_url,
+        auction_id,
+        &bidder_token,
+    );
+
+    let served = server.run_until_signalled().await;
+    tokio::task::spawn_blocking(move || {
+        drop(replica);
+        drop(cluster);
+    })
+    .await?;
+    println!("Stopped.");
+    served
+}
+
+/// Starts (or restarts) the kept primary with a `gavel` database, and a
+/// streaming replica cloned from it afresh.
+async fn start_clusters(dir: PathBuf) -> anyhow::Result<(PgCluster, PgCluster)> {
     let mut options = ClusterOptions::new(dir.join("primary"));
     options.reuse = true;
     let replica_options = ClusterOptions::new(dir.join("replica"));
-    let (cluster, replica) = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let cluster = PgCluster::start(options).context("starting the private PostgreSQL")?;
         if cluster.psql(
             "postgres",
@@ -49,31 +82,37 @@ pub async fn run() -> anyhow::Result<()> {
             .context("starting the streaming replica")?;
         anyhow::Ok((cluster, replica))
     })
-    .await??;
-    let database_url = cluster.url("gavel");
-    let replica_url = replica.url("gavel");
+    .await?
+}
 
+/// The configuration from the environment, with the private clusters and a
+/// local signing secret for what is not set.
+fn dev_config(database_url: &str, replica_url: &str) -> anyhow::Result<Config> {
     let defaults: HashMap<&str, String> = HashMap::from([
-        ("GAVEL_DATABASE_URL", database_url.clone()),
-        ("GAVEL_REPLICA_URLS", replica_url.clone()),
+        ("GAVEL_DATABASE_URL", database_url.to_owned()),
+        ("GAVEL_REPLICA_URLS", replica_url.to_owned()),
         ("GAVEL_JWT_SECRET", DEV_JWT_SECRET.to_owned()),
     ]);
     // A variable that is set wins, even empty (`GAVEL_REPLICA_URLS=` reads
     // from the primary only); the private replica is no replica of a
     // database the user chose.
     let own_database = std::env::var_os("GAVEL_DATABASE_URL").is_some();
-    let config = Config::from_lookup(|name| match std::env::var(name) {
+    Ok(Config::from_lookup(|name| match std::env::var(name) {
         Ok(value) => Some(value),
         Err(_) if name == "GAVEL_REPLICA_URLS" && own_database => None,
         Err(_) => defaults.get(name).cloned(),
-    })?;
-    db::migrate(&config.database_url).await?;
-    let keys = JwtKeys::new(&config.auth.jwt_secret, &config.auth.jwt_audience);
-    let auction_id = seed_demo_auction(&config).await?;
+    })?)
+}
 
-    let server = server::Server::bind(config).await?;
+/// Tells the user where everything is and what to try.
+fn print_welcome(
+    server: &server::Server,
+    database_url: &str,
+    replica_url: &str,
+    auction_id: Uuid,
+    bidder_token: &str,
+) {
     let api = server.api_addr();
-    let bidder_token = keys.mint("demo-bidder", &[Role::Bidder], 24 * 3600);
     println!();
     println!("Gavel is running.");
     println!("  API:        http://{api}");
@@ -93,21 +132,6 @@ pub async fn run() -> anyhow::Result<()> {
     println!("  curl -s http://{api}/api/auctions/{auction_id} -H 'Authorization: Bearer {bidder_token}'");
     println!();
     println!("Press Ctrl-C to stop Gavel and its PostgreSQL.");
-
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        server::shutdown_signal().await;
-        trigger.cancel();
-    });
-    let served = server.run(shutdown).await;
-    tokio::task::spawn_blocking(move || {
-        drop(replica);
-        drop(cluster);
-    })
-    .await?;
-    println!("Stopped.");
-    served
 }
 
 async fn seed_demo_auction(config: &Config) -> anyhow::Result<Uuid> {

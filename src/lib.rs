@@ -4,12 +4,16 @@
 //! - [`bidding`]: where a bid is accepted (checks, durable append).
 //! - [`rules`]: where the price is computed (pure auction rules).
 //! - [`resolver`]: the background writer of auction state.
-//! - [`http`]: the API; [`db`]: pools, migrations and queries.
+//! - [`http`]: the API; [`live`]: the live views behind its event streams;
+//!   [`db`]: pools, migrations and queries.
 //! - [`signals`]: the in-process bus (and its LISTEN/NOTIFY bridge) that
 //!   wakes the resolver and waiting requests; [`error`]: the one
 //!   application error type; [`config`]: settings, validated at start-up.
-//! - [`server`], [`cli`], [`dev`]: running it; [`pg_cluster`]: private
-//!   PostgreSQL clusters for `gavel dev` and the tests.
+//! - [`telemetry`]: logs, the Prometheus recorder and the `pg_stat_activity`
+//!   sampler.
+//! - [`server`], [`cli`] and `dev` (the `dev` feature, on by default: a
+//!   local run on private PostgreSQL clusters from the `pg_cluster` crate):
+//!   running it.
 
 pub mod alarm;
 pub mod auth;
@@ -17,12 +21,12 @@ pub mod bidding;
 pub mod cli;
 pub mod config;
 pub mod db;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod domain;
 pub mod error;
 pub mod http;
 pub mod live;
-pub mod pg_cluster;
 pub mod rate_limit;
 pub mod resolver;
 pub mod rules;

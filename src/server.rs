@@ -9,14 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::JwtKeys;
 use crate::bidding::{AppendSettings, BidDesk, BidPath};
-use crate::config::Config;
-use crate::db::activity::ActivitySampler;
+use crate::config::{Config, EdgeLimits};
 use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
@@ -26,7 +28,7 @@ use crate::live::LiveViews;
 use crate::rate_limit::RateLimiter;
 use crate::resolver::Resolver;
 use crate::signals::{listener, Signals};
-use crate::telemetry;
+use crate::telemetry::{self, activity::ActivitySampler};
 
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,115 +121,163 @@ impl Server {
             state,
             activity,
         } = self;
-        // Event streams end when shutdown starts, so draining can finish.
-        let streams_end = state.shutdown.clone();
-        let end_streams = shutdown.clone();
-        tokio::spawn(async move {
-            end_streams.cancelled().await;
-            streams_end.cancel();
-        });
+        end_streams_at(&shutdown, &state);
         let metrics = telemetry::metrics_handle();
-        let mut tasks = tokio::task::JoinSet::new();
         // Background workers outlive the HTTP drain, so requests waiting for
         // their bid's outcome still get it while the server shuts down.
         let workers = CancellationToken::new();
+        let exported = exported_pools(&state, &activity);
+        let mut tasks = spawn_workers(&config, &state, activity, &workers)?;
+        tasks.spawn(metrics_upkeep(metrics.clone(), workers.clone()));
 
-        let listen_config = db::session_config(
-            &config.database_url,
-            "gavel-listener",
-            &SessionLimits::from_config(&config),
-        )?;
-        let exported: Vec<db::Pool> = (state.pools.all().into_iter())
-            .chain(state.reads.pools())
-            .chain([activity.pool()])
-            .cloned()
-            .collect();
-        tasks.spawn(activity.run(workers.clone()));
-        // Stopped with the workers, after the HTTP drain: bids still queued
-        // then are written or refused before the pools close.
-        tasks.spawn(state.bids.run_appender(workers.clone()));
-        tasks.spawn(state.reads.clone().watch(workers.clone()));
-        tasks.spawn(listener::listen(
-            listen_config,
-            state.signals.clone(),
-            config.resolver.enabled,
-            workers.clone(),
-        ));
-        if config.resolver.enabled {
-            let resolver = Resolver::new(
-                state.pools.resolver.clone(),
-                state.signals.clone(),
-                config.resolver.settle_grace,
-                config.resolver.poll,
-            )
-            .with_key_retention(config.bids.idempotency_retention);
-            tasks.spawn(resolver.run(workers.clone()));
-        } else {
-            tasks.spawn(listener::forward_bids(
-                state.pools.api.clone(),
-                state.signals.clone(),
-                workers.clone(),
-            ));
-        }
-        let upkeep = metrics.clone();
-        let upkeep_shutdown = workers.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    () = upkeep_shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(5)) => upkeep.run_upkeep(),
-                }
-            }
-        });
-
-        tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
-        if config.bids.path == BidPath::RowLock {
-            tracing::warn!(
-                "GAVEL_BID_PATH=row_lock: the classic row-lock bid path, a reproduction \
-                 baseline for load tests; not for production (every bid queues on its \
-                 auction's row lock)"
-            );
-        }
+        announce(&config, &api, &admin)?;
         let (pools, reads) = (state.pools.clone(), state.reads.clone());
-        let limits = config.limits.edge;
-        let servers = async {
-            tokio::join!(
-                serve::serve(
-                    "api",
-                    api,
-                    http::api_router(state),
-                    limits,
-                    shutdown.clone()
-                ),
-                serve::serve(
-                    "admin",
-                    admin,
-                    http::admin_router(metrics, exported),
-                    limits,
-                    shutdown.clone()
-                ),
-            )
-        };
-        tokio::pin!(servers);
-        tokio::select! {
-            ((), ()) = &mut servers => {}
-            () = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(DRAIN_TIMEOUT).await;
-            } => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
-        }
-        workers.cancel();
-        let joined = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        if joined.is_err() {
-            tracing::warn!("background workers did not stop within {DRAIN_TIMEOUT:?}");
-        }
+        let routers = (
+            http::api_router(state),
+            http::admin_router(metrics, exported),
+        );
+        serve_until_drained(api, admin, routers, config.limits.edge, &shutdown).await;
+        stop_workers(&workers, tasks).await;
         pools.close();
         reads.close();
         tracing::info!("gavel stopped");
         Ok(())
+    }
+
+    /// Serves until the process receives Ctrl-C or SIGTERM, then drains and
+    /// stops.
+    pub async fn run_until_signalled(self) -> anyhow::Result<()> {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            trigger.cancel();
+        });
+        self.run(shutdown).await
+    }
+}
+
+/// Ends the event streams when shutdown starts, so the drain can finish.
+fn end_streams_at(shutdown: &CancellationToken, state: &AppState) {
+    let (shutdown, streams) = (shutdown.clone(), state.shutdown.clone());
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        streams.cancel();
+    });
+}
+
+/// Every pool whose occupancy `/metrics` exports.
+fn exported_pools(state: &AppState, activity: &ActivitySampler) -> Vec<db::Pool> {
+    (state.pools.all().into_iter())
+        .chain(state.reads.pools())
+        .chain([activity.pool()])
+        .cloned()
+        .collect()
+}
+
+/// Starts the background workers: the activity sampler, the bid appender,
+/// the replica checks, the notification listener, and the resolver (or,
+/// without it, the forwarding of bid notifications). They stop on `workers`.
+fn spawn_workers(
+    config: &Config,
+    state: &AppState,
+    activity: ActivitySampler,
+    workers: &CancellationToken,
+) -> anyhow::Result<JoinSet<()>> {
+    let listen_config = db::session_config(
+        &config.database_url,
+        "gavel-listener",
+        &SessionLimits::from_config(config),
+    )?;
+    let mut tasks = JoinSet::new();
+    tasks.spawn(activity.run(workers.clone()));
+    // Stopped with the workers, after the HTTP drain: bids still queued
+    // then are written or refused before the pools close.
+    tasks.spawn(state.bids.run_appender(workers.clone()));
+    tasks.spawn(state.reads.clone().watch(workers.clone()));
+    tasks.spawn(listener::listen(
+        listen_config,
+        state.signals.clone(),
+        config.resolver.enabled,
+        workers.clone(),
+    ));
+    if config.resolver.enabled {
+        let resolver = Resolver::new(
+            state.pools.resolver.clone(),
+            state.signals.clone(),
+            config.resolver.settle_grace,
+            config.resolver.poll,
+        )
+        .with_key_retention(config.bids.idempotency_retention);
+        tasks.spawn(resolver.run(workers.clone()));
+    } else {
+        tasks.spawn(listener::forward_bids(
+            state.pools.api.clone(),
+            state.signals.clone(),
+            workers.clone(),
+        ));
+    }
+    Ok(tasks)
+}
+
+/// Runs the Prometheus recorder's upkeep every few seconds until `shutdown`.
+async fn metrics_upkeep(metrics: PrometheusHandle, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => metrics.run_upkeep(),
+        }
+    }
+}
+
+/// Logs where Gavel listens, and warns when it runs the row-lock baseline.
+fn announce(config: &Config, api: &TcpListener, admin: &TcpListener) -> anyhow::Result<()> {
+    tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
+    if config.bids.path == BidPath::RowLock {
+        tracing::warn!(
+            "GAVEL_BID_PATH=row_lock: the classic row-lock bid path, a reproduction \
+             baseline for load tests; not for production (every bid queues on its \
+             auction's row lock)"
+        );
+    }
+    Ok(())
+}
+
+/// Serves the API and admin routers until `shutdown`, then waits for
+/// in-flight requests at most [`DRAIN_TIMEOUT`].
+async fn serve_until_drained(
+    api: TcpListener,
+    admin: TcpListener,
+    (api_router, admin_router): (Router, Router),
+    limits: EdgeLimits,
+    shutdown: &CancellationToken,
+) {
+    let servers = async {
+        tokio::join!(
+            serve::serve("api", api, api_router, limits, shutdown.clone()),
+            serve::serve("admin", admin, admin_router, limits, shutdown.clone()),
+        )
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        ((), ()) = &mut servers => {}
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}"),
+    }
+}
+
+/// Stops the background workers after their current step, waiting for them
+/// at most [`DRAIN_TIMEOUT`].
+async fn stop_workers(workers: &CancellationToken, mut tasks: JoinSet<()>) {
+    workers.cancel();
+    let joined = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        tracing::warn!("background workers did not stop within {DRAIN_TIMEOUT:?}");
     }
 }
 

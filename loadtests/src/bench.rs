@@ -19,7 +19,7 @@ use crate::generator::{self, Target};
 use crate::report::{Ceiling, Machine, Report, RunReport};
 use crate::scenario::Scenario;
 use crate::trace;
-use gavel::pg_cluster::{self, ClusterOptions, PgCluster};
+use pg_cluster::{self, ClusterOptions, PgCluster};
 
 /// How Gavel is started for each mode.
 #[derive(Debug, Clone)]

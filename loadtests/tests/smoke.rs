@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use gavel::pg_cluster::{ClusterOptions, PgCluster};
 use gavel_loadtest::audit;
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
 use gavel_loadtest::generator::{self, Fate, Target};
 use gavel_loadtest::report::RunReport;
 use gavel_loadtest::scenario::Scenario;
 use gavel_loadtest::trace;
+use pg_cluster::{ClusterOptions, PgCluster};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "smoke-secret-0123456789-abcdefghijklmnop";

@@ -33,11 +33,11 @@ use uuid::Uuid;
 use super::{connection, BidDesk, Placed};
 use crate::db::auctions::{self, AuctionRecord};
 use crate::db::{bids, reads};
-use crate::domain::bid_status::count_resolved;
 use crate::domain::{Amount, IdempotencyKey};
 use crate::error::ApiError;
 use crate::rules::{self, BidInput};
 use crate::signals::{listener, Resolved, Signals};
+use crate::telemetry::outcomes::count_resolved;
 
 /// What one row-lock transaction did.
 enum Placement {

@@ -5,7 +5,6 @@
 //! Runtime queries go through deadpool-postgres and tokio-postgres prepared
 //! statements; sqlx is used only for its migrator.
 
-pub mod activity;
 pub mod auction_cache;
 pub mod auctions;
 pub mod bids;

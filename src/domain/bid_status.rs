@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::rules::{Outcome, RejectReason};
+use crate::rules::Outcome;
 
 /// Where a bid stands: `pending` until resolved, then `leading`, `outbid`
 /// or `rejected`, and `won` or `lost` once its auction is settled. The
@@ -84,34 +84,10 @@ pub fn outcome_columns(outcome: Outcome) -> (BidStatus, Option<&'static str>) {
     }
 }
 
-/// The `outcome` label of a resolved bid: `accepted` (leading or outbid)
-/// or the rejection reason.
-fn outcome_label(reason: Option<&'static str>) -> &'static str {
-    reason.unwrap_or("accepted")
-}
-
-/// Counts resolved bids in `gavel_resolver_bids_resolved_total` by outcome,
-/// given each bid's rejection reason (`None`: accepted).
-pub fn count_resolved(reasons: impl IntoIterator<Item = Option<&'static str>>) {
-    for reason in reasons {
-        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(reason))
-            .increment(1);
-    }
-}
-
-/// Registers `gavel_resolver_bids_resolved_total` at zero for every
-/// outcome, so rates over it are 0 rather than missing before the first bid.
-pub fn register_resolved_counter() {
-    let outcomes = std::iter::once(None).chain(RejectReason::ALL.map(|r| Some(r.as_str())));
-    for reason in outcomes {
-        metrics::counter!("gavel_resolver_bids_resolved_total", "outcome" => outcome_label(reason))
-            .increment(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::RejectReason;
 
     #[test]
     fn statuses_spell_as_the_api_and_the_column_do() {
@@ -140,7 +116,5 @@ mod tests {
             outcome_columns(Outcome::Rejected(RejectReason::BelowMinimum)),
             (BidStatus::Rejected, Some("below_minimum"))
         );
-        assert_eq!(outcome_label(None), "accepted");
-        assert_eq!(outcome_label(Some("auction_closed")), "auction_closed");
     }
 }

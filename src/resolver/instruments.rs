@@ -8,11 +8,11 @@ use chrono::{DateTime, Utc};
 
 use super::plan::Plan;
 use super::BATCH_LIMIT;
-use crate::domain::bid_status;
+use crate::telemetry::outcomes;
 
 /// Registers the resolver's counters and gauges.
 pub(super) fn register() {
-    bid_status::register_resolved_counter();
+    outcomes::register_resolved_counter();
     metrics::counter!("gavel_resolver_conflicts_total").increment(0);
     metrics::counter!("gavel_resolver_queue_vacuums_total").increment(0);
     metrics::gauge!("gavel_resolver_batch_limit").set(BATCH_LIMIT as f64);
@@ -27,7 +27,7 @@ pub(super) fn record_transaction(plan: &Plan<'_>, now: DateTime<Utc>, started: I
     metrics::histogram!("gavel_resolver_batch_size").record(bids as f64);
     metrics::histogram!("gavel_resolver_batch_duration_seconds")
         .record(started.elapsed().as_secs_f64());
-    bid_status::count_resolved(plan.outcomes.iter().map(|o| o.resolution.reason));
+    outcomes::count_resolved(plan.outcomes.iter().map(|o| o.resolution.reason));
     for batch in &plan.batches {
         if let Some(oldest) = batch.applied.iter().map(|b| b.received_at).min() {
             let lag = (now - oldest).num_milliseconds().max(0) as f64 / 1000.0;

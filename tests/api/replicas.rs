@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
 
-use gavel::pg_cluster::PgCluster;
+use pg_cluster::PgCluster;
 
 use crate::helpers::*;
 

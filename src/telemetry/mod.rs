@@ -1,6 +1,10 @@
 //! Observability plumbing: the tracing subscriber (text or JSON) and the
 //! process-wide Prometheus recorder behind the admin `/metrics` endpoint,
-//! with the list of every metric Gavel exports.
+//! with the list of every metric Gavel exports; [`activity`] samples what
+//! PostgreSQL itself is doing into those metrics.
+
+pub mod activity;
+pub mod outcomes;
 
 use std::sync::OnceLock;
 

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{build_pool, Pool, PoolSettings};
 use crate::config::Config;
+use crate::db::{build_pool, Pool, PoolSettings};
 
 /// Client backends of this database (not the sampler itself), grouped by
 /// state and wait event as PostgreSQL spells them.

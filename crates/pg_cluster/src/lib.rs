@@ -1,6 +1,8 @@
 //! Private, throwaway PostgreSQL clusters (a primary and streaming replicas)
-//! run from the machine's PostgreSQL server binaries, for `gavel dev` and the
-//! integration tests.
+//! run from the machine's PostgreSQL server binaries, for `gavel dev`, the
+//! integration tests and the load tests. It is development and test
+//! infrastructure, a crate of its own so that a serve-only build of Gavel
+//! (`--no-default-features`) does not link it.
 //!
 //! Each cluster lives entirely under one directory (`data/`, `sock/`,
 //! `postgres.log`), listens on 127.0.0.1 only and never on 5432, so it cannot
