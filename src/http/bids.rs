@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::consistency::{self, ReadToken};
-use super::extract::{idempotency_key, parse_id, prefer_wait, JsonObject, PathId};
+use super::extract::{idempotency_key, parse_id, prefer_wait, JsonBody, PathId};
 use super::{AppState, QueueWait};
 use crate::auth::User;
 use crate::db::bids::BidRecord;
@@ -59,6 +60,30 @@ impl From<BidRecord> for BidView {
     }
 }
 
+/// The body of `POST /api/auctions/{id}/bids`: the amount as sent (a
+/// `null` included), judged by [`Amount::from_json`] for the contract's
+/// messages.
+#[derive(Deserialize)]
+pub struct PlaceBid {
+    #[serde(default, deserialize_with = "present")]
+    amount: Option<Value>,
+}
+
+impl PlaceBid {
+    fn amount(&self) -> Result<Amount, ApiError> {
+        match &self.amount {
+            None => Err("is required".to_owned()),
+            Some(value) => Amount::from_json(value),
+        }
+        .map_err(|message| ApiError::Validation(vec![FieldError::new("amount", message)]))
+    }
+}
+
+/// A field that was sent, `null` included (absent is the `default`).
+fn present<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(value).map(Some)
+}
+
 /// `POST /api/auctions/{id}/bids`.
 pub async fn place(
     State(state): State<AppState>,
@@ -66,18 +91,14 @@ pub async fn place(
     PathId(auction_id): PathId,
     headers: HeaderMap,
     admitted: Option<Extension<QueueWait>>,
-    body: Result<JsonObject, ApiError>,
+    body: Result<JsonBody<PlaceBid>, ApiError>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let queue_wait = admitted.map_or(state.bids.pool_wait(), |Extension(QueueWait(w))| w);
     let auction_id = parse_id(&auction_id, "auction")?;
     let key = idempotency_key(&headers)?;
-    let JsonObject(body) = body?;
-    let amount = match body.get("amount") {
-        None => Err("is required".to_owned()),
-        Some(value) => Amount::from_json(value),
-    }
-    .map_err(|message| ApiError::Validation(vec![FieldError::new("amount", message)]))?;
+    let JsonBody(body) = body?;
+    let amount = body.amount()?;
     let wait = prefer_wait(&headers);
     // Their bytes share hyper's read buffer of the request: not held while
     // the bid waits.
@@ -143,4 +164,28 @@ async fn show(
     };
     consistency::mark_read(&mut response, &source, token, true);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn amount_problem(body: &str) -> String {
+        let body: PlaceBid = serde_json::from_str(body).unwrap();
+        match body.amount() {
+            Err(ApiError::Validation(errors)) => errors[0].message.clone(),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_absent_amount_is_required_and_a_null_one_is_not_a_number() {
+        assert_eq!(amount_problem("{}"), "is required");
+        assert_eq!(
+            amount_problem(r#"{"amount": null}"#),
+            "must be an integer number of minor units"
+        );
+        let body: PlaceBid = serde_json::from_str(r#"{"amount": 1500, "note": 1}"#).unwrap();
+        assert_eq!(body.amount().unwrap().get(), 1_500);
+    }
 }

@@ -52,7 +52,7 @@ impl FromRequestParts<AppState> for User {
 }
 
 /// A JSON object body: `application/json`, at most [`BODY_LIMIT`] bytes.
-pub struct JsonObject(pub Map<String, Value>);
+struct JsonObject(Map<String, Value>);
 
 impl<S: Send + Sync> FromRequest<S> for JsonObject {
     type Rejection = ApiError;
