@@ -268,14 +268,11 @@ impl Feed {
 }
 
 fn register_metrics() {
-    metrics::describe_counter!(
-        "gavel_stream_versions_total",
-        "Auction versions published to this process's live feeds (each read once, whatever the number of watchers)."
-    );
-    metrics::describe_counter!(
-        "gavel_streams_refused_total",
-        "Event streams refused because GAVEL_MAX_STREAMS were open."
-    );
     metrics::counter!("gavel_stream_versions_total").increment(0);
     metrics::counter!("gavel_streams_refused_total").increment(0);
+    metrics::counter!("gavel_stream_versions_skipped_total").increment(0);
+    metrics::gauge!("gavel_streams_open").increment(0.0);
+    for event in ["auction", "end"] {
+        metrics::counter!("gavel_stream_events_total", "event" => event).increment(0);
+    }
 }
