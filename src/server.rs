@@ -24,7 +24,7 @@ use crate::db::reads::Reads;
 use crate::db::{self, Pools, SessionLimits};
 use crate::http::serve;
 use crate::http::{self, AppState, Shared};
-use crate::live::LiveViews;
+use crate::live::{BidderFeeds, LiveViews};
 use crate::rate_limit::RateLimiter;
 use crate::resolver::Resolver;
 use crate::signals::{listener, Signals};
@@ -67,6 +67,7 @@ impl Server {
                 config.limits.max_streams,
                 streams_end.clone(),
             ),
+            bidders: BidderFeeds::new(pools.api.clone(), streams_end.clone()),
             shutdown: streams_end,
             auction_views,
             reads,

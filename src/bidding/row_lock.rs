@@ -3,12 +3,12 @@
 //! exists to prevent, selectable on the same schema, rules and HTTP stack so
 //! one load-test run can compare both.
 //!
-//! Each bid is one transaction on an API pool connection: claim the
-//! idempotency key, `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`,
-//! apply the pure [`rules`] to the locked state, `UPDATE` the row (the
-//! resolver's compare-and-set, which cannot lose while the lock is held),
-//! insert the bid already resolved, mark a displaced leader outbid, and
-//! commit. The bid's outcome is known at once, so it is answered like a bid
+//! Each bid is one transaction on an API pool connection:
+//! `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`, claim the
+//! idempotency key, apply the pure [`rules`] to the locked state, `UPDATE`
+//! the row (the resolver's compare-and-set, which cannot lose while the
+//! lock is held), insert the bid already resolved, mark a displaced leader
+//! outbid, record both changes in the event log, and commit. The bid's outcome is known at once, so it is answered like a bid
 //! resolved while its client waited: `201 Created` with the resolved view,
 //! rejections by the rules included. `bid_log` holds the same facts the
 //! resolver writes (one outcome per bid, resolution numbers 1..n), so an
@@ -32,8 +32,9 @@ use uuid::Uuid;
 
 use super::{connection, BidDesk, Placed};
 use crate::db::auctions::{self, AuctionRecord};
+use crate::db::events::{self, BidChange};
 use crate::db::{bids, reads};
-use crate::domain::{Amount, IdempotencyKey};
+use crate::domain::{Amount, BidStatus, IdempotencyKey};
 use crate::error::ApiError;
 use crate::rules::{self, BidInput};
 use crate::signals::{listener, Resolved, Signals};
@@ -133,16 +134,18 @@ async fn write(
 ) -> Result<Placement, ApiError> {
     let tx = client.transaction().await?;
     let bid_id = Uuid::now_v7();
-    // The key first: a retry waits here for the first request to end, then
-    // replays, without ever touching the auction row.
-    if let Some(existing) = bids::claim_key(&tx, bidder, key, auction_id, amount, bid_id).await? {
-        tx.rollback().await?;
-        return Ok(Placement::KeyExists(existing));
-    }
+    // The row first, then the key: the transaction writes nothing before it
+    // holds the row, so its id orders its event row after every earlier
+    // change of the auction (see the `events` migration). A retry waits on
+    // the row for the first request to end, then replays.
     let Some((auction, now)) = auctions::get_for_update(&tx, auction_id).await? else {
         tx.rollback().await?;
         return Err(ApiError::NotFound("auction"));
     };
+    if let Some(existing) = bids::claim_key(&tx, bidder, key, auction_id, amount, bid_id).await? {
+        tx.rollback().await?;
+        return Ok(Placement::KeyExists(existing));
+    }
     let bid = BidInput {
         id: bid_id,
         bidder_id: bidder.to_owned(),
@@ -170,7 +173,8 @@ async fn write(
 
 /// Applies `bid` to the locked `auction` by the rules, writes the auction's
 /// new state, inserts the bid with its outcome (idempotency `key`), and
-/// marks a displaced leader outbid; returns the bid as stored and its
+/// marks a displaced leader outbid, recording both changes in the event
+/// log; returns the bid as stored and its
 /// rejection reason.
 async fn apply_locked(
     tx: &Transaction<'_>,
@@ -209,8 +213,25 @@ async fn apply_locked(
         resolution: bids::Resolution::new(&applied, resolution_no, auction.version + 1),
     };
     let stored = bids::insert_resolved(tx, &resolved).await?;
+    let mut changes = Vec::with_capacity(2);
     if let Some(displaced) = applied.displaced {
         bids::mark_outbid(tx, auction.id, displaced).await?;
+        let leader = auction
+            .state
+            .leader
+            .as_ref()
+            .filter(|l| l.bid_id == displaced);
+        changes.extend(leader.map(|l| BidChange {
+            bid_id: displaced,
+            bidder_id: &l.bidder_id,
+            status: BidStatus::Outbid,
+        }));
     }
+    changes.push(BidChange {
+        bid_id: stored.id,
+        bidder_id: &stored.bidder_id,
+        status: stored.status,
+    });
+    events::record_bid_changes(tx, auction.id, 0, &changes).await?;
     Ok((stored, resolved.resolution.reason))
 }

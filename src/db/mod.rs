@@ -8,6 +8,7 @@
 pub mod auction_cache;
 pub mod auctions;
 pub mod bids;
+pub mod events;
 pub mod reads;
 pub mod silence;
 

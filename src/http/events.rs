@@ -1,15 +1,15 @@
 //! Server-Sent Events: `GET /api/auctions/{id}/events`, an auction's live
-//! view. The stream starts with the current view, then sends each later
-//! version the process's live feed ([`crate::live`]) publishes, rendered
-//! once per masking class; it ends after a settled auction's final view,
-//! at the caller's token expiry, or at shutdown. Errors before the stream
-//! starts are problem+json like any other answer.
+//! view, and `GET /api/me/events`, the caller's bid changes. Both come from
+//! the process's live feeds ([`crate::live`]); every stream sends a comment
+//! when idle and ends at the caller's token expiry or at shutdown. Errors
+//! before a stream starts are problem+json like any other answer.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,15 +17,18 @@ use axum::routing::get;
 use axum::Router;
 use chrono::Utc;
 use serde::Serialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::auctions::{format_server_time, AuctionView};
+use super::bids::BidView;
 use super::extract::{parse_id, PathId};
 use super::AppState;
 use crate::auth::User;
+use crate::db::auctions::AuctionRecord;
 use crate::error::ApiError;
-use crate::live::{Snapshot, Watch};
+use crate::live::{BidEvent, Cursor, Snapshot, Watch};
 
 /// A comment line is sent after this long without an event.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -34,7 +37,15 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// the in-flight limit: a stream is long by design and counts against
 /// `GAVEL_MAX_STREAMS` instead.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/auctions/{id}/events", get(auction_events))
+    Router::new()
+        .route("/api/auctions/{id}/events", get(auction_events))
+        .route("/api/me/events", get(my_events))
+}
+
+/// What a stream sends, one frame at a time; `None` ends the stream. Must
+/// be cancel-safe: a keep-alive or the end of the stream may interrupt it.
+trait Source: Send + 'static {
+    fn next(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
 }
 
 /// `GET /api/auctions/{id}/events`.
@@ -45,41 +56,92 @@ async fn auction_events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id, "auction")?;
-    let after = last_event_id(&headers)?;
+    let after = last_event_id(&headers, |v| v.parse::<i64>().ok(), "a version number")?;
     let watch = state
         .live
         .watch(id)
         .await?
         .ok_or(ApiError::NotFound("auction"))?;
-    let watcher = Watcher {
+    let expires_at = user.expires_at;
+    let watcher = AuctionWatcher {
         watch,
         user,
         sent: after.unwrap_or(i64::MIN),
         resumed: after.is_some(),
         ended: false,
-        shutdown: state.shutdown.clone(),
-        _open: OpenStream::new(),
     };
-    Ok(event_stream(watcher.frames()))
+    Ok(stream(watcher, expires_at, &state.shutdown, None))
 }
 
-/// `Last-Event-ID` as a version; 400 when it is not one.
-fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+/// `GET /api/me/events`.
+async fn my_events(
+    State(state): State<AppState>,
+    user: User,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = last_event_id(&headers, Cursor::decode, "a cursor from this stream")?;
+    let slot = state.live.stream_slot()?;
+    let subscription = state.bidders.subscribe(user.id.as_str()).await?;
+    let backlog = match after {
+        None => Vec::new(),
+        Some(after) => state
+            .bidders
+            .since(user.id.as_str(), after, subscription.from)
+            .await?
+            .ok_or_else(|| {
+                ApiError::InvalidRequest("Last-Event-ID names no change still kept".into())
+            })?,
+    };
+    let changes = BidChanges {
+        backlog: backlog.into(),
+        live: subscription.events,
+        sent: after,
+    };
+    Ok(stream(
+        changes,
+        user.expires_at,
+        &state.shutdown,
+        Some(slot),
+    ))
+}
+
+/// `Last-Event-ID` read by `parse`; 400 naming `what` it must be.
+fn last_event_id<T>(
+    headers: &HeaderMap,
+    parse: impl Fn(&str) -> Option<T>,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
     let Some(value) = headers.get("last-event-id") else {
         return Ok(None);
     };
     value
         .to_str()
         .ok()
-        .and_then(|v| v.trim().parse::<i64>().ok())
+        .and_then(|v| parse(v.trim()))
         .map(Some)
-        .ok_or_else(|| ApiError::InvalidRequest("Last-Event-ID must be a version number".into()))
+        .ok_or_else(|| ApiError::InvalidRequest(format!("Last-Event-ID must be {what}")))
 }
 
-/// A `text/event-stream` response over `frames`.
-pub fn event_stream(
-    frames: impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+/// A `text/event-stream` response over `source`, ending at `expires_at`
+/// (the token's `exp`) or `shutdown`, holding `slot` while it lasts.
+fn stream(
+    source: impl Source,
+    expires_at: u64,
+    shutdown: &CancellationToken,
+    slot: Option<OwnedSemaphorePermit>,
 ) -> Response {
+    let driver = Driver {
+        source,
+        expiry: token_expiry(expires_at),
+        shutdown: shutdown.clone(),
+        done: false,
+        _open: OpenStream::new(),
+        _slot: slot,
+    };
+    let frames = futures::stream::unfold(driver, |mut driver| async move {
+        let frame = driver.next().await?;
+        Some((Ok::<_, Infallible>(frame), driver))
+    });
     let mut response = (StatusCode::OK, Body::from_stream(frames)).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -90,8 +152,34 @@ pub fn event_stream(
     response
 }
 
-/// One auction stream's state.
-struct Watcher {
+/// Runs a [`Source`] with keep-alives, token expiry and shutdown.
+struct Driver<S> {
+    source: S,
+    expiry: Instant,
+    shutdown: CancellationToken,
+    done: bool,
+    _open: OpenStream,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl<S: Source> Driver<S> {
+    async fn next(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let frame = tokio::select! {
+            frame = self.source.next() => frame,
+            () = tokio::time::sleep(KEEP_ALIVE) => Some(Bytes::from_static(b": keep-alive\n\n")),
+            () = tokio::time::sleep_until(self.expiry) => None,
+            () = self.shutdown.cancelled() => None,
+        };
+        self.done = frame.is_none();
+        frame
+    }
+}
+
+/// An auction stream: each newer view, then `end` once settled.
+struct AuctionWatcher {
     watch: Watch,
     user: User,
     /// The last version sent (or the client's `Last-Event-ID`).
@@ -99,26 +187,14 @@ struct Watcher {
     /// Whether `sent` came from the client, so the first event skips no version.
     resumed: bool,
     ended: bool,
-    shutdown: CancellationToken,
-    _open: OpenStream,
 }
 
-impl Watcher {
-    fn frames(self) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
-        futures::stream::unfold(self, |mut watcher| async move {
-            let frame = watcher.next_frame().await?;
-            Some((Ok(frame), watcher))
-        })
-    }
-
-    /// The next frame: a newer view, `end` after a settled one, or a
-    /// keep-alive comment; `None` ends the stream.
-    async fn next_frame(&mut self) -> Option<Bytes> {
-        if self.ended {
-            return None;
-        }
-        let expiry = token_expiry(self.user.expires_at);
+impl Source for AuctionWatcher {
+    async fn next(&mut self) -> Option<Bytes> {
         loop {
+            if self.ended {
+                return None;
+            }
             let latest = self.watch.views.borrow_and_update().clone();
             if latest.version() > self.sent {
                 return Some(self.send(&latest));
@@ -131,15 +207,12 @@ impl Watcher {
                     latest.version()
                 )));
             }
-            tokio::select! {
-                changed = self.watch.views.changed() => changed.ok()?,
-                () = tokio::time::sleep(KEEP_ALIVE) => return Some(Bytes::from_static(b": keep-alive\n\n")),
-                () = tokio::time::sleep_until(expiry) => return None,
-                () = self.shutdown.cancelled() => return None,
-            }
+            self.watch.views.changed().await.ok()?;
         }
     }
+}
 
+impl AuctionWatcher {
     fn send(&mut self, latest: &Snapshot) -> Bytes {
         if !self.resumed && self.sent != i64::MIN {
             let skipped = (latest.version() - self.sent - 1).max(0) as u64;
@@ -157,7 +230,7 @@ impl Watcher {
 
 /// Which rendering of a view `viewer` gets: the seller and admins see
 /// bidders unmasked, the winner sees itself, everyone else sees masks.
-fn masking_class(auction: &crate::db::auctions::AuctionRecord, viewer: &User) -> usize {
+fn masking_class(auction: &AuctionRecord, viewer: &User) -> usize {
     if viewer.is_admin() || viewer.id.as_str() == auction.terms.seller_id {
         1
     } else if auction.winner_id.as_deref() == Some(viewer.id.as_str()) {
@@ -174,7 +247,7 @@ struct LiveView {
     server_time: String,
 }
 
-fn render(auction: &crate::db::auctions::AuctionRecord, viewer: &User) -> Bytes {
+fn render(auction: &AuctionRecord, viewer: &User) -> Bytes {
     let now = Utc::now();
     let data = LiveView {
         view: AuctionView::new(auction, viewer, now),
@@ -185,6 +258,37 @@ fn render(auction: &crate::db::auctions::AuctionRecord, viewer: &User) -> Bytes 
         "event: auction\nid: {}\ndata: {json}\n\n",
         auction.version
     ))
+}
+
+/// A bidder's stream: what it missed (from the log), then live changes.
+struct BidChanges {
+    backlog: VecDeque<BidEvent>,
+    live: mpsc::Receiver<BidEvent>,
+    /// The last change sent: a live change at or before it was in the backlog.
+    sent: Option<Cursor>,
+}
+
+impl Source for BidChanges {
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            let change = match self.backlog.pop_front() {
+                Some(change) => change,
+                // Closed: this stream fell too far behind; the client resumes.
+                None => self.live.recv().await?,
+            };
+            if self.sent.is_some_and(|sent| change.cursor <= sent) {
+                continue;
+            }
+            self.sent = Some(change.cursor);
+            metrics::counter!("gavel_stream_events_total", "event" => "bid").increment(1);
+            let json =
+                serde_json::to_string(&BidView::from(change.bid)).expect("a view serializes");
+            return Some(Bytes::from(format!(
+                "event: bid\nid: {}\ndata: {json}\n\n",
+                change.cursor.encode()
+            )));
+        }
+    }
 }
 
 /// When a stream must end: at the token's `exp`.

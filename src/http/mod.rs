@@ -34,7 +34,7 @@ use crate::db::auction_cache::AuctionCache;
 use crate::db::reads::Reads;
 use crate::db::{Pool, Pools};
 use crate::error::ApiError;
-use crate::live::LiveViews;
+use crate::live::{BidderFeeds, LiveViews};
 use crate::signals::Signals;
 
 /// State shared by every handler: one pointer, so a request clones it
@@ -81,6 +81,8 @@ pub struct Shared {
     pub read_slots: Arc<Semaphore>,
     /// The live auction views behind the event streams.
     pub live: LiveViews,
+    /// The bidders' live bid changes behind `GET /api/me/events`.
+    pub bidders: BidderFeeds,
     /// Cancelled at shutdown, which ends the event streams.
     pub shutdown: CancellationToken,
 }

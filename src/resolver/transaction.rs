@@ -23,9 +23,13 @@ use tokio_postgres::Statement;
 use uuid::Uuid;
 
 use super::error::cause;
-use super::plan::{self, Plan, Snapshot};
+use super::plan::{self, Batch, Plan, Snapshot};
 use super::{instruments, ResolveError, Resolver, Step};
-use crate::db::{auctions, bids};
+use crate::db::auctions::{self, AuctionRecord};
+use crate::db::bids::{self, BidOutcome};
+use crate::db::events::{self, BidChange};
+use crate::domain::BidStatus;
+use crate::rules::{self, Leader};
 use crate::signals::{listener, Resolved, Signals};
 
 impl Resolver {
@@ -72,13 +76,13 @@ impl Resolver {
         if plan.batches.is_empty() {
             return Ok(plan.steps);
         }
-        let written = write(&tx, &custom_plans, &plan, &self.signals).await?;
+        let written = write(&tx, &custom_plans, &plan, &snapshot, &self.signals).await?;
         if !written.verify(&plan) {
             let conflicts = plan.batches.iter().map(|b| (b.auction_id, Step::Conflict));
             plan.steps.extend(conflicts);
             return Ok(plan.steps);
         }
-        settle(&tx, &plan).await?;
+        settle(&tx, &plan, &snapshot).await?;
         tx.commit().await?;
         self.dequeued.fetch_add(written.dequeued, Ordering::Relaxed);
         Ok(self.publish(plan, snapshot.now, started))
@@ -192,8 +196,8 @@ impl Written {
 }
 
 /// Writes the plan: each auction's compare-and-set, the notification of
-/// other processes, the outbid marks, the bids off the queue and their
-/// outcomes.
+/// other processes, the outbid marks, the bids off the queue, their
+/// outcomes and the event rows recording each bid's change.
 ///
 /// The writes touch different rows and are sent at once, one round trip.
 /// If a compare-and-set lost, or some bid was no longer queued and
@@ -204,6 +208,7 @@ async fn write(
     tx: &Transaction<'_>,
     custom_plans: &Statement,
     plan: &Plan<'_>,
+    snapshot: &Snapshot,
     signals: &Signals,
 ) -> Result<Written, ResolveError> {
     let updates: Vec<auctions::StateUpdate> = plan
@@ -231,6 +236,9 @@ async fn write(
         .prepare_cached("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
         .await?;
     let notify_params: [&(dyn ToSql + Sync); 2] = [&listener::RESOLVED_CHANNEL, &notifications];
+    let changes: Vec<(Uuid, Vec<BidChange>)> = (plan.batches.iter())
+        .map(|b| (b.auction_id, bid_changes(b, &plan.outcomes, snapshot)))
+        .collect();
     match futures::join!(
         futures::future::try_join_all(updates.iter().map(|u| auctions::compare_and_set(tx, u))),
         tx.execute(&notify, &notify_params),
@@ -242,36 +250,92 @@ async fn write(
         tx.execute(custom_plans, &[]),
         bids::dequeue(tx, &plan.outcomes),
         bids::record_outcomes(tx, &plan.outcomes),
+        futures::future::try_join_all(
+            (changes.iter()).map(|(id, changes)| events::record_bid_changes(tx, *id, 0, changes))
+        ),
     ) {
-        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written)) => Ok(Written {
+        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written), Ok(_)) => Ok(Written {
             won,
             dequeued,
             written,
         }),
-        (won, notified, marked, plan_mode, dequeued, written) => Err(cause([
+        (won, notified, marked, plan_mode, dequeued, written, recorded) => Err(cause([
             won.err(),
             notified.err(),
             marked.err(),
             plan_mode.err(),
             dequeued.err(),
             written.err(),
+            recorded.err(),
         ])),
     }
 }
 
-/// Settles the bids of the auctions the plan settles: after the outcomes,
-/// as it settles the bids they made leading.
-async fn settle(tx: &Transaction<'_>, plan: &Plan<'_>) -> Result<(), ResolveError> {
-    futures::future::try_join_all(plan.batches.iter().filter_map(|b| {
-        let winner = b.settlement.as_ref()?;
-        Some(bids::settle_outcomes(
-            tx,
-            b.auction_id,
-            winner.as_ref().map(|w| w.bid_id),
-        ))
-    }))
+/// The bid changes of one batch, for its event row: the leader it
+/// displaced, now outbid, then each bid applied with its outcome.
+fn bid_changes<'a>(
+    batch: &'a Batch<'_>,
+    outcomes: &[BidOutcome<'_>],
+    snapshot: &'a Snapshot,
+) -> Vec<BidChange<'a>> {
+    let leader = (snapshot.auctions.get(&batch.auction_id)).and_then(|a| a.state.leader.as_ref());
+    let displaced = (batch.displaced_earlier.iter()).filter_map(|&id| {
+        let leader = leader.filter(|l| l.bid_id == id)?;
+        Some(BidChange {
+            bid_id: id,
+            bidder_id: &leader.bidder_id,
+            status: BidStatus::Outbid,
+        })
+    });
+    let applied =
+        (batch.applied.iter().zip(&outcomes[batch.outcomes.clone()])).map(|(bid, o)| BidChange {
+            bid_id: o.id,
+            bidder_id: &bid.bidder_id,
+            status: o.resolution.status,
+        });
+    displaced.chain(applied).collect()
+}
+
+/// Settles the bids of the auctions the plan settles, each with its
+/// `auction.settled` event row: after the outcomes, as it settles the bids
+/// they made leading.
+async fn settle(
+    tx: &Transaction<'_>,
+    plan: &Plan<'_>,
+    snapshot: &Snapshot,
+) -> Result<(), ResolveError> {
+    futures::future::try_join_all(
+        plan.batches.iter().filter_map(|b| {
+            let winner = b.settlement.as_ref()?.as_ref();
+            let auction = snapshot.auctions.get(&b.auction_id)?;
+            let data = settled_event(auction, b, winner, snapshot.now);
+            Some(async move {
+                events::settle(tx, b.auction_id, 1, winner.map(|w| w.bid_id), &data).await
+            })
+        }),
+    )
     .await?;
     Ok(())
+}
+
+/// The `data` of an `auction.settled` event (the API contract's fields).
+fn settled_event(
+    auction: &AuctionRecord,
+    batch: &Batch<'_>,
+    winner: Option<&Leader>,
+    settled_at: DateTime<Utc>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "auction_id": auction.id,
+        "status": "closed",
+        "winner_id": winner.map(|w| &w.bidder_id),
+        "winner_bid_id": winner.map(|w| w.bid_id),
+        "price": winner.and(batch.state.price),
+        "currency": auction.currency,
+        "reserve_met": rules::reserve_met(&auction.terms, &batch.state),
+        "bid_count": batch.state.bid_count,
+        "settled_at": settled_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
 }
 
 /// The statements that switch a resolver transaction to generic plans and

@@ -102,7 +102,7 @@ pub const METRICS: &[MetricDoc] = &[
     metric("gavel_stream_versions_total", Counter, &[],
         "Auction versions published to this process's live feeds: each change read once, whatever the number of watchers."),
     metric("gavel_stream_events_total", Counter, &["event"],
-        "Events sent on auction streams (auction, end)."),
+        "Events sent on the event streams (auction, end; bid on the bidders' streams)."),
     metric("gavel_stream_versions_skipped_total", Counter, &[],
         "Auction versions a watcher never received because a newer one replaced them before it read (slow readers)."),
     metric("gavel_admission_decisions_total", Counter, &["kind", "decision"],

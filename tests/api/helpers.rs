@@ -546,7 +546,44 @@ pub async fn assert_consistent(db: &tokio_postgres::Client, auction_id: Uuid) ->
             }
         }
     }
+    assert_events(db, auction_id, &bids, closed).await;
     bids
+}
+
+/// The event log agrees with the bid log: each bid's latest change in
+/// `events`, in log order, is its status, and a closed auction has one
+/// `auction.settled` row.
+async fn assert_events(
+    db: &tokio_postgres::Client,
+    auction_id: Uuid,
+    bids: &[AuditBid],
+    closed: bool,
+) {
+    let rows = db
+        .query(
+            "SELECT kind, bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY xid, n",
+            &[&auction_id],
+        )
+        .await
+        .unwrap();
+    let mut latest: HashMap<Uuid, String> = HashMap::new();
+    for row in &rows {
+        let (ids, statuses): (Vec<Uuid>, Vec<String>) = (row.get(1), row.get(2));
+        latest.extend(ids.into_iter().zip(statuses));
+    }
+    for bid in bids {
+        assert_eq!(
+            latest.get(&bid.id),
+            Some(&bid.status),
+            "latest event of bid {}",
+            bid.id
+        );
+    }
+    let settled = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(0) == "auction.settled")
+        .count();
+    assert_eq!(settled, usize::from(closed), "auction.settled rows");
 }
 
 /// A `gavel serve` child process (the real binary) on `database_url`.

@@ -83,10 +83,22 @@ async fn open(
     token: &str,
     last: Option<&str>,
 ) -> reqwest::Response {
-    let mut request = app
-        .http
-        .get(app.url(&format!("/api/auctions/{auction_id}/events")))
-        .bearer_auth(token);
+    open_path(
+        app,
+        &format!("/api/auctions/{auction_id}/events"),
+        token,
+        last,
+    )
+    .await
+}
+
+async fn open_path(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    last: Option<&str>,
+) -> reqwest::Response {
+    let mut request = app.http.get(app.url(path)).bearer_auth(token);
     if let Some(last) = last {
         request = request.header("Last-Event-ID", last);
     }
@@ -94,7 +106,12 @@ async fn open(
 }
 
 async fn stream(app: &TestApp, auction_id: &str, token: &str, last: Option<&str>) -> Stream {
-    let response = open(app, auction_id, token, last).await;
+    let path = format!("/api/auctions/{auction_id}/events");
+    stream_at(app, &path, token, last).await
+}
+
+async fn stream_at(app: &TestApp, path: &str, token: &str, last: Option<&str>) -> Stream {
+    let response = open_path(app, path, token, last).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert_eq!(response.headers()["x-frame-options"], "DENY");
@@ -360,4 +377,136 @@ async fn a_watcher_that_stops_reading_holds_up_no_one() {
     }
     assert_eq!(seen, latest, "it ends on the latest version");
     assert!(events <= 30);
+}
+
+// The bidder's stream, GET /api/me/events.
+
+/// A bid change event: its cursor, the bid's id and its new status.
+fn change_of(frame: &Frame) -> (String, String, String) {
+    assert_eq!(frame.event.as_deref(), Some("bid"), "{frame:?}");
+    let bid: Value = serde_json::from_str(&frame.data).unwrap();
+    (
+        frame.id.clone().expect("a cursor"),
+        bid["id"].as_str().unwrap().to_owned(),
+        bid["status"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The next `count` changes of a bidder's stream, as (bid id, status).
+async fn changes(stream: &mut Stream, count: usize) -> (Vec<(String, String)>, String) {
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..count {
+        let (at, bid, status) = change_of(&stream.next_event(WAIT).await.unwrap());
+        seen.push((bid, status));
+        cursor = at;
+    }
+    (seen, cursor)
+}
+
+fn pair(bid: &Value, status: &str) -> (String, String) {
+    (bid["id"].as_str().unwrap().to_owned(), status.to_owned())
+}
+
+#[tokio::test]
+async fn a_bidder_hears_of_its_bids_resolved_and_outbid() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut alice = stream_at(&app, "/api/me/events", &app.token("alice", &[]), None).await;
+    let first = app.bid_resolved("alice", &auction_id, 1_500).await;
+    let (seen, _) = changes(&mut alice, 1).await;
+    assert_eq!(seen, [pair(&first, "leading")]);
+    app.bid_resolved("bob", &auction_id, 3_000).await;
+    let (seen, _) = changes(&mut alice, 1).await;
+    assert_eq!(seen, [pair(&first, "outbid")], "alice hears she was outbid");
+}
+
+#[tokio::test]
+async fn a_bidder_that_reconnects_gets_every_change_it_missed_once_in_order() {
+    let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(500)).await;
+    let ends_at = (Utc::now() + chrono::Duration::seconds(4)).trunc_subsecs(3);
+    let auction = app
+        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let token = app.token("alice", &[]);
+    let mut alice = stream_at(&app, "/api/me/events", &token, None).await;
+    let first = app.bid_resolved("alice", &auction_id, 1_500).await;
+    let (_, cursor) = changes(&mut alice, 1).await;
+    drop(alice);
+
+    // Away: outbid, bids again, outbid again, and the auction settles.
+    app.bid_resolved("bob", &auction_id, 2_000).await;
+    let second = app.bid_resolved("alice", &auction_id, 2_500).await;
+    app.bid_resolved("carol", &auction_id, 4_000).await;
+    app.wait_settled(&auction_id, Duration::from_secs(10)).await;
+
+    let mut alice = stream_at(&app, "/api/me/events", &token, Some(&cursor)).await;
+    let (seen, cursor) = changes(&mut alice, 5).await;
+    let per_bid = |bid: &Value| -> Vec<String> {
+        let id = bid["id"].as_str().unwrap();
+        seen.iter()
+            .filter(|(b, _)| b == id)
+            .map(|(_, s)| s.clone())
+            .collect()
+    };
+    assert_eq!(per_bid(&first), ["outbid", "lost"], "{seen:?}");
+    assert_eq!(per_bid(&second), ["leading", "outbid", "lost"], "{seen:?}");
+    // Nothing more, once: only keep-alives follow.
+    let quiet = tokio::time::timeout(Duration::from_millis(500), alice.next_event(WAIT)).await;
+    assert!(quiet.is_err(), "no change is sent twice: {quiet:?}");
+
+    // The last cursor resumes with nothing to replay; a new bid is live.
+    let mut again = stream_at(&app, "/api/me/events", &token, Some(&cursor)).await;
+    let other = app.create_auction("seller-1", json!({})).await;
+    let third = app
+        .bid_resolved("alice", other["id"].as_str().unwrap(), 1_500)
+        .await;
+    let (seen, _) = changes(&mut again, 1).await;
+    assert_eq!(seen, [pair(&third, "leading")]);
+}
+
+#[tokio::test]
+async fn a_bidder_stream_resumes_across_a_killed_process() {
+    // Changes are resolved by an in-process server while the process the
+    // bidder watched is killed and started again.
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut server = ServeProcess::start(&app.database_url).await;
+    let remote = server.client(&app.database_url);
+    let token = remote.token("alice", &[]);
+    let mut alice = stream_at(&remote, "/api/me/events", &token, None).await;
+    let first = app.bid_resolved("alice", &auction_id, 1_500).await;
+    let (_, cursor) = changes(&mut alice, 1).await;
+    server.kill().await;
+    drop(alice);
+
+    app.bid_resolved("bob", &auction_id, 2_000).await;
+    let second = app.bid_resolved("alice", &auction_id, 2_500).await;
+    let restarted = ServeProcess::start(&app.database_url).await;
+    let remote = restarted.client(&app.database_url);
+    let mut alice = stream_at(&remote, "/api/me/events", &token, Some(&cursor)).await;
+    let (seen, _) = changes(&mut alice, 2).await;
+    assert_eq!(seen, [pair(&first, "outbid"), pair(&second, "leading")]);
+}
+
+#[tokio::test]
+async fn a_bidder_stream_refuses_a_cursor_it_does_not_know() {
+    let app = TestApp::spawn().await;
+    let token = app.token("alice", &[]);
+    for cursor in ["yesterday", "djEuMS4yLjM"] {
+        let response = open_path(&app, "/api/me/events", &token, Some(cursor)).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{cursor}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_request");
+    }
+    // Well formed, but naming a change that is not in the log.
+    let unknown = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        format!("v1.1.{}.0.0", uuid::Uuid::now_v7()),
+    );
+    let response = open_path(&app, "/api/me/events", &token, Some(&unknown)).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }

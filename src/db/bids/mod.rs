@@ -25,7 +25,7 @@ pub use append::{
 pub use reads::{get, history};
 pub use resolve::{
     auctions_with_pending, dequeue, mark_outbid, pending, purge_idempotency_keys, record_outcomes,
-    settle_outcomes, vacuum_queue, BidOutcome, PendingBid,
+    vacuum_queue, BidOutcome, PendingBid,
 };
 
 /// One row of the bid log.
@@ -56,7 +56,8 @@ pub struct BidRecord {
 }
 
 /// The columns of a [`BidRecord`], in `SELECT` and `RETURNING` lists.
-const COLUMNS: &str = "auction_id, id, seq, bidder_id, amount, status, reason, price_after, \
+pub(crate) const COLUMNS: &str =
+    "auction_id, id, seq, bidder_id, amount, status, reason, price_after, \
     received_at, resolved_at, resolution_no";
 
 impl BidRecord {
@@ -70,7 +71,7 @@ impl BidRecord {
         }
     }
 
-    fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+    pub(crate) fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
         Ok(BidRecord {
             auction_id: row.try_get("auction_id")?,
             id: row.try_get("id")?,

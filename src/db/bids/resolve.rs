@@ -1,6 +1,7 @@
 //! The resolver's queries: its queue of pending bids (which auctions have
 //! some, the oldest of each), the outcome writes of its transaction (off
-//! the queue, into `bid_log`, displaced leaders, settlement), and its
+//! the queue, into `bid_log`, displaced leaders; settlement is in
+//! [`crate::db::events`]), and its
 //! housekeeping (vacuuming the queue, purging expired idempotency keys).
 //!
 //! Each statement's plan must not depend on statistics that lag a hot
@@ -201,21 +202,6 @@ pub async fn mark_outbid(
         )
         .await?;
     client.execute(&stmt, &[&auction_id, &bid_id]).await
-}
-
-/// Settlement: the winning bid becomes `won`, every other live bid `lost`.
-pub async fn settle_outcomes(
-    client: &impl GenericClient,
-    auction_id: Uuid,
-    winning_bid: Option<Uuid>,
-) -> Result<u64, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(
-            "UPDATE bid_log SET status = CASE WHEN id = $2 THEN 'won' ELSE 'lost' END \
-             WHERE auction_id = $1 AND status IN ('leading', 'outbid')",
-        )
-        .await?;
-    client.execute(&stmt, &[&auction_id, &winning_bid]).await
 }
 
 /// Vacuums the queue of pending bids, skipping it if someone else holds it.

@@ -1,5 +1,4 @@
-//! Live auction views for the event streams: one feed per watched auction
-//! per process. A change announced on the signal bus (a resolution in this
+//! Live auction views: one feed per watched auction per process. A change announced on the signal bus (a resolution in this
 //! process or, through LISTEN/NOTIFY, in another) is read once per process,
 //! from the view cache or through read routing, and published to every
 //! watcher of that auction through a `watch` channel: a watcher that reads
@@ -116,10 +115,7 @@ impl LiveViews {
     /// Starts watching auction `id`: `Ok(None)` when there is no such
     /// auction, `Overloaded` when every stream slot is taken.
     pub async fn watch(&self, id: Uuid) -> Result<Option<Watch>, ApiError> {
-        let Ok(slot) = self.inner.streams.clone().try_acquire_owned() else {
-            metrics::counter!("gavel_streams_refused_total").increment(1);
-            return Err(ApiError::Overloaded);
-        };
+        let slot = self.stream_slot()?;
         let feed = match self.inner.feed(id) {
             Some(feed) => feed,
             None => {
@@ -135,6 +131,15 @@ impl LiveViews {
             _feed: feed,
             _slot: slot,
         }))
+    }
+
+    /// A place among the `GAVEL_MAX_STREAMS` streams of this process, held
+    /// while a stream (of any kind) is open; `Overloaded` when none is left.
+    pub fn stream_slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.inner.streams.clone().try_acquire_owned().map_err(|_| {
+            metrics::counter!("gavel_streams_refused_total").increment(1);
+            ApiError::Overloaded
+        })
     }
 
     /// Streams open in this process.
@@ -272,7 +277,7 @@ fn register_metrics() {
     metrics::counter!("gavel_streams_refused_total").increment(0);
     metrics::counter!("gavel_stream_versions_skipped_total").increment(0);
     metrics::gauge!("gavel_streams_open").increment(0.0);
-    for event in ["auction", "end"] {
+    for event in ["auction", "end", "bid"] {
         metrics::counter!("gavel_stream_events_total", "event" => event).increment(0);
     }
 }
