@@ -140,14 +140,21 @@ fn view_of(frame: &Frame) -> (i64, Value) {
 
 const WAIT: Duration = Duration::from_secs(5);
 
-#[tokio::test]
-async fn an_auction_stream_sends_the_view_then_every_new_version_then_end() {
+/// A server that settles half a second after the end, and an auction of
+/// it that ends in four seconds.
+async fn ending_in_four_seconds() -> (TestApp, String) {
     let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(500)).await;
     let ends_at = (Utc::now() + chrono::Duration::seconds(4)).trunc_subsecs(3);
     let auction = app
         .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
         .await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
+    (app, auction_id)
+}
+
+#[tokio::test]
+async fn an_auction_stream_sends_the_view_then_every_new_version_then_end() {
+    let (app, auction_id) = ending_in_four_seconds().await;
     let mut watcher = stream(&app, &auction_id, &app.token("watcher", &[]), None).await;
     let mut seller = stream(
         &app,
@@ -424,12 +431,7 @@ async fn a_bidder_hears_of_its_bids_resolved_and_outbid() {
 
 #[tokio::test]
 async fn a_bidder_that_reconnects_gets_every_change_it_missed_once_in_order() {
-    let app = TestApp::spawn_with(|c| c.resolver.settle_grace = Duration::from_millis(500)).await;
-    let ends_at = (Utc::now() + chrono::Duration::seconds(4)).trunc_subsecs(3);
-    let auction = app
-        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
-        .await;
-    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let (app, auction_id) = ending_in_four_seconds().await;
     let token = app.token("alice", &[]);
     let mut alice = stream_at(&app, "/api/me/events", &token, None).await;
     let first = app.bid_resolved("alice", &auction_id, 1_500).await;
