@@ -1,9 +1,10 @@
 //! `gavel dev`: a zero-configuration local run. Starts a private PostgreSQL
 //! primary and a streaming replica from the machine's server binaries under
 //! `.gavel/dev`, migrates, seeds a demo auction ending a few minutes later,
-//! serves (reads from the replica), prints what to try, and stops both
-//! servers on Ctrl-C. The primary's data is kept between runs; the replica
-//! is cloned from it afresh each time. Built only with the `dev` feature,
+//! serves (reads from the replica), prints what to try (a `curl` and the
+//! watch page's URL, each with a ready token), and stops both servers on
+//! Ctrl-C. The primary's data is kept between runs; the replica is cloned
+//! from it afresh each time. Built only with the `dev` feature,
 //! which brings in the `pg_cluster` crate.
 
 use std::collections::HashMap;
@@ -121,6 +122,8 @@ fn print_welcome(
     println!("              {replica_url} (streaming replica, serves reads)");
     println!("  Demo auction {auction_id} ends in 5 minutes (30 s soft close).");
     println!();
+    println!("Watch it live in a browser, and bid from there:");
+    println!("  http://{api}/watch#auction={auction_id}&token={bidder_token}");
     println!("Place a bid:");
     println!(
         "  curl -i -X POST http://{api}/api/auctions/{auction_id}/bids \\\n    \

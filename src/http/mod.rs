@@ -1,5 +1,6 @@
 //! The HTTP layer: the public API router with its middleware (security
-//! headers, request ids, metrics, body limit) and the admin router.
+//! headers, request ids, metrics, body limit), the watch page, and the
+//! admin router.
 
 pub mod auctions;
 pub mod bids;
@@ -10,6 +11,7 @@ pub mod events;
 pub mod extract;
 pub mod health;
 pub mod serve;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +91,8 @@ pub struct Shared {
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The security headers every response carries (the API contract).
+/// The security headers every response carries (the API contract). The
+/// policy is the API's: a JSON answer loads nothing.
 static SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
     (
         header::STRICT_TRANSPORT_SECURITY,
@@ -112,7 +115,7 @@ static SECURITY_HEADERS: [(HeaderName, HeaderValue); 4] = [
 /// body is read in full before either bound applies (see `edge.rs`).
 /// Health probes stay outside those bounds so an overloaded process is
 /// not mistaken for a dead one; event streams too, bounded by
-/// `GAVEL_MAX_STREAMS` instead.
+/// `GAVEL_MAX_STREAMS` instead, and the watch page's static files.
 pub fn api_router(state: AppState) -> Router {
     let bounds = ServiceBuilder::new()
         .layer(HandleErrorLayer::new(overload_response))
@@ -136,6 +139,7 @@ pub fn api_router(state: AppState) -> Router {
         ))
         .merge(health::router())
         .merge(events::router())
+        .merge(watch::router())
         .layer(middleware::from_fn(track_metrics))
         .with_state(state);
     edge::register_metrics();
@@ -224,10 +228,16 @@ async fn admit(State(state): State<AppState>, mut request: Request, next: Next) 
     }
 }
 
-/// Sets the security headers on a response.
+/// Sets the security headers on a response. A response that chose its own
+/// Content-Security-Policy keeps it: only the watch page does, to load its
+/// script and style from `'self'` (see `watch.rs`).
 async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
     for (name, value) in &SECURITY_HEADERS {
-        response.headers_mut().insert(name.clone(), value.clone());
+        if name == header::CONTENT_SECURITY_POLICY && headers.contains_key(name) {
+            continue;
+        }
+        headers.insert(name.clone(), value.clone());
     }
     response
 }

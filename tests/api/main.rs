@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod bidding;
+mod cdp;
 mod cli;
 mod closing;
 mod coalescing;
@@ -14,3 +15,4 @@ mod processes;
 mod reads;
 mod replicas;
 mod row_lock;
+mod watch;
