@@ -16,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chrono::Utc;
-use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -222,9 +221,13 @@ impl AuctionWatcher {
         self.sent = latest.version();
         metrics::counter!("gavel_stream_events_total", "event" => "auction").increment(1);
         let class = masking_class(&latest.auction, &self.user);
-        latest.rendered[class]
-            .get_or_init(|| render(&latest.auction, &self.user))
-            .clone()
+        let view = latest.rendered[class].get_or_init(|| render(&latest.auction, &self.user));
+        // The view is rendered once per class; the time is this send's.
+        let time = format!(
+            ",\"server_time\":\"{}\"}}\n\n",
+            format_server_time(Utc::now())
+        );
+        Bytes::from([view.as_ref(), time.as_bytes()].concat())
     }
 }
 
@@ -240,22 +243,14 @@ fn masking_class(auction: &AuctionRecord, viewer: &User) -> usize {
     }
 }
 
-#[derive(Serialize)]
-struct LiveView {
-    #[serde(flatten)]
-    view: AuctionView,
-    server_time: String,
-}
-
+/// An auction event up to the end of its view's JSON object, which each
+/// send closes with its own `server_time`.
 fn render(auction: &AuctionRecord, viewer: &User) -> Bytes {
-    let now = Utc::now();
-    let data = LiveView {
-        view: AuctionView::new(auction, viewer, now),
-        server_time: format_server_time(now),
-    };
-    let json = serde_json::to_string(&data).expect("a view serializes");
+    let view = AuctionView::new(auction, viewer, Utc::now());
+    let json = serde_json::to_string(&view).expect("a view serializes");
+    let open = json.strip_suffix('}').expect("a view is a JSON object");
     Bytes::from(format!(
-        "event: auction\nid: {}\ndata: {json}\n\n",
+        "event: auction\nid: {}\ndata: {open}",
         auction.version
     ))
 }

@@ -35,7 +35,8 @@ pub const CLASSES: usize = 3;
 pub struct Snapshot {
     /// The auction as read.
     pub auction: Arc<AuctionRecord>,
-    /// The event each masking class receives, rendered by the first watcher
+    /// The event each masking class receives (up to its `server_time`,
+    /// added at each send), rendered by the first watcher
     /// of that class and reused by the others.
     pub rendered: [OnceLock<Bytes>; CLASSES],
 }

@@ -512,3 +512,25 @@ async fn a_bidder_stream_refuses_a_cursor_it_does_not_know() {
     let response = open_path(&app, "/api/me/events", &token, Some(&unknown)).await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn server_time_is_the_time_an_event_is_sent() {
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let token = app.token("watcher", &[]);
+    let time_of_first = |frame: Frame| {
+        let view: Value = serde_json::from_str(&frame.data).unwrap();
+        chrono::DateTime::parse_from_rfc3339(view["server_time"].as_str().unwrap()).unwrap()
+    };
+    let mut early = stream(&app, &auction_id, &token, None).await;
+    let first = time_of_first(early.next_event(WAIT).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The same version, sent again to a later watcher: a later time.
+    let mut late = stream(&app, &auction_id, &token, None).await;
+    let second = time_of_first(late.next_event(WAIT).await.unwrap());
+    assert!(
+        (second - first).num_milliseconds() >= 1_400,
+        "{first} then {second}"
+    );
+}

@@ -153,7 +153,7 @@ async fn the_watch_page_shows_an_auction_live_and_bids_from_its_form() {
         format!("Your maximum 3,000 GLD: leading at {price}")
     );
 
-    // A rival outbids the viewer: the page learns it with the new version.
+    // A rival outbids the viewer: the page learns it from /api/me/events.
     app.bid_resolved("rival-one", &auction_id, 5_000).await;
     let view = app.auction(&auction_id).await;
     let shown = wait_for(&mut page, "the viewer outbid", |s| {

@@ -318,61 +318,33 @@ function showMyBid(bid) {
   mine.textContent = `Your maximum ${money(bid.amount)}: ${describeBid(bid)}`;
 }
 
-// The viewer's own bids, shown through show(bid). Today it knows the bids
-// placed from this page: their answers, and GET /api/bids/{id} of the
-// latest one whenever a new auction version arrives (it may have outbid
-// or settled it). When GET /api/me/events exists, this one function
-// becomes a subscription, and nothing else on the page changes:
-// 
-//   followStream('/api/me/events', {
-//     bid(data) { const bid = JSON.parse(data); if (bid.auction_id === auctionId) show(bid); },
-//   }, () => {});
-//   return { placed: (bid) => show(bid), auctionChanged() {} };
+// The viewer's own bids on this auction, shown through show(bid): the
+// answers to bids placed here, and every change of the viewer's bids from
+// GET /api/me/events (outbid, won, lost; from any device). The latest bid
+// is shown; a bid's status never goes back (an answer may arrive after the
+// stream has moved on).
 function followMyBids(show) {
   let latest = null;
-  let consistencyToken = null;
-  let refreshing = false;
-  let again = false;
+  let following = false;
 
   function keep(bid) {
+    if (bid.auction_id !== auctionId) return;
     if (latest && bid.id === latest.id && STATUS_RANK[bid.status] < STATUS_RANK[latest.status]) return;
+    if (latest && bid.id !== latest.id && bid.received_at < latest.received_at) return;
     latest = bid;
     show(bid);
   }
 
-  async function refresh() {
-    if (refreshing) {
-      again = true;
-      return;
-    }
-    refreshing = true;
-    try {
-      do {
-        again = false;
-        const id = latest.id;
-        // The token of the bid's answer: the read sees at least that write.
-        const headers = consistencyToken ? { 'Gavel-Consistency-Token': consistencyToken } : {};
-        const response = await api(`/api/bids/${encodeURIComponent(id)}`, { headers });
-        if (!response.ok) break;
-        consistencyToken = response.headers.get('Gavel-Consistency-Token') || consistencyToken;
-        const bid = await response.json();
-        if (bid.id === latest.id) keep(bid);
-      } while (again);
-    } catch (error) {
-      console.warn(`refreshing your bid: ${error.message}`); // the next version tries again
-    } finally {
-      refreshing = false;
-    }
-  }
-
   return {
-    placed(bid, token) {
-      if (token) consistencyToken = token;
-      keep(bid);
+    start() {
+      if (following) return;
+      following = true;
+      followStream('/api/me/events', {
+        bid(data) { keep(JSON.parse(data)); },
+      }, () => {});
     },
-    auctionChanged() {
-      if (latest && STATUS_RANK[latest.status] < STATUS_RANK.won) refresh();
-    },
+    placed(bid) { keep(bid); },
+    auctionChanged() {},
   };
 }
 
@@ -511,6 +483,7 @@ async function main() {
   } catch (error) {
     console.warn(`loading the auction: ${error.message}`); // the stream retries
   }
+  myBids.start();
   followStream(`/api/auctions/${encodeURIComponent(auctionId)}/events`, {
     auction: (data) => showView(JSON.parse(data)),
   }, setConnection);
