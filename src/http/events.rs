@@ -220,6 +220,7 @@ impl AuctionWatcher {
         self.resumed = false;
         self.sent = latest.version();
         metrics::counter!("gavel_stream_events_total", "event" => "auction").increment(1);
+        metrics::histogram!("gavel_stream_delivery_seconds").record(latest.changed_at.elapsed());
         let class = masking_class(&latest.auction, &self.user);
         let view = latest.rendered[class].get_or_init(|| render(&latest.auction, &self.user));
         // The view is rendered once per class; the time is this send's.

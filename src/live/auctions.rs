@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use tokio::sync::broadcast::error::RecvError;
@@ -39,13 +39,17 @@ pub struct Snapshot {
     /// added at each send), rendered by the first watcher
     /// of that class and reused by the others.
     pub rendered: [OnceLock<Bytes>; CLASSES],
+    /// When this process learned of the change (its announcement, which
+    /// follows the commit within milliseconds, or the read that found it).
+    pub changed_at: Instant,
 }
 
 impl Snapshot {
-    fn new(auction: Arc<AuctionRecord>) -> Arc<Self> {
+    fn new(auction: Arc<AuctionRecord>, changed_at: Instant) -> Arc<Self> {
         Arc::new(Snapshot {
             auction,
             rendered: Default::default(),
+            changed_at,
         })
     }
 
@@ -82,11 +86,13 @@ struct Feed {
     refresh: Mutex<Refresh>,
 }
 
-/// The reads a feed still owes: until its view reaches `wanted`.
+/// The reads a feed still owes: until its view reaches `wanted`, a change
+/// first announced at `since`.
 #[derive(Default)]
 struct Refresh {
     running: bool,
     wanted: i64,
+    since: Option<Instant>,
 }
 
 impl LiveViews {
@@ -163,12 +169,12 @@ impl Inner {
     fn adopt(&self, id: Uuid, auction: Arc<AuctionRecord>) -> Arc<Feed> {
         let mut feeds = self.feeds.lock().expect("feeds");
         if let Some(feed) = feeds.get(&id).and_then(Weak::upgrade) {
-            feed.publish(auction);
+            feed.publish(auction, Instant::now());
             return feed;
         }
         let feed = Arc::new(Feed {
             id,
-            latest: watch::channel(Snapshot::new(auction)).0,
+            latest: watch::channel(Snapshot::new(auction, Instant::now())).0,
             refresh: Mutex::new(Refresh::default()),
         });
         feeds.insert(id, Arc::downgrade(&feed));
@@ -223,13 +229,14 @@ impl Feed {
         self.latest.borrow().version()
     }
 
-    /// Publishes `auction` if it is newer than the view watchers have.
-    fn publish(&self, auction: Arc<AuctionRecord>) -> bool {
+    /// Publishes `auction`, a change learned of at `since`, if it is newer
+    /// than the view watchers have.
+    fn publish(&self, auction: Arc<AuctionRecord>, since: Instant) -> bool {
         self.latest.send_if_modified(|latest| {
             if auction.version <= latest.version() {
                 return false;
             }
-            *latest = Snapshot::new(auction);
+            *latest = Snapshot::new(auction, since);
             metrics::counter!("gavel_stream_versions_total").increment(1);
             true
         })
@@ -240,6 +247,9 @@ impl Feed {
     fn refresh(self: &Arc<Self>, views: &AuctionCache, wanted: i64) {
         {
             let mut refresh = self.refresh.lock().expect("refresh");
+            if wanted > self.version() {
+                refresh.since.get_or_insert_with(Instant::now);
+            }
             refresh.wanted = refresh.wanted.max(wanted);
             if refresh.running {
                 return;
@@ -254,7 +264,10 @@ impl Feed {
         loop {
             match views.get(self.id, None).await {
                 Ok((Some(auction), _)) => {
-                    self.publish(auction);
+                    let since = self.refresh.lock().expect("refresh").since;
+                    if self.publish(auction, since.unwrap_or_else(Instant::now)) {
+                        self.refresh.lock().expect("refresh").since = None;
+                    }
                 }
                 Ok((None, _)) => {}
                 Err(e) => tracing::debug!(auction = %self.id, error = %e, "live view read failed"),

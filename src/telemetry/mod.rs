@@ -103,6 +103,8 @@ pub const METRICS: &[MetricDoc] = &[
         "Auction versions published to this process's live feeds: each change read once, whatever the number of watchers."),
     metric("gavel_stream_events_total", Counter, &["event"],
         "Events sent on the event streams (auction, end; bid on the bidders' streams)."),
+    metric("gavel_stream_delivery_seconds", Histogram, &[],
+        "Time from the moment this process learned of an auction change (its announcement, milliseconds after the commit) to its event being handed to a watcher's connection."),
     metric("gavel_stream_versions_skipped_total", Counter, &[],
         "Auction versions a watcher never received because a newer one replaced them before it read (slow readers)."),
     metric("gavel_admission_decisions_total", Counter, &["kind", "decision"],

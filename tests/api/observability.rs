@@ -231,6 +231,16 @@ async fn serve(database_url: &str, settings: &[(&'static str, String)]) -> (Serv
 async fn hot_spot(app: &TestApp) -> HotSpot {
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
+    // Someone watches the auction live, so the streams' metrics have data.
+    let mut watcher = app
+        .get_as(
+            &format!("/api/auctions/{auction_id}/events"),
+            "watcher",
+            &[],
+        )
+        .await;
+    assert_eq!(watcher.status(), StatusCode::OK);
+    let watching = tokio::spawn(async move { while let Ok(Some(_)) = watcher.chunk().await {} });
     let key = new_key();
     for (bidder, amount, key) in [
         ("bidder-1", 1_000, key.clone()),
@@ -322,6 +332,7 @@ async fn hot_spot(app: &TestApp) -> HotSpot {
             && s.sum("gavel_resolver_pending_bids", &[]) == 0.0
     })
     .await;
+    watching.abort();
     HotSpot {
         row_locked,
         pool_full,
