@@ -99,6 +99,14 @@ pub async fn settle(
         .await
 }
 
+/// The oldest transaction still running: every row below it is final.
+pub async fn horizon(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8")
+        .await?;
+    Ok(client.query_one(&stmt, &[]).await?.get(0))
+}
+
 /// The oldest transaction still running, and the rows of transactions
 /// from `from` up to it: every row below it is final.
 pub async fn read_from(

@@ -119,7 +119,7 @@ impl BidderFeeds {
             Some(horizon) => horizon,
             None => {
                 let client = self.inner.pool.get().await?;
-                let (horizon, _) = events::read_from(&client, i64::MAX).await?;
+                let horizon = events::horizon(&client).await?;
                 state.horizon = Some(horizon);
                 horizon
             }
@@ -232,6 +232,12 @@ async fn read_once(inner: &Inner) -> Result<bool, ApiError> {
         !streams.is_empty()
     });
     let client = inner.pool.get().await?;
+    if state.subscribers.is_empty() {
+        // Nobody to hand rows to: only keep the place current.
+        let horizon = events::horizon(&client).await?;
+        state.horizon = Some(horizon.max(state.horizon.unwrap_or(horizon)));
+        return Ok(false);
+    }
     let from = state.horizon.unwrap_or(i64::MAX);
     let (horizon, rows) = events::read_from(&client, from).await?;
     let subscribers = &state.subscribers;
