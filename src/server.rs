@@ -67,7 +67,7 @@ impl Server {
                 config.limits.max_streams,
                 streams_end.clone(),
             ),
-            bidders: BidderFeeds::new(pools.api.clone(), streams_end.clone()),
+            bidders: BidderFeeds::new(pools.api.clone(), &signals, streams_end.clone()),
             shutdown: streams_end,
             auction_views,
             reads,

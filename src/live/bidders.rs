@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{broadcast, mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -18,9 +18,13 @@ use crate::db::events::{self, EventRow, Position};
 use crate::db::Pool;
 use crate::domain::BidStatus;
 use crate::error::ApiError;
+use crate::signals::{Resolved, Signals};
 
-/// How often the log is read while some bidder is watching.
+/// How often the log is read while some bidder is watching, at the
+/// latest: an announced change wakes the reader sooner, at most once per
+/// [`MIN_GAP`].
 const POLL: Duration = Duration::from_millis(50);
+const MIN_GAP: Duration = Duration::from_millis(10);
 /// How often it is read otherwise, to keep the reader's place current.
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Changes queued for one stream before it is closed as too slow (it
@@ -102,13 +106,14 @@ pub struct Subscription {
 }
 
 impl BidderFeeds {
-    /// Feeds reading the event log through `pool` until `shutdown`.
-    pub fn new(pool: Pool, shutdown: CancellationToken) -> Self {
+    /// Feeds reading the event log through `pool` until `shutdown`, woken
+    /// by the changes `signals` announces.
+    pub fn new(pool: Pool, signals: &Signals, shutdown: CancellationToken) -> Self {
         let inner = Arc::new(Inner {
             pool,
             state: Mutex::new(State::default()),
         });
-        tokio::spawn(follow(inner.clone(), shutdown));
+        tokio::spawn(follow(inner.clone(), signals.subscribe(), shutdown));
         BidderFeeds { inner }
     }
 
@@ -204,9 +209,13 @@ async fn with_bids(
         .collect())
 }
 
-/// Reads the log until `shutdown`: often while someone watches, rarely
-/// otherwise.
-async fn follow(inner: Arc<Inner>, shutdown: CancellationToken) {
+/// Reads the log until `shutdown`: soon after an announced change while
+/// someone watches, every [`POLL`] at the latest, rarely otherwise.
+async fn follow(
+    inner: Arc<Inner>,
+    mut changes: broadcast::Receiver<Resolved>,
+    shutdown: CancellationToken,
+) {
     loop {
         let watched = match read_once(&inner).await {
             Ok(watched) => watched,
@@ -218,7 +227,13 @@ async fn follow(inner: Arc<Inner>, shutdown: CancellationToken) {
         let pause = if watched { POLL } else { IDLE_POLL };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
+            () = tokio::time::sleep(MIN_GAP) => {}
+        }
+        changes = changes.resubscribe();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause - MIN_GAP) => {}
+            _ = changes.recv(), if watched => {}
         }
     }
 }
