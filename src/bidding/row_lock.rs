@@ -3,7 +3,8 @@
 //! exists to prevent, selectable on the same schema, rules and HTTP stack so
 //! one load-test run can compare both.
 //!
-//! Each bid is one transaction on an API pool connection:
+//! Each bid is one transaction on an API pool connection: take the
+//! auction's lock (the advisory lock the resolver takes too), then
 //! `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`, claim the
 //! idempotency key, apply the pure [`rules`] to the locked state, `UPDATE`
 //! the row (the resolver's compare-and-set, which cannot lose while the
@@ -15,8 +16,9 @@
 //! audit replaying it through the rules gets the auction row either way.
 //!
 //! It is never the default because every bid of an auction queues on that
-//! one row's lock for a whole transaction (PostgreSQL wait events
-//! `Lock:tuple` and `Lock:transactionid`): a hot auction takes one bid at a
+//! auction's lock for a whole transaction (PostgreSQL wait events
+//! `Lock:advisory`, and `Lock:tuple` and `Lock:transactionid` behind
+//! anything else holding the row): a hot auction takes one bid at a
 //! time, API connections fill up with waiters, and a bid that waits longer
 //! than `lock_timeout` is answered `503 overloaded`.
 //!
@@ -134,10 +136,14 @@ async fn write(
 ) -> Result<Placement, ApiError> {
     let tx = client.transaction().await?;
     let bid_id = Uuid::now_v7();
-    // The row first, then the key: the transaction writes nothing before it
-    // holds the row, so its id orders its event row after every earlier
-    // change of the auction (see the `events` migration). A retry waits on
-    // the row for the first request to end, then replays.
+    // The auction's lock, then its row, then the key. Waiting for the row
+    // alone would not do: a row lock takes a transaction id before it
+    // waits, and waiters are not granted the row in that order. Waiting on
+    // the auction's advisory lock (the resolver's) takes no id, so ids
+    // follow the order in which the auction's changes commit, as the event
+    // log's readers need (see the `events` migration). A retry waits here
+    // for the first request to end, then replays.
+    auctions::lock(&tx, auction_id).await?;
     let Some((auction, now)) = auctions::get_for_update(&tx, auction_id).await? else {
         tx.rollback().await?;
         return Err(ApiError::NotFound("auction"));

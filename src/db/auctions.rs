@@ -183,6 +183,17 @@ pub async fn get_many(
     rows.iter().map(AuctionRecord::from_row).collect()
 }
 
+/// Waits for the auction's advisory lock, held until the transaction ends:
+/// the lock the resolver takes (without waiting) for the auction it writes.
+/// Waiting for it assigns no transaction id.
+pub async fn lock(client: &impl GenericClient, id: Uuid) -> Result<(), tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))")
+        .await?;
+    client.execute(&stmt, &[&id]).await?;
+    Ok(())
+}
+
 /// Reads one auction and locks its row `FOR UPDATE` until the transaction
 /// ends, waiting for the lock at most the session's `lock_timeout`; with
 /// the transaction's `now()`, the time every `DEFAULT now()` it writes gets.
