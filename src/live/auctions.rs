@@ -69,7 +69,6 @@ struct Inner {
     views: AuctionCache,
     feeds: Mutex<HashMap<Uuid, Weak<Feed>>>,
     streams: Arc<Semaphore>,
-    max_streams: usize,
 }
 
 /// A watcher's hold on one auction's feed and on a stream slot.
@@ -109,7 +108,6 @@ impl LiveViews {
             views,
             feeds: Mutex::new(HashMap::new()),
             streams: Arc::new(Semaphore::new(max_streams)),
-            max_streams,
         });
         tokio::spawn(follow(
             Arc::downgrade(&inner),
@@ -147,11 +145,6 @@ impl LiveViews {
             metrics::counter!("gavel_streams_refused_total").increment(1);
             ApiError::Overloaded
         })
-    }
-
-    /// Streams open in this process.
-    pub fn open_streams(&self) -> usize {
-        self.inner.max_streams - self.inner.streams.available_permits()
     }
 }
 
