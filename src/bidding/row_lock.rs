@@ -238,6 +238,6 @@ async fn apply_locked(
         bidder_id: &stored.bidder_id,
         status: stored.status,
     });
-    events::record_bid_changes(tx, auction.id, 0, &changes).await?;
+    events::record_bid_changes(tx, auction.id, 0, auction.version + 1, &changes).await?;
     Ok((stored, resolved.resolution.reason))
 }

@@ -45,11 +45,13 @@ pub struct EventRow {
 }
 
 /// Records the bid changes of `auction_id` in the calling transaction, as
-/// its `n`th row for the auction; nothing when there are none.
+/// its `n`th row for the auction, which makes the auction's `version`;
+/// nothing when there are none.
 pub async fn record_bid_changes(
     client: &impl GenericClient,
     auction_id: Uuid,
     n: i16,
+    version: i64,
     changes: &[BidChange<'_>],
 ) -> Result<u64, tokio_postgres::Error> {
     if changes.is_empty() {
@@ -57,26 +59,30 @@ pub async fn record_bid_changes(
     }
     let stmt = client
         .prepare_cached(
-            "INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses) \
-             VALUES ($1, $2, 'bids', $3, $4, $5)",
+            "INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, version) \
+             VALUES ($1, $2, 'bids', $3, $4, $5, $6)",
         )
         .await?;
     let bid_ids: Vec<Uuid> = changes.iter().map(|c| c.bid_id).collect();
     let bidders: Vec<&str> = changes.iter().map(|c| c.bidder_id).collect();
     let statuses: Vec<&str> = changes.iter().map(|c| c.status.as_str()).collect();
     client
-        .execute(&stmt, &[&auction_id, &n, &bid_ids, &bidders, &statuses])
+        .execute(
+            &stmt,
+            &[&auction_id, &n, &bid_ids, &bidders, &statuses, &version],
+        )
         .await
 }
 
 /// Settles the bids of `auction_id`, in one statement: the winning bid
 /// becomes `won`, every other live bid `lost`, and the `auction.settled`
-/// row (its `n`th for the auction in this transaction) records each change
-/// and the marketplace's `data`.
+/// row (its `n`th for the auction in this transaction, which makes the
+/// auction's `version`) records each change and the marketplace's `data`.
 pub async fn settle(
     client: &impl GenericClient,
     auction_id: Uuid,
     n: i16,
+    version: i64,
     winning_bid: Option<Uuid>,
     data: &Value,
 ) -> Result<u64, tokio_postgres::Error> {
@@ -86,16 +92,16 @@ pub async fn settle(
                UPDATE bid_log SET status = CASE WHEN id = $3 THEN 'won' ELSE 'lost' END \
                WHERE auction_id = $1 AND status IN ('leading', 'outbid') \
                RETURNING id, bidder_id, status) \
-             INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, data) \
+             INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, data, version) \
              SELECT $1, $2, 'auction.settled', \
                     coalesce(array_agg(id ORDER BY id), '{}'), \
                     coalesce(array_agg(bidder_id ORDER BY id), '{}'), \
-                    coalesce(array_agg(status ORDER BY id), '{}'), $4 \
+                    coalesce(array_agg(status ORDER BY id), '{}'), $4, $5 \
              FROM changed",
         )
         .await?;
     client
-        .execute(&stmt, &[&auction_id, &n, &winning_bid, data])
+        .execute(&stmt, &[&auction_id, &n, &winning_bid, data, &version])
         .await
 }
 

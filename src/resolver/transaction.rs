@@ -236,8 +236,14 @@ async fn write(
         .prepare_cached("SELECT pg_notify($1, n) FROM unnest($2::text[]) AS n")
         .await?;
     let notify_params: [&(dyn ToSql + Sync); 2] = [&listener::RESOLVED_CHANNEL, &notifications];
-    let changes: Vec<(Uuid, Vec<BidChange>)> = (plan.batches.iter())
-        .map(|b| (b.auction_id, bid_changes(b, &plan.outcomes, snapshot)))
+    let changes: Vec<(Uuid, i64, Vec<BidChange>)> = (plan.batches.iter())
+        .map(|b| {
+            (
+                b.auction_id,
+                b.version,
+                bid_changes(b, &plan.outcomes, snapshot),
+            )
+        })
         .collect();
     match futures::join!(
         futures::future::try_join_all(updates.iter().map(|u| auctions::compare_and_set(tx, u))),
@@ -250,9 +256,9 @@ async fn write(
         tx.execute(custom_plans, &[]),
         bids::dequeue(tx, &plan.outcomes),
         bids::record_outcomes(tx, &plan.outcomes),
-        futures::future::try_join_all(
-            (changes.iter()).map(|(id, changes)| events::record_bid_changes(tx, *id, 0, changes))
-        ),
+        futures::future::try_join_all((changes.iter()).map(|(id, version, changes)| {
+            events::record_bid_changes(tx, *id, 0, *version, changes)
+        })),
     ) {
         (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written), Ok(_)) => Ok(Written {
             won,
@@ -304,16 +310,15 @@ async fn settle(
     plan: &Plan<'_>,
     snapshot: &Snapshot,
 ) -> Result<(), ResolveError> {
-    futures::future::try_join_all(
-        plan.batches.iter().filter_map(|b| {
-            let winner = b.settlement.as_ref()?.as_ref();
-            let auction = snapshot.auctions.get(&b.auction_id)?;
-            let data = settled_event(auction, b, winner, snapshot.now);
-            Some(async move {
-                events::settle(tx, b.auction_id, 1, winner.map(|w| w.bid_id), &data).await
-            })
-        }),
-    )
+    futures::future::try_join_all(plan.batches.iter().filter_map(|b| {
+        let winner = b.settlement.as_ref()?.as_ref();
+        let auction = snapshot.auctions.get(&b.auction_id)?;
+        let data = settled_event(auction, b, winner, snapshot.now);
+        Some(async move {
+            let winning_bid = winner.map(|w| w.bid_id);
+            events::settle(tx, b.auction_id, 1, b.version, winning_bid, &data).await
+        })
+    }))
     .await?;
     Ok(())
 }
