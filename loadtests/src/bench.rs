@@ -11,10 +11,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
+use rustix::process::{getrlimit, setrlimit, Resource};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit;
 use crate::cpu::CpuWatch;
+use crate::freshness;
 use crate::generator::{self, Target};
 use crate::report::{Ceiling, Machine, Report, RunReport};
 use crate::scenario::Scenario;
@@ -243,6 +245,9 @@ async fn run_mode(
         replica.map(|r| r.url(&database)).unwrap_or_default(),
     );
     settings.insert("GAVEL_BID_PATH".into(), mode.to_owned());
+    if let Some(watchers) = &scenario.watchers {
+        room_for_streams(&mut settings, watchers.count);
+    }
     eprintln!("\n== {mode} mode: {} ==", scenario.name);
     let gavel = Gavel::start(&options.launcher, settings).await?;
     let target = Target {
@@ -259,11 +264,40 @@ async fn run_mode(
     let measured = async {
         let output = generator::run(scenario, trace, &target).await?;
         let audit = audit::audit_run(&database_url, &output).await?;
-        anyhow::Ok(RunReport::new(mode, scenario, &output, audit))
+        let mut report = RunReport::new(mode, scenario, &output, audit);
+        report.set_freshness(freshness::measure(&database_url, &output).await?, scenario);
+        anyhow::Ok(report)
     }
     .await;
     gavel.stop().await?;
     measured
+}
+
+/// Gavel's defaults hold 10,000 streams and 10,000 connections in all:
+/// with `watchers` streams open, Gavel is given a tenth more stream places
+/// (a dropped stream's place is freed within seconds, while its watcher
+/// comes back at once) and 10,000 connections for the requests beside
+/// them, unless the settings say otherwise. The open-file limit of this
+/// process, which Gavel inherits, is raised to its hard limit to hold them.
+fn room_for_streams(settings: &mut HashMap<String, String>, watchers: usize) {
+    let streams = watchers + watchers / 10;
+    let connections = streams + 10_000;
+    settings
+        .entry("GAVEL_MAX_STREAMS".into())
+        .or_insert_with(|| streams.max(10_000).to_string());
+    settings
+        .entry("GAVEL_MAX_CONNECTIONS".into())
+        .or_insert_with(|| connections.to_string());
+    let mut files = getrlimit(Resource::Nofile);
+    files.current = files.maximum;
+    let _ = setrlimit(Resource::Nofile, files);
+    let open_files = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if open_files < (watchers + 10_000) as u64 {
+        eprintln!(
+            "(the open-file limit is {open_files}: too low for {watchers} streams beside the requests; \
+             raise it with `ulimit -n` before the bench)"
+        );
+    }
 }
 
 /// The database a run in `mode` uses (made afresh for each run).
@@ -334,6 +368,9 @@ async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Op
             // in the report against (the log is kept with the report).
             ("log_checkpoints".into(), "on".into()),
             ("log_autovacuum_min_duration".into(), "0".into()),
+            // When each change committed, for the watchers' and readers'
+            // delays (crate::freshness).
+            ("track_commit_timestamp".into(), "on".into()),
         ];
         if with_statements {
             primary_options.settings.extend([

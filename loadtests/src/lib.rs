@@ -4,7 +4,8 @@
 //!
 //! - [`scenario`], [`trace`]: what is offered (TOML scenarios, CSV traces).
 //! - [`generator`]: the open-model load generator, over [`client`], retrying as [`retry`] says; [`record`]: what it measured.
-//! - [`audit`]: the database check after every run.
+//! - [`audit`]: the database check after every run; [`freshness`]: how soon
+//!   watchers and readers saw each committed change ([`receipts`]: when they did).
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
 //! - [`priority`]: the load's runtime, at a lower scheduling priority than the service.
@@ -15,9 +16,11 @@ pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod disk;
+pub mod freshness;
 pub mod generator;
 pub mod priority;
 mod probe;
+pub mod receipts;
 pub mod record;
 pub mod report;
 pub mod retry;

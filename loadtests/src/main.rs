@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
 use gavel_loadtest::report::{Machine, Report, RunReport};
 use gavel_loadtest::scenario::Scenario;
-use gavel_loadtest::{audit, cpu, generator, trace};
+use gavel_loadtest::{audit, cpu, freshness, generator, trace};
 
 /// mimalloc, as in `gavel`: the generator allocates per request on every
 /// worker thread, and should spend the machine's cores on load, not malloc.
@@ -266,7 +266,11 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
         record_trace(&path, &output)?;
     }
     let audit = audit::audit_run(&args.database_url, &output).await?;
-    let report = RunReport::new(&args.mode, &scenario, &output, audit);
+    let mut report = RunReport::new(&args.mode, &scenario, &output, audit);
+    report.set_freshness(
+        freshness::measure(&args.database_url, &output).await?,
+        &scenario,
+    );
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from(format!(
             "{}-{}-{}.json",

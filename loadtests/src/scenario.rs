@@ -34,6 +34,9 @@ pub struct Scenario {
     /// Clients polling auction views.
     #[serde(default)]
     pub readers: Readers,
+    /// Clients watching auctions live (Server-Sent Events).
+    #[serde(default)]
+    pub watchers: Option<Watchers>,
     /// The game client's timeout and retry policy.
     #[serde(default)]
     pub client: Client,
@@ -72,6 +75,11 @@ pub struct Targets {
     /// No 5xx, timeouts or transport errors at all.
     #[serde(default = "yes")]
     pub zero_errors: bool,
+    /// Highest p99 of the watchers' delay from a change's commit to its
+    /// receipt, in ms; every watcher must also end on its auction's final
+    /// version.
+    #[serde(default)]
+    pub watch_p99_ms: Option<f64>,
 }
 
 /// A group of auctions with the same terms and share of the traffic.
@@ -201,6 +209,70 @@ impl Default for Readers {
             if_none_match: true,
         }
     }
+}
+
+/// Game clients watching auctions live: each holds one event stream
+/// (`GET /api/auctions/{id}/events`) with its own token, from before second
+/// 0 until the auction's `end` event, resuming with `Last-Event-ID` when
+/// the stream drops.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watchers {
+    /// Streams held, spread evenly over `auctions`.
+    pub count: usize,
+    /// Labels of the auctions watched (`hot`, `warm-2`).
+    #[serde(default = "default_watched")]
+    pub auctions: Vec<String>,
+    /// Seconds over which the streams connect, ending before second 0.
+    #[serde(default = "default_connect_ramp_s")]
+    pub connect_ramp_s: f64,
+    /// How long after the bidding phase a watcher waits for its auction's
+    /// `end` event before it gives up.
+    #[serde(default = "default_end_wait_s")]
+    pub end_wait_s: f64,
+}
+
+impl Watchers {
+    /// Checks every field against the auction `labels` of the run (none
+    /// with a trace: its labels are known only once it is read).
+    fn check(&self, labels: Option<&[String]>) -> anyhow::Result<()> {
+        ensure!(
+            (1..=100_000).contains(&self.count),
+            "watchers.count: must be 1 to 100000"
+        );
+        ensure!(
+            !self.auctions.is_empty(),
+            "watchers.auctions: name at least one"
+        );
+        if let Some(labels) = labels {
+            for label in &self.auctions {
+                ensure!(
+                    labels.contains(label),
+                    "watchers.auctions: no auction '{label}' (the run has {})",
+                    labels.join(", ")
+                );
+            }
+        }
+        ensure!(
+            self.connect_ramp_s.is_finite() && (0.0..=600.0).contains(&self.connect_ramp_s),
+            "watchers.connect_ramp_s: must be 0 to 600"
+        );
+        ensure!(
+            self.end_wait_s.is_finite() && (1.0..=3_600.0).contains(&self.end_wait_s),
+            "watchers.end_wait_s: must be 1 to 3600"
+        );
+        Ok(())
+    }
+}
+
+fn default_watched() -> Vec<String> {
+    vec!["hot".into()]
+}
+fn default_connect_ramp_s() -> f64 {
+    5.0
+}
+fn default_end_wait_s() -> f64 {
+    60.0
 }
 
 /// The game client's timeout and retry policy (see [`crate::retry`]).
@@ -477,6 +549,10 @@ impl Scenario {
             "readers.rate: must be 0 to 100000"
         );
         self.client.check()?;
+        if let Some(watchers) = &self.watchers {
+            let labels = self.trace.is_none().then(|| self.auction_labels());
+            watchers.check(labels.as_deref())?;
+        }
         if let Some(trace) = &self.trace {
             ensure!(
                 trace.speed.is_finite() && trace.speed > 0.0 && trace.speed <= 1_000.0,
@@ -484,6 +560,19 @@ impl Scenario {
             );
         }
         self.check_sustainable()
+    }
+
+    /// The labels of the synthetic run's auctions, in order: each group's
+    /// label, then `label-2`, `label-3`, ...
+    pub fn auction_labels(&self) -> Vec<String> {
+        (self.auctions.iter())
+            .flat_map(|group| {
+                (0..group.count).map(move |i| match i {
+                    0 => group.label.clone(),
+                    _ => format!("{}-{}", group.label, i + 1),
+                })
+            })
+            .collect()
     }
 
     /// `[[auctions]]`: each group, their labels unique, and (without a
@@ -800,6 +889,17 @@ mod tests {
         let scenario: Scenario = toml::from_str(&bad).unwrap();
         let e = scenario.check().unwrap_err().to_string();
         assert!(e.contains("arrival.to_rate"), "{e}");
+
+        let watching = |auctions: &str| {
+            let text = format!(
+                "{}\n[watchers]\ncount = 5\nauctions = {auctions}\n",
+                minimal()
+            );
+            toml::from_str::<Scenario>(&text).unwrap().check()
+        };
+        watching(r#"["hot"]"#).unwrap();
+        let e = watching(r#"["hot-2"]"#).unwrap_err().to_string();
+        assert!(e.contains("watchers.auctions: no auction 'hot-2'"), "{e}");
 
         let unknown = minimal().replace("count = 10", "count = 10\nspeed = 3");
         let e = toml::from_str::<Scenario>(&unknown)

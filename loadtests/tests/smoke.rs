@@ -148,6 +148,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         assert!(cpu.us_per_bid(cpu.cpu.busy).is_some_and(|us| us > 0.0));
         let series = run.series.cpu.as_ref().expect("CPU use by second");
         assert!(series.seconds.len() >= cpu.cpu.seconds);
+        watchers_saw_every_auction_to_its_end(run);
     }
     // The row-lock baseline resolves at once; the log path through the resolver.
     let log = &report.runs[0];
@@ -185,6 +186,8 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "| PostgreSQL primary: client backends |",
         "✔ every bid answered 2xx",
         "ran 10 nice steps below Gavel and PostgreSQL",
+        "## Watching and polling",
+        "| 12 (hot, warm-2) |",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
     }
@@ -206,11 +209,55 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
     }
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(
-        svg.starts_with("<svg") && svg.contains("row_lock") && svg.contains("<polyline"),
+        svg.starts_with("<svg")
+            && svg.contains("row_lock")
+            && svg.contains("<polyline")
+            && svg.contains("Watchers: versions received"),
         "{}",
         &svg[..200.min(svg.len())]
     );
     std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// The smoke scenario's watchers (on `hot` and `warm-2`) each held a
+/// stream, received versions timed from their commits, and ended on their
+/// auction's final version; the readers' answers were timed too.
+fn watchers_saw_every_auction_to_its_end(run: &RunReport) {
+    let w = run
+        .watchers
+        .as_ref()
+        .expect("the smoke scenario has watchers");
+    assert_eq!(
+        (w.watchers, &w.auctions[..]),
+        (12, &["hot".to_owned(), "warm-2".to_owned()][..])
+    );
+    assert!(
+        w.counts.connects >= 12 && w.open_max > 0,
+        "{}: {w:?}",
+        run.mode
+    );
+    assert!(w.counts.received >= 12, "{}: {w:?}", run.mode);
+    assert_eq!(w.counts.initial, 12, "{}: {w:?}", run.mode);
+    assert_eq!(w.ended_on_final, 12, "{}: {w:?}", run.mode);
+    let delay = &w.commit_to_receipt_ms;
+    assert_eq!(w.note, None, "{}: {w:?}", run.mode);
+    assert!(
+        delay.count > 0 && delay.count + w.without_commit_time == w.counts.received,
+        "{}: {w:?}",
+        run.mode
+    );
+    assert!(
+        delay.p50 > 0.0 && delay.max < 2_000.0,
+        "{}: {w:?}",
+        run.mode
+    );
+    let versions: u64 = run.series.watchers.iter().map(|s| s.versions).sum();
+    assert!(
+        versions > 0 && versions <= w.counts.received,
+        "{versions} {w:?}"
+    );
+    let reads = run.read_freshness.as_ref().expect("the readers' staleness");
+    assert!(reads.answers > 0 && reads.note.is_none(), "{reads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

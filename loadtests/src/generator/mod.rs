@@ -2,8 +2,10 @@
 //! schedule that never waits for answers, each latency measured from its
 //! intended send time; bids are retried with the same Idempotency-Key as a
 //! game client would ([`crate::retry`]), and every bid sent is kept with
-//! what its client knows of its fate, for the audit. A run's steps are the
-//! submodules: `setup`, `schedule`, `send`, `monitor` and `steps`.
+//! what its client knows of its fate, for the audit. Watchers hold live
+//! streams beside them and file when each version reached them. A run's
+//! steps are the submodules: `setup`, `schedule`, `send`, `watchers`,
+//! `monitor` and `steps`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -22,6 +24,7 @@ use crate::client::Client;
 use crate::cpu::{CpuSeconds, CpuUse, CpuWatch, CpuWindow};
 use crate::disk::{DiskSecond, DiskSeconds};
 use crate::priority::LoweredRuntime;
+use crate::receipts::Seen;
 use crate::record::{Recorder, Window};
 use crate::retry::Retries;
 use crate::scenario::{Scenario, Shape};
@@ -34,6 +37,9 @@ mod schedule;
 mod send;
 mod setup;
 mod steps;
+mod watchers;
+
+pub use watchers::{WatchCounts, WatchOutput, WatcherEnd};
 
 /// Where the Gavel under test is and how to sign its tokens.
 #[derive(Debug, Clone)]
@@ -145,6 +151,12 @@ pub struct RunOutput {
     pub cpu: Option<CpuUse>,
     /// Nice steps the requests were sent at, below the other threads.
     pub generator_nice: i32,
+    /// The wall-clock instant that receipt times count from.
+    pub origin_at: DateTime<Utc>,
+    /// What the watchers measured, when the scenario has them.
+    pub watchers: Option<WatchOutput>,
+    /// Every read answered with a view (`200` or `304`), in no order.
+    pub seen: Vec<Seen>,
 }
 
 /// The auctions' last known next minimum bid and ETag, as the clients
@@ -182,6 +194,12 @@ struct Shared {
     disk: Option<DiskSeconds>,
     /// CPU use by process group, when it is measured.
     cpu: Option<CpuSeconds>,
+    /// The instant receipt times count from (before any watcher connects).
+    origin: Instant,
+    /// The watchers, when the scenario has them.
+    watching: Option<watchers::Watching>,
+    /// The versions the readers' answers showed.
+    seen: Mutex<Vec<Seen>>,
 }
 
 /// How one bid's amount is chosen.
@@ -204,6 +222,7 @@ pub async fn run(
         auctions,
         probes,
         duration_s,
+        origin_at,
     } = setup::prepare(scenario, trace, target).await?;
     // The wall-clock instant of second 0, for the report.
     let started_at = Utc::now()
@@ -213,8 +232,10 @@ pub async fn run(
     // spawn, their connections included, stays on it); the set-up, the
     // monitor and the probes stay on this one.
     let load = LoweredRuntime::start(target.generator_nice)?;
+    let watchers = watchers::start(&load, &shared);
     schedule::offer(&load, &shared, scenario, trace, &auctions, duration_s).await?;
     wait_for_open_requests(&shared).await?;
+    watchers::finish(&shared, watchers, duration_s).await;
     shared.stop.store(true, Ordering::Release);
     let (mut steps, server) = monitor.finish().await?;
     load.stop().await;
@@ -235,6 +256,9 @@ pub async fn run(
         disk,
         cpu,
         generator_nice: target.generator_nice,
+        origin_at,
+        watchers: shared.watching.map(watchers::Watching::output),
+        seen: shared.seen.into_inner().expect("seen views"),
     })
 }
 

@@ -97,6 +97,9 @@ async fn monitor(
                 judged,
             )
         };
+        if let Some(watching) = &shared.watching {
+            watching.sample_open(last);
+        }
         let line = progress_line(&shared, now, last, (&bids, &reads), sample.as_ref());
         eprintln!("{line}");
         if let Some(s) = sample {
@@ -161,6 +164,11 @@ fn progress_line(
         ms(reads.p99_ms),
         shared.open.load(Ordering::Relaxed),
     );
+    if let Some(watching) = &shared.watching {
+        let open = watching.open.load(Ordering::Acquire);
+        let events = (watching.events_by_second.get(last)).map_or(0, |c| c.load(Ordering::Relaxed));
+        line.push_str(&format!(" | watchers: open {open}, versions {events}/s"));
+    }
     if let Some(disk) = &shared.disk {
         let flush = disk.max_ms(last, last + 1);
         line.push_str(&format!(" | disk flush max {}", ms(flush)));

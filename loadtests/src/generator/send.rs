@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{Amount, Fate, SentBid, Shared};
 use crate::client::{self, Failure};
+use crate::receipts::Seen;
 use crate::record::{Ended, Ending, Kind};
 use crate::retry::Decision;
 
@@ -243,15 +244,18 @@ fn bid_request(
 pub(super) async fn send_read(shared: &Shared, intended: Instant, auction: usize, reader: usize) {
     let mut request = Request::get(shared.read_paths[auction].clone())
         .header(AUTHORIZATION, shared.bearer[reader].clone());
-    if shared.if_none_match {
-        if let Some(tag) = shared.book.etags[auction].lock().expect("etag").clone() {
-            request = request.header(IF_NONE_MATCH, tag);
-        }
+    let tag = if shared.if_none_match {
+        shared.book.etags[auction].lock().expect("etag").clone()
+    } else {
+        None
+    };
+    if let Some(tag) = &tag {
+        request = request.header(IF_NONE_MATCH, tag.clone());
     }
     let request = request
         .body(client::Body::default())
         .expect("the request is well formed");
-    let ending = match attempt_read(shared, request, auction).await {
+    let ending = match attempt_read(shared, request, auction, tag).await {
         Answer::Status(status, _, _, _)
             if status.is_success() || status == StatusCode::NOT_MODIFIED =>
         {
@@ -277,8 +281,14 @@ pub(super) async fn send_read(shared: &Shared, intended: Instant, auction: usize
     });
 }
 
-/// One read; a fresh view updates what the clients know of the auction.
-async fn attempt_read(shared: &Shared, request: Request<client::Body>, auction: usize) -> Answer {
+/// One read (`tag`: the `If-None-Match` it sent); a fresh view updates
+/// what the clients know of the auction, and the version shown is filed.
+async fn attempt_read(
+    shared: &Shared,
+    request: Request<client::Body>,
+    auction: usize,
+    tag: Option<HeaderValue>,
+) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
@@ -287,6 +297,18 @@ async fn attempt_read(shared: &Shared, request: Request<client::Body>, auction: 
         Err(Failure::Timeout) => return Answer::Timeout,
         Err(Failure::Transport) => return Answer::Transport,
     };
+    let shown = match response.status {
+        StatusCode::OK => response.headers.get(ETAG),
+        StatusCode::NOT_MODIFIED => tag.as_ref(),
+        _ => None,
+    };
+    if let Some(version) = shown.and_then(etag_version) {
+        shared.seen.lock().expect("seen views").push(Seen {
+            auction: auction as u32,
+            version,
+            at_us: shared.origin.elapsed().as_micros() as u64,
+        });
+    }
     if response.status == StatusCode::OK {
         #[derive(Deserialize)]
         struct View {
@@ -300,4 +322,10 @@ async fn attempt_read(shared: &Shared, request: Request<client::Body>, auction: 
         }
     }
     Answer::Status(response.status, None, response.body, false)
+}
+
+/// The version a strong `ETag` (`"42"`) names.
+fn etag_version(tag: &HeaderValue) -> Option<i64> {
+    let tag = tag.to_str().ok()?;
+    tag.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
 }

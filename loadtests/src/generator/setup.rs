@@ -12,15 +12,18 @@ use hyper::header::HeaderValue;
 use hyper::{StatusCode, Uri};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::watchers::{Tally, Watching};
 use super::{Book, RunAuction, Shared, Target};
 use crate::client::Client;
 use crate::cpu::{CpuProbe, CpuUse};
 use crate::disk::{DiskProbe, DiskSecond};
+use crate::receipts::Receipts;
 use crate::record::Recorder;
 use crate::retry::Retries;
-use crate::scenario::{AuctionGroup, Scenario};
+use crate::scenario::{AuctionGroup, Scenario, Watchers};
 use crate::trace::TraceBid;
 use gavel::auth::{JwtKeys, Role};
 use gavel::rules::Increments;
@@ -35,6 +38,8 @@ pub(super) struct Setup {
     pub probes: Probes,
     /// The bidding phase, in seconds.
     pub duration_s: f64,
+    /// The wall-clock instant of `shared.origin`.
+    pub origin_at: DateTime<Utc>,
 }
 
 /// Creates the run's auctions, mints its tokens and starts the probes.
@@ -50,8 +55,13 @@ pub(super) async fn prepare(
     let client = Client::new(&target.api).await?;
     let keys = JwtKeys::new(&target.jwt_secret, &target.jwt_audience);
     let duration_s = run_duration(scenario, trace);
-    // Second 0 starts once setup is surely done; auctions end relative to it.
-    let lead = Duration::from_secs(3);
+    let (origin, origin_at) = (Instant::now(), Utc::now());
+    // Second 0 starts once setup is surely done and the watchers have
+    // connected; auctions end relative to it.
+    let ramp = (scenario.watchers.as_ref()).map_or(Duration::ZERO, |w| {
+        Duration::from_secs_f64(w.connect_ramp_s + 1.0)
+    });
+    let lead = Duration::from_secs(3) + ramp;
     let start_wall = Utc::now() + chrono::Duration::from_std(lead)?;
     let planned = plan_auctions(scenario, trace, start_wall, duration_s);
     eprintln!("setting up: {} auctions, minting tokens ...", planned.len());
@@ -60,6 +70,10 @@ pub(super) async fn prepare(
     let bearer = bearer_tokens(&keys, &bidder_names);
     let starting: Vec<i64> = planned.iter().map(|(_, g)| g.starting_price).collect();
     let t0 = Instant::now() + lead.saturating_sub(Duration::from_millis(200));
+    let watching = match &scenario.watchers {
+        Some(watchers) => Some(watching(watchers, &auctions, &keys, duration_s)?),
+        None => None,
+    };
     let probes = Probes::start(target, t0)?;
     let shared = Shared {
         t0,
@@ -85,12 +99,53 @@ pub(super) async fn prepare(
         cpu: probes.cpu.as_ref().map(CpuProbe::seconds),
         client,
         scraper: http,
+        origin,
+        watching,
+        seen: Mutex::new(Vec::new()),
     };
     Ok(Setup {
         shared: Arc::new(shared),
         auctions,
         probes,
         duration_s,
+        origin_at,
+    })
+}
+
+/// The watchers of the run: their auctions' stream paths, their tokens
+/// (`watcher-<n>`, bidders who only watch), and their connect ramp,
+/// starting now.
+fn watching(
+    watchers: &Watchers,
+    auctions: &[RunAuction],
+    keys: &JwtKeys,
+    duration_s: f64,
+) -> anyhow::Result<Watching> {
+    let watched = (watchers.auctions.iter())
+        .map(|label| {
+            let index = (auctions.iter().position(|a| &a.label == label))
+                .with_context(|| format!("watchers.auctions: the run has no auction '{label}'"))?;
+            let path = Uri::try_from(format!("/api/auctions/{}/events", auctions[index].id))?;
+            anyhow::Ok((index, path))
+        })
+        .collect::<Result<_, _>>()?;
+    let names: Vec<String> = (0..watchers.count)
+        .map(|i| format!("watcher-{i}"))
+        .collect();
+    let (events_by_second, open_by_second) = Watching::seconds(duration_s);
+    Ok(Watching {
+        watched,
+        bearer: bearer_tokens(keys, &names),
+        first_connect: Instant::now(),
+        ramp: Duration::from_secs_f64(watchers.connect_ramp_s),
+        end_wait: Duration::from_secs_f64(watchers.end_wait_s),
+        stop: CancellationToken::new(),
+        receipts: Receipts::new(auctions.len()),
+        tally: Tally::default(),
+        open: AtomicUsize::new(0),
+        events_by_second,
+        open_by_second,
+        endings: Mutex::new(Vec::new()),
     })
 }
 
@@ -214,21 +269,13 @@ fn plan_auctions<'a>(
                 })
                 .collect()
         }
-        None => scenario
-            .auctions
-            .iter()
-            .flat_map(|group| {
-                (0..group.count).map(move |i| {
-                    let label = if i == 0 {
-                        group.label.clone()
-                    } else {
-                        format!("{}-{}", group.label, i + 1)
-                    };
-                    (label, group)
-                })
-            })
-            .map(|(label, group)| make(label, group))
-            .collect(),
+        None => {
+            let groups = (scenario.auctions.iter())
+                .flat_map(|group| std::iter::repeat(group).take(group.count));
+            (scenario.auction_labels().into_iter().zip(groups))
+                .map(|(label, group)| make(label, group))
+                .collect()
+        }
     }
 }
 

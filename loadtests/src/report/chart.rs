@@ -31,7 +31,9 @@ type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
 /// Throughput, latency, errors and CPU over time, one line per run.
 pub(super) fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1200, 1450)).into_drawing_area();
+    let watched = report.runs.iter().any(|r| !r.series.watchers.is_empty());
+    let (panels, height) = if watched { (5, 1800) } else { (4, 1450) };
+    let root = SVGBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let root = root
         .titled(
@@ -42,7 +44,7 @@ pub(super) fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
             ("sans-serif", 22),
         )
         .map_err(plot_error)?;
-    let panels = root.split_evenly((4, 1));
+    let panels = root.split_evenly((panels, 1));
     let x_max = report
         .runs
         .iter()
@@ -54,6 +56,9 @@ pub(super) fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     latency_panel(report, &panels[1], x_max)?;
     errors_panel(report, &panels[2], x_max)?;
     cpu_panel(report, &panels[3], x_max)?;
+    if watched {
+        watchers_panel(report, &panels[4], x_max)?;
+    }
     root.present().map_err(plot_error)?;
     Ok(())
 }
@@ -215,6 +220,41 @@ fn cpu_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()> {
             .label(report.label(r))
             .legend(legend_line(color));
         c.draw_series(LineSeries::new(share(|s| s.steal), color.mix(0.6)))
+            .map_err(plot_error)?;
+    }
+    draw_legend(&mut c)
+}
+
+/// Watchers, log scale: versions received per second (thick) and streams
+/// open (thin).
+fn watchers_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()> {
+    let y_max = (report.runs.iter())
+        .flat_map(|r| r.series.watchers.iter())
+        .map(|s| s.versions.max(u64::from(s.open)))
+        .max()
+        .unwrap_or(1)
+        .max(10) as f64
+        * 1.5;
+    let mut c = panel(
+        area,
+        "Watchers: versions received per second (thick), streams open (thin)",
+    )
+    .build_cartesian_2d(0f64..x_max, (1f64..y_max).log_scale())
+    .map_err(plot_error)?;
+    c.configure_mesh()
+        .x_desc("seconds")
+        .draw()
+        .map_err(plot_error)?;
+    for (i, r) in report.runs.iter().enumerate() {
+        let seconds = || r.series.watchers.iter().enumerate();
+        let color = color(i);
+        let versions = seconds().map(|(t, s)| (t as f64, (s.versions as f64).max(1.0)));
+        c.draw_series(LineSeries::new(versions, color.stroke_width(2)))
+            .map_err(plot_error)?
+            .label(report.label(r))
+            .legend(legend_line(color));
+        let open = seconds().map(|(t, s)| (t as f64, f64::from(s.open).max(1.0)));
+        c.draw_series(LineSeries::new(open, color.mix(0.6)))
             .map_err(plot_error)?;
     }
     draw_legend(&mut c)

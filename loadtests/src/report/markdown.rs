@@ -14,6 +14,7 @@ impl Report {
         self.bids_section(&mut md);
         self.endings_section(&mut md);
         self.server_section(&mut md);
+        self.watching_section(&mut md);
         self.steps_section(&mut md);
         self.cpu_section(&mut md);
         self.ceiling_section(&mut md);
@@ -169,6 +170,102 @@ impl Report {
         if self.runs.iter().any(|r| r.disk.is_some()) {
             md.push_str("\nEvery acknowledged bid waits for a WAL flush: a slow flush of the database's disk (probed beside it, one 8 kB write and `fdatasync` every 10 ms) holds every bid committing at that moment, whatever Gavel does.\n");
         }
+    }
+
+    /// "Watching and polling": the watchers' streams, the readers'
+    /// staleness, and what Gavel and PostgreSQL spent while they ran; only
+    /// for runs that measured either.
+    fn watching_section(&self, md: &mut String) {
+        let measured = |r: &&RunReport| r.watchers.is_some() || r.read_freshness.is_some();
+        if !self.runs.iter().any(|r| measured(&r)) {
+            return;
+        }
+        md.push_str("\n## Watching and polling\n\nDelays run from each change's commit (PostgreSQL's commit timestamp of the transaction that made the auction's version) to its receipt by the client, on this machine's one clock (loadtests/README.md, \"Watchers\").\n\n");
+        self.watchers_table(md);
+        self.staleness_table(md);
+        md.push_str("\n| mode | Gavel CPU | PostgreSQL CPU | Gavel + PostgreSQL | Gavel RSS (max) |\n| --- | ---: | ---: | ---: | ---: |\n");
+        for r in self.runs.iter().filter(measured) {
+            let (gavel, postgres) = r.cpu.as_ref().map_or((None, None), service_cores);
+            let cores = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.2} cores"));
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                self.label(r),
+                cores(gavel),
+                cores(postgres),
+                cores(gavel.zip(postgres).map(|(g, p)| g + p)),
+                (r.server.rss_max_mib).map_or("-".into(), |m| format!("{m:.0} MiB")),
+            ));
+        }
+        md.push_str("\nCPU is CPU-seconds per second over the run's bidding phase (cores on average), read from `/proc`.\n");
+    }
+
+    /// The watchers of each run that had them.
+    fn watchers_table(&self, md: &mut String) {
+        if self.runs.iter().all(|r| r.watchers.is_none()) {
+            return;
+        }
+        md.push_str("| mode | watchers (auctions) | streams open (max) | reconnects | refused (503) | versions received | versions skipped | commit → receipt p50 | p99 | max | ended on the final version |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in &self.runs {
+            let Some(w) = &r.watchers else { continue };
+            let d = &w.commit_to_receipt_ms;
+            md.push_str(&format!(
+                "| {} | {} ({}) | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {} of {} |\n",
+                self.label(r),
+                w.watchers,
+                w.auctions.join(", "),
+                w.open_max,
+                w.counts.reconnects,
+                w.counts.refused,
+                w.counts.received,
+                w.counts.skipped,
+                d.p50,
+                d.p99,
+                d.max,
+                w.ended_on_final,
+                w.watchers,
+            ));
+            let notes = [
+                (w.ended_elsewhere > 0).then(|| {
+                    format!(
+                        "{} watchers got `end` but not the final version before it",
+                        w.ended_elsewhere
+                    )
+                }),
+                (w.never_ended > 0).then(|| format!("{} watchers never got `end`", w.never_ended)),
+                (w.without_commit_time > 0).then(|| {
+                    format!(
+                        "{} versions received have no commit time",
+                        w.without_commit_time
+                    )
+                }),
+                w.note.clone(),
+            ];
+            for note in notes.into_iter().flatten() {
+                md.push_str(&format!("\n- **{}**: {note}.\n", self.label(r)));
+            }
+        }
+    }
+
+    /// The staleness of the readers' answers in each run that had readers.
+    fn staleness_table(&self, md: &mut String) {
+        if self.runs.iter().all(|r| r.read_freshness.is_none()) {
+            return;
+        }
+        md.push_str("\n| mode | reads answered with a view | stale answers | staleness p50 | p99 | max |\n| --- | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in &self.runs {
+            let Some(f) = &r.read_freshness else { continue };
+            let q = &f.staleness_ms;
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+                self.label(r),
+                f.answers,
+                f.stale,
+                q.p50,
+                q.p99,
+                q.max
+            ));
+        }
+        md.push_str("\nAn answer is stale when a newer version had committed before it came; its staleness is how long before (0 otherwise). A screen polled once a second is, between polls, up to a second older still.\n");
     }
 
     /// "Highest sustainable bid rate": the steps of each rate-finding run.
@@ -384,6 +481,18 @@ fn cpu_rows(md: &mut String, runs: &[(&RunReport, &CpuBreakdown)]) {
         }
         md.push('\n');
     }
+}
+
+/// Gavel's and PostgreSQL's cores in `cpu` (none for Gavel when it ran
+/// inside the generator's process).
+fn service_cores(cpu: &CpuBreakdown) -> (Option<f64>, Option<f64>) {
+    let groups = &cpu.cpu.groups;
+    let gavel = (groups.iter()).find(|(n, _)| n == "Gavel").map(|(_, c)| *c);
+    let postgres = (groups.iter())
+        .filter(|(n, _)| n.starts_with("PostgreSQL"))
+        .map(|(_, c)| *c)
+        .sum();
+    (gavel, Some(postgres))
 }
 
 impl CpuBreakdown {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::audit::AuditReport;
 use crate::cpu::{CpuUse, CpuWindow};
 use crate::disk::{self, DiskSecond};
+use crate::freshness::{ReadFreshness, WatchReport};
 use crate::generator::{RunOutput, StepResult};
 use crate::record::{Kind, Point, StreamSummary};
 use crate::scenario::{Client, Scenario};
@@ -67,6 +68,14 @@ pub struct RunReport {
     /// written before it was recorded).
     #[serde(default)]
     pub client: Option<Client>,
+    /// The watchers' streams, measured against the commits (scenarios
+    /// with watchers).
+    #[serde(default)]
+    pub watchers: Option<WatchReport>,
+    /// How stale the readers' answers were (runs with readers, measured
+    /// against the commits).
+    #[serde(default)]
+    pub read_freshness: Option<ReadFreshness>,
     /// The scenario's targets, checked against this run.
     pub targets: Vec<TargetCheck>,
     /// Per-second figures.
@@ -191,6 +200,18 @@ pub struct Series {
     /// CPU use by process group, by second (when measured).
     #[serde(default)]
     pub cpu: Option<CpuUse>,
+    /// The watchers' streams open and versions received, by second.
+    #[serde(default)]
+    pub watchers: Vec<WatchSecond>,
+}
+
+/// The watchers in one second of a run.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct WatchSecond {
+    /// Streams open at its end.
+    pub open: u32,
+    /// Versions received in it.
+    pub versions: u64,
 }
 
 impl RunReport {
@@ -251,7 +272,10 @@ impl RunReport {
                 server: output.server.clone(),
                 disk: output.disk.clone(),
                 cpu: output.cpu.clone(),
+                watchers: watch_seconds(output),
             },
+            watchers: None,
+            read_freshness: None,
         };
         report.cpu = output
             .cpu
@@ -259,6 +283,41 @@ impl RunReport {
             .and_then(|usage| CpuBreakdown::of(usage, output, &report.bids));
         report.targets = report.check_targets(scenario);
         report
+    }
+
+    /// Files what the watchers and readers saw against the commits
+    /// ([`crate::freshness::measure`]) and checks the targets again.
+    pub fn set_freshness(
+        &mut self,
+        (watchers, readers): (Option<WatchReport>, Option<ReadFreshness>),
+        scenario: &Scenario,
+    ) {
+        (self.watchers, self.read_freshness) = (watchers, readers);
+        self.targets = self.check_targets(scenario);
+    }
+
+    /// The watchers' targets: the p99 of commit -> receipt, and every
+    /// watcher ending on its auction's final version.
+    fn check_watchers(&self, p99: f64, checks: &mut Vec<TargetCheck>) {
+        let Some(w) = &self.watchers else {
+            checks.push(TargetCheck {
+                target: format!("watchers: commit -> receipt p99 <= {p99} ms"),
+                measured: "not measured".into(),
+                met: false,
+            });
+            return;
+        };
+        let measured = w.commit_to_receipt_ms.p99;
+        checks.push(TargetCheck {
+            target: format!("watchers: commit -> receipt p99 <= {p99} ms"),
+            measured: format!("{measured:.1} ms"),
+            met: w.commit_to_receipt_ms.count > 0 && measured <= p99,
+        });
+        checks.push(TargetCheck {
+            target: "every watcher ends on its auction's final version".into(),
+            measured: format!("{} of {}", w.ended_on_final, w.watchers),
+            met: w.ended_on_final == w.watchers,
+        });
     }
 
     /// The scenario's targets are Gavel's; the row-lock baseline is only
@@ -314,6 +373,9 @@ impl RunReport {
                     .map_or("not exported".into(), |m| format!("{m:.0} MiB")),
                 met: self.server.rss_max_mib.is_some_and(|m| m <= rss),
             });
+        }
+        if let Some(p99) = t.watch_p99_ms {
+            self.check_watchers(p99, &mut checks);
         }
         checks
     }
@@ -381,6 +443,22 @@ impl RunReport {
         }
         text
     }
+}
+
+/// The watchers' seconds, up to the last one with a stream open.
+fn watch_seconds(output: &RunOutput) -> Vec<WatchSecond> {
+    let Some(w) = &output.watchers else {
+        return Vec::new();
+    };
+    let seconds = (w.open_by_second.iter().zip(&w.events_by_second))
+        .map(|(&open, &versions)| WatchSecond { open, versions });
+    let mut seconds: Vec<WatchSecond> = seconds.collect();
+    let kept = (seconds.iter())
+        .rposition(|s| s.open > 0 || s.versions > 0)
+        .map_or(0, |last| last + 1)
+        .max(output.duration_s.ceil() as usize);
+    seconds.truncate(kept);
+    seconds
 }
 
 /// The database's raw append ceiling, measured with pgbench.
