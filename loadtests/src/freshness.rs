@@ -168,15 +168,15 @@ fn delays() -> Histogram<u64> {
 fn watch_report(w: &WatchOutput, auctions: &[RunAuction], commits: &Commits) -> WatchReport {
     let mut histogram = delays();
     let mut without = 0;
-    w.receipts.each(|auction, version, at_us, n| {
-        match commits.at(auction, version) {
+    w.receipts.each(
+        |auction, version, at_us, n| match commits.at(auction, version) {
             Some(committed) => {
                 let delay = (at_us as i64 - committed).clamp(1, 3_600_000_000);
                 histogram.saturating_record_n(delay as u64, n);
             }
             None => without += n,
-        };
-    });
+        },
+    );
     let mut report = WatchReport {
         watchers: w.count,
         auctions: (w.auctions.iter())

@@ -232,12 +232,17 @@ pub async fn run(
     // spawn, their connections included, stays on it); the set-up, the
     // monitor and the probes stay on this one.
     let load = LoweredRuntime::start(target.generator_nice)?;
-    let watchers = watchers::start(&load, &shared);
+    // The watchers' streams run on a runtime of their own, at the same
+    // priority: thousands of them must not queue ahead of the requests'
+    // schedule on the same workers.
+    let streams = LoweredRuntime::start(target.generator_nice)?;
+    let watchers = watchers::start(&streams, &shared);
     schedule::offer(&load, &shared, scenario, trace, &auctions, duration_s).await?;
     wait_for_open_requests(&shared).await?;
     watchers::finish(&shared, watchers, duration_s).await;
     shared.stop.store(true, Ordering::Release);
     let (mut steps, server) = monitor.finish().await?;
+    streams.stop().await;
     load.stop().await;
 
     let shared = Arc::into_inner(shared).context("every request task has finished")?;

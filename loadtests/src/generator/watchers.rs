@@ -195,8 +195,7 @@ pub(super) async fn finish(shared: &Shared, watchers: Vec<JoinHandle<()>>, durat
     };
     let deadline = shared.t0 + Duration::from_secs_f64(duration_s) + watching.end_wait;
     let mut pending = watchers.into_iter();
-    for handle in pending.by_ref() {
-        let mut handle = handle;
+    for mut handle in pending.by_ref() {
         if tokio::time::timeout_at(deadline.into(), &mut handle)
             .await
             .is_err()
