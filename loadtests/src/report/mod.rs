@@ -70,11 +70,11 @@ pub struct RunReport {
     pub client: Option<Client>,
     /// The watchers' streams, measured against the commits (scenarios
     /// with watchers).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchers: Option<WatchReport>,
     /// How stale the readers' answers were (runs with readers, measured
     /// against the commits).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_freshness: Option<ReadFreshness>,
     /// The scenario's targets, checked against this run.
     pub targets: Vec<TargetCheck>,
@@ -201,7 +201,7 @@ pub struct Series {
     #[serde(default)]
     pub cpu: Option<CpuUse>,
     /// The watchers' streams open and versions received, by second.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watchers: Vec<WatchSecond>,
 }
 
