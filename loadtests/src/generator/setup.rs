@@ -271,7 +271,7 @@ fn plan_auctions<'a>(
         }
         None => {
             let groups = (scenario.auctions.iter())
-                .flat_map(|group| std::iter::repeat(group).take(group.count));
+                .flat_map(|group| std::iter::repeat_n(group, group.count));
             (scenario.auction_labels().into_iter().zip(groups))
                 .map(|(label, group)| make(label, group))
                 .collect()
