@@ -9,6 +9,7 @@
 //! - [`signals`]: the in-process bus (and its LISTEN/NOTIFY bridge) that
 //!   wakes the resolver and waiting requests; [`error`]: the one
 //!   application error type; [`config`]: settings, validated at start-up.
+//! - [`marketplace`]: events for the marketplace and their admin feed.
 //! - [`telemetry`]: logs, the Prometheus recorder and the `pg_stat_activity`
 //!   sampler.
 //! - [`server`], [`cli`] and `dev` (the `dev` feature, on by default: a
@@ -27,6 +28,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod live;
+pub mod marketplace;
 pub mod rate_limit;
 pub mod resolver;
 pub mod rules;

@@ -9,6 +9,7 @@ pub mod auction_cache;
 pub mod auctions;
 pub mod bids;
 pub mod events;
+pub mod marketplace;
 pub mod reads;
 pub mod silence;
 

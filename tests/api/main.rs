@@ -9,6 +9,7 @@ mod coalescing;
 mod edge;
 mod helpers;
 mod live;
+mod marketplace;
 mod observability;
 mod overload;
 mod processes;
