@@ -2,7 +2,8 @@
 //! `events_marketplace` migrations): every kind but the bidders' `bids`
 //! rows, in log order, only below the oldest transaction still running,
 //! so a page never skips an event that commits late. Shared by the feed
-//! and the webhook dispatcher: one log, several readers.
+//! and the webhook dispatcher: one log, several readers. Also the log's
+//! retention ([`prune`]).
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -104,4 +105,26 @@ fn market_event(row: &tokio_postgres::Row) -> Result<MarketEvent, tokio_postgres
         at: row.try_get(5)?,
         data: row.try_get::<_, Option<Value>>(6)?.unwrap_or(Value::Null),
     })
+}
+
+/// Deletes at most `batch` of the oldest log rows (any kind) older than
+/// `keep` and before every position in `urls`' queues, so no configured
+/// URL loses an event it has not queued yet. Returns how many.
+pub async fn prune(
+    client: &impl GenericClient,
+    keep: std::time::Duration,
+    urls: &[String],
+    batch: i64,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM events WHERE (xid, auction_id, n) IN ( \
+               SELECT xid, auction_id, n FROM events \
+               WHERE xid < coalesce((SELECT min(xid) FROM webhook_endpoints \
+                                     WHERE url = ANY($2)), '18446744073709551615'::xid8) \
+               ORDER BY xid, auction_id, n LIMIT $3) \
+             AND at < now() - $1 * interval '1 millisecond'",
+            &[&(keep.as_millis() as f64), &urls, &batch],
+        )
+        .await
 }

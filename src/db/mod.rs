@@ -12,6 +12,7 @@ pub mod events;
 pub mod marketplace;
 pub mod reads;
 pub mod silence;
+pub mod webhooks;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

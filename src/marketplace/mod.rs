@@ -1,7 +1,8 @@
 //! Events for the marketplace (API.md "Events for the marketplace"): the
 //! JSON form of an event with its stable id, the feed's opaque cursor, and
 //! the feed itself ([`Feed`]), which pages the event log and can hold an
-//! empty page open until something settles.
+//! empty page open until something settles. Webhook delivery
+//! ([`crate::webhooks`]) renders the same events.
 
 mod feed;
 

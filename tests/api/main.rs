@@ -17,3 +17,4 @@ mod reads;
 mod replicas;
 mod row_lock;
 mod watch;
+mod webhooks;
