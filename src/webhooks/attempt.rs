@@ -48,7 +48,8 @@ pub async fn post(
         Ok(response) if response.status().is_success() => Ok(()),
         Ok(response) => Err(format!("HTTP {}", response.status().as_u16())),
         Err(e) if e.is_timeout() => Err(format!("no answer within {ATTEMPT_LIMIT:?}")),
-        Err(e) => Err(error_chain(&e)),
+        // Without the URL, which may carry credentials.
+        Err(e) => Err(error_chain(&e.without_url())),
     }
 }
 

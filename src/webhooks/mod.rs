@@ -121,7 +121,7 @@ impl Dispatcher {
     }
 
     /// One URL's loop: a step, then the next at once if it was full, else
-    /// after a wake-up or [`POLL`].
+    /// after a wake-up, the next retry's time or [`POLL`], and [`MIN_GAP`].
     async fn follow(&self, url: String, shutdown: CancellationToken) {
         let mut announced = self.signals.subscribe();
         loop {
@@ -132,16 +132,19 @@ impl Dispatcher {
                     false
                 }
             };
-            let pause = if full {
-                Duration::ZERO
-            } else {
-                self.pause(&url).await
-            };
+            if full {
+                // A backlog: the next step at once, until it is drained.
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            let pause = self.pause(&url).await;
             announced = announced.resubscribe();
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(pause) => {}
-                _ = announced.recv(), if !full => {}
+                _ = announced.recv() => {}
             }
             tokio::time::sleep(MIN_GAP).await;
         }
