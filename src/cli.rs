@@ -26,6 +26,9 @@ enum Command {
     /// Zero-configuration local run on a private PostgreSQL.
     #[cfg(feature = "dev")]
     Dev,
+    /// Webhook deliveries: replay the failed ones.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Print a JWT signed with GAVEL_JWT_SECRET (development and load tests).
     Token {
         /// The user id (`sub`).
@@ -37,6 +40,17 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// Queue failed deliveries again as new (due now, retried for another
+    /// 24 h), with the same webhook-id; prints how many.
+    Replay {
+        /// Only the deliveries to this URL (as configured); every URL without it.
+        #[arg(long)]
+        url: Option<String>,
     },
 }
 
@@ -54,6 +68,7 @@ pub fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve => serve().await,
             Command::Migrate => migrate().await,
+            Command::Webhooks(WebhooksCommand::Replay { url }) => replay(url.as_deref()).await,
             #[cfg(feature = "dev")]
             Command::Dev => crate::dev::run().await,
             Command::Token { .. } => unreachable!("handled above"),
@@ -80,6 +95,27 @@ async fn migrate() -> anyhow::Result<()> {
     db::migrate(&config.database_url).await?;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+async fn replay(url: Option<&str>) -> anyhow::Result<()> {
+    let config = load_config()?;
+    telemetry::init_tracing(&config.telemetry.log_filter, config.telemetry.log_json);
+    let url = url.map(normalise_url).transpose()?;
+    let settings = db::PoolSettings::new(&config, 1, "gavel-cli");
+    let pool = db::build_pool(&config.database_url, "cli", &settings)?;
+    let client = pool
+        .get()
+        .await
+        .context("connecting to GAVEL_DATABASE_URL")?;
+    let replayed = db::webhooks::replay_failed(&client, url.as_deref()).await?;
+    println!("{replayed} failed deliveries queued again");
+    Ok(())
+}
+
+/// A URL as the configuration stores it (`--url` may omit the trailing `/`).
+fn normalise_url(text: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(text).map_err(|e| anyhow::anyhow!("--url: {e}"))?;
+    Ok(url.to_string())
 }
 
 fn print_token(sub: &str, roles: &[Role], ttl: u64) -> anyhow::Result<()> {

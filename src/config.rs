@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::domain::WebhookSecret;
+
 /// Minimum length of the HS256 secret, in bytes (the API contract).
 pub const MIN_JWT_SECRET_LEN: usize = 32;
 
@@ -31,6 +33,20 @@ pub struct Config {
     pub bids: BidConfig,
     /// How much work the API takes on at once, and for how long.
     pub limits: Limits,
+    /// Where the marketplace's events are posted, and how they are signed.
+    pub webhooks: WebhookConfig,
+}
+
+/// Webhook delivery of the marketplace's events.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// The receivers (`GAVEL_WEBHOOK_URLS`, comma-separated http(s) URLs).
+    pub urls: Vec<reqwest::Url>,
+    /// The signing secret (`GAVEL_WEBHOOK_SECRET`, required with URLs).
+    pub secret: Option<WebhookSecret>,
+    /// The first retry's wait before jitter (`GAVEL_WEBHOOK_RETRY_BASE_MS`,
+    /// default 4 s; for tests only: the contract's first retry is within 5 s).
+    pub retry_base: Duration,
 }
 
 /// Bearer tokens (HS256 JWTs).
@@ -193,6 +209,7 @@ impl Config {
             resolver: env.resolver(pools.statement_timeout)?,
             bids: env.bids(pools.api_size)?,
             limits: env.limits(&pools)?,
+            webhooks: env.webhooks()?,
             pools,
         })
     }
@@ -289,6 +306,46 @@ impl Env<'_> {
             edge: self.edge_limits()?,
             max_streams: self.number("GAVEL_MAX_STREAMS", 10_000, 1..=1_000_000)?,
         })
+    }
+}
+
+impl Env<'_> {
+    fn webhooks(&self) -> Result<WebhookConfig, ConfigError> {
+        let urls = self.webhook_urls("GAVEL_WEBHOOK_URLS")?;
+        let secret = match self.get("GAVEL_WEBHOOK_SECRET") {
+            Some(text) => {
+                Some(WebhookSecret::parse(&text).map_err(|e| err("GAVEL_WEBHOOK_SECRET", &e))?)
+            }
+            None if !urls.is_empty() => {
+                return Err(err(
+                    "GAVEL_WEBHOOK_SECRET",
+                    "is required when GAVEL_WEBHOOK_URLS is set",
+                ))
+            }
+            None => None,
+        };
+        Ok(WebhookConfig {
+            urls,
+            secret,
+            retry_base: self.millis("GAVEL_WEBHOOK_RETRY_BASE_MS", 4_000, 10..=4_000)?,
+        })
+    }
+
+    fn webhook_urls(&self, name: &str) -> Result<Vec<reqwest::Url>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(Vec::new());
+        };
+        let mut urls: Vec<reqwest::Url> = Vec::new();
+        for text in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let url = reqwest::Url::parse(text)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .ok_or_else(|| err(name, &format!("'{text}' is not an http(s) URL")))?;
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        Ok(urls)
     }
 }
 
@@ -542,6 +599,8 @@ mod tests {
         assert_eq!(c.reads.cache_ttl, Duration::from_millis(250));
         assert_eq!(c.bids.append_writers, 2);
         assert_eq!(c.bids.append_batch_max, 500);
+        assert!(c.webhooks.urls.is_empty() && c.webhooks.secret.is_none());
+        assert_eq!(c.webhooks.retry_base, Duration::from_millis(4_000));
         // A short statement timeout caps the default lock timeout.
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
@@ -606,6 +665,60 @@ mod tests {
             e.to_string(),
             "GAVEL_APPEND_WRITERS: must be at most GAVEL_API_POOL_SIZE (2)"
         );
+    }
+
+    #[test]
+    fn webhooks_need_http_urls_and_a_well_formed_secret() {
+        const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let c = config(&[
+            ("GAVEL_DATABASE_URL", URL),
+            ("GAVEL_JWT_SECRET", SECRET),
+            (
+                "GAVEL_WEBHOOK_URLS",
+                "http://127.0.0.1:9/hook, https://example.com/h",
+            ),
+            ("GAVEL_WEBHOOK_SECRET", WHSEC),
+        ])
+        .unwrap();
+        assert_eq!(c.webhooks.urls.len(), 2);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "ftp://example.com/h",
+                WHSEC,
+                "GAVEL_WEBHOOK_URLS: 'ftp://example.com/h' is not an http(s) URL",
+            ),
+            (
+                "example.com/h",
+                WHSEC,
+                "GAVEL_WEBHOOK_URLS: 'example.com/h' is not an http(s) URL",
+            ),
+            (
+                "http://127.0.0.1:9/h",
+                "",
+                "GAVEL_WEBHOOK_SECRET: is required when GAVEL_WEBHOOK_URLS is set",
+            ),
+            (
+                "http://127.0.0.1:9/h",
+                "s3cret",
+                "GAVEL_WEBHOOK_SECRET: must start with whsec_",
+            ),
+            (
+                "http://127.0.0.1:9/h",
+                "whsec_c2hvcnQ=",
+                "GAVEL_WEBHOOK_SECRET: must encode 24 to 64 bytes (it encodes 5)",
+            ),
+        ];
+        for (urls, secret, message) in cases {
+            let e = config(&[
+                ("GAVEL_DATABASE_URL", URL),
+                ("GAVEL_JWT_SECRET", SECRET),
+                ("GAVEL_WEBHOOK_URLS", urls),
+                ("GAVEL_WEBHOOK_SECRET", secret),
+            ])
+            .err()
+            .expect("refused");
+            assert_eq!(&e.to_string(), message);
+        }
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Domain values with parse constructors: a value of these types has already
 //! passed the contract's checks, so handlers and queries never re-validate.
-//! A bid's status and what a resolved outcome writes are in [`bid_status`].
+//! A bid's status and what a resolved outcome writes are in [`bid_status`];
+//! the webhook secret and its signatures in [`webhook_secret`].
 
 use std::fmt;
 
 pub mod bid_status;
+pub mod webhook_secret;
 
 pub use bid_status::BidStatus;
+pub use webhook_secret::WebhookSecret;
 
 /// Largest accepted amount in minor units (the API accepts `1 <= amount <= 10^15`).
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;

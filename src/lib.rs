@@ -9,6 +9,8 @@
 //! - [`signals`]: the in-process bus (and its LISTEN/NOTIFY bridge) that
 //!   wakes the resolver and waiting requests; [`error`]: the one
 //!   application error type; [`config`]: settings, validated at start-up.
+//! - [`marketplace`]: events for the marketplace and their admin feed;
+//!   [`webhooks`]: their signed delivery.
 //! - [`telemetry`]: logs, the Prometheus recorder and the `pg_stat_activity`
 //!   sampler.
 //! - [`server`], [`cli`] and `dev` (the `dev` feature, on by default: a
@@ -27,9 +29,11 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod live;
+pub mod marketplace;
 pub mod rate_limit;
 pub mod resolver;
 pub mod rules;
 pub mod server;
 pub mod signals;
 pub mod telemetry;
+pub mod webhooks;

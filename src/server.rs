@@ -29,6 +29,8 @@ use crate::rate_limit::RateLimiter;
 use crate::resolver::Resolver;
 use crate::signals::{listener, Signals};
 use crate::telemetry::{self, activity::ActivitySampler};
+use crate::webhooks::retention::Upkeep;
+use crate::webhooks::Dispatcher;
 
 /// How long in-flight requests may take to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,8 +179,9 @@ fn exported_pools(state: &AppState, activity: &ActivitySampler) -> Vec<db::Pool>
 }
 
 /// Starts the background workers: the activity sampler, the bid appender,
-/// the replica checks, the notification listener, and the resolver (or,
-/// without it, the forwarding of bid notifications). They stop on `workers`.
+/// the replica checks, the notification listener, the marketplace's
+/// webhooks and upkeep, and the resolver (or, without it, the forwarding
+/// of bid notifications). They stop on `workers`.
 fn spawn_workers(
     config: &Config,
     state: &AppState,
@@ -202,6 +205,7 @@ fn spawn_workers(
         config.resolver.enabled,
         workers.clone(),
     ));
+    spawn_marketplace(config, state, &mut tasks, workers)?;
     if config.resolver.enabled {
         let resolver = Resolver::new(
             state.pools.resolver.clone(),
@@ -219,6 +223,23 @@ fn spawn_workers(
         ));
     }
     Ok(tasks)
+}
+
+/// Starts the webhook dispatcher (when URLs are configured) and the
+/// periodic upkeep of the event log and deliveries (backlog metrics,
+/// retention).
+fn spawn_marketplace(
+    config: &Config,
+    state: &AppState,
+    tasks: &mut JoinSet<()>,
+    workers: &CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(dispatcher) = Dispatcher::new(config, &state.signals)? {
+        tracing::info!(urls = dispatcher.urls().len(), "webhook delivery on");
+        tasks.spawn(dispatcher.run(workers.clone()));
+    }
+    tasks.spawn(Upkeep::new(config)?.run(workers.clone()));
+    Ok(())
 }
 
 /// Runs the Prometheus recorder's upkeep every few seconds until `shutdown`.

@@ -9,8 +9,10 @@ pub mod auction_cache;
 pub mod auctions;
 pub mod bids;
 pub mod events;
+pub mod marketplace;
 pub mod reads;
 pub mod silence;
+pub mod webhooks;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -151,6 +151,11 @@ pub const MAX_WAIT_S: u64 = 10;
 /// [`MAX_WAIT_S`]; an absent or unreadable preference is ignored, as the
 /// RFC asks.
 pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+    prefer_wait_up_to(headers, MAX_WAIT_S)
+}
+
+/// The `wait=N` preference, capped at `most` seconds.
+pub fn prefer_wait_up_to(headers: &HeaderMap, most: u64) -> Option<u64> {
     headers
         .get_all("prefer")
         .iter()
@@ -163,7 +168,7 @@ pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
                 .then(|| value.trim().trim_matches('"').parse::<u64>().ok())?
         })
         .next()
-        .map(|n| n.min(MAX_WAIT_S))
+        .map(|n| n.min(most))
 }
 
 #[cfg(test)]

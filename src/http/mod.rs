@@ -9,6 +9,7 @@ pub mod edge;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod feed;
 pub mod health;
 pub mod serve;
 pub mod watch;
@@ -139,6 +140,7 @@ pub fn api_router(state: AppState) -> Router {
         ))
         .merge(health::router())
         .merge(events::router())
+        .merge(feed::router(&state))
         .merge(watch::router())
         .layer(middleware::from_fn(track_metrics))
         .with_state(state);

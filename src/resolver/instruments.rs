@@ -17,6 +17,7 @@ pub(super) fn register() {
     metrics::counter!("gavel_resolver_queue_vacuums_total").increment(0);
     metrics::gauge!("gavel_resolver_batch_limit").set(BATCH_LIMIT as f64);
     metrics::counter!("gavel_auctions_settled_total").increment(0);
+    metrics::counter!("gavel_events_written_total", "type" => "auction.settled").increment(0);
 }
 
 /// Records one committed transaction: its bids, duration and outcomes,
@@ -35,6 +36,9 @@ pub(super) fn record_transaction(plan: &Plan<'_>, now: DateTime<Utc>, started: I
         }
         if batch.settlement.is_some() {
             metrics::counter!("gavel_auctions_settled_total").increment(1);
+            // Its `auction.settled` event, committed with it.
+            metrics::counter!("gavel_events_written_total", "type" => "auction.settled")
+                .increment(1);
         }
     }
 }

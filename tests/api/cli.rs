@@ -52,6 +52,27 @@ fn a_bad_setting_stops_startup_with_one_line_naming_it() {
             ],
             "GAVEL_LISTEN",
         ),
+        (
+            &[
+                ("GAVEL_DATABASE_URL", "postgres://gavel@127.0.0.1:1/x"),
+                ("GAVEL_JWT_SECRET", SECRET),
+                ("GAVEL_WEBHOOK_URLS", "ftp://market.example/hooks"),
+                (
+                    "GAVEL_WEBHOOK_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+            ],
+            "GAVEL_WEBHOOK_URLS",
+        ),
+        (
+            &[
+                ("GAVEL_DATABASE_URL", "postgres://gavel@127.0.0.1:1/x"),
+                ("GAVEL_JWT_SECRET", SECRET),
+                ("GAVEL_WEBHOOK_URLS", "https://market.example/hooks"),
+                ("GAVEL_WEBHOOK_SECRET", "whsec_not-base64!"),
+            ],
+            "GAVEL_WEBHOOK_SECRET",
+        ),
     ];
     for (vars, name) in cases {
         for command in ["serve", "migrate"] {

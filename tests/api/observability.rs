@@ -206,7 +206,7 @@ struct HotSpot {
 }
 
 /// Settings of a Gavel that shows a hot spot quickly: a small API pool with
-/// a short wait, and activity sampled every 100 ms.
+/// a short wait, activity sampled every 100 ms, and a webhook URL.
 fn hot_spot_settings(replica_url: &str) -> Vec<(&'static str, String)> {
     vec![
         ("GAVEL_API_POOL_SIZE", "2".into()),
@@ -214,6 +214,12 @@ fn hot_spot_settings(replica_url: &str) -> Vec<(&'static str, String)> {
         ("GAVEL_PG_SAMPLE_MS", "100".into()),
         ("GAVEL_REPLICA_URLS", replica_url.into()),
         ("GAVEL_REPLICA_CHECK_MS", "200".into()),
+        // A webhook URL, so the webhook panels have series (nothing settles).
+        ("GAVEL_WEBHOOK_URLS", "http://127.0.0.1:9/hooks".into()),
+        (
+            "GAVEL_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        ),
     ]
 }
 

@@ -380,7 +380,8 @@ async fn every_backend_says_which_part_of_gavel_it_serves() {
             "gavel-api",
             "gavel-listener",
             "gavel-monitor",
-            "gavel-resolver"
+            "gavel-resolver",
+            "gavel-upkeep"
         ],
         "backends of this server in pg_stat_activity"
     );
