@@ -199,7 +199,11 @@ async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_wri
     for (took, status, retry_after, body) in &answers {
         assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert_eq!(body["code"], "overloaded", "{body}");
-        assert_eq!(retry_after, "1");
+        // 1 s, or spread over more if admission saw the stall as overload.
+        assert!(
+            retry_after.parse::<u64>().is_ok_and(|s| s >= 1),
+            "Retry-After is a whole number of seconds: {retry_after}"
+        );
         assert!(*took < bound, "answered after {took:?}, bound {bound:?}");
     }
     // Nothing of a failed statement was written, not even later.

@@ -473,10 +473,10 @@ async fn a_delivery_refused_for_a_day_fails_and_is_replayed_on_demand() {
 }
 
 /// Figures for BENCHMARKS.md, not a check: run alone, on a quiet machine,
-/// `flock -x /tmp/gavel-bench.lock cargo test --release --test api
-/// webhook_figures -- --ignored --nocapture`.
+/// `cargo test --release --test api webhook_figures -- --ignored
+/// --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement; run by hand under the benchmark lock"]
+#[ignore = "a measurement; run by hand on a quiet machine"]
 async fn webhook_figures() {
     let receiver = Receiver::start(&[]).await;
     let app = app_delivering_to(&receiver, Duration::from_secs(4)).await;
