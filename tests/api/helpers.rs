@@ -245,20 +245,31 @@ impl TestApp {
         for (k, v) in overrides.as_object().expect("overrides are an object") {
             body[k] = v.clone();
         }
-        let response = self
-            .http
-            .post(self.url("/api/auctions"))
-            .bearer_auth(self.token(seller, &[Role::Seller]))
-            .json(&body)
-            .send()
-            .await
-            .expect("create auction");
-        assert_eq!(
-            response.status(),
-            StatusCode::CREATED,
-            "create auction: {body}"
-        );
-        response.json().await.unwrap()
+        // A busy machine may answer the set-up 503 with Retry-After, as
+        // the contract allows (a new process's first connection, say):
+        // tried again a few times, since it is not what a test checks.
+        for attempt in 1.. {
+            let response = self
+                .http
+                .post(self.url("/api/auctions"))
+                .bearer_auth(self.token(seller, &[Role::Seller]))
+                .json(&body)
+                .send()
+                .await
+                .expect("create auction");
+            if response.status() == StatusCode::SERVICE_UNAVAILABLE && attempt < 4 {
+                eprintln!("create auction: 503 (attempt {attempt}), trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            assert_eq!(
+                response.status(),
+                StatusCode::CREATED,
+                "create auction: {body}"
+            );
+            return response.json().await.unwrap();
+        }
+        unreachable!("the loop returns or panics")
     }
 
     /// Places a bid over HTTP.
