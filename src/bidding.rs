@@ -4,7 +4,8 @@
 //! refuse what the resolver would certainly refuse), then durably appended
 //! to `bid_log`, and the resolver is signalled. Concurrent bids share their
 //! append: one statement and one commit for all the bids queued while the
-//! previous ones were being written (`appender.rs`). Nothing
+//! previous ones were being written (`appender.rs`); so do the key lookups
+//! of the bids the snapshot refuses (`lookups.rs`). Nothing
 //! here locks or writes the `auctions` row; a snapshot read is a plain MVCC
 //! read that never waits on that row's locks.
 //!
@@ -14,6 +15,7 @@
 
 mod admission;
 mod appender;
+mod lookups;
 mod row_lock;
 
 pub use admission::Door;
@@ -40,11 +42,10 @@ use crate::rules;
 use crate::signals::{Resolved, Signals};
 use admission::Admission;
 use appender::Appender;
+use lookups::KeyLookups;
 
 /// How long an auction snapshot is trusted for the synchronous checks.
 const SNAPSHOT_TTL: Duration = Duration::from_millis(250);
-/// How stale a snapshot may be served while another request re-reads it.
-const SNAPSHOT_STALE_LIMIT: Duration = Duration::from_secs(2);
 /// Snapshots kept before the cache is emptied.
 const SNAPSHOT_CAPACITY: usize = 10_000;
 /// The wait for connections of a pool built without one.
@@ -83,8 +84,13 @@ pub struct BidDesk {
     rate_limit: Arc<RateLimiter>,
     path: BidPath,
     appender: Appender,
+    lookups: KeyLookups,
     admission: Arc<Admission>,
 }
+
+/// An earlier bid a request replays, and the primary's WAL position when
+/// it was read.
+type Replayed = (bids::BidRecord, Option<PgLsn>);
 
 /// The result of placing a bid.
 pub struct Placed {
@@ -99,12 +105,13 @@ pub struct Placed {
 }
 
 impl BidDesk {
-    /// A bid desk appending through `pool` (coalescing bids as `append`
-    /// says), waking the resolver via `signals`, and holding each bidder to
-    /// `rate_limit`. Bids are written only while
-    /// [`BidDesk::run_appender`] runs.
+    /// A bid desk reading through `pool`, appending through `append_pool`
+    /// (coalescing bids as `append` says), waking the resolver via
+    /// `signals`, and holding each bidder to `rate_limit`. Bids are
+    /// written only while [`BidDesk::run_appender`] runs.
     pub fn new(
         pool: Pool,
+        append_pool: Pool,
         signals: Signals,
         rate_limit: RateLimiter,
         append: AppendSettings,
@@ -112,7 +119,8 @@ impl BidDesk {
         register_metrics();
         let admission = Arc::new(Admission::new());
         BidDesk {
-            appender: Appender::new(pool.clone(), signals.clone(), append, admission.clone()),
+            appender: Appender::new(append_pool, signals.clone(), append, admission.clone()),
+            lookups: KeyLookups::new(pool.clone()),
             admission,
             pool,
             signals,
@@ -122,13 +130,18 @@ impl BidDesk {
         }
     }
 
-    /// The writers of coalesced appends, until `shutdown`; then bids still
-    /// queued are written or refused, and the future ends.
+    /// The writers of coalesced appends and the key lookups, until
+    /// `shutdown`; then bids still queued are written or refused, and the
+    /// future ends.
     pub fn run_appender(
         &self,
         shutdown: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        self.appender.run(shutdown)
+        let lookups = self.lookups.run(shutdown.clone());
+        let appender = self.appender.run(shutdown);
+        async move {
+            tokio::join!(lookups, appender);
+        }
     }
 
     /// Writes bids along `path` ([`BidPath::Log`] unless told otherwise).
@@ -206,9 +219,9 @@ impl BidDesk {
                     | ApiError::NotFound(_)),
                 ) => {
                     return match self.replay(bidder, key, auction_id, amount, budget).await? {
-                        Some(bid) => {
-                            Ok(self.finish(bid, true, wait_until, None, None, budget).await)
-                        }
+                        Some((bid, position)) => Ok(self
+                            .finish(bid, true, wait_until, None, position, budget)
+                            .await),
                         None => Err(refusal),
                     };
                 }
@@ -299,16 +312,16 @@ impl BidDesk {
         auction_id: Uuid,
         amount: Amount,
         budget: Instant,
-    ) -> BoxFuture<'a, Result<Option<bids::BidRecord>, ApiError>> {
+    ) -> BoxFuture<'a, Result<Option<Replayed>, ApiError>> {
         Box::pin(async move {
-            let client = connection(&self.pool, budget).await?;
-            let Some(existing) = bids::find_key(&client, bidder, key.as_str()).await? else {
+            let (existing, position) = self.lookups.find(bidder, key.as_str(), budget).await?;
+            let Some(existing) = existing else {
                 return Ok(None);
             };
-            drop(client);
-            self.replayed_bid(&existing, auction_id, amount, budget)
-                .await
-                .map(Some)
+            let bid = self
+                .replayed_bid(&existing, auction_id, amount, budget)
+                .await?;
+            Ok(Some((bid, position)))
         })
     }
 
@@ -392,9 +405,11 @@ impl BidDesk {
     }
 
     /// The auction's snapshot. When it is out of date exactly one request
-    /// re-reads it while the others keep using the old one, so a hot
-    /// auction's row is read a few times a second, not once per bid; a stale
-    /// snapshot is as safe as a fresh one (see [`Snapshot`]), only less sharp.
+    /// re-reads it while the others keep using the old one, however old, so
+    /// a hot auction's row is read a few times a second, not once per bid,
+    /// and a slow re-read never turns every bid into a read of its own; a
+    /// stale snapshot is as safe as a fresh one (see [`Snapshot`]), only
+    /// less sharp.
     async fn snapshot(
         &self,
         auction_id: Uuid,
@@ -404,7 +419,7 @@ impl BidDesk {
             let mut snapshots = self.snapshots.lock().expect("snapshot lock");
             if let Some(cached) = snapshots.get_mut(&auction_id) {
                 let age = cached.read_at.elapsed();
-                if age < SNAPSHOT_TTL || (cached.refreshing && age < SNAPSHOT_STALE_LIMIT) {
+                if age < SNAPSHOT_TTL || cached.refreshing {
                     return Ok(Some(cached.snapshot.clone()));
                 }
                 cached.refreshing = true;

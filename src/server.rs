@@ -79,6 +79,7 @@ impl Server {
             read_slots: Arc::new(Semaphore::new((config.limits.max_in_flight / 4).max(1))),
             bids: BidDesk::new(
                 pools.api.clone(),
+                pools.append.clone(),
                 signals.clone(),
                 RateLimiter::new(config.bids.rate_limit, config.bids.rate_burst),
                 AppendSettings {

@@ -5,8 +5,9 @@
 //! with its WAL flush per bid is what limits a hot auction's last seconds.
 //! So a request hands its bid to the [`Appender`]'s bounded queue and awaits
 //! the answer. A few writer tasks take turns at the queue: the one whose
-//! turn it is waits for the oldest bid, takes an API pool connection within
-//! that bid's budget, then takes everything queued behind it (up to the
+//! turn it is waits for the oldest bid, takes its connection (writers have
+//! a pool of their own, so no request waiting for the API pool stands
+//! before them) within that bid's budget, then takes everything queued behind it (up to the
 //! batch maximum, never waiting for more to arrive, so a lone bid still
 //! costs one round trip) and writes the batch with one multi-row statement
 //! ([`bids::append_batch`], which reads the WAL position for
@@ -222,8 +223,8 @@ impl Appender {
     }
 
     /// Appends `bid` with the next batch, unless it cannot be taken into
-    /// one before `budget`. The bid's time in the queue is its wait for an
-    /// API connection, and shows in that pool's metrics as one: among the
+    /// one before `budget`. The bid's time in the queue is its wait for a
+    /// connection, and shows in the append pool's metrics as one: among the
     /// waiters, in the wait times, and as a wait timeout when it is shed.
     pub(super) async fn append(&self, bid: NewBid, budget: Instant) -> Result<Appended, ApiError> {
         let pool = &self.writers.pool;

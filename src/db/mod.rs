@@ -36,6 +36,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Pools {
     /// Request handlers' connections to the primary.
     pub api: Pool,
+    /// The bid appender's writers' connections to the primary, one per
+    /// writer: appends never queue behind request handlers' waits, so
+    /// accepted bids keep flowing while requests wait for the API pool.
+    pub append: Pool,
     /// The resolver's connections to the primary.
     pub resolver: Pool,
     /// Health checks and probes: `/readyz` and replica lag checks keep
@@ -53,6 +57,11 @@ impl Pools {
                 "api",
                 &PoolSettings::new(config, config.pools.api_size, "gavel-api"),
             )?,
+            append: build_pool(
+                url,
+                "append",
+                &PoolSettings::new(config, config.bids.append_writers, "gavel-append"),
+            )?,
             resolver: build_pool(
                 url,
                 "resolver",
@@ -68,13 +77,14 @@ impl Pools {
     }
 
     /// The primary pools, for exporting their occupancy.
-    pub fn all(&self) -> [&Pool; 3] {
-        [&self.api, &self.resolver, &self.monitor]
+    pub fn all(&self) -> [&Pool; 4] {
+        [&self.api, &self.append, &self.resolver, &self.monitor]
     }
 
     /// Closes every pool; connections are dropped as they are returned.
     pub fn close(&self) {
         self.api.close();
+        self.append.close();
         self.resolver.close();
         self.monitor.close();
     }

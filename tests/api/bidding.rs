@@ -315,6 +315,91 @@ async fn idempotency_key_replays_refuses_reuse_and_never_creates_two_bids() {
     assert_consistent(&db, auction_id.parse().unwrap()).await;
 }
 
+/// Retries of accepted bids after the price moved past them, arriving at
+/// once with fresh bids that are too low: the pre-check refuses them all,
+/// their keys are looked up together, and each retry still replays its
+/// bid while each fresh bid is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retries_after_the_price_moved_on_replay_while_fresh_low_bids_are_refused() {
+    const BIDDERS: usize = 40;
+    let app = TestApp::spawn().await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut accepted = Vec::new();
+    for i in 0..BIDDERS {
+        let key = new_key();
+        let response = app
+            .bid(
+                &format!("early-{i}"),
+                &auction_id,
+                1_000 + i as i64 * 10,
+                &key,
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let bid: Value = response.json().await.unwrap();
+        accepted.push((i, key, bid["id"].as_str().unwrap().to_owned()));
+    }
+    let raise = app.bid("late", &auction_id, 1_000_000, &new_key()).await;
+    assert_eq!(raise.status(), StatusCode::ACCEPTED);
+    let db = app.db().await;
+    wait_resolved(&db, id_of(&auction), Duration::from_secs(10)).await;
+    // Past the snapshot's lifetime: the pre-check now knows the new price.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let retries = accepted.iter().map(|(i, key, _)| {
+        let (http, addr, token, auction_id, key) = (
+            app.http.clone(),
+            app.addr,
+            app.token(&format!("early-{i}"), &[]),
+            auction_id.clone(),
+            key.clone(),
+        );
+        let amount = 1_000 + *i as i64 * 10;
+        async move { place_bid_retrying_key(&http, addr, &token, &auction_id, amount, &key).await }
+    });
+    let fresh = (0..BIDDERS).map(|i| {
+        let (http, addr, token, auction_id) = (
+            app.http.clone(),
+            app.addr,
+            app.token(&format!("fresh-{i}"), &[]),
+            auction_id.clone(),
+        );
+        async move { place_bid_retrying(&http, addr, &token, &auction_id, 1_100).await }
+    });
+    let (retries, fresh) = tokio::join!(
+        futures::future::join_all(retries),
+        futures::future::join_all(fresh)
+    );
+    for ((i, _, id), response) in accepted.iter().zip(retries) {
+        assert!(
+            response.status().is_success(),
+            "retry {i}: {}",
+            response.status()
+        );
+        assert_eq!(response.headers()["idempotent-replayed"], "true");
+        let bid: Value = response.json().await.unwrap();
+        assert_eq!(bid["id"], id.as_str(), "retry {i} names its bid");
+        let status = bid["status"].as_str().unwrap();
+        assert!(
+            ["outbid", "rejected"].contains(&status),
+            "retry {i} shows its resolved outcome: {bid}"
+        );
+    }
+    for response in fresh {
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "bid_too_low", "{body}");
+    }
+    let bids = assert_consistent(&db, id_of(&auction)).await;
+    assert_eq!(
+        bids.len(),
+        BIDDERS + 1,
+        "no retry or refused bid was written"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn prefer_wait_returns_the_resolved_outcome() {
     let app = TestApp::spawn().await;

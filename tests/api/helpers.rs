@@ -341,9 +341,20 @@ pub async fn place_bid_retrying(
     auction_id: &str,
     amount: i64,
 ) -> Response {
-    let key = new_key();
+    place_bid_retrying_key(http, addr, token, auction_id, amount, &new_key()).await
+}
+
+/// [`place_bid_retrying`] under `key`, as a client retrying its own bid.
+pub async fn place_bid_retrying_key(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    token: &str,
+    auction_id: &str,
+    amount: i64,
+    key: &str,
+) -> Response {
     for _ in 0..20 {
-        let response = place_bid(http, addr, token, auction_id, amount, &key).await;
+        let response = place_bid(http, addr, token, auction_id, amount, key).await;
         if response.status() != StatusCode::SERVICE_UNAVAILABLE {
             return response;
         }

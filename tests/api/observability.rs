@@ -1,6 +1,6 @@
 //! Observability, as SREs use it: the alert rules pass promtool's unit
 //! tests, the metrics documentation matches the code, a hot spot (a row
-//! lock held against the resolver, a table lock that fills the API pool)
+//! lock held against the resolver, a table lock that fills the append pool)
 //! shows in the exported metrics, and a real Prometheus scraping a real
 //! Gavel evaluates every dashboard and alert query.
 //!
@@ -233,7 +233,7 @@ async fn serve(database_url: &str, settings: &[(&'static str, String)]) -> (Serv
 /// Ordinary traffic (bids accepted, refused and replayed, reads from the
 /// replica), then a hot spot: a session holds the auction row with
 /// `SELECT ... FOR UPDATE` so the resolver's write waits for it, and then
-/// holds `bid_log` so appends fill the API pool.
+/// holds `bid_log` so appends fill the append writers' pool.
 async fn hot_spot(app: &TestApp) -> HotSpot {
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap().to_owned();
@@ -319,11 +319,11 @@ async fn hot_spot(app: &TestApp) -> HotSpot {
         }
     });
     let crowd = tokio::spawn(futures::future::join_all(bidders));
-    let pool_full = scrape_until(app, "the API pool full with waiters", |s| {
-        let api = [("pool", "api")];
-        s.sum("gavel_db_pool_waiting_requests", &api) >= 1.0
-            && s.sum("gavel_db_pool_available_connections", &api) == 0.0
-            && s.sum("gavel_db_pool_connections", &api) == 2.0
+    let pool_full = scrape_until(app, "the append pool full with waiters", |s| {
+        let append = [("pool", "append")];
+        s.sum("gavel_db_pool_waiting_requests", &append) >= 1.0
+            && s.sum("gavel_db_pool_available_connections", &append) == 0.0
+            && s.sum("gavel_db_pool_connections", &append) >= 1.0
     })
     .await;
     let statuses = crowd.await.unwrap();
@@ -333,8 +333,8 @@ async fn hot_spot(app: &TestApp) -> HotSpot {
     );
     locker.batch_execute("ROLLBACK").await.unwrap();
     wait_resolved(&db, id_of(&auction), Duration::from_secs(10)).await;
-    let after = scrape_until(app, "the API pool drained", |s| {
-        s.sum("gavel_db_pool_waiting_requests", &[("pool", "api")]) == 0.0
+    let after = scrape_until(app, "the append pool drained", |s| {
+        s.sum("gavel_db_pool_waiting_requests", &[("pool", "append")]) == 0.0
             && s.sum("gavel_resolver_pending_bids", &[]) == 0.0
     })
     .await;
@@ -373,10 +373,18 @@ async fn a_hot_spot_shows_in_the_lock_wait_pool_and_resolver_metrics() {
         "{lag_buckets:?}"
     );
     // The pool gauges moved, and the wait timeouts were counted.
-    let api = [("pool", "api")];
-    assert!(spot.pool_full.sum("gavel_db_pool_waiting_requests", &api) >= 1.0);
-    assert!(spot.after.sum("gavel_db_pool_available_connections", &api) >= 1.0);
-    assert!(spot.after.sum("gavel_db_pool_timeouts_total", &api) >= 1.0);
+    let append = [("pool", "append")];
+    assert!(
+        spot.pool_full
+            .sum("gavel_db_pool_waiting_requests", &append)
+            >= 1.0
+    );
+    assert!(
+        spot.after
+            .sum("gavel_db_pool_available_connections", &append)
+            >= 1.0
+    );
+    assert!(spot.after.sum("gavel_db_pool_timeouts_total", &append) >= 1.0);
     assert!(
         spot.after
             .sum("gavel_bids_rejected_total", &[("reason", "overloaded")])

@@ -378,6 +378,7 @@ async fn every_backend_says_which_part_of_gavel_it_serves() {
         names,
         [
             "gavel-api",
+            "gavel-append",
             "gavel-listener",
             "gavel-monitor",
             "gavel-resolver",

@@ -40,11 +40,14 @@ async fn slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
         .map(|permit| permit.expect("the semaphore is never closed"))
 }
 
-async fn attempt(shared: &Shared, request: Request<client::Body>) -> Answer {
+/// Sends the request `build` makes once a slot is free: what it carries
+/// is decided when it goes out, as a client's would be, not while it
+/// waited for the generator's slot.
+async fn attempt(shared: &Shared, build: impl FnOnce() -> Request<client::Body>) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
-    match shared.client.send(request, shared.timeout).await {
+    match shared.client.send(build(), shared.timeout).await {
         Ok(response) => {
             let retry_after = response
                 .headers
@@ -160,17 +163,25 @@ pub(super) async fn send_bid(
     bidder: usize,
     amount: Amount,
 ) {
-    let amount = bid_amount(shared, auction, amount);
+    let planned = amount;
     let key = Uuid::new_v4().to_string();
     let key_header = HeaderValue::from_str(&key).expect("a UUID is a valid header value");
-    let body = Bytes::from(format!("{{\"amount\":{amount}}}"));
+    // The amount is chosen when the first attempt goes out; every retry
+    // sends the same body.
+    let mut body: Option<(i64, Bytes)> = None;
     let since_t0 = || Instant::now().saturating_duration_since(shared.t0);
     shared.retries.first_attempt(since_t0());
     let (mut attempts, mut ambiguous, mut withheld) = (0, false, None);
     let (ending, fate, replayed) = loop {
         attempts += 1;
-        let request = bid_request(shared, auction, bidder, &key_header, &body);
-        let answer = attempt(shared, request).await;
+        let answer = attempt(shared, || {
+            let (_, body) = body.get_or_insert_with(|| {
+                let amount = bid_amount(shared, auction, planned);
+                (amount, Bytes::from(format!("{{\"amount\":{amount}}}")))
+            });
+            bid_request(shared, auction, bidder, &key_header, body)
+        })
+        .await;
         let (ending, fate, retry_after) =
             match judge_bid_answer(shared, auction, answer, &mut ambiguous) {
                 Next::Done(ending, fate, replayed) => break (ending, fate, replayed),
@@ -189,6 +200,10 @@ pub(super) async fn send_bid(
             }
         }
     };
+    let amount = body.map_or_else(
+        || bid_amount(shared, auction, planned),
+        |(amount, _)| amount,
+    );
     let done = Instant::now();
     let sent = intended.saturating_duration_since(shared.t0);
     shared.recorder.lock().expect("recorder").ended(Ended {
