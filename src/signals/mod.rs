@@ -42,6 +42,9 @@ struct Inner {
     instance: Uuid,
     dirty: Mutex<HashSet<Uuid>>,
     wake: Notify,
+    /// Auctions this process changed, for other processes to hear of.
+    announce: Mutex<HashSet<Uuid>>,
+    announce_wake: Notify,
     resolved: broadcast::Sender<Resolved>,
 }
 
@@ -60,6 +63,8 @@ impl Signals {
                 instance: Uuid::new_v4(),
                 dirty: Mutex::new(HashSet::new()),
                 wake: Notify::new(),
+                announce: Mutex::new(HashSet::new()),
+                announce_wake: Notify::new(),
                 resolved,
             }),
         }
@@ -86,6 +91,30 @@ impl Signals {
     /// Waits until some auction is marked.
     pub async fn woken(&self) {
         self.inner.wake.notified().await;
+    }
+
+    /// Records that this process committed a change of `auction_id` that
+    /// other processes should hear of, for the coalescing forwarder
+    /// ([`listener::forward_resolved`]) to announce after the commit.
+    pub fn changed_here(&self, auction_id: Uuid) {
+        self.inner
+            .announce
+            .lock()
+            .expect("signals lock")
+            .insert(auction_id);
+        self.inner.announce_wake.notify_one();
+    }
+
+    /// Takes the set of auctions recorded by [`Signals::changed_here`]
+    /// since the last call.
+    pub fn take_changed_here(&self) -> Vec<Uuid> {
+        let mut changed = self.inner.announce.lock().expect("signals lock");
+        changed.drain().collect()
+    }
+
+    /// Waits until some auction is recorded by [`Signals::changed_here`].
+    pub async fn changed_here_woken(&self) {
+        self.inner.announce_wake.notified().await;
     }
 
     /// Subscribes to resolutions (subscribe before appending to miss none).
