@@ -178,10 +178,7 @@ pub async fn get_with_clock(
     client: &impl GenericClient,
     id: Uuid,
 ) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
-    select(client, id, Read::WithClock)
-        .await?
-        .map(|row| Ok((AuctionRecord::from_row(&row)?, row.try_get("now")?)))
-        .transpose()
+    select_with_clock(client, id, Read::WithClock).await
 }
 
 /// Reads the auctions among `ids` that exist (plain MVCC reads), in no
@@ -216,7 +213,16 @@ pub async fn get_for_update(
     client: &impl GenericClient,
     id: Uuid,
 ) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
-    select(client, id, Read::ForUpdate)
+    select_with_clock(client, id, Read::ForUpdate).await
+}
+
+/// One auction read as `read` says, with the statement's `now()`.
+async fn select_with_clock(
+    client: &impl GenericClient,
+    id: Uuid,
+    read: Read,
+) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
+    select(client, id, read)
         .await?
         .map(|row| Ok((AuctionRecord::from_row(&row)?, row.try_get("now")?)))
         .transpose()

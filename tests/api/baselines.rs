@@ -6,7 +6,6 @@
 //! auction row and the event log agrees; an optimistic bid that keeps
 //! losing its compare-and-set is shed with `Retry-After` and leaves nothing.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -277,18 +276,7 @@ async fn assert_answers_are_the_log(
 ) {
     let logged = assert_consistent(db, auction_id).await;
     assert_eq!(logged.len(), answered.len(), "one bid_log row per 201");
-    let rows = db
-        .query(
-            "SELECT bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY xid DESC, n DESC",
-            &[&auction_id],
-        )
-        .await
-        .unwrap();
-    let mut first: HashMap<Uuid, String> = HashMap::new();
-    for row in &rows {
-        let (ids, statuses): (Vec<Uuid>, Vec<String>) = (row.get(0), row.get(1));
-        first.extend(ids.into_iter().zip(statuses));
-    }
+    let first = event_statuses(db, auction_id, EventOrder::First).await;
     for body in answered {
         let bid = logged
             .iter()

@@ -570,18 +570,7 @@ async fn assert_events(
     bids: &[AuditBid],
     closed: bool,
 ) {
-    let rows = db
-        .query(
-            "SELECT kind, bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY xid, n",
-            &[&auction_id],
-        )
-        .await
-        .unwrap();
-    let mut latest: HashMap<Uuid, String> = HashMap::new();
-    for row in &rows {
-        let (ids, statuses): (Vec<Uuid>, Vec<String>) = (row.get(1), row.get(2));
-        latest.extend(ids.into_iter().zip(statuses));
-    }
+    let latest = event_statuses(db, auction_id, EventOrder::Latest).await;
     for bid in bids {
         assert_eq!(
             latest.get(&bid.id),
@@ -590,11 +579,49 @@ async fn assert_events(
             bid.id
         );
     }
-    let settled = rows
-        .iter()
-        .filter(|r| r.get::<_, String>(0) == "auction.settled")
-        .count();
-    assert_eq!(settled, usize::from(closed), "auction.settled rows");
+    let settled: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE auction_id = $1 AND kind = 'auction.settled'",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(settled, i64::from(closed), "auction.settled rows");
+}
+
+/// Which of a bid's changes [`event_statuses`] gives.
+pub enum EventOrder {
+    /// The first change of each bid in log order: its outcome.
+    First,
+    /// The latest: where it stands now.
+    Latest,
+}
+
+/// The status each bid of `auction_id` has in the event log, as its first
+/// or its latest change (in log order) says.
+pub async fn event_statuses(
+    db: &tokio_postgres::Client,
+    auction_id: Uuid,
+    which: EventOrder,
+) -> HashMap<Uuid, String> {
+    let order = match which {
+        EventOrder::First => "xid DESC, n DESC",
+        EventOrder::Latest => "xid, n",
+    };
+    let rows = db
+        .query(
+            &format!("SELECT bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY {order}"),
+            &[&auction_id],
+        )
+        .await
+        .unwrap();
+    let mut statuses: HashMap<Uuid, String> = HashMap::new();
+    for row in &rows {
+        let (ids, changes): (Vec<Uuid>, Vec<String>) = (row.get(0), row.get(1));
+        statuses.extend(ids.into_iter().zip(changes));
+    }
+    statuses
 }
 
 /// A `gavel serve` child process (the real binary) on `database_url`.
