@@ -140,6 +140,9 @@ impl BidDesk {
 
     /// Writes bids along `path` ([`BidPath::Log`] unless told otherwise).
     pub fn with_bid_path(mut self, path: BidPath) -> Self {
+        if path == BidPath::Optimistic {
+            metrics::counter!("gavel_optimistic_conflicts_total").increment(0);
+        }
         self.path = path;
         self
     }

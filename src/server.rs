@@ -207,8 +207,10 @@ fn spawn_workers(
     ));
     spawn_marketplace(config, state, &mut tasks, workers)?;
     if matches!(config.bids.path, BidPath::RowLockFn | BidPath::Optimistic) {
+        // On the resolver's pool, which these paths leave almost idle, so
+        // that the announcements never wait behind bids for a connection.
         tasks.spawn(listener::forward_resolved(
-            state.pools.api.clone(),
+            state.pools.resolver.clone(),
             state.signals.clone(),
             workers.clone(),
         ));

@@ -871,3 +871,48 @@ pub fn assert_contract_headers(what: &str, header: impl Fn(&str) -> String) {
         "{what}: empty X-Request-Id"
     );
 }
+
+/// Twenty identical bid requests (one key) at once: exactly one creates
+/// the bid, every other success replays it (`Idempotent-Replayed`), and a
+/// `503` is only a retry that waited past the lock timeout.
+pub async fn identical_requests_make_one_bid(
+    app: &TestApp,
+    auction_id: &str,
+    bidder: &str,
+    amount: i64,
+) {
+    let key = new_key();
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, addr, token) = (app.http.clone(), app.addr, app.token(bidder, &[]));
+            let (auction_id, key) = (auction_id.to_owned(), key.clone());
+            tokio::spawn(async move {
+                let response = place_bid(&http, addr, &token, &auction_id, amount, &key).await;
+                let replayed = header(&response, "idempotent-replayed");
+                let code = response.status();
+                (code, replayed, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut named = std::collections::HashSet::new();
+    let (mut created, mut replays) = (0, 0);
+    for request in requests {
+        let (code, replayed, body) = request.await.unwrap();
+        match code {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {
+                assert_eq!(replayed, "true");
+                replays += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["code"], "overloaded");
+                continue;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+        named.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1, "exactly one request created the bid");
+    assert!(replays >= 1, "the others replayed it");
+    assert_eq!(named.len(), 1, "every success names the same bid");
+}
