@@ -14,12 +14,12 @@ use uuid::Uuid;
 
 use super::{connection, optimistic, row_lock, row_lock_fn, BidDesk, BidPath, Placed};
 use crate::db::baselines::BidRequest;
-use crate::db::bids;
 use crate::db::events::BidChange;
+use crate::db::{bids, reads};
 use crate::domain::{Amount, BidStatus, IdempotencyKey};
 use crate::error::ApiError;
 use crate::rules::{Applied, AuctionState};
-use crate::signals::Resolved;
+use crate::signals::{Resolved, Signals};
 use crate::telemetry::outcomes::count_resolved;
 
 /// What one baseline transaction did.
@@ -63,28 +63,19 @@ impl BidDesk {
             let (placement, wal_position) = match path {
                 BidPath::RowLockFn => row_lock_fn::write(&client, &request).await?,
                 BidPath::Optimistic => optimistic::write(&client, &request).await?,
-                BidPath::RowLock | BidPath::Log => {
-                    row_lock::write(&mut client, &signals, &request).await?
-                }
+                BidPath::RowLock | BidPath::Log => (
+                    row_lock::write(&mut client, &signals, &request).await?,
+                    None,
+                ),
             };
-            if let Placement::Resolved {
-                bid,
-                reason,
-                version,
-            } = &placement
-            {
-                metrics::counter!("gavel_bids_accepted_total").increment(1);
-                count_resolved([*reason]);
-                signals.publish(Resolved {
-                    auction_id,
-                    bids: Some(Arc::from([bid.id])),
-                    version: Some(*version),
-                });
-                // The row-lock transaction notified other processes itself.
-                if path != BidPath::RowLock {
-                    signals.changed_here(auction_id);
-                }
-            }
+            announce(&signals, path, auction_id, &placement);
+            // From here on the bid is committed: nothing may fail the
+            // request. A path whose write did not bring the WAL position
+            // asks for it now, after the wake-ups.
+            let wal_position = match (&placement, wal_position) {
+                (Placement::Resolved { .. }, None) => reads::wal_position(&client).await.ok(),
+                (_, position) => position,
+            };
             Ok::<_, ApiError>((placement, wal_position))
         })
         .await
@@ -106,6 +97,30 @@ impl BidDesk {
                 Ok(self.finish(bid, true, wait_until, None, None, budget).await)
             }
         }
+    }
+}
+
+/// After a bid's commit: counts it, and tells waiting requests and the
+/// other processes of its auction's change.
+fn announce(signals: &Signals, path: BidPath, auction_id: Uuid, placement: &Placement) {
+    let Placement::Resolved {
+        bid,
+        reason,
+        version,
+    } = placement
+    else {
+        return;
+    };
+    metrics::counter!("gavel_bids_accepted_total").increment(1);
+    count_resolved([*reason]);
+    signals.publish(Resolved {
+        auction_id,
+        bids: Some(Arc::from([bid.id])),
+        version: Some(*version),
+    });
+    // The row-lock transaction notified other processes itself.
+    if path != BidPath::RowLock {
+        signals.changed_here(auction_id);
     }
 }
 

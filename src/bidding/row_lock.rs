@@ -27,36 +27,20 @@
 //! doing, on every bid).
 
 use deadpool_postgres::{Object, Transaction};
-use tokio_postgres::types::PgLsn;
 
 use super::at_once::{bid_changes, Placement};
 use crate::db::auctions::{self, AuctionRecord};
 use crate::db::baselines::BidRequest;
 use crate::db::events::BidChange;
-use crate::db::{bids, events, reads};
+use crate::db::{bids, events};
 use crate::error::ApiError;
 use crate::rules::{self, BidInput};
 use crate::signals::{listener, Signals};
 
 /// The row-lock transaction. The row stays locked from the `FOR UPDATE`
 /// until the commit; lock and statement timeouts surface as errors that
-/// answer `503 overloaded`, and the transaction is rolled back. With the
-/// placement comes the WAL position after the commit.
+/// answer `503 overloaded`, and the transaction is rolled back.
 pub(super) async fn write(
-    client: &mut Object,
-    signals: &Signals,
-    request: &BidRequest<'_>,
-) -> Result<(Placement, Option<PgLsn>), ApiError> {
-    let placement = transact(client, signals, request).await?;
-    // From here on the bid is committed: nothing may fail the request.
-    let wal_position = match placement {
-        Placement::Resolved { .. } => reads::wal_position(client).await.ok(),
-        Placement::KeyExists(_) => None,
-    };
-    Ok((placement, wal_position))
-}
-
-async fn transact(
     client: &mut Object,
     signals: &Signals,
     request: &BidRequest<'_>,
