@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Replays auction endings against Gavel and compares it with the classic
-# row-lock design, in one run on this machine:
+# designs (row_lock, row_lock_fn, optimistic), in one run on this machine:
 #
-#   loadtests/run.sh final-minute            # the targets (about 4 minutes)
-#   loadtests/run.sh max-rate                # highest sustainable rates, three rounds (about 30 minutes)
+#   loadtests/run.sh final-minute            # the targets (about 4 minutes with two modes; each mode adds its share)
+#   loadtests/run.sh max-rate                # highest sustainable rates, three rounds (about 30 minutes with two modes; each mode adds its share)
 #   loadtests/run.sh final-minute max-rate   # both
 #
 # For each scenario (a name in loadtests/scenarios/ or a path to a .toml
 # file) it starts a private PostgreSQL primary and streaming replica (fsync
-# on), runs Gavel in log mode and in row_lock mode on fresh databases,
+# on), runs Gavel in log mode and in each baseline mode (--modes; all four
+# by default) on fresh databases,
 # audits each run, measures the database's raw append ceiling with pgbench,
 # and writes report.md, report.json and chart.svg under
 # loadtests/reports/<scenario>-<time>/. Options after `--` go to

@@ -9,14 +9,21 @@
 //! here locks or writes the `auctions` row; a snapshot read is a plain MVCC
 //! read that never waits on that row's locks.
 //!
-//! The one exception is opt-in: [`BidPath::RowLock`] selects the classic
-//! design that locks the row for every bid (`row_lock.rs`), kept only as the
-//! baseline load tests reproduce the incident with.
+//! The exceptions are opt-in: the load tests' baselines, kept only to
+//! reproduce the incident and to compare Gavel with the classic designs at
+//! their strongest, each resolving a bid in its own request (`at_once.rs`):
+//! [`BidPath::RowLock`] locks the row for every bid (`row_lock.rs`),
+//! [`BidPath::RowLockFn`] does the same in one round trip
+//! (`row_lock_fn.rs`), and [`BidPath::Optimistic`] compare-and-sets from
+//! every request (`optimistic.rs`).
 
 mod admission;
 mod appender;
+mod at_once;
 mod lookups;
+mod optimistic;
 mod row_lock;
+mod row_lock_fn;
 
 pub use admission::Door;
 pub use appender::AppendSettings;
@@ -146,14 +153,17 @@ impl BidDesk {
 
     /// Writes bids along `path` ([`BidPath::Log`] unless told otherwise).
     pub fn with_bid_path(mut self, path: BidPath) -> Self {
+        if path == BidPath::Optimistic {
+            metrics::counter!("gavel_optimistic_conflicts_total").increment(0);
+        }
         self.path = path;
         self
     }
 
     /// Whether a bid may come in now, and how long it may then wait for
-    /// the database (see `admission.rs`); always open on the row-lock path.
+    /// the database (see `admission.rs`); always open on the baselines.
     pub fn admit_bid(&self) -> Door {
-        if self.path == BidPath::RowLock {
+        if self.path.resolves_in_request() {
             return Door::Open(self.pool_wait());
         }
         let door = self.admission.bid(self.appender.queued(), self.pool_wait());
@@ -198,11 +208,11 @@ impl BidDesk {
                     retry_after_s: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
             }
-            if self.path == BidPath::RowLock {
-                // The classic design has no snapshot precheck: the locked
-                // row itself is read for every bid.
+            if self.path.resolves_in_request() {
+                // The classic designs have no snapshot precheck: the
+                // auction's row itself is read for every bid.
                 return self
-                    .place_row_locked(bidder, key, auction_id, amount, wait_until, budget)
+                    .place_at_once(bidder, key, auction_id, amount, wait_until, budget)
                     .await;
             }
             match self

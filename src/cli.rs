@@ -17,9 +17,26 @@ pub struct Cli {
     command: Command,
 }
 
+/// What `gavel serve --help` adds about its configuration.
+const SERVE_HELP: &str = "Configured by GAVEL_* environment variables (README.md lists them all).
+
+GAVEL_BID_PATH chooses how a bid is written:
+  log          the append-only bid log, resolved in the background (default)
+  row_lock     load-test baseline: the classic transaction that locks the
+               auction row for every bid, a round trip per statement (seven
+               or eight of them under the lock)
+  row_lock_fn  load-test baseline: the same locked transaction as one
+               PL/pgSQL call, one round trip per bid
+  optimistic   load-test baseline: read, apply the rules, compare-and-set on
+               the auction's version from every request, retried up to 5
+               times, then 503
+The baselines exist to compare Gavel with the classic designs; never use
+them in production.";
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the API, the resolver and the admin listener.
+    #[command(after_help = SERVE_HELP)]
     Serve,
     /// Apply database migrations and exit.
     Migrate,

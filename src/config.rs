@@ -125,7 +125,9 @@ pub struct ResolverConfig {
 #[derive(Clone)]
 pub struct BidConfig {
     /// How a bid is written (`GAVEL_BID_PATH`: `log`, the append-only bid
-    /// log, or `row_lock`, the classic row-lock baseline for load tests).
+    /// log; or one of the load tests' baselines: `row_lock`, the classic
+    /// row-lock design, `row_lock_fn`, the same in one round trip, and
+    /// `optimistic`, compare-and-set from every request).
     pub path: BidPath,
     /// Writer tasks of coalesced bid appends, each writing one batch at a
     /// time on a primary connection of its own, beside the API pool
@@ -273,10 +275,16 @@ impl Env<'_> {
     fn bids(&self) -> Result<BidConfig, ConfigError> {
         Ok(BidConfig {
             path: match self
-                .choice("GAVEL_BID_PATH", "log", &["log", "row_lock"])?
+                .choice(
+                    "GAVEL_BID_PATH",
+                    "log",
+                    &["log", "row_lock", "row_lock_fn", "optimistic"],
+                )?
                 .as_str()
             {
                 "row_lock" => BidPath::RowLock,
+                "row_lock_fn" => BidPath::RowLockFn,
+                "optimistic" => BidPath::Optimistic,
                 _ => BidPath::Log,
             },
             append_writers: self.number("GAVEL_APPEND_WRITERS", 2, 1..=64)?,
@@ -547,6 +555,32 @@ pub enum BidPath {
     /// `FOR UPDATE` and resolves the bid at once; a reproduction baseline
     /// for load tests, never for production (see `bidding/row_lock.rs`).
     RowLock,
+    /// `row_lock_fn`: the row-lock design at its strongest, the whole
+    /// locked transaction in one round trip (a PL/pgSQL function); a
+    /// baseline too (see `bidding/row_lock_fn.rs`).
+    RowLockFn,
+    /// `optimistic`: every request reads the auction, applies the rules and
+    /// writes with a compare-and-set on `version`, retrying a few times on
+    /// conflict; a baseline too (see `bidding/optimistic.rs`).
+    Optimistic,
+}
+
+impl BidPath {
+    /// The value of `GAVEL_BID_PATH` that selects this path.
+    pub fn name(self) -> &'static str {
+        match self {
+            BidPath::Log => "log",
+            BidPath::RowLock => "row_lock",
+            BidPath::RowLockFn => "row_lock_fn",
+            BidPath::Optimistic => "optimistic",
+        }
+    }
+
+    /// Whether each bid is resolved in its own request (the baselines),
+    /// rather than appended to the log for the resolver.
+    pub fn resolves_in_request(self) -> bool {
+        self != BidPath::Log
+    }
 }
 
 /// How long one replica check ([`crate::db::reads`]) may take: the
@@ -609,6 +643,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.bids.path, BidPath::RowLock);
+        for path in [BidPath::RowLockFn, BidPath::Optimistic] {
+            let c = config(&[
+                ("GAVEL_DATABASE_URL", URL),
+                ("GAVEL_JWT_SECRET", SECRET),
+                ("GAVEL_BID_PATH", path.name()),
+            ])
+            .unwrap();
+            assert_eq!(c.bids.path, path);
+            assert!(path.resolves_in_request());
+        }
         let e = config(&[
             ("GAVEL_DATABASE_URL", URL),
             ("GAVEL_JWT_SECRET", SECRET),
@@ -618,7 +662,7 @@ mod tests {
         .expect("an unknown bid path is refused");
         assert_eq!(
             e.to_string(),
-            "GAVEL_BID_PATH: 'rowlock' is not one of log, row_lock"
+            "GAVEL_BID_PATH: 'rowlock' is not one of log, row_lock, row_lock_fn, optimistic"
         );
     }
 

@@ -207,6 +207,15 @@ fn spawn_workers(
         workers.clone(),
     ));
     spawn_marketplace(config, state, &mut tasks, workers)?;
+    if matches!(config.bids.path, BidPath::RowLockFn | BidPath::Optimistic) {
+        // On the resolver's pool, which these paths leave almost idle, so
+        // that the announcements never wait behind bids for a connection.
+        tasks.spawn(listener::forward_resolved(
+            state.pools.resolver.clone(),
+            state.signals.clone(),
+            workers.clone(),
+        ));
+    }
     if config.resolver.enabled {
         let resolver = Resolver::new(
             state.pools.resolver.clone(),
@@ -253,16 +262,27 @@ async fn metrics_upkeep(metrics: PrometheusHandle, shutdown: CancellationToken) 
     }
 }
 
-/// Logs where Gavel listens, and warns when it runs the row-lock baseline.
+/// Logs where Gavel listens, and warns when it runs a load-test baseline.
 fn announce(config: &Config, api: &TcpListener, admin: &TcpListener) -> anyhow::Result<()> {
     tracing::info!(api = %api.local_addr()?, admin = %admin.local_addr()?, "gavel serving");
-    if config.bids.path == BidPath::RowLock {
-        tracing::warn!(
-            "GAVEL_BID_PATH=row_lock: the classic row-lock bid path, a reproduction \
-             baseline for load tests; not for production (every bid queues on its \
-             auction's row lock)"
-        );
-    }
+    let design = match config.bids.path {
+        BidPath::Log => return Ok(()),
+        BidPath::RowLock => {
+            "the classic row-lock bid path, a reproduction baseline for load tests; not for \
+             production (every bid queues on its auction's row lock)"
+        }
+        BidPath::RowLockFn => {
+            "the row-lock bid path in one round trip (a PL/pgSQL function), a reproduction \
+             baseline for load tests; not for production (every bid queues on its auction's \
+             lock)"
+        }
+        BidPath::Optimistic => {
+            "the optimistic bid path (read, then compare-and-set from every request), a \
+             reproduction baseline for load tests; not for production (bids on a hot auction \
+             conflict and are shed)"
+        }
+    };
+    tracing::warn!("GAVEL_BID_PATH={}: {design}", config.bids.path.name());
     Ok(())
 }
 

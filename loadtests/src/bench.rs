@@ -39,7 +39,8 @@ pub struct BenchOptions {
     pub scenario_path: PathBuf,
     /// The scenario, already scaled as asked.
     pub scenario: Scenario,
-    /// Bid-path modes, in order (`log`, `row_lock`).
+    /// Bid-path modes, in order (`log`, then baselines such as `row_lock`,
+    /// `row_lock_fn`, `optimistic`).
     pub modes: Vec<String>,
     /// How Gavel is started.
     pub launcher: Launcher,

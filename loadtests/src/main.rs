@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
-use gavel_loadtest::report::{Machine, Report, RunReport};
+use gavel_loadtest::report::{Machine, Report, RunReport, BASELINES};
 use gavel_loadtest::scenario::Scenario;
 use gavel_loadtest::{audit, cpu, freshness, generator, trace};
 
@@ -57,8 +57,15 @@ struct BenchArgs {
     scenario: PathBuf,
     #[command(flatten)]
     shape: Shape,
-    /// Bid-path modes to run, in order.
-    #[arg(long, value_delimiter = ',', default_value = "log,row_lock")]
+    /// Bid-path modes to run, in order (`GAVEL_BID_PATH` values): `log`,
+    /// Gavel's path, and the baselines it is compared with, `row_lock`
+    /// (the classic row-lock transaction), `row_lock_fn` (the same in one
+    /// round trip) and `optimistic` (compare-and-set from every request).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "log,row_lock,row_lock_fn,optimistic"
+    )]
     modes: Vec<String>,
     /// The `gavel` binary (default: next to this one).
     #[arg(long)]
@@ -196,8 +203,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds: at least 1");
     for mode in &args.modes {
         anyhow::ensure!(
-            mode == "log" || mode == "row_lock",
-            "--modes: '{mode}' is not a bid path (log, row_lock)"
+            mode == "log" || BASELINES.contains(&mode.as_str()),
+            "--modes: '{mode}' is not a bid path (log, {})",
+            BASELINES.join(", ")
         );
     }
     let gavel_bin = gavel_binary(args.gavel_bin)?;

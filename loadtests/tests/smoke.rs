@@ -28,6 +28,9 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Every bid path the bench compares, in its default order.
+const MODES: [&str; 4] = ["log", "row_lock", "row_lock_fn", "optimistic"];
+
 /// Settings that keep a smoke run short: auctions settle soon after they end.
 fn quick_settings() -> Vec<(String, String)> {
     vec![
@@ -38,13 +41,13 @@ fn quick_settings() -> Vec<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
+async fn bench_runs_every_mode_audits_them_and_writes_the_reports() {
     let path = scenarios().join("smoke.toml");
     let out_dir = scratch("bench-report");
     let report = bench::bench(BenchOptions {
         scenario_path: path.clone(),
         scenario: Scenario::load(&path).unwrap(),
-        modes: vec!["log".into(), "row_lock".into()],
+        modes: MODES.map(String::from).to_vec(),
         launcher: Launcher::InProcess,
         out_dir: out_dir.clone(),
         work_dir: scratch("bench-pg"),
@@ -64,7 +67,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         )
     });
 
-    assert_eq!(report.runs.len(), 2);
+    assert_eq!(report.runs.len(), MODES.len());
     for run in &report.runs {
         let bids = &run.bids;
         assert!(
@@ -150,35 +153,46 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         assert!(series.seconds.len() >= cpu.cpu.seconds);
         watchers_saw_every_auction_to_its_end(run);
     }
-    // The row-lock baseline resolves at once; the log path through the resolver.
+    // The baselines resolve in the request (the row-lock ones at their
+    // receipt, the optimistic one a write after the read that received
+    // it); the log path through the resolver.
     let log = &report.runs[0];
-    let row_lock = &report.runs[1];
     assert!(log.audit.resolver_lag_ms.max > 0.0);
-    assert!(
-        row_lock.audit.resolver_lag_ms.p99 < 1.0,
-        "{:?}",
-        row_lock.audit.resolver_lag_ms
-    );
-    assert!(row_lock.bids.endings.contains_key("ok"));
+    for baseline in &report.runs[1..] {
+        let lag = &baseline.audit.resolver_lag_ms;
+        let at_once = if baseline.mode == "optimistic" {
+            100.0
+        } else {
+            1.0
+        };
+        assert!(lag.p99 < at_once, "{}: {lag:?}", baseline.mode);
+        assert!(
+            baseline.bids.endings.contains_key("ok"),
+            "{}",
+            baseline.mode
+        );
+    }
     let ceiling = report
         .ceiling
         .as_ref()
         .expect("the append ceiling was measured");
     assert!(ceiling.rows_per_s > 1_000.0, "{ceiling:?}");
 
-    // The files: both run reports, the combined JSON, Markdown and chart.
-    for mode in ["log", "row_lock"] {
+    // The files: every run report, the combined JSON, Markdown and chart.
+    for mode in MODES {
         let run = RunReport::load(&out_dir.join(format!("{mode}.json"))).unwrap();
         assert_eq!(run.mode, mode);
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("report.json")).unwrap())
             .unwrap();
-    assert_eq!(json["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(json["runs"].as_array().unwrap().len(), MODES.len());
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     for needle in [
         "| log |",
         "| row_lock |",
+        "| row_lock_fn |",
+        "| optimistic |",
         "Raw append ceiling",
         "slowest disk flush",
         "Where the CPU went",
@@ -197,7 +211,12 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
         "{pg_log}"
     );
     // Each run's statements, as the primary recorded them in its database.
-    for (mode, statement) in [("log", "INSERT INTO bid_log"), ("row_lock", "FOR UPDATE")] {
+    for (mode, statement) in [
+        ("log", "INSERT INTO bid_log"),
+        ("row_lock", "FOR UPDATE"),
+        ("row_lock_fn", "gavel_place_bid"),
+        ("optimistic", "WITH cas AS"),
+    ] {
         let profile =
             std::fs::read_to_string(out_dir.join(format!("statements-{mode}.md"))).unwrap();
         let row = profile
@@ -210,7 +229,7 @@ async fn bench_runs_both_modes_audits_them_and_writes_the_reports() {
     let svg = std::fs::read_to_string(out_dir.join("chart.svg")).unwrap();
     assert!(
         svg.starts_with("<svg")
-            && svg.contains("row_lock")
+            && MODES.iter().all(|mode| svg.contains(mode))
             && svg.contains("<polyline")
             && svg.contains("Watchers: versions received"),
         "{}",

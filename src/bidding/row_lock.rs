@@ -26,116 +26,33 @@
 //! still settles auctions after their end (soft close is the rules' own
 //! doing, on every bid).
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use deadpool_postgres::{Object, Transaction};
-use uuid::Uuid;
 
-use super::{connection, BidDesk, Placed};
+use super::at_once::{bid_changes, Placement};
 use crate::db::auctions::{self, AuctionRecord};
-use crate::db::events::{self, BidChange};
-use crate::db::{bids, reads};
-use crate::domain::{Amount, BidStatus, IdempotencyKey};
+use crate::db::baselines::BidRequest;
+use crate::db::events::BidChange;
+use crate::db::{bids, events};
 use crate::error::ApiError;
 use crate::rules::{self, BidInput};
-use crate::signals::{listener, Resolved, Signals};
-use crate::telemetry::outcomes::count_resolved;
-
-/// What one row-lock transaction did.
-enum Placement {
-    /// The bid is in the log with its outcome (`reason` when rejected).
-    Resolved {
-        bid: bids::BidRecord,
-        reason: Option<&'static str>,
-        /// The auction's version after the bid.
-        version: i64,
-    },
-    /// The bidder already used this key; nothing was written.
-    KeyExists(bids::KeyRecord),
-}
-
-impl BidDesk {
-    /// Places a bid in one transaction that locks its auction row (see the
-    /// module docs), within the same pool-wait `budget` as the log path.
-    pub(super) async fn place_row_locked(
-        &self,
-        bidder: &str,
-        key: &IdempotencyKey,
-        auction_id: Uuid,
-        amount: Amount,
-        wait_until: Option<Instant>,
-        budget: Instant,
-    ) -> Result<Placed, ApiError> {
-        let (pool, signals) = (self.pool.clone(), self.signals.clone());
-        let (bidder, key_text) = (bidder.to_owned(), key.as_str().to_owned());
-        // A task of its own, so a client hanging up mid-request cannot cut
-        // the transaction apart from its wake-ups and metrics.
-        let (placement, wal_position) = tokio::spawn(async move {
-            let mut client = connection(&pool, budget).await?;
-            let placement = write(
-                &mut client,
-                &signals,
-                &bidder,
-                &key_text,
-                auction_id,
-                amount.get(),
-            )
-            .await?;
-            let Placement::Resolved {
-                bid,
-                reason,
-                version,
-            } = &placement
-            else {
-                return Ok((placement, None));
-            };
-            metrics::counter!("gavel_bids_accepted_total").increment(1);
-            count_resolved([*reason]);
-            signals.publish(Resolved {
-                auction_id,
-                bids: Some(Arc::from([bid.id])),
-                version: Some(*version),
-            });
-            // From here on the bid is committed: nothing may fail the request.
-            let wal_position = reads::wal_position(&client).await.ok();
-            Ok::<_, ApiError>((placement, wal_position))
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))??;
-        match placement {
-            Placement::Resolved { bid, .. } => {
-                let mut placed = self
-                    .finish(bid, false, wait_until, None, wal_position, budget)
-                    .await;
-                // Resolved at once: answered like a bid resolved while its
-                // client waited, whether or not it asked to wait.
-                placed.resolved_in_wait = true;
-                Ok(placed)
-            }
-            Placement::KeyExists(existing) => {
-                let bid = self
-                    .replayed_bid(&existing, auction_id, amount, budget)
-                    .await?;
-                Ok(self.finish(bid, true, wait_until, None, None, budget).await)
-            }
-        }
-    }
-}
+use crate::signals::{listener, Signals};
 
 /// The row-lock transaction. The row stays locked from the `FOR UPDATE`
 /// until the commit; lock and statement timeouts surface as errors that
 /// answer `503 overloaded`, and the transaction is rolled back.
-async fn write(
+pub(super) async fn write(
     client: &mut Object,
     signals: &Signals,
-    bidder: &str,
-    key: &str,
-    auction_id: Uuid,
-    amount: i64,
+    request: &BidRequest<'_>,
 ) -> Result<Placement, ApiError> {
+    let &BidRequest {
+        auction_id,
+        id: bid_id,
+        bidder_id: bidder,
+        key,
+        amount,
+    } = request;
     let tx = client.transaction().await?;
-    let bid_id = Uuid::now_v7();
     // The auction's lock, then its row, then the key. Waiting for the row
     // alone would not do: a row lock takes a transaction id before it
     // waits, and waiters are not granted the row in that order. Waiting on
@@ -219,25 +136,15 @@ async fn apply_locked(
         resolution: bids::Resolution::new(&applied, resolution_no, auction.version + 1),
     };
     let stored = bids::insert_resolved(tx, &resolved).await?;
-    let mut changes = Vec::with_capacity(2);
     if let Some(displaced) = applied.displaced {
         bids::mark_outbid(tx, auction.id, displaced).await?;
-        let leader = auction
-            .state
-            .leader
-            .as_ref()
-            .filter(|l| l.bid_id == displaced);
-        changes.extend(leader.map(|l| BidChange {
-            bid_id: displaced,
-            bidder_id: &l.bidder_id,
-            status: BidStatus::Outbid,
-        }));
     }
-    changes.push(BidChange {
+    let new = BidChange {
         bid_id: stored.id,
         bidder_id: &stored.bidder_id,
         status: stored.status,
-    });
+    };
+    let changes = bid_changes(&auction.state, &applied, new);
     events::record_bid_changes(tx, auction.id, 0, auction.version + 1, &changes).await?;
     Ok((stored, resolved.resolution.reason))
 }

@@ -1,6 +1,7 @@
 //! Queries on `auctions`: creation, reads, and the resolver's compare-and-set
 //! on `version`. Nothing on the bid path writes or locks this table, except
-//! the row-lock baseline (`bidding::row_lock`), which exists to show why.
+//! the load tests' baselines (`bidding::row_lock` and its siblings), which
+//! exist to show why.
 
 use std::sync::LazyLock;
 
@@ -164,10 +165,20 @@ pub async fn get(
     client: &impl GenericClient,
     id: Uuid,
 ) -> Result<Option<AuctionRecord>, tokio_postgres::Error> {
-    select(client, id, false)
+    select(client, id, Read::Plain)
         .await?
         .map(|row| AuctionRecord::from_row(&row))
         .transpose()
+}
+
+/// Reads one auction (a plain MVCC read) with the statement's `now()`:
+/// the optimistic baseline (`bidding::optimistic`) applies the rules as of
+/// that time.
+pub async fn get_with_clock(
+    client: &impl GenericClient,
+    id: Uuid,
+) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
+    select_with_clock(client, id, Read::WithClock).await
 }
 
 /// Reads the auctions among `ids` that exist (plain MVCC reads), in no
@@ -202,21 +213,39 @@ pub async fn get_for_update(
     client: &impl GenericClient,
     id: Uuid,
 ) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
-    select(client, id, true)
+    select_with_clock(client, id, Read::ForUpdate).await
+}
+
+/// One auction read as `read` says, with the statement's `now()`.
+async fn select_with_clock(
+    client: &impl GenericClient,
+    id: Uuid,
+    read: Read,
+) -> Result<Option<(AuctionRecord, DateTime<Utc>)>, tokio_postgres::Error> {
+    select(client, id, read)
         .await?
         .map(|row| Ok((AuctionRecord::from_row(&row)?, row.try_get("now")?)))
         .transpose()
 }
 
+/// How [`select`] reads the row.
+enum Read {
+    Plain,
+    WithClock,
+    ForUpdate,
+}
+
 async fn select(
     client: &impl GenericClient,
     id: Uuid,
-    for_update: bool,
+    read: Read,
 ) -> Result<Option<Row>, tokio_postgres::Error> {
-    let sql = if for_update {
-        format!("SELECT {COLUMNS}, now() FROM auctions WHERE id = $1 FOR UPDATE")
-    } else {
-        format!("SELECT {COLUMNS} FROM auctions WHERE id = $1")
+    let sql = match read {
+        Read::Plain => format!("SELECT {COLUMNS} FROM auctions WHERE id = $1"),
+        Read::WithClock => format!("SELECT {COLUMNS}, now() FROM auctions WHERE id = $1"),
+        Read::ForUpdate => {
+            format!("SELECT {COLUMNS}, now() FROM auctions WHERE id = $1 FOR UPDATE")
+        }
     };
     let stmt = client.prepare_cached(&sql).await?;
     client.query_opt(&stmt, &[&id]).await

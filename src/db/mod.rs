@@ -7,6 +7,7 @@
 
 pub mod auction_cache;
 pub mod auctions;
+pub mod baselines;
 pub mod bids;
 pub mod events;
 pub mod marketplace;

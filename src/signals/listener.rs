@@ -107,14 +107,53 @@ async fn listen_once(
 /// round: NOTIFY serializes committing transactions, so it must never be
 /// sent per bid.
 pub async fn forward_bids(pool: crate::db::Pool, signals: Signals, shutdown: CancellationToken) {
+    let wait = |signals: Signals| async move { signals.woken().await };
+    forward(
+        pool,
+        signals,
+        shutdown,
+        BIDS_CHANNEL,
+        wait,
+        Signals::take_dirty,
+    )
+    .await;
+}
+
+/// On the baselines that resolve bids in their requests and commit without
+/// a NOTIFY, announces the auctions this process changed on
+/// `gavel_resolved`, after their commits and at most once per auction per
+/// round (see [`forward_bids`] for why).
+pub async fn forward_resolved(
+    pool: crate::db::Pool,
+    signals: Signals,
+    shutdown: CancellationToken,
+) {
+    let wait = |signals: Signals| async move { signals.changed_here_woken().await };
+    let take = Signals::take_changed_here;
+    forward(pool, signals, shutdown, RESOLVED_CHANNEL, wait, take).await;
+}
+
+/// Sends what `take` gathered on `channel` each time `wait` ends, until
+/// `shutdown`.
+async fn forward<W, F>(
+    pool: crate::db::Pool,
+    signals: Signals,
+    shutdown: CancellationToken,
+    channel: &'static str,
+    wait: W,
+    take: fn(&Signals) -> Vec<Uuid>,
+) where
+    W: Fn(Signals) -> F,
+    F: std::future::Future<Output = ()>,
+{
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = signals.woken() => {}
+            () = wait(signals.clone()) => {}
         }
-        let auctions = signals.take_dirty();
-        if let Err(e) = notify_bids(&pool, &signals, &auctions).await {
-            tracing::warn!(error = %e, "could not forward bid wake-ups; resolvers will poll");
+        let auctions = take(&signals);
+        if let Err(e) = notify(&pool, &signals, channel, &auctions).await {
+            tracing::warn!(error = %e, channel, "could not send wake-ups; readers will poll");
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -126,6 +165,16 @@ pub async fn notify_bids(
     signals: &Signals,
     auctions: &[Uuid],
 ) -> anyhow::Result<()> {
+    notify(pool, signals, BIDS_CHANNEL, auctions).await
+}
+
+/// Sends one notification on `channel` per auction.
+async fn notify(
+    pool: &crate::db::Pool,
+    signals: &Signals,
+    channel: &str,
+    auctions: &[Uuid],
+) -> anyhow::Result<()> {
     if auctions.is_empty() {
         return Ok(());
     }
@@ -134,7 +183,7 @@ pub async fn notify_bids(
     client
         .execute(
             "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload",
-            &[&BIDS_CHANNEL, &payloads],
+            &[&channel, &payloads],
         )
         .await?;
     Ok(())

@@ -40,9 +40,36 @@ pub struct Signals {
 struct Inner {
     /// This process, as named in the notifications it sends.
     instance: Uuid,
-    dirty: Mutex<HashSet<Uuid>>,
-    wake: Notify,
+    /// Auctions with new pending bids, for the resolver.
+    dirty: Marks,
+    /// Auctions this process changed, for other processes to hear of.
+    changed_here: Marks,
     resolved: broadcast::Sender<Resolved>,
+}
+
+/// A set of auctions marked for a consumer, which takes them all at once
+/// and waits when there are none.
+#[derive(Default)]
+struct Marks {
+    auctions: Mutex<HashSet<Uuid>>,
+    wake: Notify,
+}
+
+impl Marks {
+    fn mark(&self, auction_id: Uuid) {
+        self.auctions
+            .lock()
+            .expect("signals lock")
+            .insert(auction_id);
+        // notify_one keeps a permit when nobody waits, so a mark made while
+        // the consumer is busy is not lost.
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<Uuid> {
+        let mut auctions = self.auctions.lock().expect("signals lock");
+        auctions.drain().collect()
+    }
 }
 
 impl Default for Signals {
@@ -58,8 +85,8 @@ impl Signals {
         Signals {
             inner: Arc::new(Inner {
                 instance: Uuid::new_v4(),
-                dirty: Mutex::new(HashSet::new()),
-                wake: Notify::new(),
+                dirty: Marks::default(),
+                changed_here: Marks::default(),
                 resolved,
             }),
         }
@@ -67,25 +94,35 @@ impl Signals {
 
     /// Records that `auction_id` has new pending bids and wakes the consumer.
     pub fn bid_appended(&self, auction_id: Uuid) {
-        self.inner
-            .dirty
-            .lock()
-            .expect("signals lock")
-            .insert(auction_id);
-        // notify_one keeps a permit when nobody waits, so a signal sent while
-        // the resolver is busy is not lost.
-        self.inner.wake.notify_one();
+        self.inner.dirty.mark(auction_id);
     }
 
     /// Takes the set of auctions marked since the last call.
     pub fn take_dirty(&self) -> Vec<Uuid> {
-        let mut dirty = self.inner.dirty.lock().expect("signals lock");
-        dirty.drain().collect()
+        self.inner.dirty.take()
     }
 
     /// Waits until some auction is marked.
     pub async fn woken(&self) {
-        self.inner.wake.notified().await;
+        self.inner.dirty.wake.notified().await;
+    }
+
+    /// Records that this process committed a change of `auction_id` that
+    /// other processes should hear of, for the coalescing forwarder
+    /// ([`listener::forward_resolved`]) to announce after the commit.
+    pub fn changed_here(&self, auction_id: Uuid) {
+        self.inner.changed_here.mark(auction_id);
+    }
+
+    /// Takes the set of auctions recorded by [`Signals::changed_here`]
+    /// since the last call.
+    pub fn take_changed_here(&self) -> Vec<Uuid> {
+        self.inner.changed_here.take()
+    }
+
+    /// Waits until some auction is recorded by [`Signals::changed_here`].
+    pub async fn changed_here_woken(&self) {
+        self.inner.changed_here.wake.notified().await;
     }
 
     /// Subscribes to resolutions (subscribe before appending to miss none).

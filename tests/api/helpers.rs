@@ -581,18 +581,7 @@ async fn assert_events(
     bids: &[AuditBid],
     closed: bool,
 ) {
-    let rows = db
-        .query(
-            "SELECT kind, bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY xid, n",
-            &[&auction_id],
-        )
-        .await
-        .unwrap();
-    let mut latest: HashMap<Uuid, String> = HashMap::new();
-    for row in &rows {
-        let (ids, statuses): (Vec<Uuid>, Vec<String>) = (row.get(1), row.get(2));
-        latest.extend(ids.into_iter().zip(statuses));
-    }
+    let latest = event_statuses(db, auction_id, EventOrder::Latest).await;
     for bid in bids {
         assert_eq!(
             latest.get(&bid.id),
@@ -601,11 +590,49 @@ async fn assert_events(
             bid.id
         );
     }
-    let settled = rows
-        .iter()
-        .filter(|r| r.get::<_, String>(0) == "auction.settled")
-        .count();
-    assert_eq!(settled, usize::from(closed), "auction.settled rows");
+    let settled: i64 = db
+        .query_one(
+            "SELECT count(*) FROM events WHERE auction_id = $1 AND kind = 'auction.settled'",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(settled, i64::from(closed), "auction.settled rows");
+}
+
+/// Which of a bid's changes [`event_statuses`] gives.
+pub enum EventOrder {
+    /// The first change of each bid in log order: its outcome.
+    First,
+    /// The latest: where it stands now.
+    Latest,
+}
+
+/// The status each bid of `auction_id` has in the event log, as its first
+/// or its latest change (in log order) says.
+pub async fn event_statuses(
+    db: &tokio_postgres::Client,
+    auction_id: Uuid,
+    which: EventOrder,
+) -> HashMap<Uuid, String> {
+    let order = match which {
+        EventOrder::First => "xid DESC, n DESC",
+        EventOrder::Latest => "xid, n",
+    };
+    let rows = db
+        .query(
+            &format!("SELECT bid_ids, statuses FROM events WHERE auction_id = $1 ORDER BY {order}"),
+            &[&auction_id],
+        )
+        .await
+        .unwrap();
+    let mut statuses: HashMap<Uuid, String> = HashMap::new();
+    for row in &rows {
+        let (ids, changes): (Vec<Uuid>, Vec<String>) = (row.get(0), row.get(1));
+        statuses.extend(ids.into_iter().zip(changes));
+    }
+    statuses
 }
 
 /// A `gavel serve` child process (the real binary) on `database_url`.
@@ -854,4 +881,49 @@ pub fn assert_contract_headers(what: &str, header: impl Fn(&str) -> String) {
         !header("x-request-id").is_empty(),
         "{what}: empty X-Request-Id"
     );
+}
+
+/// Twenty identical bid requests (one key) at once: exactly one creates
+/// the bid, every other success replays it (`Idempotent-Replayed`), and a
+/// `503` is only a retry that waited past the lock timeout.
+pub async fn identical_requests_make_one_bid(
+    app: &TestApp,
+    auction_id: &str,
+    bidder: &str,
+    amount: i64,
+) {
+    let key = new_key();
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, addr, token) = (app.http.clone(), app.addr, app.token(bidder, &[]));
+            let (auction_id, key) = (auction_id.to_owned(), key.clone());
+            tokio::spawn(async move {
+                let response = place_bid(&http, addr, &token, &auction_id, amount, &key).await;
+                let replayed = header(&response, "idempotent-replayed");
+                let code = response.status();
+                (code, replayed, response.json::<Value>().await.unwrap())
+            })
+        })
+        .collect();
+    let mut named = std::collections::HashSet::new();
+    let (mut created, mut replays) = (0, 0);
+    for request in requests {
+        let (code, replayed, body) = request.await.unwrap();
+        match code {
+            StatusCode::CREATED => created += 1,
+            StatusCode::OK => {
+                assert_eq!(replayed, "true");
+                replays += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(body["code"], "overloaded");
+                continue;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+        named.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1, "exactly one request created the bid");
+    assert!(replays >= 1, "the others replayed it");
+    assert_eq!(named.len(), 1, "every success names the same bid");
 }

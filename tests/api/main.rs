@@ -1,6 +1,7 @@
 //! Integration tests: the real server against a real, private PostgreSQL.
 
 mod bad_input;
+mod baselines;
 mod bidding;
 mod cdp;
 mod cli;
@@ -16,5 +17,6 @@ mod processes;
 mod reads;
 mod replicas;
 mod row_lock;
+mod rules_port;
 mod watch;
 mod webhooks;

@@ -205,38 +205,7 @@ async fn a_retried_key_replays_its_bid_and_a_reused_one_is_refused() {
     assert_eq!(problem["code"], "idempotency_key_reused");
 
     // Twenty identical requests at once: one bid, every success names it.
-    let key = new_key();
-    let requests: Vec<_> = (0..20)
-        .map(|_| {
-            let (http, addr, token) = (app.http.clone(), app.addr, app.token("bob", &[]));
-            let (auction_id, key) = (auction_id.clone(), key.clone());
-            tokio::spawn(async move {
-                answer(place_bid(&http, addr, &token, &auction_id, 2_000, &key).await).await
-            })
-        })
-        .collect();
-    let mut named = std::collections::HashSet::new();
-    let (mut created, mut replayed) = (0, 0);
-    for request in requests {
-        let (code, headers, body) = request.await.unwrap();
-        match code {
-            StatusCode::CREATED => created += 1,
-            StatusCode::OK => {
-                assert_eq!(headers["idempotent-replayed"], "true");
-                replayed += 1;
-            }
-            // A retry that waited on the key longer than the lock timeout.
-            StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(body["code"], "overloaded");
-                continue;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
-        named.insert(body["id"].as_str().unwrap().to_owned());
-    }
-    assert_eq!(created, 1, "exactly one request created the bid");
-    assert!(replayed >= 1, "the others replayed it");
-    assert_eq!(named.len(), 1, "every success names the same bid");
+    identical_requests_make_one_bid(&app, &auction_id, "bob", 2_000).await;
 
     let db = app.db().await;
     for (bidder, count) in [("alice", 1), ("bob", 1)] {

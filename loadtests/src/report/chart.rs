@@ -10,7 +10,8 @@ use super::Report;
 use crate::cpu::CpuSecond;
 use crate::record::Point;
 
-/// One colour per run (mode, round and pass), in the order they ran.
+/// One colour per mode, in the order the modes first ran; later runs of a
+/// mode (rounds, refining passes) take lighter shades of it.
 const COLORS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
@@ -63,9 +64,22 @@ pub(super) fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The colour of the `i`th run.
-fn color(i: usize) -> RGBColor {
-    COLORS[i % COLORS.len()]
+/// The colour of the `i`th run: its mode's, lighter for each run of that
+/// mode before it, so that every mode keeps one hue however many rounds.
+pub(super) fn color(report: &Report, i: usize) -> RGBColor {
+    let mode = &report.runs[i].mode;
+    let mut modes: Vec<&str> = Vec::new();
+    for run in &report.runs[..=i] {
+        if !modes.contains(&run.mode.as_str()) {
+            modes.push(&run.mode);
+        }
+    }
+    let hue = modes.iter().position(|m| m == mode).unwrap_or(0);
+    let earlier = report.runs[..i].iter().filter(|r| &r.mode == mode).count();
+    let lighter = (earlier as f64 * 0.15).min(0.75);
+    let RGBColor(r, g, b) = COLORS[hue % COLORS.len()];
+    let toward_white = |c: u8| c + ((255 - c) as f64 * lighter) as u8;
+    RGBColor(toward_white(r), toward_white(g), toward_white(b))
 }
 
 /// Throughput: offered (thin) and answered 2xx (thick), per second.
@@ -89,7 +103,7 @@ fn throughput_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<
         .draw()
         .map_err(plot_error)?;
     for (i, r) in report.runs.iter().enumerate() {
-        let color = color(i);
+        let color = color(report, i);
         let points = |f: fn(&Point) -> u64| {
             r.series
                 .bids
@@ -127,7 +141,7 @@ fn latency_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()>
         .map_err(plot_error)?;
     c.configure_mesh().y_desc("ms").draw().map_err(plot_error)?;
     for (i, r) in report.runs.iter().enumerate() {
-        let color = color(i);
+        let color = color(report, i);
         let points = |f: fn(&Point) -> Option<f64>| {
             r.series
                 .bids
@@ -177,7 +191,7 @@ fn errors_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()> 
         .draw()
         .map_err(plot_error)?;
     for (i, r) in report.runs.iter().enumerate() {
-        let color = color(i);
+        let color = color(report, i);
         c.draw_series(LineSeries::new(
             r.series.bids.iter().map(|p| (p.t as f64, p.errors as f64)),
             color.stroke_width(2),
@@ -206,7 +220,7 @@ fn cpu_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()> {
         let Some(cpu) = &r.series.cpu else {
             continue;
         };
-        let color = color(i);
+        let color = color(report, i);
         let share = |f: fn(&CpuSecond) -> f64| {
             let cores = cpu.cores.max(1) as f64;
             cpu.seconds
@@ -247,7 +261,7 @@ fn watchers_panel(report: &Report, area: &Area, x_max: f64) -> anyhow::Result<()
         .map_err(plot_error)?;
     for (i, r) in report.runs.iter().enumerate() {
         let seconds = || r.series.watchers.iter().enumerate();
-        let color = color(i);
+        let color = color(report, i);
         let versions = seconds().map(|(t, s)| (t as f64, (s.versions as f64).max(1.0)));
         c.draw_series(LineSeries::new(versions, color.stroke_width(2)))
             .map_err(plot_error)?

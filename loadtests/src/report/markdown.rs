@@ -366,8 +366,8 @@ impl Report {
     /// "Comparison": the ratios, as medians of the rounds when there were
     /// several, with each round's figures.
     fn comparison_section(&self, md: &mut String) {
-        let (over_row_lock, of_ceiling) = self.ratios();
-        if over_row_lock.is_none() && of_ceiling.is_none() {
+        let ratios = self.ratios();
+        if ratios.over.iter().all(|(_, x)| x.is_none()) && ratios.of_ceiling.is_none() {
             return;
         }
         let rounds = self.comparisons();
@@ -380,12 +380,15 @@ impl Report {
         if self.runs.iter().any(|r| r.refining) {
             md.push_str("A mode's rate in a round is the highest step that held in its ramp or in the refining pass that followed it: a second climb on a fresh database, in finer steps from just below the ramp's best to past its next step.\n\n");
         }
-        if let Some(x) = over_row_lock {
-            md.push_str(&format!(
-                "- Log mode sustains **{x:.1}×** the bid rate of the row-lock design{of_rounds}.\n"
-            ));
+        for (mode, x) in &ratios.over {
+            if let Some(x) = x {
+                md.push_str(&format!(
+                    "- Log mode sustains **{x:.1}×** the bid rate of {}{of_rounds}.\n",
+                    design(mode)
+                ));
+            }
         }
-        if let Some(x) = of_ceiling {
+        if let Some(x) = ratios.of_ceiling {
             md.push_str(&format!(
                 "- Log mode sustains **{:.0}%** of the database's raw append ceiling{of_rounds}.\n",
                 x * 100.0
@@ -435,17 +438,46 @@ impl Report {
     }
 }
 
-/// Each round's rates, ceiling and ratios.
+/// How the comparison names a mode's design.
+fn design(mode: &str) -> String {
+    match mode {
+        "row_lock" => "the row-lock design".into(),
+        "row_lock_fn" => "the row-lock design in one round trip (`row_lock_fn`)".into(),
+        "optimistic" => "the optimistic design (`optimistic`)".into(),
+        other => format!("`{other}`"),
+    }
+}
+
+/// Each round's rates, ceiling and ratios: a rate and a ratio column for
+/// every mode beside log.
 fn rounds_table(md: &mut String, rounds: &[RoundComparison]) {
-    md.push_str("\nThe modes ran in turn, round after round, so that a slow spell of the machine falls on both:\n\n| round | log | row_lock | log / row_lock | ceiling | log / ceiling |\n| ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let modes: Vec<&str> = rounds[0].others.iter().map(|o| o.mode.as_str()).collect();
+    let all = if modes.len() > 1 {
+        "every mode"
+    } else {
+        "both"
+    };
+    let rates: String = modes.iter().map(|m| format!(" {m} |")).collect();
+    let over: String = modes.iter().map(|m| format!(" log / {m} |")).collect();
+    let align = " ---: |".repeat(2 * modes.len());
+    md.push_str(&format!("\nThe modes ran in turn, round after round, so that a slow spell of the machine falls on {all}:\n\n| round | log |{rates}{over} ceiling | log / ceiling |\n| ---: | ---: |{align} ---: | ---: |\n"));
     let rate = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.0} {unit}"));
     for c in rounds {
+        let rates: String = (c.others.iter())
+            .map(|o| format!(" {} |", rate(o.rate, "bids/s")))
+            .collect();
+        let over: String = (c.others.iter())
+            .map(|o| {
+                format!(
+                    " {} |",
+                    o.log_over.map_or("-".into(), |x| format!("{x:.1}×"))
+                )
+            })
+            .collect();
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} |{rates}{over} {} | {} |\n",
             c.round,
             rate(c.log, "bids/s"),
-            rate(c.row_lock, "bids/s"),
-            c.over_row_lock.map_or("-".into(), |x| format!("{x:.1}×")),
             rate(c.ceiling, "rows/s"),
             c.of_ceiling
                 .map_or("-".into(), |x| format!("{:.0}%", x * 100.0)),

@@ -21,10 +21,15 @@ use crate::scrape::ServerSample;
 mod chart;
 mod markdown;
 
+/// The bid paths kept to compare Gavel with (`GAVEL_BID_PATH`), in the
+/// order a bench runs them after `log`.
+pub const BASELINES: [&str; 3] = ["row_lock", "row_lock_fn", "optimistic"];
+
 /// One run of one mode.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunReport {
-    /// `log` or `row_lock` (or any label the caller chose).
+    /// `log`, `row_lock`, `row_lock_fn` or `optimistic` (or any label the
+    /// caller chose).
     pub mode: String,
     /// Which round of the bench it was measured in (1 when there was one).
     #[serde(default = "first_round")]
@@ -320,13 +325,13 @@ impl RunReport {
         });
     }
 
-    /// The scenario's targets are Gavel's; the row-lock baseline is only
-    /// there to be compared with, so it is not held to them.
+    /// The scenario's targets are Gavel's; the baselines are only there
+    /// to be compared with, so they are not held to them.
     fn check_targets(&self, scenario: &Scenario) -> Vec<TargetCheck> {
         let Some(t) = scenario
             .targets
             .as_ref()
-            .filter(|_| self.mode != "row_lock")
+            .filter(|_| !BASELINES.contains(&self.mode.as_str()))
         else {
             return Vec::new();
         };
@@ -545,20 +550,39 @@ pub struct Report {
     pub ceilings: Vec<Ceiling>,
 }
 
-/// One round's comparison of log mode with the row-lock design.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// One round's comparison of log mode with every other mode (the
+/// baselines) and with the append ceiling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundComparison {
     /// The round.
     pub round: u32,
     /// Log mode's highest sustainable rate, in bids/s.
     pub log: Option<f64>,
-    /// row_lock mode's.
-    pub row_lock: Option<f64>,
+    /// Every other mode's, in the order the modes first ran.
+    pub others: Vec<ModeRate>,
     /// The round's raw append ceiling, in rows/s.
     pub ceiling: Option<f64>,
-    /// `log / row_lock`.
-    pub over_row_lock: Option<f64>,
     /// `log / ceiling`.
+    pub of_ceiling: Option<f64>,
+}
+
+/// A mode's highest sustainable rate in a round, and log mode's over it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeRate {
+    /// The mode (`row_lock`, `row_lock_fn`, `optimistic`, ...).
+    pub mode: String,
+    /// Its highest sustainable rate, in bids/s.
+    pub rate: Option<f64>,
+    /// `log / rate`.
+    pub log_over: Option<f64>,
+}
+
+/// The ratios a report states, as medians over the rounds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ratios {
+    /// Log mode's rate over each other mode's, in the order the modes ran.
+    pub over: Vec<(String, Option<f64>)>,
+    /// Log mode's rate as a share of the append ceiling.
     pub of_ceiling: Option<f64>,
 }
 
@@ -611,24 +635,43 @@ impl Report {
         label
     }
 
+    /// The modes other than log, in the order they first ran.
+    pub fn other_modes(&self) -> Vec<&str> {
+        let mut modes: Vec<&str> = Vec::new();
+        for run in self.runs.iter().filter(|r| r.mode != "log") {
+            if !modes.contains(&run.mode.as_str()) {
+                modes.push(&run.mode);
+            }
+        }
+        modes
+    }
+
     /// Each round's comparison: log mode's highest sustainable rate over
-    /// row_lock's, and as a share of the round's append ceiling.
+    /// every other mode's, and as a share of the round's append ceiling.
     pub fn comparisons(&self) -> Vec<RoundComparison> {
+        let others = self.other_modes();
         (1..=self.rounds())
             .map(|round| {
-                let (log, row_lock) = (self.rate("log", round), self.rate("row_lock", round));
+                let log = self.rate("log", round);
                 let ceiling = self
                     .ceilings
                     .iter()
                     .chain(&self.ceiling)
                     .find(|c| c.round == round)
                     .map(|c| c.rows_per_s);
+                let others = others.iter().map(|&mode| {
+                    let rate = self.rate(mode, round);
+                    ModeRate {
+                        mode: mode.to_owned(),
+                        rate,
+                        log_over: log.zip(rate).map(|(l, r)| l / r),
+                    }
+                });
                 RoundComparison {
                     round,
                     log,
-                    row_lock,
+                    others: others.collect(),
                     ceiling,
-                    over_row_lock: log.zip(row_lock).map(|(l, r)| l / r),
                     of_ceiling: log.zip(ceiling).map(|(l, c)| l / c),
                 }
             })
@@ -636,13 +679,19 @@ impl Report {
     }
 
     /// The comparisons the report states, as medians over the rounds: log
-    /// mode's highest sustainable rate over row_lock's, and as a share of
-    /// the append ceiling.
-    pub fn ratios(&self) -> (Option<f64>, Option<f64>) {
+    /// mode's highest sustainable rate over each other mode's, and as a
+    /// share of the append ceiling.
+    pub fn ratios(&self) -> Ratios {
         let rounds = self.comparisons();
-        let of =
-            |f: fn(&RoundComparison) -> Option<f64>| median(rounds.iter().filter_map(f).collect());
-        (of(|c| c.over_row_lock), of(|c| c.of_ceiling))
+        let over = self.other_modes().into_iter().map(|mode| {
+            let each = rounds.iter().flat_map(|c| &c.others);
+            let of_mode = each.filter(|o| o.mode == mode).filter_map(|o| o.log_over);
+            (mode.to_owned(), median(of_mode.collect()))
+        });
+        Ratios {
+            over: over.collect(),
+            of_ceiling: median(rounds.iter().filter_map(|c| c.of_ceiling).collect()),
+        }
     }
 
     /// Reads `path` as a combined report (`report.json`); `None` when it
@@ -673,6 +722,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     #[test]
     fn views_from_memory_is_the_share_of_cache_hits_over_the_run() {
@@ -772,12 +822,19 @@ mod tests {
         assert_eq!(report.label(&report.runs[2]), "log #2");
         let rounds = report.comparisons();
         assert_eq!(rounds.len(), 3);
-        assert_eq!(rounds[0].over_row_lock, Some(20.0));
-        assert_eq!(rounds[1].over_row_lock, Some(10.0));
-        assert_eq!(rounds[2].over_row_lock, None);
+        let over_row_lock = |c: &RoundComparison| c.others[0].log_over;
+        assert_eq!(over_row_lock(&rounds[0]), Some(20.0));
+        assert_eq!(over_row_lock(&rounds[1]), Some(10.0));
+        assert_eq!(over_row_lock(&rounds[2]), None);
         assert_eq!(rounds[1].of_ceiling, Some(0.1));
         // Medians: of 20× and 10×; of 20%, 10% and 20%.
-        assert_eq!(report.ratios(), (Some(15.0), Some(0.2)));
+        assert_eq!(
+            report.ratios(),
+            Ratios {
+                over: vec![("row_lock".into(), Some(15.0))],
+                of_ceiling: Some(0.2)
+            }
+        );
         let md = report.markdown();
         for needle in [
             "**15.0×** the bid rate of the row-lock design (the median of 3 rounds)",
@@ -787,6 +844,58 @@ mod tests {
         ] {
             assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
         }
+    }
+
+    #[test]
+    fn log_mode_is_compared_with_every_baseline_round_by_round() {
+        let report = report(
+            vec![
+                run("log", 1, Some(9_000.0)),
+                run("row_lock", 1, Some(450.0)),
+                run("row_lock_fn", 1, Some(1_800.0)),
+                run("optimistic", 1, Some(300.0)),
+                run("log", 2, Some(11_000.0)),
+                run("row_lock", 2, Some(550.0)),
+                run("row_lock_fn", 2, Some(2_200.0)),
+                // No step of this round's optimistic run held.
+                run("optimistic", 2, None),
+            ],
+            vec![ceiling(1, 90_000.0), ceiling(2, 110_000.0)],
+        );
+        assert_eq!(report.other_modes(), BASELINES);
+        let rounds = report.comparisons();
+        let over = |round: usize| -> Vec<Option<f64>> {
+            rounds[round].others.iter().map(|o| o.log_over).collect()
+        };
+        assert_eq!(over(0), [Some(20.0), Some(5.0), Some(30.0)]);
+        assert_eq!(over(1), [Some(20.0), Some(5.0), None]);
+        let ratios = report.ratios();
+        assert_eq!(
+            ratios.over,
+            [
+                ("row_lock".into(), Some(20.0)),
+                ("row_lock_fn".into(), Some(5.0)),
+                ("optimistic".into(), Some(30.0)),
+            ]
+        );
+        assert_eq!(ratios.of_ceiling, Some(0.1));
+        let md = report.markdown();
+        for needle in [
+            "**20.0×** the bid rate of the row-lock design (the median of 2 rounds)",
+            "**5.0×** the bid rate of the row-lock design in one round trip (`row_lock_fn`) (the median",
+            "**30.0×** the bid rate of the optimistic design (`optimistic`) (the median",
+            "falls on every mode",
+            "| round | log | row_lock | row_lock_fn | optimistic | log / row_lock | log / row_lock_fn | log / optimistic | ceiling | log / ceiling |",
+            "| 2 | 11000 bids/s | 550 bids/s | 2200 bids/s | - | 20.0× | 5.0× | - | 110000 rows/s | 10% |",
+        ] {
+            assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+        }
+        // Every mode keeps one hue on the chart, later rounds a lighter one.
+        let hues: Vec<_> = (0..8).map(|i| chart::color(&report, i)).collect();
+        assert_eq!(hues[..4].iter().collect::<HashSet<_>>().len(), 4);
+        assert_ne!(hues[4], hues[0]);
+        let [r0, r1] = [hues[0].0, hues[4].0];
+        assert!(r1 > r0, "round 2 of log is lighter: {r0} -> {r1}");
     }
 
     #[test]
@@ -868,7 +977,13 @@ mod tests {
             vec![ceiling(1, 90_000.0)],
         );
         assert_eq!(report.label(&report.runs[1]), "row_lock");
-        assert_eq!(report.ratios(), (Some(10.0), Some(0.1)));
+        assert_eq!(
+            report.ratios(),
+            Ratios {
+                over: vec![("row_lock".into(), Some(10.0))],
+                of_ceiling: Some(0.1)
+            }
+        );
         let md = report.markdown();
         assert!(
             md.contains("**10.0×** the bid rate of the row-lock design.\n"),
@@ -899,9 +1014,9 @@ mod tests {
         );
         let rounds = report.comparisons();
         assert_eq!(rounds[0].log, Some(9_562.0));
-        assert_eq!(rounds[0].row_lock, Some(477.0));
+        assert_eq!(rounds[0].others[0].rate, Some(477.0));
         assert_eq!(rounds[1].log, Some(10_842.0));
-        assert_eq!(rounds[1].row_lock, Some(596.0));
+        assert_eq!(rounds[1].others[0].rate, Some(596.0));
         assert_eq!(report.label(&report.runs[1]), "log #1 refining");
         let md = report.markdown();
         for needle in [
