@@ -486,7 +486,11 @@ impl Gavel {
                 .unwrap_or_else(|| "gavel".into()),
             running,
         };
-        gavel.wait_ready().await?;
+        if let Err(e) = gavel.wait_ready().await {
+            // Stopped, so no Gavel outlives the run that failed to start it.
+            let _ = gavel.stop().await;
+            return Err(e);
+        }
         Ok(gavel)
     }
 
