@@ -344,8 +344,11 @@ async fn retries_after_the_price_moved_on_replay_while_fresh_low_bids_are_refuse
     assert_eq!(raise.status(), StatusCode::ACCEPTED);
     let db = app.db().await;
     wait_resolved(&db, id_of(&auction), Duration::from_secs(10)).await;
-    // Past the snapshot's lifetime: the pre-check now knows the new price.
+    // Past the snapshot's lifetime, one low bid re-reads it; the requests
+    // that race that re-read would be checked against the old price.
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let warm = app.bid("warm", &auction_id, 1_100, &new_key()).await;
+    assert_eq!(warm.status(), StatusCode::UNPROCESSABLE_ENTITY);
 
     let retries = accepted.iter().map(|(i, key, _)| {
         let (http, addr, token, auction_id, key) = (
