@@ -154,6 +154,10 @@ pub struct Limits {
     pub edge: EdgeLimits,
     /// Event streams open at once in this process (`GAVEL_MAX_STREAMS`).
     pub max_streams: usize,
+    /// Auction events a second this process sends over all its streams
+    /// (`GAVEL_STREAM_EVENTS_PER_S`): each auction stream waits its share
+    /// between two events.
+    pub stream_events_per_s: usize,
 }
 
 /// What one client may hold and how long it may take to send: the limits
@@ -313,6 +317,11 @@ impl Env<'_> {
             max_in_flight: self.number("GAVEL_MAX_IN_FLIGHT", 2_048, 1..=1_000_000)?,
             edge: self.edge_limits()?,
             max_streams: self.number("GAVEL_MAX_STREAMS", 10_000, 1..=1_000_000)?,
+            stream_events_per_s: self.number(
+                "GAVEL_STREAM_EVENTS_PER_S",
+                20_000,
+                1..=10_000_000,
+            )?,
         })
     }
 }

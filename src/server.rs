@@ -66,7 +66,7 @@ impl Server {
             live: LiveViews::new(
                 auction_views.clone(),
                 &signals,
-                config.limits.max_streams,
+                &config.limits,
                 streams_end.clone(),
             ),
             bidders: BidderFeeds::new(pools.api.clone(), &signals, streams_end.clone()),

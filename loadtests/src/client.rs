@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{HeaderValue, HOST};
 use hyper::{HeaderMap, Request, StatusCode, Uri};
@@ -134,25 +133,14 @@ impl Client {
         }
     }
 
-    /// Sends `request` on a connection of its own and returns the answer's
-    /// head within `deadline`, its body still streaming: for an event
-    /// stream, which holds its connection until the body is dropped.
-    pub async fn open_stream(
-        &self,
-        mut request: Request<Body>,
-        deadline: Duration,
-    ) -> Result<hyper::Response<Incoming>, Failure> {
-        request.headers_mut().insert(HOST, self.host.clone());
-        let opening = async {
-            let mut sender = self.connect().await?;
-            sender
-                .send_request(request)
-                .await
-                .map_err(|_| Failure::Transport)
-        };
-        tokio::time::timeout(deadline, opening)
-            .await
-            .unwrap_or(Err(Failure::Timeout))
+    /// The target's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The target's `host:port`, as the `Host` header says it.
+    pub(crate) fn host(&self) -> &str {
+        self.host.to_str().unwrap_or_default()
     }
 
     async fn connect(&self) -> Result<SendRequest<Body>, Failure> {

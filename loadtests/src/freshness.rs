@@ -41,6 +41,12 @@ pub struct WatchReport {
     pub counts: WatchCounts,
     /// Commit -> receipt of every version received that has a commit time.
     pub commit_to_receipt_ms: Quantiles,
+    /// The same split in two: the receipts of versions that went to more
+    /// than half of their auction's watchers (one version written to every
+    /// stream at once: the first change after a lull, the settlement), and
+    /// the others.
+    #[serde(default)]
+    pub fanned_out: Option<FanOut>,
     /// Versions received whose commit time is unknown.
     pub without_commit_time: u64,
     /// Watchers whose last version was the auction's final one, named by
@@ -53,6 +59,17 @@ pub struct WatchReport {
     /// Why the delays could not be measured, if so.
     #[serde(default)]
     pub note: Option<String>,
+}
+
+/// Receipts of versions sent to most watchers at once, and the others.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FanOut {
+    /// Versions received by more than half of their auction's watchers.
+    pub versions: u64,
+    /// Commit -> receipt of their receipts.
+    pub to_most_ms: Quantiles,
+    /// Commit -> receipt of every other receipt.
+    pub others_ms: Quantiles,
 }
 
 /// How stale the readers' answers were.
@@ -166,17 +183,36 @@ fn delays() -> Histogram<u64> {
 }
 
 fn watch_report(w: &WatchOutput, auctions: &[RunAuction], commits: &Commits) -> WatchReport {
-    let mut histogram = delays();
+    let mut received: HashMap<(usize, i64), u64> = HashMap::new();
+    w.receipts.each(|auction, version, _, n| {
+        *received.entry((auction, version)).or_default() += n;
+    });
+    let watchers_each = (w.count / w.auctions.len().max(1)) as u64;
+    let to_most = |auction, version| received[&(auction, version)] * 2 > watchers_each;
+    let (mut histogram, mut most, mut others) = (delays(), delays(), delays());
     let mut without = 0;
     w.receipts.each(
         |auction, version, at_us, n| match commits.at(auction, version) {
             Some(committed) => {
-                let delay = (at_us as i64 - committed).clamp(1, 3_600_000_000);
-                histogram.saturating_record_n(delay as u64, n);
+                let delay = (at_us as i64 - committed).clamp(1, 3_600_000_000) as u64;
+                histogram.saturating_record_n(delay, n);
+                let part = if to_most(auction, version) {
+                    &mut most
+                } else {
+                    &mut others
+                };
+                part.saturating_record_n(delay, n);
             }
             None => without += n,
         },
     );
+    let fanned_out = FanOut {
+        versions: (received.iter())
+            .filter(|(&(a, v), _)| to_most(a, v))
+            .count() as u64,
+        to_most_ms: Quantiles::of(&most),
+        others_ms: Quantiles::of(&others),
+    };
     let mut report = WatchReport {
         watchers: w.count,
         auctions: (w.auctions.iter())
@@ -185,6 +221,7 @@ fn watch_report(w: &WatchOutput, auctions: &[RunAuction], commits: &Commits) -> 
         open_max: w.open_by_second.iter().copied().max().unwrap_or(0),
         counts: w.counts.clone(),
         commit_to_receipt_ms: Quantiles::of(&histogram),
+        fanned_out: Some(fanned_out),
         without_commit_time: without,
         note: commits.missing.clone(),
         ..WatchReport::default()
@@ -226,6 +263,7 @@ fn read_freshness(seen: &[Seen], commits: &Commits) -> ReadFreshness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::receipts::Receipts;
 
     #[test]
     fn an_answer_is_stale_from_the_commit_of_the_version_that_replaced_it() {
@@ -245,5 +283,42 @@ mod tests {
         assert_eq!(stale.stale, 2);
         // 3,000 - 2,000 and 10,000 - 9,000 µs.
         assert!((stale.staleness_ms.max - 1.0).abs() < 0.01, "{stale:?}");
+    }
+
+    #[test]
+    fn receipts_of_a_version_sent_to_most_watchers_are_told_apart() {
+        let commits = Commits {
+            versions: vec![BTreeMap::from([(2, 1_000), (3, 2_000)])],
+            finals: vec![Some(3)],
+            missing: None,
+        };
+        let receipts = Receipts::new(1);
+        // Version 2 reaches one watcher of four after 1 ms; version 3
+        // reaches all four after 10 to 40 ms.
+        receipts.record(0, 2, 2_000);
+        for i in 1..=4 {
+            receipts.record(0, 3, 2_000 + i * 10_000);
+        }
+        let output = WatchOutput {
+            count: 4,
+            auctions: vec![0],
+            receipts,
+            counts: WatchCounts::default(),
+            endings: Vec::new(),
+            events_by_second: Vec::new(),
+            open_by_second: Vec::new(),
+        };
+        let auction = RunAuction {
+            id: Uuid::nil(),
+            label: "hot".into(),
+            ends_at: Utc::now(),
+            max_end_at: Utc::now(),
+        };
+        let report = watch_report(&output, &[auction], &commits);
+        let fan_out = report.fanned_out.unwrap();
+        assert_eq!(fan_out.versions, 1);
+        assert_eq!((fan_out.to_most_ms.count, fan_out.others_ms.count), (4, 1));
+        assert!((fan_out.others_ms.max - 1.0).abs() < 0.1, "{fan_out:?}");
+        assert!(fan_out.to_most_ms.p50 >= 10.0, "{fan_out:?}");
     }
 }

@@ -3,7 +3,8 @@
 //! compares with the classic row-lock design.
 //!
 //! - [`scenario`], [`trace`]: what is offered (TOML scenarios, CSV traces).
-//! - [`generator`]: the open-model load generator, over [`client`], retrying as [`retry`] says; [`record`]: what it measured.
+//! - [`generator`]: the open-model load generator, over [`client`] (and
+//!   [`event_stream`] for its watchers), retrying as [`retry`] says; [`record`]: what it measured.
 //! - [`audit`]: the database check after every run; [`freshness`]: how soon
 //!   watchers and readers saw each committed change ([`receipts`]: when they did).
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
@@ -16,6 +17,7 @@ pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod disk;
+pub mod event_stream;
 pub mod freshness;
 pub mod generator;
 pub mod priority;

@@ -117,6 +117,7 @@ fn announce(signals: &Signals, path: BidPath, auction_id: Uuid, placement: &Plac
         auction_id,
         bids: Some(Arc::from([bid.id])),
         version: Some(*version),
+        view: None,
     });
     // The row-lock transaction notified other processes itself.
     if path != BidPath::RowLock {

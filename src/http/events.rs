@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -17,8 +18,8 @@ use axum::routing::get;
 use axum::Router;
 use chrono::Utc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::auctions::{format_server_time, AuctionView};
 use super::bids::BidView;
@@ -67,6 +68,7 @@ async fn auction_events(
         user,
         sent: after.unwrap_or(i64::MIN),
         resumed: after.is_some(),
+        quiet_until: None,
         ended: false,
     };
     Ok(stream(watcher, expires_at, &state.shutdown, None))
@@ -131,8 +133,10 @@ fn stream(
 ) -> Response {
     let driver = Driver {
         source,
-        expiry: token_expiry(expires_at),
-        shutdown: shutdown.clone(),
+        last_frame: Instant::now(),
+        keep_alive: Box::pin(tokio::time::sleep(KEEP_ALIVE)),
+        expiry: Box::pin(tokio::time::sleep_until(token_expiry(expires_at))),
+        shutdown: Box::pin(shutdown.clone().cancelled_owned()),
         done: false,
         _open: OpenStream::new(),
         _slot: slot,
@@ -151,11 +155,16 @@ fn stream(
     response
 }
 
-/// Runs a [`Source`] with keep-alives, token expiry and shutdown.
+/// Runs a [`Source`] with keep-alives, token expiry and shutdown. Its
+/// timers live as long as the stream: a frame only notes its time, and the
+/// keep-alive timer, when it fires, either sends a comment or is set again
+/// from the last frame.
 struct Driver<S> {
     source: S,
-    expiry: Instant,
-    shutdown: CancellationToken,
+    last_frame: Instant,
+    keep_alive: Pin<Box<Sleep>>,
+    expiry: Pin<Box<Sleep>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     done: bool,
     _open: OpenStream,
     _slot: Option<OwnedSemaphorePermit>,
@@ -163,21 +172,31 @@ struct Driver<S> {
 
 impl<S: Source> Driver<S> {
     async fn next(&mut self) -> Option<Bytes> {
-        if self.done {
-            return None;
+        while !self.done {
+            let frame = tokio::select! {
+                frame = self.source.next() => frame,
+                () = &mut self.keep_alive => {
+                    let due = self.last_frame + KEEP_ALIVE;
+                    if due > Instant::now() {
+                        self.keep_alive.as_mut().reset(due);
+                        continue;
+                    }
+                    self.keep_alive.as_mut().reset(Instant::now() + KEEP_ALIVE);
+                    Some(Bytes::from_static(b": keep-alive\n\n"))
+                },
+                () = &mut self.expiry => None,
+                () = &mut self.shutdown => None,
+            };
+            self.done = frame.is_none();
+            self.last_frame = Instant::now();
+            return frame;
         }
-        let frame = tokio::select! {
-            frame = self.source.next() => frame,
-            () = tokio::time::sleep(KEEP_ALIVE) => Some(Bytes::from_static(b": keep-alive\n\n")),
-            () = tokio::time::sleep_until(self.expiry) => None,
-            () = self.shutdown.cancelled() => None,
-        };
-        self.done = frame.is_none();
-        frame
+        None
     }
 }
 
-/// An auction stream: each newer view, then `end` once settled.
+/// An auction stream: each newer view, at most one per pause (see
+/// [`Watch::pause`]), then `end` once settled.
 struct AuctionWatcher {
     watch: Watch,
     user: User,
@@ -185,6 +204,8 @@ struct AuctionWatcher {
     sent: i64,
     /// Whether `sent` came from the client, so the first event skips no version.
     resumed: bool,
+    /// No event before this (the stream's pause after its last one).
+    quiet_until: Option<Instant>,
     ended: bool,
 }
 
@@ -194,17 +215,22 @@ impl Source for AuctionWatcher {
             if self.ended {
                 return None;
             }
+            self.paused().await;
             let latest = self.watch.views.borrow_and_update().clone();
+            let closed = latest.auction.state.closed;
             if latest.version() > self.sent {
-                return Some(self.send(&latest));
+                let event = self.send(&latest);
+                if closed {
+                    // The final view and `end` in one write.
+                    self.ended = true;
+                    return Some([event, end(&latest)].concat().into());
+                }
+                self.quiet_until = self.watch.pause().map(|pause| Instant::now() + pause);
+                return Some(event);
             }
-            if latest.auction.state.closed {
+            if closed {
                 self.ended = true;
-                metrics::counter!("gavel_stream_events_total", "event" => "end").increment(1);
-                return Some(Bytes::from(format!(
-                    "event: end\ndata: {}\n\n",
-                    latest.version()
-                )));
+                return Some(end(&latest));
             }
             self.watch.views.changed().await.ok()?;
         }
@@ -212,6 +238,18 @@ impl Source for AuctionWatcher {
 }
 
 impl AuctionWatcher {
+    /// Waits out the pause after the last event (see [`Watch::paused`]).
+    /// Cancel-safe: an interrupted pause resumes.
+    async fn paused(&mut self) {
+        let Some(until) = self.quiet_until else {
+            return;
+        };
+        if until > Instant::now() {
+            self.watch.paused(until, self.sent).await;
+        }
+        self.quiet_until = None;
+    }
+
     fn send(&mut self, latest: &Snapshot) -> Bytes {
         if !self.resumed && self.sent != i64::MIN {
             let skipped = (latest.version() - self.sent - 1).max(0) as u64;
@@ -230,6 +268,12 @@ impl AuctionWatcher {
         );
         Bytes::from([view.as_ref(), time.as_bytes()].concat())
     }
+}
+
+/// The `end` event after the final view `last`.
+fn end(last: &Snapshot) -> Bytes {
+    metrics::counter!("gavel_stream_events_total", "event" => "end").increment(1);
+    Bytes::from(format!("event: end\ndata: {}\n\n", last.version()))
 }
 
 /// Which rendering of a view `viewer` gets: the seller and admins see

@@ -1,6 +1,7 @@
-//! Live auction views: one feed per watched auction per process. A change announced on the signal bus (a resolution in this
-//! process or, through LISTEN/NOTIFY, in another) is read once per process,
-//! from the view cache or through read routing, and published to every
+//! Live auction views: one feed per watched auction per process. A change
+//! resolved in this process comes with its committed view; one announced
+//! through LISTEN/NOTIFY by another process is read once per process, from
+//! the view cache or through read routing. Either is published to every
 //! watcher of that auction through a `watch` channel: a watcher that reads
 //! slowly skips to the latest view and never holds up the others. Watchers
 //! hold no database connection, and a feed lives only while watched.
@@ -11,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, watch, Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::pace::{self, Pace, Pacer};
+use crate::config::Limits;
 use crate::db::auction_cache::AuctionCache;
 use crate::db::auctions::AuctionRecord;
 use crate::error::ApiError;
@@ -68,21 +71,54 @@ pub struct LiveViews {
 struct Inner {
     views: AuctionCache,
     feeds: Mutex<HashMap<Uuid, Weak<Feed>>>,
-    streams: Arc<Semaphore>,
+    pace: Pace,
 }
 
 /// A watcher's hold on one auction's feed and on a stream slot.
 pub struct Watch {
     /// The latest view; `changed()` wakes on every later version.
     pub views: watch::Receiver<Arc<Snapshot>>,
-    _feed: Arc<Feed>,
+    feed: Arc<Feed>,
+    pacer: Pacer,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Watch {
+    /// How long this watcher waits after an event before the next one (see
+    /// [`pace`](super::pace)); `None`: no pause.
+    pub fn pause(&mut self) -> Option<Duration> {
+        self.pacer.pause()
+    }
+
+    /// Waits out a pause until `until` after sending version `sent`. It
+    /// ends early when a newer version goes quiet and the reserve allows,
+    /// and at once when the auction closes: its final view is never held.
+    pub async fn paused(&mut self, until: tokio::time::Instant, sent: i64) {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            () = self.feed.closed.cancelled() => {}
+            () = self.pacer.quiet_above(sent) => {}
+        }
+    }
 }
 
 struct Feed {
     id: Uuid,
     latest: watch::Sender<Arc<Snapshot>>,
+    /// Cancelled once a closed view is published.
+    closed: CancellationToken,
+    /// The latest version once it has stayed the latest for a while.
+    quiet: watch::Sender<i64>,
+    /// Notified at each publication (and when the feed goes).
+    published: Arc<Notify>,
     refresh: Mutex<Refresh>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // Ends its `mark_quiet` task.
+        self.published.notify_one();
+    }
 }
 
 /// The reads a feed still owes: until its view reaches `wanted`, a change
@@ -96,18 +132,19 @@ struct Refresh {
 
 impl LiveViews {
     /// Live views read through `views`, following the changes `signals`
-    /// announces until `shutdown`, for at most `max_streams` watchers.
+    /// announces until `shutdown`, for the streams `limits` allow.
     pub fn new(
         views: AuctionCache,
         signals: &Signals,
-        max_streams: usize,
+        limits: &Limits,
         shutdown: CancellationToken,
     ) -> Self {
+        let (max_streams, events_per_s) = (limits.max_streams, limits.stream_events_per_s);
         register_metrics();
         let inner = Arc::new(Inner {
             views,
             feeds: Mutex::new(HashMap::new()),
-            streams: Arc::new(Semaphore::new(max_streams)),
+            pace: Pace::new(max_streams, events_per_s),
         });
         tokio::spawn(follow(
             Arc::downgrade(&inner),
@@ -131,9 +168,11 @@ impl LiveViews {
                 self.inner.adopt(id, auction)
             }
         };
+        let seed = Uuid::new_v4().as_u64_pair().0;
         Ok(Some(Watch {
             views: feed.latest.subscribe(),
-            _feed: feed,
+            pacer: Pacer::new(self.inner.pace.clone(), feed.quiet.subscribe(), seed),
+            feed,
             _slot: slot,
         }))
     }
@@ -141,7 +180,8 @@ impl LiveViews {
     /// A place among the `GAVEL_MAX_STREAMS` streams of this process, held
     /// while a stream (of any kind) is open; `Overloaded` when none is left.
     pub fn stream_slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.inner.streams.clone().try_acquire_owned().map_err(|_| {
+        let slots = self.inner.pace.streams().clone();
+        slots.try_acquire_owned().map_err(|_| {
             metrics::counter!("gavel_streams_refused_total").increment(1);
             ApiError::Overloaded
         })
@@ -165,12 +205,24 @@ impl Inner {
             feed.publish(auction, Instant::now());
             return feed;
         }
+        let closed = CancellationToken::new();
+        if auction.state.closed {
+            closed.cancel();
+        }
         let feed = Arc::new(Feed {
             id,
+            quiet: watch::channel(auction.version).0,
             latest: watch::channel(Snapshot::new(auction, Instant::now())).0,
+            closed,
+            published: Arc::new(Notify::new()),
             refresh: Mutex::new(Refresh::default()),
         });
         feeds.insert(id, Arc::downgrade(&feed));
+        tokio::spawn(pace::mark_quiet(
+            Arc::downgrade(&feed),
+            feed.published.clone(),
+            Feed::mark_quiet,
+        ));
         feed
     }
 
@@ -201,9 +253,18 @@ async fn follow(
         };
         match change {
             Some(Ok(change)) => {
-                if let Some(feed) = inner.feed(change.auction_id) {
-                    let wanted = change.version.unwrap_or(feed.version() + 1);
-                    feed.refresh(&inner.views, wanted);
+                let Some(feed) = inner.feed(change.auction_id) else {
+                    continue;
+                };
+                match change.view {
+                    // Committed by this process: nothing to read.
+                    Some(view) => {
+                        feed.publish(view, Instant::now());
+                    }
+                    None => {
+                        let wanted = change.version.unwrap_or(feed.version() + 1);
+                        feed.refresh(&inner.views, wanted);
+                    }
                 }
             }
             Some(Err(RecvError::Closed)) => return,
@@ -225,14 +286,26 @@ impl Feed {
     /// Publishes `auction`, a change learned of at `since`, if it is newer
     /// than the view watchers have.
     fn publish(&self, auction: Arc<AuctionRecord>, since: Instant) -> bool {
-        self.latest.send_if_modified(|latest| {
+        let closed = auction.state.closed;
+        let published = self.latest.send_if_modified(|latest| {
             if auction.version <= latest.version() {
                 return false;
             }
             *latest = Snapshot::new(auction, since);
             metrics::counter!("gavel_stream_versions_total").increment(1);
             true
-        })
+        });
+        if published {
+            self.published.notify_one();
+            if closed {
+                self.closed.cancel();
+            }
+        }
+        published
+    }
+
+    fn mark_quiet(&self) {
+        self.quiet.send_replace(self.version());
     }
 
     /// Reads the auction until its view reaches version `wanted`, one read

@@ -5,6 +5,7 @@
 
 pub mod auctions;
 pub mod bidders;
+mod pace;
 
 pub use auctions::{LiveViews, Snapshot, Watch, CLASSES};
 pub use bidders::{BidEvent, BidderFeeds, Cursor};

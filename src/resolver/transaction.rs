@@ -85,25 +85,29 @@ impl Resolver {
         settle(&tx, &plan, &snapshot).await?;
         tx.commit().await?;
         self.dequeued.fetch_add(written.dequeued, Ordering::Relaxed);
-        Ok(self.publish(plan, snapshot.now, started))
+        Ok(self.publish(plan, &snapshot, started))
     }
 
     /// After the commit: records the transaction's metrics, tells waiting
-    /// requests and caches of every auction written, and returns every
-    /// auction's step.
-    fn publish(&self, plan: Plan<'_>, now: DateTime<Utc>, started: Instant) -> Vec<(Uuid, Step)> {
-        instruments::record_transaction(&plan, now, started);
+    /// requests, caches and live views of every auction written (with its
+    /// view as committed), and returns every auction's step.
+    fn publish(&self, plan: Plan<'_>, snapshot: &Snapshot, started: Instant) -> Vec<(Uuid, Step)> {
+        instruments::record_transaction(&plan, snapshot.now, started);
         let Plan {
             mut steps,
             outcomes,
             batches,
         } = plan;
         for batch in batches {
-            let ids: Arc<[Uuid]> = outcomes[batch.outcomes].iter().map(|o| o.id).collect();
+            let ids: Arc<[Uuid]> = outcomes[batch.outcomes.clone()]
+                .iter()
+                .map(|o| o.id)
+                .collect();
             self.signals.publish(Resolved {
                 auction_id: batch.auction_id,
                 bids: Some(ids),
                 version: Some(batch.version),
+                view: committed_view(snapshot, &batch).map(Arc::new),
             });
             let step = Step::Applied {
                 bids: batch.applied.len(),
@@ -114,6 +118,19 @@ impl Resolver {
         }
         steps
     }
+}
+
+/// The auction of `batch` as its transaction committed it: the row read,
+/// with the state, count, version and winner the compare-and-set wrote.
+fn committed_view(snapshot: &Snapshot, batch: &Batch<'_>) -> Option<AuctionRecord> {
+    let mut auction = snapshot.auctions.get(&batch.auction_id)?.clone();
+    auction.state = batch.state.clone();
+    auction.resolved_count = batch.resolved_count;
+    auction.version = batch.version;
+    if let Some(winner) = &batch.settlement {
+        auction.winner_id = winner.as_ref().map(|w| w.bidder_id.clone());
+    }
+    Some(auction)
 }
 
 /// Takes each auction's advisory lock for this transaction and reads the

@@ -122,6 +122,7 @@ impl Resolver {
                 auction_id,
                 bids: Some(Arc::from([])),
                 version: Some(version),
+                view: None,
             });
         }
         let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)

@@ -89,6 +89,7 @@ async fn listen_once(
                         auction_id,
                         bids: None,
                         version: None,
+                        view: None,
                     }),
                     _ => {}
                 }

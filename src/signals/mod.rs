@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
+use crate::db::auctions::AuctionRecord;
+
 /// A committed change of an auction's state: a resolution, or its opening.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -21,6 +23,9 @@ pub struct Resolved {
     /// The auction's version after the change, when known (not for a
     /// change announced by another process).
     pub version: Option<i64>,
+    /// The auction as the change committed it, when the writer had it whole
+    /// (the resolver's): live views publish it without reading it again.
+    pub view: Option<Arc<AuctionRecord>>,
 }
 
 impl Resolved {

@@ -386,6 +386,57 @@ async fn a_watcher_that_stops_reading_holds_up_no_one() {
     assert!(events <= 30);
 }
 
+/// With its event budget shared by many streams, a stream waits its share
+/// after each event: versions resolved meanwhile are skipped for the latest,
+/// and the final view cuts the wait short.
+#[tokio::test]
+async fn a_paced_stream_skips_to_the_latest_and_the_final_view_is_not_held() {
+    // 20 streams sharing 1 event a second: at least 10 s between two
+    // events of one stream, unless the auction closes.
+    let app = TestApp::spawn_with(|c| {
+        c.resolver.settle_grace = Duration::from_millis(500);
+        c.limits.stream_events_per_s = 1;
+    })
+    .await;
+    let ends_at = (Utc::now() + chrono::Duration::seconds(3)).trunc_subsecs(3);
+    let auction = app
+        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+        .await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut others = Vec::new();
+    for i in 0..19 {
+        others.push(stream(&app, &auction_id, &app.token(&format!("w-{i}"), &[]), None).await);
+    }
+    let opened = std::time::Instant::now();
+    let mut watcher = stream(&app, &auction_id, &app.token("watcher", &[]), None).await;
+    let (first, _) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    for (i, amount) in [1_100, 1_300, 1_600].into_iter().enumerate() {
+        app.bid_resolved(&format!("bidder-{i}"), &auction_id, amount)
+            .await;
+    }
+    let (version, view) = view_of(&watcher.next_event(Duration::from_secs(15)).await.unwrap());
+    let waited = opened.elapsed();
+    assert_eq!(view["status"], "closed", "the next event is the final view");
+    assert!(
+        version > first + 3,
+        "the three resolutions and the settlement were skipped into one event"
+    );
+    assert!(
+        waited < Duration::from_secs(9),
+        "the final view came at settlement ({waited:?}), not after the pause"
+    );
+    assert_eq!(
+        view,
+        app.auction_as(&auction_id, "watcher", &[]).await,
+        "the final view is the auction as GET shows it"
+    );
+    assert_eq!(
+        watcher.next_event(WAIT).await.unwrap().event.as_deref(),
+        Some("end")
+    );
+    drop(others);
+}
+
 // The bidder's stream, GET /api/me/events.
 
 /// A bid change event: its cursor, the bid's id and its new status.

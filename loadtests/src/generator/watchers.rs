@@ -10,20 +10,18 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::BodyExt as _;
-use hyper::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
-use hyper::{Request, StatusCode, Uri};
+use hyper::header::HeaderValue;
+use hyper::{StatusCode, Uri};
 use rand::Rng as _;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::client;
+use crate::event_stream::EventStream;
 use crate::priority::LoweredRuntime;
 use crate::receipts::Receipts;
 
-static LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 /// A stream silent this long (Gavel comments every 15 s) counts as dropped.
 const SILENCE: Duration = Duration::from_secs(40);
 /// Seconds of the run the per-second counts cover beyond the bidding phase.
@@ -263,20 +261,27 @@ async fn follow(
     let watching = shared.watching.as_ref().expect("watchers are set up");
     let tally = &watching.tally;
     let (auction, path) = &watching.watched[i % watching.watched.len()];
-    let request = stream_request(path, &watching.bearer[i], stream.last);
-    let response = match shared.client.open_stream(request, shared.timeout).await {
-        Ok(response) => response,
-        Err(_) => {
-            tally.failed.fetch_add(1, Ordering::Relaxed);
-            return Some(jitter(Duration::from_millis(500)));
-        }
+    let last = stream.last.map(|v| v.to_string());
+    let path = path.to_string();
+    let mut headers = vec![
+        (
+            "authorization",
+            watching.bearer[i].to_str().unwrap_or_default(),
+        ),
+        ("accept", "text/event-stream"),
+    ];
+    headers.extend(last.as_deref().map(|last| ("last-event-id", last)));
+    let attempt = EventStream::open(&shared.client, &path, &headers, shared.timeout).await;
+    let Ok(mut events) = attempt else {
+        tally.failed.fetch_add(1, Ordering::Relaxed);
+        return Some(jitter(Duration::from_millis(500)));
     };
-    if response.status() != StatusCode::OK {
-        let busy = response.status() == StatusCode::SERVICE_UNAVAILABLE;
+    if events.status != StatusCode::OK {
+        let busy = events.status == StatusCode::SERVICE_UNAVAILABLE;
         let counter = if busy { &tally.refused } else { &tally.failed };
         counter.fetch_add(1, Ordering::Relaxed);
-        let wait = (response.headers().get(RETRY_AFTER))
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        let wait = events
+            .retry_after
             .map_or(Duration::from_secs(1), Duration::from_secs);
         return Some(jitter(wait));
     }
@@ -285,7 +290,7 @@ async fn follow(
         tally.reconnects.fetch_add(1, Ordering::Relaxed);
     }
     watching.open.fetch_add(1, Ordering::AcqRel);
-    read_events(shared, *auction, response.into_body(), stream).await;
+    read_events(shared, *auction, &mut events, stream).await;
     watching.open.fetch_sub(1, Ordering::AcqRel);
     stream
         .end
@@ -299,34 +304,23 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(1.0 + rand::thread_rng().gen::<f64>())
 }
 
-fn stream_request(path: &Uri, bearer: &HeaderValue, last: Option<i64>) -> Request<client::Body> {
-    let mut request = Request::get(path.clone())
-        .header(AUTHORIZATION, bearer.clone())
-        .header(ACCEPT, HeaderValue::from_static("text/event-stream"));
-    if let Some(last) = last {
-        request = request.header(&LAST_EVENT_ID, HeaderValue::from(last));
-    }
-    request
-        .body(client::Body::default())
-        .expect("the request is well formed")
-}
-
 /// Reads the stream until it closes, stays silent too long, or ends.
 async fn read_events(
     shared: &Shared,
     auction: usize,
-    mut body: hyper::body::Incoming,
+    events: &mut EventStream,
     stream: &mut Stream,
 ) {
     let mut parser = Parser::default();
+    let mut data = Vec::with_capacity(4096);
     while stream.end.is_none() {
-        let frame = match tokio::time::timeout(SILENCE, body.frame()).await {
-            Ok(Some(Ok(frame))) => frame,
+        data.clear();
+        match tokio::time::timeout(SILENCE, events.read(&mut data)).await {
+            Ok(Ok(true)) => {}
+            // Closed: what came last still counts.
+            Ok(Ok(false)) if !data.is_empty() => {}
             _ => return,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
+        }
         parser.feed(&data, |event| match event {
             Event::Version(version) => received(shared, auction, version, stream),
             Event::End(version) => stream.end = Some(version),

@@ -4,6 +4,7 @@
 use super::{CpuBreakdown, Report, RoundComparison, RunReport};
 use crate::cpu::CpuWindow;
 use crate::disk;
+use crate::freshness::FanOut;
 use crate::scenario::Client;
 
 impl Report {
@@ -232,6 +233,7 @@ impl Report {
                     )
                 }),
                 (w.never_ended > 0).then(|| format!("{} watchers never got `end`", w.never_ended)),
+                w.fanned_out.as_ref().map(fan_out_note),
                 (w.without_commit_time > 0).then(|| {
                     format!(
                         "{} versions received have no commit time",
@@ -547,4 +549,16 @@ impl CpuBreakdown {
         ));
         rows
     }
+}
+
+/// The commit → receipt delays of versions sent to most watchers at once,
+/// against the others'.
+fn fan_out_note(f: &FanOut) -> String {
+    let (most, others) = (&f.to_most_ms, &f.others_ms);
+    format!(
+        "{} versions went to more than half of their auction's watchers at once \
+         ({} receipts: p50 {:.1} ms, p99 {:.1} ms); the other {} receipts: p50 {:.1} ms, \
+         p99 {:.1} ms",
+        f.versions, most.count, most.p50, most.p99, others.count, others.p50, others.p99
+    )
 }
