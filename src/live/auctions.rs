@@ -270,6 +270,7 @@ async fn follow(
             Some(Err(RecvError::Closed)) => return,
             // Missed announcements, or the poll: read every feed again.
             Some(Err(RecvError::Lagged(_))) | None => {
+                inner.pace.record();
                 for feed in inner.live_feeds() {
                     feed.refresh(&inner.views, feed.version());
                 }
@@ -357,6 +358,7 @@ fn register_metrics() {
     metrics::counter!("gavel_streams_refused_total").increment(0);
     metrics::counter!("gavel_stream_versions_skipped_total").increment(0);
     metrics::gauge!("gavel_streams_open").increment(0.0);
+    metrics::gauge!("gavel_stream_pause_seconds").set(0.0);
     for event in ["auction", "end", "bid"] {
         metrics::counter!("gavel_stream_events_total", "event" => event).increment(0);
     }

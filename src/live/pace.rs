@@ -65,6 +65,17 @@ impl Pace {
         &self.inner.streams
     }
 
+    /// Publishes the current mean pause (`gavel_stream_pause_seconds`).
+    pub fn record(&self) {
+        let pause = self.interval();
+        let pause = if pause < MIN_PAUSE {
+            Duration::ZERO
+        } else {
+            pause
+        };
+        metrics::gauge!("gavel_stream_pause_seconds").set(pause.as_secs_f64());
+    }
+
     /// One stream's share of the budget: the mean time between its events.
     fn interval(&self) -> Duration {
         let budget = &self.inner;
