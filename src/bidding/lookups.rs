@@ -151,12 +151,7 @@ impl Lookers {
             batch.retain(|lookup| !lookup.reply.is_closed());
             match client {
                 Ok(client) => answer(&client, batch).await,
-                Err(e) => {
-                    let failure = Arc::new(e);
-                    for lookup in batch {
-                        let _ = lookup.reply.send(Err(failure.clone().into()));
-                    }
-                }
+                Err(e) => fail(batch, e),
             }
         }
     }
@@ -179,11 +174,17 @@ async fn answer(client: &deadpool_postgres::Object, batch: Vec<Lookup>) {
                 let _ = lookup.reply.send(Ok((record, position)));
             }
         }
-        Err(e) => {
-            let failure = Arc::new(e);
-            for lookup in batch {
-                let _ = lookup.reply.send(Err(failure.clone().into()));
-            }
-        }
+        Err(e) => fail(batch, e),
+    }
+}
+
+/// Answers every lookup of `batch` with `error`.
+fn fail<E>(batch: Vec<Lookup>, error: E)
+where
+    Arc<E>: Into<ApiError>,
+{
+    let failure = Arc::new(error);
+    for lookup in batch {
+        let _ = lookup.reply.send(Err(failure.clone().into()));
     }
 }
