@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::generator::{Fate, RunAuction, SentBid};
 use crate::record::Quantiles;
-use gavel::db::auctions;
+use gavel::db::{auctions, bids};
 use gavel::rules::{self, AuctionState, AuctionTerms, BidInput, Leader, Outcome};
 
 /// How long the audit waits for the resolver to finish and ended auctions
@@ -118,7 +118,7 @@ pub async fn audit(
         .map(|r| r.id)
         .collect();
     check_outcomes(&mut report, &log, &closed);
-    check_queue(&mut report, &log, &read_queue(&client, &ids).await?);
+    check_unresolved(&mut report, &log, &read_unresolved(&client, &ids).await?);
     for (auction, record) in auctions.iter().zip(&records) {
         let bids: Vec<&LogRow> = log.iter().filter(|r| r.auction_id == auction.id).collect();
         report.checks.push(replay(&auction.label, record, &bids));
@@ -172,16 +172,22 @@ async fn read_auctions(
     Ok(records)
 }
 
-/// The bids of the run's auctions in the queue of pending bids.
-async fn read_queue(
+/// The bids of the run's auctions that the resolver still finds: those
+/// its progress through each auction has not passed (see
+/// `gavel::db::bids::Progress`).
+async fn read_unresolved(
     client: &tokio_postgres::Client,
     ids: &[Uuid],
 ) -> anyhow::Result<HashSet<Uuid>> {
+    let [after, open] = bids::UNRESOLVED;
+    let sql = format!(
+        "SELECT p.id FROM auctions a CROSS JOIN LATERAL ( \
+           SELECT id FROM bid_log b WHERE {after} \
+           UNION ALL SELECT id FROM bid_log b WHERE {open}) p \
+         WHERE a.id = ANY($1)"
+    );
     Ok(client
-        .query(
-            "SELECT id FROM pending_bids WHERE auction_id = ANY($1)",
-            &[&ids],
-        )
+        .query(&sql, &[&ids])
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -444,25 +450,26 @@ fn check_outcomes(report: &mut AuditReport, log: &[LogRow], closed: &HashSet<Uui
     );
 }
 
-/// The queue of pending bids holds exactly the bids still pending, and no
-/// two bids of an auction share a place in its resolution order.
-fn check_queue(report: &mut AuditReport, log: &[LogRow], queued: &HashSet<Uuid>) {
+/// The resolver still finds exactly the bids still pending (none is behind
+/// its auction's progress, where it would never be resolved), and no two
+/// bids of an auction share a place in its resolution order.
+fn check_unresolved(report: &mut AuditReport, log: &[LogRow], found: &HashSet<Uuid>) {
     let mut problems: Vec<String> = log
         .iter()
-        .filter(|r| (r.status == "pending") != queued.contains(&r.id))
+        .filter(|r| (r.status == "pending") != found.contains(&r.id))
         .map(|r| {
             if r.status == "pending" {
-                format!("pending bid {} is not queued", r.id)
+                format!("pending bid {} is behind its auction's progress", r.id)
             } else {
-                format!("{} bid {} is still queued", r.status, r.id)
+                format!("{} bid {} is still to resolve", r.status, r.id)
             }
         })
         .collect();
     let logged: HashSet<Uuid> = log.iter().map(|r| r.id).collect();
     problems.extend(
-        queued
+        found
             .difference(&logged)
-            .map(|id| format!("queued bid {id} is not in bid_log")),
+            .map(|id| format!("bid {id} still to resolve is not in the run's log")),
     );
     let mut places = HashSet::new();
     problems.extend(
@@ -473,11 +480,11 @@ fn check_queue(report: &mut AuditReport, log: &[LogRow], queued: &HashSet<Uuid>)
     );
     check(
         report,
-        "the pending queue holds exactly the pending bids; resolution numbers are unique",
+        "the resolver finds exactly the pending bids; resolution numbers are unique",
         problems,
         format!(
-            "{} queued, {} resolution numbers distinct",
-            queued.len(),
+            "{} still to resolve, {} resolution numbers distinct",
+            found.len(),
             places.len()
         ),
     );
@@ -678,7 +685,7 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_check_flags_strays_gaps_and_repeated_resolution_numbers() {
+    fn the_unresolved_check_flags_strays_gaps_and_repeated_resolution_numbers() {
         let auction = Uuid::now_v7();
         let mut log = vec![
             row(auction, "leading", Some(1)),
@@ -686,18 +693,21 @@ mod tests {
             row(Uuid::now_v7(), "outbid", Some(1)),
         ];
         let mut fine = AuditReport::default();
-        check_queue(&mut fine, &log, &HashSet::from([log[1].id]));
+        check_unresolved(&mut fine, &log, &HashSet::from([log[1].id]));
         assert!(fine.checks[0].passed, "{:?}", fine.checks[0]);
 
         let stray = Uuid::now_v7();
         let mut bad = AuditReport::default();
         log.push(row(auction, "outbid", Some(1)));
-        check_queue(&mut bad, &log, &HashSet::from([log[0].id, stray]));
+        check_unresolved(&mut bad, &log, &HashSet::from([log[0].id, stray]));
         let detail = &bad.checks[0].detail;
         assert!(!bad.checks[0].passed);
-        assert!(detail.contains(&format!("leading bid {} is still queued", log[0].id)));
-        assert!(detail.contains(&format!("pending bid {} is not queued", log[1].id)));
-        assert!(detail.contains(&format!("queued bid {stray} is not in bid_log")));
+        assert!(detail.contains(&format!("leading bid {} is still to resolve", log[0].id)));
+        let gap = format!("pending bid {} is behind its auction's progress", log[1].id);
+        assert!(detail.contains(&gap));
+        assert!(detail.contains(&format!(
+            "bid {stray} still to resolve is not in the run's log"
+        )));
         assert!(detail.contains("repeats resolution number 1"), "{detail}");
     }
 }

@@ -549,6 +549,32 @@ impl Gavel {
     }
 }
 
+/// Writes pgbench's script for the append ceiling: one batch of rows into
+/// the copy of `bid_log`, written as Gavel's append writes them.
+fn ceiling_script(primary: &PgCluster, database: &str, work_dir: &Path) -> anyhow::Result<PathBuf> {
+    // A schema that finds pending bids by their transaction (`bid_log.xid`)
+    // has the append write it, as Gavel's does.
+    let by_transaction = primary.psql(
+        database,
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'bid_log' AND column_name = 'xid'",
+    )? == "1";
+    let (xid_column, xid_value) = match by_transaction {
+        true => (", xid", ", pg_current_xact_id()::text::int8"),
+        false => ("", ""),
+    };
+    let script = work_dir.join("append-ceiling.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "INSERT INTO bid_log_scratch (auction_id, id, bidder_id, amount, idempotency_key{xid_column})\n\
+             SELECT '00000000-0000-7000-8000-000000000001'::uuid, gen_random_uuid(), 'bidder-' || (g % 20000), 1000 + g, gen_random_uuid()::text{xid_value}\n\
+             FROM unnest(ARRAY(SELECT generate_series(1, {CEILING_BATCH}))) AS g;\n"
+        ),
+    )?;
+    Ok(script)
+}
+
 /// The most rows per second PostgreSQL appends to a copy of `bid_log`
 /// (same columns, defaults and indexes) with batched UNNEST inserts.
 /// pgbench runs `nice` steps below the database, as the load generator does.
@@ -568,15 +594,7 @@ fn append_ceiling(
         database,
         "CREATE TABLE bid_log_scratch (LIKE bid_log INCLUDING ALL)",
     )?;
-    let script = work_dir.join("append-ceiling.sql");
-    std::fs::write(
-        &script,
-        format!(
-            "INSERT INTO bid_log_scratch (auction_id, id, bidder_id, amount, idempotency_key)\n\
-             SELECT '00000000-0000-7000-8000-000000000001'::uuid, gen_random_uuid(), 'bidder-' || (g % 20000), 1000 + g, gen_random_uuid()::text\n\
-             FROM unnest(ARRAY(SELECT generate_series(1, {CEILING_BATCH}))) AS g;\n"
-        ),
-    )?;
+    let script = ceiling_script(primary, database, work_dir)?;
     let pgbench = pg_cluster::find_bin_dir()?.join("pgbench");
     ensure!(
         pgbench.is_file(),

@@ -104,6 +104,7 @@ async fn attempt_once(
             state: &state,
             resolved_count: resolution_no,
             settlement: None,
+            progress: None,
         },
         bid: request,
         received_at: now,

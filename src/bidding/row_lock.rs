@@ -118,6 +118,7 @@ async fn apply_locked(
             state: &state,
             resolved_count: resolution_no,
             settlement: None,
+            progress: None,
         },
     )
     .await?;

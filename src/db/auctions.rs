@@ -10,6 +10,7 @@ use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use crate::db::bids::Progress;
 use crate::rules::{AuctionState, AuctionTerms, Increments, Leader};
 
 /// One auction as stored: fixed terms plus the resolver-owned state.
@@ -265,6 +266,9 @@ pub struct StateUpdate<'a> {
     /// `Some(winner)` when this update settles the auction (`Some(None)`:
     /// settled without a winner); `None` leaves any earlier settlement as is.
     pub settlement: Option<Option<&'a Leader>>,
+    /// The resolver's progress through the auction's bids; `None` leaves
+    /// it as it is.
+    pub progress: Option<&'a Progress>,
 }
 
 /// Compare-and-set on `version`; returns whether this writer won.
@@ -285,6 +289,9 @@ pub async fn compare_and_set(
              settled_at = CASE WHEN $13 THEN now() ELSE settled_at END, \
              winner_id = CASE WHEN $13 THEN $11 ELSE winner_id END, \
              winner_bid_id = CASE WHEN $13 THEN $12 ELSE winner_bid_id END, \
+             resolved_xid = coalesce($14, resolved_xid), \
+             resolved_seq = coalesce($15, resolved_seq), \
+             open_xids = coalesce($16, open_xids), \
              version = version + 1 \
              WHERE id = $1 AND version = $2",
         )
@@ -292,6 +299,7 @@ pub async fn compare_and_set(
     let state = update.state;
     let leader = state.leader.as_ref();
     let winner = update.settlement.flatten();
+    let progress = update.progress;
     let updated = client
         .execute(
             &stmt,
@@ -309,6 +317,9 @@ pub async fn compare_and_set(
                 &winner.map(|w| w.bidder_id.as_str()),
                 &winner.map(|w| w.bid_id),
                 &update.settlement.is_some(),
+                &progress.map(|p| p.xid),
+                &progress.map(|p| p.seq),
+                &progress.map(|p| &p.open_xids),
             ],
         )
         .await?;

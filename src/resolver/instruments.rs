@@ -14,7 +14,6 @@ use crate::telemetry::outcomes;
 pub(super) fn register() {
     outcomes::register_resolved_counter();
     metrics::counter!("gavel_resolver_conflicts_total").increment(0);
-    metrics::counter!("gavel_resolver_queue_vacuums_total").increment(0);
     metrics::gauge!("gavel_resolver_batch_limit").set(BATCH_LIMIT as f64);
     metrics::counter!("gavel_auctions_settled_total").increment(0);
     metrics::counter!("gavel_events_written_total", "type" => "auction.settled").increment(0);

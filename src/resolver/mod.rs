@@ -6,16 +6,18 @@
 //! Several processes may run a resolver on one database: a transaction-level
 //! advisory lock per auction makes one of them the writer at a time, and the
 //! version check keeps a bid from being applied twice even if that lock were
-//! bypassed: a bid's outcome is written only together with taking it off the
-//! queue of pending bids, and only while it is still pending.
+//! bypassed: a bid's outcome is written only while it is still pending,
+//! together with the auction's progress through its bids.
 //!
 //! Auctions with new bids are resolved together, one transaction per group
 //! of them (see [`Resolver::resolve_auctions`]); each auction keeps its own
 //! lock and its own compare-and-set.
 //!
-//! Pending work is found by state (the `pending_bids` queue, which every bid
-//! inserted pending joins in its own statement), never by a sequence
-//! watermark, so a bid whose transaction commits late is not skipped.
+//! Pending work is found by the transactions that wrote it: each auction
+//! keeps its progress through its bids in (transaction, sequence) order,
+//! with the transactions still open below it (see
+//! [`Progress`](crate::db::bids::Progress)), never a sequence watermark,
+//! so a bid whose transaction commits late is not skipped.
 //!
 //! Where things are:
 //! - `worker`: the loop (wake-ups, scans, groups of auctions, turns,
@@ -27,7 +29,6 @@
 //! - [`BatchSize`], [`ResolveError`], and the metrics (`instruments`).
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,8 +82,6 @@ pub struct Resolver {
     /// Auctions with a delayed retry scheduled (one at a time per auction).
     retrying: Arc<Mutex<HashSet<Uuid>>>,
     batch: Arc<BatchSize>,
-    /// Queue rows deleted since the queue was last vacuumed.
-    dequeued: Arc<AtomicU64>,
 }
 
 impl Resolver {
@@ -102,7 +101,6 @@ impl Resolver {
             key_retention: Duration::from_secs(48 * 3600),
             retrying: Arc::default(),
             batch: Arc::default(),
-            dequeued: Arc::default(),
         }
     }
 

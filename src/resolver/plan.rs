@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::Step;
 use crate::db::auctions::AuctionRecord;
-use crate::db::bids::{BidOutcome, BidRecord, PendingBid, Resolution};
+use crate::db::bids::{BidOutcome, BidRecord, PendingBid, PendingRead, Progress, Resolution};
 use crate::domain::BidStatus;
 use crate::rules::{self, AuctionState, Leader};
 
@@ -30,8 +30,10 @@ pub(super) struct Snapshot {
     pub locked: HashSet<Uuid>,
     /// The auctions read, by id.
     pub auctions: HashMap<Uuid, AuctionRecord>,
-    /// Their oldest pending bids, by auction and then in receipt order.
+    /// Their next pending bids, by auction and then in receipt order.
     pending: Vec<PendingBid>,
+    /// The transactions the read of `pending` saw in progress.
+    in_progress: Vec<i64>,
 }
 
 impl Snapshot {
@@ -40,14 +42,19 @@ impl Snapshot {
         now: DateTime<Utc>,
         locked: HashSet<Uuid>,
         auctions: impl IntoIterator<Item = AuctionRecord>,
-        mut pending: Vec<PendingBid>,
+        read: PendingRead,
     ) -> Self {
+        let PendingRead {
+            bids: mut pending,
+            in_progress,
+        } = read;
         pending.sort_by_key(|p| (p.bid.auction_id, p.bid.received_at, p.bid.seq));
         Snapshot {
             now,
             locked,
             auctions: auctions.into_iter().map(|a| (a.id, a)).collect(),
             pending,
+            in_progress,
         }
     }
 }
@@ -79,6 +86,8 @@ pub(super) struct Batch<'a> {
     pub displaced_earlier: Vec<Uuid>,
     /// Whether pending bids remain beyond the batch.
     pub more: bool,
+    /// The auction's progress after the batch; `None` leaves it as it is.
+    pub progress: Option<Progress>,
 }
 
 /// Plans the batches of `auction_ids` (distinct) from `snapshot`, each
@@ -113,7 +122,8 @@ pub(super) fn plan<'a>(
             plan.steps.push((auction_id, Step::Idle));
             continue;
         };
-        let full = pending.len() as i64 == limit;
+        let read_after = pending.iter().filter(|p| !p.reopened).count();
+        let full = read_after as i64 == limit;
         match plan_batch(
             auction,
             pending,
@@ -122,7 +132,10 @@ pub(super) fn plan<'a>(
             grace,
             &mut plan.outcomes,
         ) {
-            Some(batch) => plan.batches.push(batch),
+            Some(mut batch) => {
+                batch.progress = progress(pending, &batch, &snapshot.in_progress);
+                plan.batches.push(batch);
+            }
             None => plan.steps.push((auction_id, Step::Idle)),
         }
     }
@@ -157,7 +170,10 @@ fn plan_batch<'a>(
     let mut displaced_earlier = Vec::new();
     let mut resolved_count = auction.resolved_count;
     let mut applied = Vec::with_capacity(pending.len());
-    for PendingBid { bid, row_version } in pending {
+    for PendingBid {
+        bid, row_version, ..
+    } in pending
+    {
         // Sorted by receipt: every later bid would be held back too.
         if held_back(bid, state.ends_at) {
             break;
@@ -173,7 +189,6 @@ fn plan_batch<'a>(
         position.insert(bid.id, outcomes.len());
         outcomes.push(BidOutcome {
             auction_id: auction.id,
-            seq: bid.seq,
             id: bid.id,
             row_version,
             resolution: Resolution::new(&outcome, resolved_count, version),
@@ -197,6 +212,38 @@ fn plan_batch<'a>(
         outcomes: first..outcomes.len(),
         displaced_earlier,
         more: full && all_applied,
+        progress: None,
+    })
+}
+
+/// The auction's progress once `batch` is applied (see [`Progress`] for
+/// why no bid is skipped): past the longest run of bids read after the
+/// old progress, in (transaction, sequence) order, that the batch applied
+/// (`None`: no such bid, the progress stays). Open are the transactions of
+/// `in_progress` below the new position, and those of bids read at or
+/// before it that the batch did not apply.
+fn progress(pending: &[PendingBid], batch: &Batch<'_>, in_progress: &[i64]) -> Option<Progress> {
+    let applied: std::collections::HashSet<Uuid> = batch.applied.iter().map(|b| b.id).collect();
+    let mut after: Vec<&PendingBid> = pending.iter().filter(|p| !p.reopened).collect();
+    after.sort_by_key(|p| (p.xid, p.bid.seq));
+    let passed = after
+        .iter()
+        .take_while(|p| applied.contains(&p.bid.id))
+        .last()?;
+    let (xid, seq) = (passed.xid, passed.bid.seq);
+    let unapplied = (pending.iter())
+        .filter(|p| p.reopened && !applied.contains(&p.bid.id))
+        .map(|p| p.xid);
+    let mut open_xids: Vec<i64> = (in_progress.iter().copied())
+        .filter(|&x| x < xid)
+        .chain(unapplied)
+        .collect();
+    open_xids.sort_unstable();
+    open_xids.dedup();
+    Some(Progress {
+        xid,
+        seq,
+        open_xids,
     })
 }
 
@@ -256,19 +303,28 @@ mod tests {
                 resolution_no: None,
             },
             row_version: format!("(0,{seq})"),
+            xid: 100 + seq,
+            reopened: false,
         }
     }
 
     /// What a transaction at `t(now)` holding the lock of `auction` reads,
     /// with its pending `bids`.
     fn read(now: i64, auction: &AuctionRecord, bids: &[(i64, &str, i64, i64)]) -> Snapshot {
-        let pending = bids.iter().map(|&bid| pending(auction, bid)).collect();
-        Snapshot::new(
-            t(now),
-            HashSet::from([auction.id]),
-            [auction.clone()],
-            pending,
-        )
+        let bids = bids.iter().map(|&bid| pending(auction, bid)).collect();
+        read_with(now, auction, bids, vec![])
+    }
+
+    /// What a transaction at `t(now)` holding the lock of `auction` reads,
+    /// with `bids`, its snapshot seeing `in_progress`.
+    fn read_with(
+        now: i64,
+        auction: &AuctionRecord,
+        bids: Vec<PendingBid>,
+        in_progress: Vec<i64>,
+    ) -> Snapshot {
+        let read = PendingRead { bids, in_progress };
+        Snapshot::new(t(now), HashSet::from([auction.id]), [auction.clone()], read)
     }
 
     /// Each outcome's row version and status, in the order written.
@@ -347,7 +403,10 @@ mod tests {
             t(30),
             HashSet::from([idle.id, unknown]),
             [busy.clone(), idle.clone()],
-            vec![pending(&busy, (1, "ann", 500, 10))],
+            PendingRead {
+                bids: vec![pending(&busy, (1, "ann", 500, 10))],
+                in_progress: vec![],
+            },
         );
         let plan = plan(&read, &[busy.id, idle.id, unknown], 10, GRACE);
 
@@ -424,5 +483,72 @@ mod tests {
         let batch = &due.batches[0];
         assert_eq!(batch.settlement, Some(None));
         assert_eq!((batch.version, batch.outcomes.clone()), (5, 0..0));
+    }
+
+    #[test]
+    fn the_progress_passes_the_bids_applied_and_keeps_older_transactions_in_progress_open() {
+        let lamp = auction(0, 1);
+        let bids = vec![
+            pending(&lamp, (1, "ann", 500, 10)),
+            pending(&lamp, (2, "bob", 900, 11)),
+        ];
+        // 90 and 101 were in progress: 90 below the new position, 150 above it.
+        let read = read_with(30, &lamp, bids, vec![90, 101, 150]);
+        let plan = plan(&read, &[lamp.id], 10, GRACE);
+
+        let expected = Progress {
+            xid: 102,
+            seq: 2,
+            open_xids: vec![90, 101],
+        };
+        assert_eq!(plan.batches[0].progress, Some(expected));
+    }
+
+    #[test]
+    fn the_progress_stops_before_a_bid_held_back_and_moves_for_a_settlement_only_when_bids_pass() {
+        let lamp = auction(60, 1);
+        let bids = [(1, "ann", 500, 900), (2, "bob", 900, 1_001)];
+        let early = read(1_002, &lamp, &bids);
+        let early_plan = plan(&early, &[lamp.id], 10, GRACE);
+        assert_eq!(
+            early_plan.batches[0]
+                .progress
+                .as_ref()
+                .map(|p| (p.xid, p.seq)),
+            Some((101, 1))
+        );
+
+        // Bob's bid, held back, has the lower transaction id: nothing passes.
+        let mut held = pending(&lamp, (2, "bob", 900, 1_001));
+        held.xid = 50;
+        let first = read_with(
+            1_002,
+            &lamp,
+            vec![pending(&lamp, (1, "ann", 500, 900)), held],
+            vec![],
+        );
+        let first_plan = plan(&first, &[lamp.id], 10, GRACE);
+        assert_eq!(first_plan.outcomes.len(), 1);
+        assert_eq!(first_plan.batches[0].progress, None);
+    }
+
+    #[test]
+    fn an_open_transaction_stays_open_until_its_bids_are_applied() {
+        let lamp = auction(60, 1);
+        let mut late = pending(&lamp, (7, "bob", 900, 1_001));
+        (late.xid, late.reopened) = (40, true);
+        let mut early = pending(&lamp, (8, "cay", 800, 920));
+        (early.xid, early.reopened) = (41, true);
+        let after = pending(&lamp, (9, "ann", 500, 900));
+        let read = read_with(1_002, &lamp, vec![late, early, after], vec![]);
+        let plan = plan(&read, &[lamp.id], 10, GRACE);
+
+        // Bob's bid is held back (received after the end, within the grace).
+        assert_eq!(plan.outcomes.len(), 2);
+        let progress = plan.batches[0].progress.clone().unwrap();
+        assert_eq!(
+            (progress.xid, progress.seq, progress.open_xids),
+            (109, 9, vec![40])
+        );
     }
 }

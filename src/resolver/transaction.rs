@@ -12,7 +12,6 @@
 //! in the same round trip.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -44,7 +43,7 @@ impl Resolver {
     /// this resolver, apply a batch of each one's pending bids, settle
     /// those due, and compare-and-set them all; returns each auction's
     /// [`Step`]. If any auction's compare-and-set loses, or some bid was no
-    /// longer queued and pending, nothing is written and every auction
+    /// longer pending, nothing is written and every auction
     /// written for is reported as [`Step::Conflict`].
     ///
     /// The statements that look rows up by key run on generic plans, the
@@ -84,7 +83,6 @@ impl Resolver {
         }
         settle(&tx, &plan, &snapshot).await?;
         tx.commit().await?;
-        self.dequeued.fetch_add(written.dequeued, Ordering::Relaxed);
         Ok(self.publish(plan, &snapshot, started))
     }
 
@@ -182,15 +180,13 @@ async fn read(
 struct Written {
     /// Whether each auction's compare-and-set won.
     won: Vec<bool>,
-    /// Bids taken off the queue of pending bids.
-    dequeued: u64,
     /// Outcomes written to still pending bids.
     written: u64,
 }
 
 impl Written {
     /// Whether the transaction may commit: every compare-and-set won and
-    /// every bid was still queued and pending. Otherwise someone resolved
+    /// every bid was still pending. Otherwise someone resolved
     /// some of these bids outside the version protocol, or first: write
     /// nothing and start over from fresh state.
     fn verify(&self, plan: &Plan<'_>) -> bool {
@@ -198,10 +194,9 @@ impl Written {
             return false;
         }
         let expected = plan.outcomes.len() as u64;
-        if self.dequeued != self.written || self.written != expected {
+        if self.written != expected {
             tracing::error!(
                 auctions = plan.batches.len(),
-                dequeued = self.dequeued,
                 written = self.written,
                 expected,
                 "bids already resolved"
@@ -212,13 +207,12 @@ impl Written {
     }
 }
 
-/// Writes the plan: each auction's compare-and-set, the notification of
-/// other processes, the outbid marks, the bids off the queue, their
+/// Writes the plan: each auction's compare-and-set (with its progress),
+/// the notification of other processes, the outbid marks, the bids'
 /// outcomes and the event rows recording each bid's change.
 ///
 /// The writes touch different rows and are sent at once, one round trip.
-/// If a compare-and-set lost, or some bid was no longer queued and
-/// pending, the caller drops the transaction and none of them is
+/// If a compare-and-set lost, or some bid was no longer pending, the caller drops the transaction and none of them is
 /// committed. The statements over the batch's arrays come after the switch
 /// back to custom plans (prepared, so on the wire before them).
 async fn write(
@@ -237,6 +231,7 @@ async fn write(
             state: &b.state,
             resolved_count: b.resolved_count,
             settlement: b.settlement.as_ref().map(Option::as_ref),
+            progress: b.progress.as_ref(),
         })
         .collect();
     let marks: Vec<(Uuid, Uuid)> = plan
@@ -271,23 +266,17 @@ async fn write(
                 .map(|&(auction_id, bid_id)| bids::mark_outbid(tx, auction_id, bid_id)),
         ),
         tx.execute(custom_plans, &[]),
-        bids::dequeue(tx, &plan.outcomes),
         bids::record_outcomes(tx, &plan.outcomes),
         futures::future::try_join_all((changes.iter()).map(|(id, version, changes)| {
             events::record_bid_changes(tx, *id, 0, *version, changes)
         })),
     ) {
-        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(dequeued), Ok(written), Ok(_)) => Ok(Written {
-            won,
-            dequeued,
-            written,
-        }),
-        (won, notified, marked, plan_mode, dequeued, written, recorded) => Err(cause([
+        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(written), Ok(_)) => Ok(Written { won, written }),
+        (won, notified, marked, plan_mode, written, recorded) => Err(cause([
             won.err(),
             notified.err(),
             marked.err(),
             plan_mode.err(),
-            dequeued.err(),
             written.err(),
             recorded.err(),
         ])),

@@ -3,11 +3,9 @@
 //! due to settle), resolves them in groups, one transaction per group, and
 //! then drains, one by one, those with bids left; each auction gets a turn
 //! of a few batches so a hot one cannot starve the others. Between rounds
-//! it does its housekeeping: purging expired idempotency keys and
-//! vacuuming the queue of pending bids.
+//! it does its housekeeping: purging expired idempotency keys.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,13 +32,16 @@ const PURGE_BATCH: i64 = 10_000;
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Most auctions found by one polling scan.
 const SCAN_LIMIT: i64 = 1_000;
-/// Bids resolved (queue rows deleted) between vacuums of the queue.
-const QUEUE_VACUUM_AFTER: u64 = 20_000;
+/// How long after its settlement an auction is still scanned for bids.
+const SETTLED_LATELY: Duration = Duration::from_secs(600);
+/// How often a scan looks at every auction, however long ago settled.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
 
 impl Resolver {
     /// Runs until `shutdown`, finishing the step in progress.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut next_scan = Instant::now();
+        let mut next_full_scan = Instant::now();
         let mut next_purge = Instant::now();
         loop {
             if Instant::now() >= next_purge {
@@ -56,14 +57,17 @@ impl Resolver {
             }
             let mut work: BTreeSet<Uuid> = self.signals.take_dirty().into_iter().collect();
             if work.remove(&Uuid::nil()) || Instant::now() >= next_scan {
-                match self.scan().await {
+                let full = Instant::now() >= next_full_scan;
+                if full {
+                    next_full_scan = Instant::now() + FULL_SCAN_EVERY;
+                }
+                match self.scan(full).await {
                     Ok(found) => work.extend(found),
                     Err(e) => tracing::warn!(error = format!("{e:#}"), "resolver scan failed"),
                 }
                 next_scan = Instant::now() + self.poll;
             }
             self.drain_all(work).await;
-            self.vacuum_queue_if_due().await;
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.signals.woken() => {}
@@ -75,7 +79,7 @@ impl Resolver {
     /// Finds and resolves all outstanding work once: every auction with
     /// pending bids or due to settle. Returns the number of bids resolved.
     pub async fn run_once(&self) -> Result<usize, ResolveError> {
-        let work = self.scan().await?;
+        let work = self.scan(true).await?;
         let mut total = 0;
         for auction_id in work {
             total += self.drain(auction_id).await?;
@@ -89,32 +93,11 @@ impl Resolver {
         Ok(bids::purge_idempotency_keys(&client, self.key_retention, PURGE_BATCH).await?)
     }
 
-    /// Vacuums the queue of pending bids once [`QUEUE_VACUUM_AFTER`] bids
-    /// have left it, so a burst's dead rows never pile up for autovacuum's
-    /// next visit (see [`bids::vacuum_queue`]).
-    async fn vacuum_queue_if_due(&self) {
-        if self.dequeued.load(Ordering::Relaxed) < QUEUE_VACUUM_AFTER {
-            return;
-        }
-        self.dequeued.store(0, Ordering::Relaxed);
-        let started = Instant::now();
-        let vacuumed = async {
-            let client = self.pool.get().await?;
-            Ok::<_, ResolveError>(bids::vacuum_queue(&client).await?)
-        };
-        match vacuumed.await {
-            Ok(()) => {
-                metrics::counter!("gavel_resolver_queue_vacuums_total").increment(1);
-                tracing::debug!(elapsed = ?started.elapsed(), "vacuumed the pending-bids queue");
-            }
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                "vacuuming the pending-bids queue failed"
-            ),
-        }
-    }
-
-    async fn scan(&self) -> Result<BTreeSet<Uuid>, ResolveError> {
+    /// The auctions with work: pending bids, or due to settle. A bid may
+    /// reach an auction settled long ago only if a process missed its
+    /// closing for that long, so only a `full` scan looks at every auction;
+    /// the others look at open auctions and those settled lately.
+    async fn scan(&self, full: bool) -> Result<BTreeSet<Uuid>, ResolveError> {
         let client = self.pool.get().await?;
         for (auction_id, version) in auctions::open_started(&client, SCAN_LIMIT).await? {
             // Its view changed: cached copies must go.
@@ -125,7 +108,8 @@ impl Resolver {
                 view: None,
             });
         }
-        let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, SCAN_LIMIT)
+        let recent = (!full).then_some(SETTLED_LATELY);
+        let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, recent, SCAN_LIMIT)
             .await?
             .into_iter()
             .collect();

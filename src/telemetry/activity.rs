@@ -8,12 +8,13 @@
 //! API and resolver pools are saturated: that is when it is needed.
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db::{build_pool, Pool, PoolSettings};
+use crate::db::{bids, build_pool, Pool, PoolSettings};
 
 /// Client backends of this database (not the sampler itself), grouped by
 /// state and wait event as PostgreSQL spells them.
@@ -37,11 +38,20 @@ const LOCKS: &str = "\
         WHERE NOT l.granted AND a.datname = current_database()), \
       (SELECT coalesce(deadlocks, 0) FROM pg_stat_database WHERE datname = current_database())";
 
-/// The resolver's backlog: the queue of pending bids.
-const BACKLOG: &str = "\
-    SELECT count(*), \
-           coalesce(extract(epoch FROM clock_timestamp() - min(received_at)), 0)::float8 \
-    FROM pending_bids";
+/// The resolver's backlog: the bids not yet resolved of open auctions and
+/// of those settled within the last 10 minutes (the resolver's scan).
+static BACKLOG: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT count(*), \
+           coalesce(extract(epoch FROM clock_timestamp() - min(p.received_at)), 0)::float8 \
+         FROM auctions a CROSS JOIN LATERAL ( \
+           SELECT received_at FROM bid_log b WHERE {} \
+           UNION ALL SELECT received_at FROM bid_log b WHERE {}) p \
+         WHERE a.status = 'open' OR a.settled_at > now() - interval '10 minutes'",
+        bids::UNRESOLVED[0],
+        bids::UNRESOLVED[1],
+    )
+});
 
 /// Samples `pg_stat_activity` and the backlog every `interval`.
 pub struct ActivitySampler {
@@ -114,7 +124,7 @@ impl ActivitySampler {
 
         // Last, so a lock on `bid_log` cannot hold back the activity
         // figures, which are what shows such a lock.
-        let backlog = client.query_one(BACKLOG, &[]).await?;
+        let backlog = client.query_one(BACKLOG.as_str(), &[]).await?;
         metrics::gauge!("gavel_resolver_pending_bids").set(backlog.get::<_, i64>(0) as f64);
         metrics::gauge!("gavel_resolver_oldest_pending_seconds").set(backlog.get::<_, f64>(1));
         Ok(())

@@ -129,8 +129,6 @@ pub const METRICS: &[MetricDoc] = &[
         "Age of the oldest bid of each batch when it was resolved."),
     metric("gavel_resolver_conflicts_total", Counter, &[],
         "Optimistic version conflicts (another writer changed the auction first)."),
-    metric("gavel_resolver_queue_vacuums_total", Counter, &[],
-        "Vacuums of the pending-bids queue run by the resolver (one per 20,000 resolved bids)."),
     metric("gavel_resolver_pending_bids", Gauge, &[],
         "Bids in bid_log waiting for the resolver (sampled)."),
     metric("gavel_resolver_oldest_pending_seconds", Gauge, &[],

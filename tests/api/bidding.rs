@@ -113,6 +113,81 @@ async fn concurrent_bidders_each_get_one_outcome_and_state_matches_the_rules() {
     );
 }
 
+/// Inserts a pending bid in `tx` as the log path's append does (with the
+/// transaction that writes it) and returns its id.
+async fn insert_pending(
+    tx: &tokio_postgres::Transaction<'_>,
+    auction_id: Uuid,
+    amount: i64,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    tx.execute(
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         VALUES ($1, $2::uuid, 'held-' || $3::int8, $3, 'k-' || $2::uuid::text, pg_current_xact_id()::text::int8)",
+        &[&auction_id, &id, &amount],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn bids_of_transactions_held_open_across_resolver_rounds_are_resolved_in_either_order() {
+    let app = TestApp::spawn().await;
+    for order in [[0, 1], [1, 0]] {
+        let auction = app.create_auction("seller-1", json!({})).await;
+        let auction_id = id_of(&auction);
+        let db = app.db().await;
+        // Two inserts held open: the first gets the lower transaction id.
+        let (mut first, mut second) = (app.db().await, app.db().await);
+        let held = [
+            first.transaction().await.unwrap(),
+            second.transaction().await.unwrap(),
+        ];
+        let ids = [
+            insert_pending(&held[0], auction_id, 5_000).await,
+            insert_pending(&held[1], auction_id, 6_000).await,
+        ];
+        let mut xids = Vec::new();
+        for tx in &held {
+            let row = tx
+                .query_one("SELECT pg_current_xact_id()::text::int8", &[])
+                .await;
+            xids.push(row.unwrap().get::<_, i64>(0));
+        }
+        // Later bids are resolved past both while they are still open.
+        let mut expected = 0;
+        let mut held = held.map(Some);
+        for (round, index) in order.into_iter().enumerate() {
+            let amount = 1_000 + 100 * round as i64;
+            let response = app
+                .bid("later", &auction_id.to_string(), amount, &new_key())
+                .await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+            expected += 1;
+            let sql = "SELECT open_xids FROM auctions WHERE id = $1";
+            let open: Vec<i64> = db.query_one(sql, &[&auction_id]).await.unwrap().get(0);
+            let still_held = (0..2).filter(|&i| held[i].is_some()).map(|i| xids[i]);
+            assert!(
+                still_held.into_iter().all(|x| open.contains(&x)),
+                "{open:?} {xids:?}"
+            );
+            held[index].take().unwrap().commit().await.unwrap();
+            wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+            expected += 1;
+            let bids = assert_consistent(&db, auction_id).await;
+            assert_eq!(bids.len(), expected, "order {order:?}, round {round}");
+            let committed = bids.iter().find(|b| b.id == ids[index]);
+            assert!(
+                committed.is_some_and(|b| b.resolution_no.is_some()),
+                "order {order:?}"
+            );
+        }
+        assert_eq!(unresolved_bids(&db).await, 0, "order {order:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_bid_committing_after_a_later_sequenced_bid_is_still_resolved() {
     let app = TestApp::spawn().await;
@@ -127,8 +202,8 @@ async fn a_bid_committing_after_a_later_sequenced_bid_is_still_resolved() {
     tx.execute(
         "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
          VALUES ('early', 'k-early', $1, 5000, $2) RETURNING bid_id) \
-         INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-         SELECT $1, bid_id, 'early', 5000, 'k-early' FROM key",
+         INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         SELECT $1, bid_id, 'early', 5000, 'k-early', pg_current_xact_id()::text::int8 FROM key",
         &[&auction_id, &early_id],
     )
     .await
@@ -665,7 +740,7 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
     for lookup in [
         "pg_try_advisory_xact_lock",
         "FROM auctions WHERE id = ANY($1::uuid[])",
-        "FROM pending_bids WHERE auction_id = a.id ORDER BY seq",
+        "ORDER BY xid, seq LIMIT $2",
         "UPDATE auctions SET leader_bid_id",
         "UPDATE bid_log SET status = 'outbid'",
         "pg_notify",
@@ -682,17 +757,13 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
             "{lookup:?} ran on its generic plan {generic} times"
         );
     }
-    for batch_write in [
-        "DELETE FROM pending_bids",
-        "UPDATE bid_log b SET status = u.status",
-    ] {
-        let (generic, custom) = plans_of(batch_write);
-        assert_eq!(generic, 0, "{batch_write:?} ran on a generic plan");
-        assert_eq!(
-            custom, 7,
-            "{batch_write:?} was planned for each of the 7 batches"
-        );
-    }
+    // The outcomes, a write over the batch's arrays.
+    let (generic, custom) = plans_of("UPDATE bid_log b SET status = u.status");
+    assert_eq!(generic, 0, "the outcomes ran on a generic plan");
+    assert_eq!(
+        custom, 7,
+        "the outcomes were planned for each of the 7 batches"
+    );
     drop(client);
     assert_consistent(&app.db().await, auction_id).await;
 }
@@ -807,7 +878,7 @@ async fn quiet_auctions_are_resolved_together_in_one_transaction() {
     let ending_bids = assert_consistent(&db, ending).await;
     assert_eq!(status_of(&ending_bids, "eve"), "won");
     assert_eq!(
-        queued_bids(&db).await,
+        unresolved_bids(&db).await,
         1,
         "only the held auction's bid is left"
     );
@@ -815,7 +886,7 @@ async fn quiet_auctions_are_resolved_together_in_one_transaction() {
     other_tx.commit().await.unwrap();
     assert_eq!(resolver.drain(held).await.unwrap(), 1);
     assert_consistent(&db, held).await;
-    assert_eq!(queued_bids(&db).await, 0);
+    assert_eq!(unresolved_bids(&db).await, 0);
 }
 
 /// A resolver driven by the test itself, on one connection with `config`'s
@@ -852,16 +923,20 @@ fn resolver_pool_on(
     (pool, resolver)
 }
 
-/// Rows in the queue of pending bids, as `db` sees them.
-async fn queued_bids(db: &tokio_postgres::Client) -> i64 {
-    db.query_one("SELECT count(*) FROM pending_bids", &[])
-        .await
-        .unwrap()
-        .get(0)
+/// Bids the resolver still finds (see `gavel::db::bids::Progress`), as `db`
+/// sees them.
+async fn unresolved_bids(db: &tokio_postgres::Client) -> i64 {
+    let [after, open] = gavel::db::bids::UNRESOLVED;
+    let sql = format!(
+        "SELECT count(*) FROM auctions a CROSS JOIN LATERAL ( \
+           SELECT id FROM bid_log b WHERE {after} \
+           UNION ALL SELECT id FROM bid_log b WHERE {open}) p"
+    );
+    db.query_one(&sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test]
-async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
+async fn outcomes_are_written_in_place_and_leave_nothing_to_resolve() {
     let app = TestApp::spawn().await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
@@ -875,9 +950,9 @@ async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
     wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
 
     assert_eq!(
-        queued_bids(&db).await,
+        unresolved_bids(&db).await,
         0,
-        "resolved bids are taken off the queue"
+        "the auction's progress passed every resolved bid"
     );
 
     // Each outcome is a heap-only tuple: a HOT update, which wrote no index
@@ -906,25 +981,30 @@ async fn outcomes_are_written_in_place_and_leave_the_pending_queue() {
 }
 
 #[tokio::test]
-async fn a_bid_inserted_by_any_writer_is_queued_in_its_own_statement() {
+async fn a_pending_bid_needs_the_transaction_that_wrote_it_and_is_then_resolved() {
     let app = TestApp::spawn().await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
-    let mut db = app.db().await;
+    let db = app.db().await;
 
-    // A writer that knows nothing of the queue (an older Gavel, a script):
-    // its bid is queued by the same statement, visible with it or not at all.
-    let tx = db.transaction().await.unwrap();
-    let pending_id = Uuid::now_v7();
-    tx.execute(
-        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-         VALUES ($1, $2, 'script', 2000, 'k-script')",
-        &[&auction_id, &pending_id],
-    )
-    .await
-    .unwrap();
-    // A bid inserted already resolved (the row-lock baseline) is not queued.
-    tx.execute(
+    // A writer that does not record its transaction (an older Gavel, a
+    // script): its pending bid would never be found, so it is refused.
+    let refused = db
+        .execute(
+            "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
+             VALUES ($1, $2, 'script', 2000, 'k-script')",
+            &[&auction_id, &Uuid::now_v7()],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("bid_log_pending_has_xid")
+            || format!("{refused:?}").contains("bid_log_pending_has_xid"),
+        "{refused:?}"
+    );
+    // A bid inserted already resolved (the row-lock baseline) needs none,
+    // and the resolver never takes it up.
+    db.execute(
         "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, status, \
          resolution_no, resolved_version, resolved_at) \
          VALUES ($1, $2, 'resolved', 1000, 'k-resolved', 'rejected', 0, 0, now())",
@@ -932,80 +1012,21 @@ async fn a_bid_inserted_by_any_writer_is_queued_in_its_own_statement() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        queued_bids(&app.db().await).await,
-        0,
-        "nothing queued is visible before the commit"
-    );
-    tx.commit().await.unwrap();
-
-    let queued: Vec<Uuid> = db
-        .query(
-            "SELECT id FROM pending_bids WHERE auction_id = $1",
-            &[&auction_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(queued, vec![pending_id]);
-}
-
-#[tokio::test]
-async fn the_resolver_vacuums_the_queue_after_a_burst() {
-    let app = TestApp::spawn().await;
-    let auction = app.create_auction("seller-1", json!({})).await;
-    let auction_id = id_of(&auction);
-    let db = app.db().await;
-
-    // A burst larger than the resolver's vacuum interval (20,000 bids),
-    // queued by the insert itself; autovacuum would not look for a minute.
+    // With its transaction, a script's bid is resolved like any other.
+    let pending_id = Uuid::now_v7();
     db.execute(
-        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-         SELECT $1, gen_random_uuid(), 'bidder-' || g % 100, 1000 + g * 100, 'k-' || g \
-         FROM generate_series(1, 20500) g",
-        &[&auction_id],
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         VALUES ($1, $2, 'script', 2000, 'k-script', pg_current_xact_id()::text::int8)",
+        &[&auction_id, &pending_id],
     )
     .await
     .unwrap();
-    wait_resolved(&db, auction_id, Duration::from_secs(120)).await;
-
-    let (vacuums, dead) = eventually(Duration::from_secs(20), "a vacuum of the queue", || {
-        let db = &db;
-        async move {
-            let row = db
-                .query_one(
-                    "SELECT vacuum_count, n_dead_tup FROM pg_stat_user_tables \
-                     WHERE relname = 'pending_bids'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            let (vacuums, dead): (i64, i64) = (row.get(0), row.get(1));
-            (vacuums > 0).then_some((vacuums, dead))
-        }
-    })
-    .await;
-    assert!(vacuums >= 1);
-    assert!(
-        dead < 20_000,
-        "{dead} dead queue rows remain after the resolver's vacuum"
-    );
-    assert_eq!(queued_bids(&db).await, 0);
-    // Nor does any vacuum truncate it: that would take an ACCESS EXCLUSIVE
-    // lock between every append and the resolver.
-    let options: Vec<String> = db
-        .query_one(
-            "SELECT reloptions FROM pg_class WHERE relname = 'pending_bids'",
-            &[],
-        )
+    wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+    let status: String = db
+        .query_one("SELECT status FROM bid_log WHERE id = $1", &[&pending_id])
         .await
         .unwrap()
         .get(0);
-    assert!(
-        options.iter().any(|o| o == "vacuum_truncate=false"),
-        "{options:?}"
-    );
-    assert_consistent(&db, auction_id).await;
+    assert_eq!(status, "leading");
+    assert_eq!(unresolved_bids(&db).await, 0);
 }

@@ -355,8 +355,8 @@ async fn a_bid_committing_after_settlement_is_rejected_and_keeps_the_winner() {
     let auction_uuid = id_of(&auction);
     let straggler = uuid::Uuid::now_v7();
     db.execute(
-        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-         VALUES ($1, $2, 'bob', 9000, 'late-key')",
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         VALUES ($1, $2, 'bob', 9000, 'late-key', pg_current_xact_id()::text::int8)",
         &[&auction_uuid, &straggler],
     )
     .await

@@ -113,11 +113,20 @@ pub fn header(response: &Response, name: &str) -> String {
 
 /// A fresh database cloned from the migrated template; returns its URL.
 pub async fn fresh_database() -> String {
+    create_database(TEMPLATE_DB).await
+}
+
+/// A fresh database without Gavel's schema; returns its URL.
+pub async fn empty_database() -> String {
+    create_database("template1").await
+}
+
+async fn create_database(template: &str) -> String {
     let cluster = cluster();
     let name = format!("test_{}", Uuid::new_v4().simple());
     let admin = connect(&cluster.url("postgres")).await;
     admin
-        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}"))
+        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
         .await
         .expect("create test database");
     cluster.url(&name)

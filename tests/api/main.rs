@@ -11,6 +11,7 @@ mod edge;
 mod helpers;
 mod live;
 mod marketplace;
+mod migrations;
 mod observability;
 mod overload;
 mod processes;

@@ -55,7 +55,8 @@ pub struct NewBid {
 
 /// The bid path's durable write, for any number of bids in one statement
 /// (one transaction, one WAL flush): each bid's idempotency key and the bid
-/// itself. A bid whose key the bidder already used is skipped; returns the
+/// itself, with the id of the transaction that writes it, by which the
+/// resolver finds it (see [`super::Progress`]). A bid whose key the bidder already used is skipped; returns the
 /// rows inserted, in the order of `bids`. No two of `bids` may share a
 /// bidder and key (a later one would be skipped like an existing key).
 ///
@@ -80,8 +81,9 @@ pub async fn append_batch(
                SELECT bidder_id, key, auction_id, amount, id FROM input ORDER BY bidder_id, key \
                ON CONFLICT (bidder_id, key) DO NOTHING \
                RETURNING bid_id) \
-             INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key) \
-             SELECT i.auction_id, i.id, i.bidder_id, i.amount, i.key \
+             INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+             SELECT i.auction_id, i.id, i.bidder_id, i.amount, i.key, \
+                    pg_current_xact_id()::text::int8 \
              FROM input i JOIN keys k ON k.bid_id = i.id ORDER BY i.ord \
              RETURNING {COLUMNS}"
         ))

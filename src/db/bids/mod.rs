@@ -1,8 +1,8 @@
-//! Queries on `bid_log`, `pending_bids` and `idempotency_keys`, one file
-//! per caller: [`append`] for the bid paths (the log path's one-statement
-//! append of a batch of bids, the row-lock baseline's key claim and
-//! resolved insert), [`reads`] for reading bids back, and [`resolve`] for
-//! the resolver (its queue, its outcome writes, its housekeeping). What
+//! Queries on `bid_log` and `idempotency_keys`, one file per caller:
+//! [`append`] for the bid paths (the log path's one-statement append of a
+//! batch of bids, the row-lock baseline's key claim and resolved insert),
+//! [`reads`] for reading bids back, and [`resolve`] for the resolver (the
+//! pending bids, its outcome writes, its housekeeping). What
 //! they share is here: a bid's row, and what resolving a bid writes to it.
 
 use chrono::{DateTime, Utc};
@@ -24,8 +24,8 @@ pub use append::{
 };
 pub use reads::{get, history};
 pub use resolve::{
-    auctions_with_pending, dequeue, mark_outbid, pending, purge_idempotency_keys, record_outcomes,
-    vacuum_queue, BidOutcome, PendingBid,
+    auctions_with_pending, mark_outbid, pending, purge_idempotency_keys, record_outcomes,
+    BidOutcome, PendingBid, PendingRead, Progress, UNRESOLVED,
 };
 
 /// One row of the bid log.

@@ -1,8 +1,8 @@
-//! The resolver's queries: its queue of pending bids (which auctions have
-//! some, the oldest of each), the outcome writes of its transaction (off
-//! the queue, into `bid_log`, displaced leaders; settlement is in
-//! [`crate::db::events`]), and its
-//! housekeeping (vacuuming the queue, purging expired idempotency keys).
+//! The resolver's queries: the pending bids (which auctions have some,
+//! the next of each, found by the transactions that wrote them: see
+//! [`Progress`]), the outcome writes of its transaction (into `bid_log`,
+//! displaced leaders; settlement is in [`crate::db::events`]), and its
+//! housekeeping (purging expired idempotency keys).
 //!
 //! Each statement's plan must not depend on statistics that lag a hot
 //! auction by a whole burst: the comments say how each one avoids that.
@@ -22,67 +22,141 @@ pub struct PendingBid {
     /// outcome write finds the row by it, whatever the statistics say.
     /// Only meaningful inside the transaction that read it.
     pub row_version: String,
+    /// The transaction that appended it (`bid_log.xid`).
+    pub xid: i64,
+    /// Whether it lies at or before its auction's progress, written by one
+    /// of the transactions left open there ([`Progress::open_xids`]).
+    pub reopened: bool,
 }
 
-/// The oldest pending bids of each of `auction_ids` (at most `limit` per
-/// auction), in sequence order within an auction, found by state: the
-/// queue of pending bids, which every bid inserted pending joins in its
-/// own statement (see the `pending_queue` migration).
+/// How far the resolver has come through an auction's bids: every bid at
+/// or before (`xid`, `seq`) in (transaction, sequence) order is resolved,
+/// except those of the transactions in `open_xids`. Stored on the auction
+/// row and written by the resolver's compare-and-set.
+///
+/// Why no bid is skipped: the resolver reads bids in one statement, under
+/// one snapshot, and only visible bids are read. Every transaction id
+/// below the snapshot's `xmax` that is not in its list of transactions in
+/// progress has ended, so its bids are visible (or were rolled back); a
+/// transaction in progress, or one that gets its id later (ids are handed
+/// out in increasing order when a transaction first writes), is either in
+/// that list or above `xmax`. The resolver moves the progress only over a
+/// prefix of what it read and applied, so every bid at or before the new
+/// position is resolved, except bids of transactions the snapshot saw in
+/// progress below it: those go to `open_xids`, with any transaction whose
+/// bids read there were not all applied. A transaction that rolled back
+/// leaves the list at the next move. Bids resolved beyond the progress
+/// (held back before them, applied after) are read again and skipped by
+/// their status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// The transaction of the last bid passed.
+    pub xid: i64,
+    /// Its sequence number.
+    pub seq: i64,
+    /// Transactions that may still hold bids at or before the position.
+    pub open_xids: Vec<i64>,
+}
+
+/// What [`pending`] read: the bids, and the transactions its snapshot saw
+/// in progress.
+pub struct PendingRead {
+    /// Per auction, the first bids after its progress (at most `limit`) in
+    /// (transaction, sequence) order, then the pending bids of its open
+    /// transactions.
+    pub bids: Vec<PendingBid>,
+    /// The transactions in progress in the snapshot that read them
+    /// (empty when no bid was read).
+    pub in_progress: Vec<i64>,
+}
+
+/// The bids not yet resolved of an auction `a`, as conditions on its bids
+/// `b` for two index range scans: those after its progress, and those of
+/// its open transactions at or before it (see [`Progress`]).
+pub const UNRESOLVED: [&str; 2] = [
+    "b.auction_id = a.id AND (b.xid, b.seq) > (a.resolved_xid, a.resolved_seq) \
+     AND b.status = 'pending'",
+    "b.auction_id = a.id AND b.xid = ANY(a.open_xids) \
+     AND (b.xid, b.seq) <= (a.resolved_xid, a.resolved_seq) AND b.status = 'pending'",
+];
+
+/// The pending bids of each of `auction_ids` the resolver applies next
+/// (see [`PendingRead`]), found by the transactions that wrote them (see
+/// [`Progress`]). The snapshot's transactions in progress come from the
+/// same statement, so from the same snapshot.
 pub async fn pending(
     client: &impl GenericClient,
     auction_ids: &[Uuid],
     limit: i64,
-) -> Result<Vec<PendingBid>, tokio_postgres::Error> {
-    // Per auction, the queue is read in key order up to the limit, and
-    // each queued bid is looked up by key in `bid_log` (`OFFSET 0` keeps
-    // the lookup a subquery, so the planner cannot turn it into a join
-    // over the auction's whole log): one plan whatever the statistics and
-    // the parameters, so it serves as a generic plan (see the resolver's
-    // `plan_modes`).
+) -> Result<PendingRead, tokio_postgres::Error> {
+    // Two index range scans per auction on (auction_id, xid, seq): after
+    // the progress in order, up to the limit, and the open transactions'
+    // bids at or before it (few). One plan whatever the statistics, so it
+    // serves as a generic plan (see the resolver's `plan_modes`).
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "SELECT b.* FROM unnest($1::uuid[]) AS a(id) \
-             CROSS JOIN LATERAL \
-               (SELECT seq, id FROM pending_bids \
-                WHERE auction_id = a.id ORDER BY seq LIMIT $2) q \
-             CROSS JOIN LATERAL \
-               (SELECT {COLUMNS}, ctid::text AS row_version FROM bid_log \
-                WHERE auction_id = a.id AND id = q.id OFFSET 0) b \
-             ORDER BY b.auction_id, q.seq"
+            "WITH snapshot AS MATERIALIZED ( \
+               SELECT ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(pg_current_snapshot()) x) \
+                 AS in_progress) \
+             SELECT p.*, snapshot.in_progress FROM unnest($1::uuid[]) AS u(id) \
+             JOIN auctions a ON a.id = u.id \
+             CROSS JOIN LATERAL ( \
+               (SELECT {COLUMNS}, xid, ctid::text AS row_version, false AS reopened \
+                FROM bid_log b WHERE {after} ORDER BY xid, seq LIMIT $2) \
+               UNION ALL \
+               (SELECT {COLUMNS}, xid, ctid::text, true FROM bid_log b WHERE {open})) p \
+             CROSS JOIN snapshot",
+            after = UNRESOLVED[0],
+            open = UNRESOLVED[1],
         )
     });
     let stmt = client.prepare_cached(&SQL).await?;
     let rows = client.query(&stmt, &[&auction_ids, &limit]).await?;
-    rows.iter()
+    let in_progress = match rows.first() {
+        Some(row) => row.try_get("in_progress")?,
+        None => Vec::new(),
+    };
+    let bids = rows
+        .iter()
         .map(|row| {
             Ok(PendingBid {
                 bid: BidRecord::from_row(row)?,
                 row_version: row.try_get("row_version")?,
+                xid: row.try_get("xid")?,
+                reopened: row.try_get("reopened")?,
             })
         })
-        .collect()
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    Ok(PendingRead { bids, in_progress })
 }
 
-/// Auctions that have pending bids (found by state, not by a watermark).
+/// Auctions that have bids not yet resolved (see [`Progress`]), at most
+/// `limit`: every open auction, and those settled within `recent`, or
+/// every auction when `recent` is `None` (a bid can still reach a settled
+/// auction whose closing a process has not seen yet; the resolver rejects
+/// it).
+///
+/// One or two index probes per auction, however many bids a hot auction
+/// has waiting.
 pub async fn auctions_with_pending(
     client: &impl GenericClient,
+    recent: Option<std::time::Duration>,
     limit: i64,
 ) -> Result<Vec<Uuid>, tokio_postgres::Error> {
-    let stmt = client
-        // A skip scan over the queue's key: one probe per auction, however
-        // many bids a hot auction has waiting.
-        .prepare_cached(
-            "WITH RECURSIVE auction AS ( \
-               (SELECT auction_id FROM pending_bids ORDER BY auction_id LIMIT 1) \
-               UNION ALL \
-               SELECT (SELECT q.auction_id FROM pending_bids q \
-                       WHERE q.auction_id > auction.auction_id \
-                       ORDER BY q.auction_id LIMIT 1) \
-               FROM auction WHERE auction.auction_id IS NOT NULL) \
-             SELECT auction_id FROM auction WHERE auction_id IS NOT NULL LIMIT $1",
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT a.id FROM auctions a \
+             WHERE ($1::float8 IS NULL OR a.status = 'open' \
+                    OR a.settled_at > now() - make_interval(secs => $1::float8)) \
+               AND (EXISTS (SELECT 1 FROM bid_log b WHERE {}) \
+                    OR EXISTS (SELECT 1 FROM bid_log b WHERE {})) \
+             LIMIT $2",
+            UNRESOLVED[0], UNRESOLVED[1],
         )
-        .await?;
-    let rows = client.query(&stmt, &[&limit]).await?;
+    });
+    let stmt = client.prepare_cached(&SQL).await?;
+    let recent = recent.map(|r| r.as_secs_f64());
+    let rows = client.query(&stmt, &[&recent, &limit]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -91,43 +165,12 @@ pub async fn auctions_with_pending(
 pub struct BidOutcome<'a> {
     /// The auction of the bid.
     pub auction_id: Uuid,
-    /// The bid's sequence number (its key in the queue of pending bids).
-    pub seq: i64,
     /// The bid id.
     pub id: Uuid,
     /// Where the bid's row version lives ([`PendingBid::row_version`]).
     pub row_version: &'a str,
     /// What the bid's row gets.
     pub resolution: Resolution,
-}
-
-/// Takes the bids of `outcomes` off the queue of pending bids, in the
-/// resolver's transaction that writes their outcomes; returns how many were
-/// still queued (the caller aborts the transaction if that is not all).
-///
-/// The range of the sequence numbers bounds the index scan: the queue's
-/// statistics lag its contents by a whole burst, and without the range a
-/// planner that believes an auction has few queued bids reads all of them.
-pub async fn dequeue(
-    client: &impl GenericClient,
-    outcomes: &[BidOutcome<'_>],
-) -> Result<u64, tokio_postgres::Error> {
-    let seqs: Vec<i64> = outcomes.iter().map(|o| o.seq).collect();
-    let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) else {
-        return Ok(0);
-    };
-    let mut auction_ids: Vec<Uuid> = outcomes.iter().map(|o| o.auction_id).collect();
-    auction_ids.dedup();
-    let stmt = client
-        .prepare_cached(
-            "DELETE FROM pending_bids \
-             WHERE auction_id = ANY($1::uuid[]) AND seq BETWEEN $2 AND $3 \
-             AND seq = ANY($4::int8[])",
-        )
-        .await?;
-    client
-        .execute(&stmt, &[&auction_ids, &first, &last, &seqs])
-        .await
 }
 
 /// Writes the outcomes of pending bids; returns how many rows were still
@@ -202,18 +245,6 @@ pub async fn mark_outbid(
         )
         .await?;
     client.execute(&stmt, &[&auction_id, &bid_id]).await
-}
-
-/// Vacuums the queue of pending bids, skipping it if someone else holds it.
-///
-/// Every resolved bid leaves a dead queue row, and the resolver's scans walk
-/// dead index entries until a vacuum removes them: during a burst that is
-/// hundreds of thousands of entries a minute, while autovacuum looks at a
-/// database at most once a minute (`autovacuum_naptime`).
-pub async fn vacuum_queue(client: &impl GenericClient) -> Result<(), tokio_postgres::Error> {
-    client
-        .batch_execute("VACUUM (SKIP_LOCKED) pending_bids")
-        .await
 }
 
 /// Deletes up to `limit` idempotency keys older than `retention`; returns how many.

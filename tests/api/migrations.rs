@@ -1,0 +1,303 @@
+//! Upgrades of a database that already holds bids: the schema as it was
+//! before a migration, bids in every state written as Gavel wrote them
+//! then, the migration, and Gavel resolving what was left pending.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Duration as Span, Utc};
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::*;
+use gavel::db::events::{self, BidChange};
+use gavel::domain::BidStatus;
+use gavel::rules::{self, AuctionState, AuctionTerms, Increments, Leader, Outcome};
+
+/// The migration that finds pending bids by their transaction.
+const BY_TRANSACTION: i64 = 20261209000001;
+
+/// Applies the embedded migrations older than `version`.
+async fn migrate_before(url: &str, version: i64) {
+    use sqlx::Connection as _;
+    let older = gavel::db::MIGRATOR.iter().filter(|m| m.version < version);
+    let migrator = sqlx::migrate::Migrator {
+        migrations: Cow::Owned(older.cloned().collect()),
+        ignore_missing: false,
+        locking: true,
+        no_tx: false,
+    };
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    migrator
+        .run(&mut conn)
+        .await
+        .expect("the older migrations apply");
+    conn.close().await.unwrap();
+}
+
+/// One auction of the old schema, and what its resolver had written.
+struct OldAuction<'a> {
+    db: &'a deadpool_postgres::Client,
+    id: Uuid,
+    terms: AuctionTerms,
+    state: AuctionState,
+    resolved: i64,
+}
+
+impl<'a> OldAuction<'a> {
+    /// An auction that started an hour ago and ends `ends_in` from now.
+    async fn create(db: &'a deadpool_postgres::Client, ends_in: Span) -> Self {
+        let id = Uuid::now_v7();
+        let increments = Increments::default_table();
+        let row = db
+            .query_one(
+                "INSERT INTO auctions (id, seller_id, title, currency, starting_price, increments, \
+                 starts_at, original_ends_at, ends_at, max_end_at) \
+                 VALUES ($1, 'seller-1', 'A lamp', 'EUR', 100, $2, now() - interval '1 hour', \
+                         now() + $3 * interval '1 second', now() + $3 * interval '1 second', \
+                         now() + $3 * interval '1 second') \
+                 RETURNING starts_at, ends_at",
+                &[&id, &json!(increments), &(ends_in.num_seconds() as f64)],
+            )
+            .await
+            .unwrap();
+        let (starts_at, ends_at): (DateTime<Utc>, DateTime<Utc>) = (row.get(0), row.get(1));
+        let terms = AuctionTerms {
+            seller_id: "seller-1".into(),
+            starting_price: 100,
+            reserve_price: None,
+            increments,
+            starts_at,
+            soft_close: Span::zero(),
+            max_end_at: ends_at,
+        };
+        let state = AuctionState::opening(ends_at);
+        OldAuction {
+            db,
+            id,
+            terms,
+            state,
+            resolved: 0,
+        }
+    }
+
+    /// A bid and its idempotency key as the old append wrote them (the
+    /// queue's trigger queues it), received `at`; returns its id.
+    async fn append(&self, bidder: &str, amount: i64, at: DateTime<Utc>) -> Uuid {
+        let id = Uuid::now_v7();
+        self.db
+            .execute(
+                "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, \
+                 bid_id) VALUES ($3, 'k-' || $3, $1, $4, $2) RETURNING bid_id) \
+                 INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, \
+                 received_at) SELECT $1, bid_id, $3, $4, 'k-' || $3, $5 FROM key",
+                &[&self.id, &id, &bidder, &amount, &at],
+            )
+            .await
+            .unwrap();
+        id
+    }
+
+    /// A bid appended and resolved by the old resolver: its outcome by the
+    /// rules, the leader it displaced marked outbid.
+    async fn resolve(&mut self, bidder: &str, amount: i64, at: DateTime<Utc>) -> Uuid {
+        let id = self.append(bidder, amount, at).await;
+        let input = rules::BidInput {
+            id,
+            bidder_id: bidder.into(),
+            amount,
+            received_at: at,
+        };
+        let applied = rules::apply_bid(&self.terms, &mut self.state, &input);
+        self.resolved += 1;
+        let status = match applied.outcome {
+            Outcome::Leading => BidStatus::Leading,
+            Outcome::Outbid => BidStatus::Outbid,
+            Outcome::Rejected(_) => BidStatus::Rejected,
+        };
+        let reason = match applied.outcome {
+            Outcome::Rejected(reason) => Some(reason.as_str()),
+            _ => None,
+        };
+        self.db
+            .execute(
+                "UPDATE bid_log SET status = $2, reason = $3, price_after = $4, \
+                 resolution_no = $5, resolved_version = $5, resolved_at = now() WHERE id = $1",
+                &[
+                    &id,
+                    &status.as_str(),
+                    &reason,
+                    &applied.price_after,
+                    &self.resolved,
+                ],
+            )
+            .await
+            .unwrap();
+        self.db
+            .execute("DELETE FROM pending_bids WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        let mut changes = Vec::new();
+        if let Some(displaced) = applied.displaced {
+            self.db
+                .execute(
+                    "UPDATE bid_log SET status = 'outbid' WHERE id = $1",
+                    &[&displaced],
+                )
+                .await
+                .unwrap();
+            let bidder: String = (self.db)
+                .query_one("SELECT bidder_id FROM bid_log WHERE id = $1", &[&displaced])
+                .await
+                .unwrap()
+                .get(0);
+            changes.push((displaced, bidder, BidStatus::Outbid));
+        }
+        changes.push((id, bidder.to_owned(), status));
+        let changes: Vec<BidChange> = (changes.iter())
+            .map(|(bid_id, bidder_id, status)| BidChange {
+                bid_id: *bid_id,
+                bidder_id,
+                status: *status,
+            })
+            .collect();
+        events::record_bid_changes(self.db, self.id, 0, self.resolved, &changes)
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Writes the state the old resolver committed; with `settle`, settles
+    /// the auction as it did (the leader won, every other accepted bid lost).
+    async fn commit(&mut self, settle: bool) {
+        let winner: Option<Leader> = settle
+            .then(|| rules::settle(&self.terms, &mut self.state))
+            .flatten();
+        let version = self.resolved + i64::from(settle);
+        if settle {
+            let winning_bid = winner.as_ref().map(|w| w.bid_id);
+            events::settle(self.db, self.id, 1, version, winning_bid, &json!({}))
+                .await
+                .unwrap();
+        }
+        let leader = self.state.leader.as_ref();
+        self.db
+            .execute(
+                "UPDATE auctions SET leader_bid_id = $2, leader_bidder_id = $3, leader_max = $4, \
+                 current_price = $5, bid_count = $6, resolved_count = $7, version = $11, \
+                 status = CASE WHEN $8 THEN 'closed' ELSE 'open' END, \
+                 settled_at = CASE WHEN $8 THEN now() END, winner_id = $9, winner_bid_id = $10 \
+                 WHERE id = $1",
+                &[
+                    &self.id,
+                    &leader.map(|l| l.bid_id),
+                    &leader.map(|l| l.bidder_id.as_str()),
+                    &leader.map(|l| l.max_amount),
+                    &self.state.price,
+                    &self.state.bid_count,
+                    &self.resolved,
+                    &settle,
+                    &winner.as_ref().map(|w| w.bidder_id.as_str()),
+                    &winner.as_ref().map(|w| w.bid_id),
+                    &version,
+                ],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// The status of bid `id`.
+async fn status_of(db: &tokio_postgres::Client, id: Uuid) -> (String, Option<String>) {
+    let row = db
+        .query_one("SELECT status, reason FROM bid_log WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
+    let url = empty_database().await;
+    migrate_before(&url, BY_TRANSACTION).await;
+    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
+    let pool = gavel::db::build_pool(&url, "test-seed", &settings).unwrap();
+    let seeding = pool.get().await.unwrap();
+    let db = connect(&url).await;
+    let minutes_ago = |m: i64| Utc::now() - Span::minutes(m);
+
+    // Open: Ann outbid by Bob, Cat too low; Fay and Gus still pending.
+    let mut open = OldAuction::create(&seeding, Span::hours(1)).await;
+    let ann = open.resolve("ann", 1_000, minutes_ago(30)).await;
+    let bob = open.resolve("bob", 2_000, minutes_ago(29)).await;
+    let cat = open.resolve("cat", 50, minutes_ago(28)).await;
+    open.commit(false).await;
+    let fay = open.append("fay", 3_000, minutes_ago(2)).await;
+    let gus = open.append("gus", 2_500, minutes_ago(1)).await;
+    // Settled: Eve won over Dan; Hal's bid reached it after its settlement.
+    let mut settled = OldAuction::create(&seeding, Span::minutes(-10)).await;
+    let dan = settled.resolve("dan", 700, minutes_ago(20)).await;
+    let eve = settled.resolve("eve", 900, minutes_ago(19)).await;
+    settled.commit(true).await;
+    let hal = settled.append("hal", 5_000, minutes_ago(1)).await;
+
+    gavel::db::migrate(&url)
+        .await
+        .expect("the migration applies");
+    let queue = db
+        .query_one("SELECT to_regclass('pending_bids') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(queue.get::<_, bool>(0), "the queue table is gone");
+    let marked: Vec<(Uuid, Option<i64>)> = db
+        .query("SELECT id, xid FROM bid_log ORDER BY seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (id, xid) in &marked {
+        let pending = [fay, gus, hal].contains(id);
+        assert_eq!(xid.is_some(), pending, "bid {id}: {xid:?}");
+    }
+
+    let app = TestApp::spawn_on(&url, |_| {}).await;
+    for auction in [open.id, settled.id] {
+        wait_resolved(&db, auction, std::time::Duration::from_secs(20)).await;
+        assert_consistent(&db, auction).await;
+    }
+    let expected = [
+        (ann, "outbid", None),
+        (bob, "outbid", None),
+        (cat, "rejected", Some("below_minimum")),
+        (fay, "leading", None),
+        (gus, "outbid", None),
+        (dan, "lost", None),
+        (eve, "won", None),
+        (hal, "rejected", Some("auction_closed")),
+    ];
+    for (id, status, reason) in expected {
+        let found = status_of(&db, id).await;
+        assert_eq!(
+            (found.0.as_str(), found.1.as_deref()),
+            (status, reason),
+            "bid {id}"
+        );
+    }
+
+    // The keys carried over: a retry of Fay's request is a replay.
+    let replay = app.bid("fay", &open.id.to_string(), 3_000, "k-fay").await;
+    assert!(replay.status().is_success(), "{}", replay.status());
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let body: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(id_of(&body), fay);
+    // And new bids are found by their transaction.
+    let ivy = app
+        .bid("ivy", &open.id.to_string(), 4_000, &new_key())
+        .await;
+    assert_eq!(ivy.status(), StatusCode::ACCEPTED);
+    wait_resolved(&db, open.id, std::time::Duration::from_secs(20)).await;
+    let bids = assert_consistent(&db, open.id).await;
+    assert_eq!(bids.len(), 6);
+    app.stop().await;
+}
