@@ -89,17 +89,20 @@ pub async fn pending(
     auction_ids: &[Uuid],
     limit: i64,
 ) -> Result<PendingRead, tokio_postgres::Error> {
-    // Two index range scans per auction on (auction_id, xid, seq): after
-    // the progress in order, up to the limit, and the open transactions'
-    // bids at or before it (few). One plan whatever the statistics, so it
-    // serves as a generic plan (see the resolver's `plan_modes`).
+    // Per auction, its row by key (`OFFSET 0` keeps the lookup a subquery,
+    // so no plan scans the auctions), then two index range scans on
+    // (auction_id, xid, seq): after the progress in order, up to the limit,
+    // and the open transactions' bids at or before it (few). One plan
+    // whatever the statistics, so it serves as a generic plan (see the
+    // resolver's `plan_modes`).
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH snapshot AS MATERIALIZED ( \
                SELECT ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(pg_current_snapshot()) x) \
                  AS in_progress) \
              SELECT p.*, snapshot.in_progress FROM unnest($1::uuid[]) AS u(id) \
-             JOIN auctions a ON a.id = u.id \
+             CROSS JOIN LATERAL (SELECT id, resolved_xid, resolved_seq, open_xids \
+                                 FROM auctions WHERE id = u.id OFFSET 0) a \
              CROSS JOIN LATERAL ( \
                (SELECT {COLUMNS}, xid, ctid::text AS row_version, false AS reopened \
                 FROM bid_log b WHERE {after} ORDER BY xid, seq LIMIT $2) \
