@@ -1,6 +1,7 @@
 //! `gavel-loadtest`: `bench` (the one-command comparison), `run` (one
-//! scenario against a running Gavel) and `report` (combine run reports);
-//! one function per subcommand, the work itself in the library.
+//! scenario against a running Gavel), `report` (combine run reports) and
+//! `floor` (the HTTP floor server); one function per subcommand, the work
+//! itself in the library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
-use gavel_loadtest::report::{Machine, Report, RunReport, BASELINES};
+use gavel_loadtest::report::{Machine, Report, RunReport, BASELINES, FLOOR_MODE};
 use gavel_loadtest::scenario::Scenario;
 use gavel_loadtest::{audit, cpu, freshness, generator, trace};
 
@@ -48,6 +49,17 @@ enum Command {
     /// Combine run reports (JSON) into report.json, report.md and chart.svg,
     /// or draw a combined report.json again (with its ceilings and rounds).
     Report(ReportArgs),
+    /// Serve the HTTP floor: Gavel's HTTP stack answering the generator's
+    /// requests without a database (`bench --modes floor` starts it).
+    Floor(FloorArgs),
+}
+
+/// `floor`'s options.
+#[derive(Debug, clap::Args)]
+struct FloorArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
 }
 
 /// `bench`'s options.
@@ -60,7 +72,8 @@ struct BenchArgs {
     /// Bid-path modes to run, in order (`GAVEL_BID_PATH` values): `log`,
     /// Gavel's path, and the baselines it is compared with, `row_lock`
     /// (the classic row-lock transaction), `row_lock_fn` (the same in one
-    /// round trip) and `optimistic` (compare-and-set from every request).
+    /// round trip) and `optimistic` (compare-and-set from every request);
+    /// and `floor`, the HTTP floor in Gavel's place (no database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -192,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Run(args) => run_scenario(args).await,
         Command::Report(args) => report(args),
+        Command::Floor(args) => gavel_loadtest::floor::run(args.listen).await,
     }
 }
 
@@ -203,8 +217,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds: at least 1");
     for mode in &args.modes {
         anyhow::ensure!(
-            mode == "log" || BASELINES.contains(&mode.as_str()),
-            "--modes: '{mode}' is not a bid path (log, {})",
+            mode == "log" || mode == FLOOR_MODE || BASELINES.contains(&mode.as_str()),
+            "--modes: '{mode}' is not a bid path (log, {}) or {FLOOR_MODE}",
             BASELINES.join(", ")
         );
     }
@@ -344,6 +358,8 @@ fn report(args: ReportArgs) -> anyhow::Result<()> {
         runs,
         ceiling: None,
         ceilings: Vec::new(),
+        efficiency: Vec::new(),
+        http_floor: Vec::new(),
     };
     report.write(&out_dir)?;
     eprintln!("report: {}", out_dir.join("report.md").display());
