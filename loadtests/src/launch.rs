@@ -50,7 +50,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// `settings` with a fresh JWT secret and quiet logs unless set, and the
 /// environment's `GAVEL_*` variables over them, except those the bench
-/// owns (the databases, the bid path, the listeners).
+/// owns (the databases, the bid path, the listeners, the resolver).
 fn with_environment(mut settings: HashMap<String, String>) -> HashMap<String, String> {
     let secret = format!("loadtest-{}", uuid::Uuid::new_v4().simple());
     settings.entry("GAVEL_JWT_SECRET".into()).or_insert(secret);
@@ -65,6 +65,7 @@ fn with_environment(mut settings: HashMap<String, String>) -> HashMap<String, St
                 | "GAVEL_BID_PATH"
                 | "GAVEL_LISTEN"
                 | "GAVEL_ADMIN_LISTEN"
+                | "GAVEL_RESOLVER"
         );
         if name.starts_with("GAVEL_") && !owned {
             settings.insert(name, value);
@@ -169,6 +170,11 @@ impl Server {
             cpu: CpuWatch::default(),
             generator_nice: 0,
         }
+    }
+
+    /// The API's base URL.
+    pub(crate) fn api(&self) -> String {
+        format!("http://{}", self.api)
     }
 
     /// The server's process id (this process's when it runs in it).

@@ -1,7 +1,7 @@
 //! `gavel-loadtest`: `bench` (the one-command comparison), `run` (one
-//! scenario against a running Gavel), `report` (combine run reports) and
-//! `floor` (the HTTP floor server); one function per subcommand, the work
-//! itself in the library.
+//! scenario against a running Gavel), `report` (combine run reports),
+//! `drain` (one resolver against a backlog) and `floor` (the HTTP floor
+//! server); one function per subcommand, the work itself in the library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,9 +49,34 @@ enum Command {
     /// Combine run reports (JSON) into report.json, report.md and chart.svg,
     /// or draw a combined report.json again (with its ceilings and rounds).
     Report(ReportArgs),
+    /// On a private PostgreSQL, append a backlog of pending bids on one
+    /// auction, start Gavel with its resolver, and measure how fast the
+    /// one resolver drains it.
+    Drain(DrainArgs),
     /// Serve the HTTP floor: Gavel's HTTP stack answering the generator's
     /// requests without a database (`bench --modes floor` starts it).
     Floor(FloorArgs),
+}
+
+/// `drain`'s options.
+#[derive(Debug, clap::Args)]
+struct DrainArgs {
+    /// Pending bids in the backlog, all on one auction.
+    #[arg(long, default_value_t = 500_000)]
+    bids: u64,
+    /// The `gavel` binary (default: next to this one).
+    #[arg(long)]
+    gavel_bin: Option<PathBuf>,
+    /// Report directory (default: loadtests/reports/drain-<time>).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// No streaming replica (by default one replays the resolver's writes,
+    /// as in the bench).
+    #[arg(long)]
+    no_replica: bool,
+    /// Give up after this many seconds of draining.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
 }
 
 /// `floor`'s options.
@@ -205,6 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Run(args) => run_scenario(args).await,
         Command::Report(args) => report(args),
+        Command::Drain(args) => drain(args).await,
         Command::Floor(args) => gavel_loadtest::floor::run(args.listen).await,
     }
 }
@@ -246,6 +272,27 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     println!("{}", report.markdown());
     eprintln!("report: {}", out_dir.join("report.md").display());
+    Ok(())
+}
+
+/// `drain`: one resolver against a backlog, on a private PostgreSQL.
+async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+    let out_dir = (args.out_dir)
+        .unwrap_or_else(|| PathBuf::from("loadtests/reports").join(format!("drain-{stamp}")));
+    let report = gavel_loadtest::drain::drain(gavel_loadtest::drain::DrainOptions {
+        launcher: Launcher::Process(gavel_binary(args.gavel_bin)?),
+        settings: Vec::new(),
+        bids: args.bids,
+        work_dir: std::env::temp_dir().join(format!("gavel-drain-{}", std::process::id())),
+        out_dir: out_dir.clone(),
+        replica: !args.no_replica,
+        timeout: std::time::Duration::from_secs(args.timeout_s),
+        command: command_line(),
+    })
+    .await?;
+    println!("{}", report.markdown());
+    eprintln!("report: {}", out_dir.join("drain.md").display());
     Ok(())
 }
 

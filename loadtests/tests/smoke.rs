@@ -686,3 +686,40 @@ async fn the_floor_answers_every_request_and_the_bench_runs_the_scenario_against
     );
     std::fs::remove_dir_all(&out_dir).unwrap();
 }
+
+/// A backlog appended straight into `bid_log` on one auction is queued by
+/// the schema and drained by one resolver, and the drain's report says how
+/// fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_on_one_auction_is_drained_by_one_resolver() {
+    let out_dir = scratch("drain-report");
+    let report = gavel_loadtest::drain::drain(gavel_loadtest::drain::DrainOptions {
+        launcher: Launcher::InProcess,
+        settings: quick_settings(),
+        bids: 5_000,
+        work_dir: scratch("drain-pg"),
+        out_dir: out_dir.clone(),
+        replica: false,
+        timeout: Duration::from_secs(60),
+        command: "smoke test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the drain failed: {e:#}"));
+    assert_eq!(report.bids, 5_000);
+    assert_eq!(report.samples.last().unwrap().resolved, 5_000);
+    assert!(
+        report.drain_s > 0.0 && report.bids_per_s > 0.0,
+        "{report:?}"
+    );
+    assert!(report.peak_bids_per_s > 0.0, "{report:?}");
+    let md = std::fs::read_to_string(out_dir.join("drain.md")).unwrap();
+    assert!(
+        md.contains("# One-writer drain") && md.contains("bids/s** over the whole drain"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("drain.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["bids"], 5_000);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
