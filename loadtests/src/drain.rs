@@ -59,7 +59,7 @@ pub struct DrainOptions {
 /// Resolved bids at one moment of the drain.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DrainSample {
-    /// Seconds since Gavel was started with its resolver.
+    /// Seconds since Gavel was being started with its resolver.
     pub t_s: f64,
     /// The auction's `resolved_count`.
     pub resolved: u64,
@@ -142,17 +142,31 @@ async fn measure(
     let auction = auction?;
     let preload_s = preload(&url, auction, options.bids).await?;
     settings.insert("GAVEL_RESOLVER".into(), "on".into());
-    let gavel = Server::gavel(&options.launcher, settings).await?;
+    // Readings start before Gavel does: its resolver may begin before
+    // Gavel answers as ready.
+    let readings = tokio::spawn(read_progress(
+        connect(&url).await?,
+        auction,
+        options.clone(),
+    ));
+    let gavel = match Server::gavel(&options.launcher, settings).await {
+        Ok(gavel) => gavel,
+        Err(e) => {
+            readings.abort();
+            return Err(e);
+        }
+    };
     let watch = CpuWatch {
         gavel: gavel.pid(),
         primary: primary.postmaster_pid(),
         replica: replica.and_then(PgCluster::postmaster_pid),
         floor: false,
     };
-    let watched = watch_drain(&url, auction, options, watch).await;
+    let probe = CpuProbe::start(watch, Instant::now()).ok();
+    let samples = readings.await;
+    let cpu = probe.and_then(|p| p.stop().window(0, usize::MAX));
     gavel.stop().await?;
-    let (samples, cpu) = watched?;
-    Ok((preload_s, samples, cpu))
+    Ok((preload_s, samples??, cpu))
 }
 
 /// Creates the auction through Gavel's API, as a seller, ending in a day.
@@ -226,22 +240,16 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 }
 
 /// Reads the auction's `resolved_count` every [`POLL`] from now until
-/// every bid is resolved (or the timeout), with the CPU probe beside it.
-async fn watch_drain(
-    url: &str,
+/// every bid is resolved (or the timeout).
+async fn read_progress(
+    client: tokio_postgres::Client,
     auction: Uuid,
-    options: &DrainOptions,
-    watch: CpuWatch,
-) -> anyhow::Result<(Vec<DrainSample>, Option<CpuWindow>)> {
-    let client = connect(url).await?;
+    options: DrainOptions,
+) -> anyhow::Result<Vec<DrainSample>> {
     let started = Instant::now();
-    let probe = CpuProbe::start(watch, started).ok();
-    let mut samples = vec![DrainSample {
-        t_s: 0.0,
-        resolved: 0,
-    }];
+    let mut samples: Vec<DrainSample> = Vec::new();
     let mut tick = tokio::time::interval(POLL);
-    while samples.last().is_some_and(|s| s.resolved < options.bids) {
+    while samples.last().is_none_or(|s| s.resolved < options.bids) {
         tick.tick().await;
         ensure!(
             started.elapsed() < options.timeout,
@@ -258,13 +266,12 @@ async fn watch_drain(
             .await?;
         let resolved = row.get::<_, i64>(0) as u64;
         let t_s = started.elapsed().as_secs_f64();
-        if samples.len() % 10 == 0 {
+        if samples.len() % 10 == 9 {
             eprintln!("{t_s:5.1} s: {resolved} of {} bids resolved", options.bids);
         }
         samples.push(DrainSample { t_s, resolved });
     }
-    let cpu = probe.and_then(|p| p.stop().window(0, usize::MAX));
-    Ok((samples, cpu))
+    Ok(samples)
 }
 
 /// The drain's length, from the last reading with nothing resolved to the
