@@ -13,7 +13,7 @@ use anyhow::{bail, ensure, Context as _};
 use rustix::process::{getrlimit, setrlimit, Resource};
 
 use crate::audit::{self, AuditReport, Check};
-use crate::cpu::{CpuProbe, CpuWatch};
+use crate::cpu::{self, CpuProbe, CpuWatch, CpuWindow};
 use crate::freshness;
 use crate::generator::{self, Target};
 pub use crate::launch::Launcher;
@@ -145,7 +145,7 @@ async fn run_rounds(
                 options.ceiling_s
             );
             let mut ceiling = append_ceiling(
-                clusters.0,
+                clusters,
                 options.ceiling_s,
                 options.generator_nice,
                 &options.work_dir,
@@ -457,7 +457,7 @@ pub(crate) async fn start_clusters(
 /// (same columns, defaults and indexes) with batched UNNEST inserts.
 /// pgbench runs `nice` steps below the database, as the load generator does.
 fn append_ceiling(
-    primary: &PgCluster,
+    (primary, replica): (&PgCluster, Option<&PgCluster>),
     seconds: u32,
     nice: i32,
     work_dir: &Path,
@@ -481,15 +481,23 @@ fn append_ceiling(
              FROM unnest(ARRAY(SELECT generate_series(1, {CEILING_BATCH}))) AS g;\n"
         ),
     )?;
-    // The machine's CPU while pgbench runs: what a row of the ceiling
-    // costs, pgbench included (the report's efficiency ratio).
-    let probe = CpuProbe::start(CpuWatch::default(), Instant::now());
+    // PostgreSQL's CPU and pgbench's while it runs: what a row of the
+    // ceiling costs (the report's efficiency ratio).
+    let watch = CpuWatch {
+        primary: primary.postmaster_pid(),
+        replica: replica.and_then(PgCluster::postmaster_pid),
+        ..CpuWatch::default()
+    };
+    let probe = CpuProbe::start(watch, Instant::now());
+    let reaped = cpu::reaped_children_s();
     let stdout = pgbench(&script, nice, seconds, &primary.url(database))?;
     let (tps, latency_ms) = parse_pgbench(&stdout)?;
-    let busy_cores = probe
+    let pgbench_s = cpu::reaped_children_s().zip(reaped).map(|(a, b)| a - b);
+    let cpu_cores = probe
         .ok()
         .and_then(|p| p.stop().window(0, seconds as usize))
-        .map(|w| w.busy);
+        .zip(pgbench_s)
+        .map(|(w, pgbench_s)| postgres_cores(&w) + pgbench_s / f64::from(seconds));
     primary.psql("postgres", &format!("DROP DATABASE {database}"))?;
     let ceiling = Ceiling {
         round: 1,
@@ -499,13 +507,21 @@ fn append_ceiling(
         tps,
         latency_ms,
         duration_s: seconds,
-        busy_cores,
+        cpu_cores,
     };
     eprintln!(
         "append ceiling: {:.0} rows/s ({tps:.0} tps of {CEILING_BATCH} rows, {latency_ms:.1} ms)",
         ceiling.rows_per_s
     );
     Ok(ceiling)
+}
+
+/// PostgreSQL's cores in `window`: the primary's processes and the replica.
+fn postgres_cores(window: &CpuWindow) -> f64 {
+    (window.groups.iter())
+        .filter(|(name, _)| name.starts_with("PostgreSQL"))
+        .map(|(_, cores)| cores)
+        .sum()
 }
 
 /// Runs pgbench `nice` steps down for `seconds` with the ceiling's clients,

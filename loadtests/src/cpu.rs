@@ -492,6 +492,13 @@ impl ProcessStat {
     }
 }
 
+/// CPU time, in seconds, of this process's children that have exited and
+/// been waited for: a child's whole time, once it is done.
+pub fn reaped_children_s() -> Option<f64> {
+    let stat = ProcessStat::read(std::process::id())?;
+    Some(stat.reaped_ticks() as f64 / TICKS_PER_S)
+}
+
 /// Every pid in `/proc`.
 fn proc_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")

@@ -177,6 +177,8 @@ async fn bench_runs_every_mode_audits_them_and_writes_the_reports() {
         .as_ref()
         .expect("the append ceiling was measured");
     assert!(ceiling.rows_per_s > 1_000.0, "{ceiling:?}");
+    // PostgreSQL's and pgbench's CPU while it ran, for its CPU per row.
+    assert!(ceiling.cpu_cores.is_some_and(|c| c > 0.0), "{ceiling:?}");
 
     // The files: every run report, the combined JSON, Markdown and chart.
     for mode in MODES {

@@ -28,11 +28,11 @@ pub struct Efficiency {
     pub window: String,
     /// Gavel's and PostgreSQL's CPU per accepted bid, in µs.
     pub service_us_per_bid: f64,
-    /// The machine's CPU per row of the round's append ceiling, in µs,
-    /// pgbench included.
+    /// PostgreSQL's and pgbench's CPU per row of the round's append
+    /// ceiling, in µs.
     pub ceiling_us_per_row: f64,
     /// Whether the ceiling's CPU was measured; else every core of the
-    /// machine is taken as busy while pgbench ran.
+    /// machine is counted as busy while pgbench ran.
     pub ceiling_cpu_measured: bool,
     /// `service_us_per_bid / ceiling_us_per_row`.
     pub ratio: f64,
@@ -93,11 +93,11 @@ impl Report {
     /// whether it was measured.
     fn ceiling_us_per_row(&self, round: u32) -> Option<(f64, bool)> {
         let ceiling = (self.ceilings.iter().chain(&self.ceiling)).find(|c| c.round == round)?;
-        let cores = ceiling.busy_cores.unwrap_or(self.machine.cpus as f64);
+        let cores = ceiling.cpu_cores.unwrap_or(self.machine.cpus as f64);
         (ceiling.rows_per_s > 0.0 && cores > 0.0).then(|| {
             (
                 cores * 1e6 / ceiling.rows_per_s,
-                ceiling.busy_cores.is_some(),
+                ceiling.cpu_cores.is_some(),
             )
         })
     }
@@ -213,9 +213,9 @@ mod tests {
     }
 
     #[test]
-    fn a_measured_ceiling_counts_its_busy_cores_and_gavel_in_process_has_no_ratio() {
+    fn a_measured_ceiling_counts_its_cores_and_gavel_in_process_has_no_ratio() {
         let mut report = testdata();
-        report.ceilings[0].busy_cores = Some(1.5);
+        report.ceilings[0].cpu_cores = Some(1.5);
         let first = &report.efficiencies()[0];
         assert!(first.ceiling_cpu_measured);
         assert!(close(first.ceiling_us_per_row, 1.5e6 / 82_364.565_2));

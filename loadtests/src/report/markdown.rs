@@ -521,7 +521,7 @@ fn efficiency_table(md: &mut String, rounds: &[Efficiency]) {
     if rounds.is_empty() {
         return;
     }
-    md.push_str("\nGavel and PostgreSQL: Gavel's process, the primary's client backends and its own processes, and the replica, over log mode's highest held step (the whole run without steps). A row of the ceiling: the machine's busy CPU while pgbench ran, pgbench included, over the rows appended.\n\n| round | run | over | Gavel + PostgreSQL per accepted bid | ceiling per row | ratio |\n| ---: | --- | --- | ---: | ---: | ---: |\n");
+    md.push_str("\nGavel and PostgreSQL: Gavel's process, the primary's client backends and its own processes, and the replica, over log mode's highest held step (the whole run without steps). A row of the ceiling: the CPU of PostgreSQL (primary and replica) and of pgbench while pgbench ran, over the rows appended.\n\n| round | run | over | Gavel + PostgreSQL per accepted bid | ceiling per row | ratio |\n| ---: | --- | --- | ---: | ---: | ---: |\n");
     for e in rounds {
         let assumed = if e.ceiling_cpu_measured {
             ""

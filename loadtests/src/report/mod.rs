@@ -501,10 +501,11 @@ pub struct Ceiling {
     pub latency_ms: f64,
     /// How long it ran, in seconds.
     pub duration_s: u32,
-    /// The machine's busy CPU while it ran, in cores on average, pgbench
-    /// included (none in reports written before it was measured).
+    /// The CPU of PostgreSQL (the primary's processes and the replica)
+    /// and of pgbench while it ran, in cores on average (none in reports
+    /// written before it was measured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub busy_cores: Option<f64>,
+    pub cpu_cores: Option<f64>,
 }
 
 /// The machine a report was measured on.
