@@ -5,32 +5,23 @@
 //! session, and write the combined report.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _};
 use rustix::process::{getrlimit, setrlimit, Resource};
-use tokio_util::sync::CancellationToken;
 
-use crate::audit;
-use crate::cpu::CpuWatch;
+use crate::audit::{self, AuditReport, Check};
+use crate::cpu::{self, CpuProbe, CpuWatch, CpuWindow};
 use crate::freshness;
 use crate::generator::{self, Target};
-use crate::report::{Ceiling, Machine, Report, RunReport};
+pub use crate::launch::Launcher;
+use crate::launch::Server;
+use crate::report::{Ceiling, Machine, Report, RunReport, FLOOR_MODE};
 use crate::scenario::Scenario;
 use crate::trace;
 use pg_cluster::{self, ClusterOptions, PgCluster};
-
-/// How Gavel is started for each mode.
-#[derive(Debug, Clone)]
-pub enum Launcher {
-    /// `gavel serve` from this binary, as a child process (its RSS is its own).
-    Process(PathBuf),
-    /// Inside this process (smoke tests: no binary to find).
-    InProcess,
-}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -40,7 +31,8 @@ pub struct BenchOptions {
     /// The scenario, already scaled as asked.
     pub scenario: Scenario,
     /// Bid-path modes, in order (`log`, then baselines such as `row_lock`,
-    /// `row_lock_fn`, `optimistic`).
+    /// `row_lock_fn`, `optimistic`), and `floor`: the HTTP floor in
+    /// Gavel's place ([`crate::floor`]).
     pub modes: Vec<String>,
     /// How Gavel is started.
     pub launcher: Launcher,
@@ -83,7 +75,12 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         "starting a private PostgreSQL in {} ...",
         options.work_dir.display()
     );
-    let (primary, replica) = start_clusters(&options).await?;
+    let (primary, replica) = start_clusters(
+        options.work_dir.clone(),
+        options.replica,
+        options.statements,
+    )
+    .await?;
     let postgres = primary.psql("postgres", "SHOW server_version")?;
     let clusters = (&primary, replica.as_ref());
     let (runs, ceilings) = run_rounds(&options, clusters, trace.as_deref()).await?;
@@ -107,6 +104,8 @@ pub async fn bench(options: BenchOptions) -> anyhow::Result<Report> {
         runs,
         ceiling,
         ceilings,
+        efficiency: Vec::new(),
+        http_floor: Vec::new(),
     };
     report.write(&options.out_dir)?;
     let failed: Vec<&str> = report
@@ -146,7 +145,7 @@ async fn run_rounds(
                 options.ceiling_s
             );
             let mut ceiling = append_ceiling(
-                clusters.0,
+                clusters,
                 options.ceiling_s,
                 options.generator_nice,
                 &options.work_dir,
@@ -228,6 +227,9 @@ async fn run_mode(
     mode: &str,
     trace: Option<&[trace::TraceBid]>,
 ) -> anyhow::Result<RunReport> {
+    if mode == FLOOR_MODE {
+        return run_floor(options, scenario, (primary, replica), trace).await;
+    }
     let database = database_of(mode);
     primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
     primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
@@ -250,7 +252,7 @@ async fn run_mode(
         room_for_streams(&mut settings, watchers.count);
     }
     eprintln!("\n== {mode} mode: {} ==", scenario.name);
-    let gavel = Gavel::start(&options.launcher, settings).await?;
+    let gavel = Server::gavel(&options.launcher, settings).await?;
     let target = Target {
         // The work directory holds the primary's and the replica's data.
         disk_probe: Some(options.work_dir.clone()),
@@ -258,6 +260,7 @@ async fn run_mode(
             gavel: gavel.pid(),
             primary: primary.postmaster_pid(),
             replica: replica.and_then(PgCluster::postmaster_pid),
+            floor: false,
         },
         generator_nice: options.generator_nice,
         ..gavel.target()
@@ -272,6 +275,54 @@ async fn run_mode(
     .await;
     gavel.stop().await?;
     measured
+}
+
+/// Runs `scenario` once against the HTTP floor in Gavel's place: the same
+/// requests, answered without a database, so there is nothing to audit.
+/// The clusters stay up, idle, as in every other run.
+async fn run_floor(
+    options: &BenchOptions,
+    scenario: &Scenario,
+    (primary, replica): (&PgCluster, Option<&PgCluster>),
+    trace: Option<&[trace::TraceBid]>,
+) -> anyhow::Result<RunReport> {
+    ensure!(
+        scenario.watchers.is_none(),
+        "the HTTP floor serves no event streams: run --modes floor with a scenario without watchers"
+    );
+    eprintln!("\n== the HTTP floor: {} ==", scenario.name);
+    let floor = Server::floor(&options.launcher).await?;
+    let target = Target {
+        cpu: CpuWatch {
+            gavel: floor.pid(),
+            primary: primary.postmaster_pid(),
+            replica: replica.and_then(PgCluster::postmaster_pid),
+            floor: true,
+        },
+        generator_nice: options.generator_nice,
+        ..floor.target()
+    };
+    let output = generator::run(scenario, trace, &target).await;
+    floor.stop().await?;
+    Ok(RunReport::new(
+        FLOOR_MODE,
+        scenario,
+        &output?,
+        not_audited(),
+    ))
+}
+
+/// The audit of a run that kept nothing.
+fn not_audited() -> AuditReport {
+    AuditReport {
+        passed: true,
+        checks: vec![Check {
+            name: "not audited".into(),
+            passed: true,
+            detail: "the HTTP floor keeps no bids".into(),
+        }],
+        ..AuditReport::default()
+    }
 }
 
 /// Gavel's defaults hold 10,000 streams and 10,000 connections in all:
@@ -348,10 +399,14 @@ fn statement_profile(primary: &PgCluster, mode: &str) -> anyhow::Result<String> 
     Ok(out)
 }
 
-async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Option<PgCluster>)> {
-    let dir = options.work_dir.clone();
-    let with_replica = options.replica;
-    let with_statements = options.statements;
+/// Starts the private primary in `dir` (fsync on, as in production) and,
+/// `with_replica`, a streaming replica of it; `with_statements` loads
+/// `pg_stat_statements` on the primary.
+pub(crate) async fn start_clusters(
+    dir: PathBuf,
+    with_replica: bool,
+    with_statements: bool,
+) -> anyhow::Result<(PgCluster, Option<PgCluster>)> {
     tokio::task::spawn_blocking(move || {
         let mut primary_options = ClusterOptions::new(dir.join("primary"));
         // Production-like durability: every commit waits for its WAL flush.
@@ -398,154 +453,13 @@ async fn start_clusters(options: &BenchOptions) -> anyhow::Result<(PgCluster, Op
     .await?
 }
 
-/// A running Gavel under test.
-struct Gavel {
-    api: SocketAddr,
-    admin: SocketAddr,
-    secret: String,
-    audience: String,
-    running: Running,
-}
-
-enum Running {
-    Process(Child),
-    InProcess(
-        CancellationToken,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    ),
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-impl Gavel {
-    async fn start(
-        launcher: &Launcher,
-        mut settings: HashMap<String, String>,
-    ) -> anyhow::Result<Gavel> {
-        let secret = format!("loadtest-{}", uuid::Uuid::new_v4().simple());
-        settings.entry("GAVEL_JWT_SECRET".into()).or_insert(secret);
-        settings
-            .entry("GAVEL_LOG".into())
-            .or_insert_with(|| "warn".into());
-        // The environment wins over the defaults above (e.g. GAVEL_API_POOL_SIZE).
-        for (name, value) in std::env::vars() {
-            if name.starts_with("GAVEL_")
-                && !matches!(
-                    name.as_str(),
-                    "GAVEL_DATABASE_URL"
-                        | "GAVEL_REPLICA_URLS"
-                        | "GAVEL_BID_PATH"
-                        | "GAVEL_LISTEN"
-                        | "GAVEL_ADMIN_LISTEN"
-                )
-            {
-                settings.insert(name, value);
-            }
-        }
-        let running = match launcher {
-            Launcher::Process(binary) => {
-                settings.insert("GAVEL_LISTEN".into(), format!("127.0.0.1:{}", free_port()?));
-                settings.insert(
-                    "GAVEL_ADMIN_LISTEN".into(),
-                    format!("127.0.0.1:{}", free_port()?),
-                );
-                let mut command = Command::new(binary);
-                command
-                    .arg("serve")
-                    .envs(&settings)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::inherit());
-                let child = command
-                    .spawn()
-                    .with_context(|| format!("starting {}", binary.display()))?;
-                Running::Process(child)
-            }
-            Launcher::InProcess => {
-                settings.insert("GAVEL_LISTEN".into(), "127.0.0.1:0".into());
-                settings.insert("GAVEL_ADMIN_LISTEN".into(), "127.0.0.1:0".into());
-                let config =
-                    gavel::config::Config::from_lookup(|name| settings.get(name).cloned())?;
-                let server = gavel::server::Server::bind(config).await?;
-                settings.insert("GAVEL_LISTEN".into(), server.api_addr().to_string());
-                settings.insert("GAVEL_ADMIN_LISTEN".into(), server.admin_addr().to_string());
-                let shutdown = CancellationToken::new();
-                let handle = tokio::spawn(server.run(shutdown.clone()));
-                Running::InProcess(shutdown, handle)
-            }
-        };
-        let gavel = Gavel {
-            api: settings["GAVEL_LISTEN"].parse()?,
-            admin: settings["GAVEL_ADMIN_LISTEN"].parse()?,
-            secret: settings["GAVEL_JWT_SECRET"].clone(),
-            audience: settings
-                .get("GAVEL_JWT_AUDIENCE")
-                .cloned()
-                .unwrap_or_else(|| "gavel".into()),
-            running,
-        };
-        if let Err(e) = gavel.wait_ready().await {
-            // Stopped, so no Gavel outlives the run that failed to start it.
-            let _ = gavel.stop().await;
-            return Err(e);
-        }
-        Ok(gavel)
-    }
-
-    async fn wait_ready(&self) -> anyhow::Result<()> {
-        let http = reqwest::Client::new();
-        let url = format!("http://{}/readyz", self.api);
-        let started = Instant::now();
-        loop {
-            if let Ok(r) = http.get(&url).timeout(Duration::from_secs(1)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                bail!("Gavel did not become ready at {url} within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn target(&self) -> Target {
-        Target {
-            api: format!("http://{}", self.api),
-            metrics: Some(format!("http://{}/metrics", self.admin)),
-            jwt_secret: self.secret.clone(),
-            jwt_audience: self.audience.clone(),
-            disk_probe: None,
-            cpu: CpuWatch::default(),
-            generator_nice: 0,
-        }
-    }
-
-    /// Gavel's process id (this process's when it runs in it).
-    fn pid(&self) -> Option<u32> {
-        match &self.running {
-            Running::Process(child) => Some(child.id()),
-            Running::InProcess(..) => Some(std::process::id()),
-        }
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        match self.running {
-            Running::Process(mut child) => {
-                // SIGTERM: Gavel drains in-flight requests and stops.
-                let _ = Command::new("kill")
-                    .args(["-TERM", &child.id().to_string()])
-                    .status();
-                tokio::task::spawn_blocking(move || child.wait()).await??;
-            }
-            Running::InProcess(shutdown, handle) => {
-                shutdown.cancel();
-                handle.await??;
-            }
-        }
-        Ok(())
+/// The column and value a pending bid's insert adds when the schema finds
+/// pending bids by their transaction (`bid_log.xid`), as Gavel's append
+/// writes them; nothing on an older schema.
+pub(crate) fn append_xid(by_transaction: bool) -> (&'static str, &'static str) {
+    match by_transaction {
+        true => (", xid", ", pg_current_xact_id()::text::int8"),
+        false => ("", ""),
     }
 }
 
@@ -559,10 +473,7 @@ fn ceiling_script(primary: &PgCluster, database: &str, work_dir: &Path) -> anyho
         "SELECT count(*) FROM information_schema.columns \
          WHERE table_name = 'bid_log' AND column_name = 'xid'",
     )? == "1";
-    let (xid_column, xid_value) = match by_transaction {
-        true => (", xid", ", pg_current_xact_id()::text::int8"),
-        false => ("", ""),
-    };
+    let (xid_column, xid_value) = append_xid(by_transaction);
     let script = work_dir.join("append-ceiling.sql");
     std::fs::write(
         &script,
@@ -579,7 +490,7 @@ fn ceiling_script(primary: &PgCluster, database: &str, work_dir: &Path) -> anyho
 /// (same columns, defaults and indexes) with batched UNNEST inserts.
 /// pgbench runs `nice` steps below the database, as the load generator does.
 fn append_ceiling(
-    primary: &PgCluster,
+    (primary, replica): (&PgCluster, Option<&PgCluster>),
     seconds: u32,
     nice: i32,
     work_dir: &Path,
@@ -595,6 +506,52 @@ fn append_ceiling(
         "CREATE TABLE bid_log_scratch (LIKE bid_log INCLUDING ALL)",
     )?;
     let script = ceiling_script(primary, database, work_dir)?;
+    // PostgreSQL's CPU and pgbench's while it runs: what a row of the
+    // ceiling costs (the report's efficiency ratio).
+    let watch = CpuWatch {
+        primary: primary.postmaster_pid(),
+        replica: replica.and_then(PgCluster::postmaster_pid),
+        ..CpuWatch::default()
+    };
+    let probe = CpuProbe::start(watch, Instant::now());
+    let reaped = cpu::reaped_children_s();
+    let stdout = pgbench(&script, nice, seconds, &primary.url(database))?;
+    let (tps, latency_ms) = parse_pgbench(&stdout)?;
+    let pgbench_s = cpu::reaped_children_s().zip(reaped).map(|(a, b)| a - b);
+    let cpu_cores = probe
+        .ok()
+        .and_then(|p| p.stop().window(0, seconds as usize))
+        .zip(pgbench_s)
+        .map(|(w, pgbench_s)| postgres_cores(&w) + pgbench_s / f64::from(seconds));
+    primary.psql("postgres", &format!("DROP DATABASE {database}"))?;
+    let ceiling = Ceiling {
+        round: 1,
+        rows_per_s: tps * f64::from(CEILING_BATCH),
+        batch_rows: CEILING_BATCH,
+        clients: CEILING_CLIENTS,
+        tps,
+        latency_ms,
+        duration_s: seconds,
+        cpu_cores,
+    };
+    eprintln!(
+        "append ceiling: {:.0} rows/s ({tps:.0} tps of {CEILING_BATCH} rows, {latency_ms:.1} ms)",
+        ceiling.rows_per_s
+    );
+    Ok(ceiling)
+}
+
+/// PostgreSQL's cores in `window`: the primary's processes and the replica.
+fn postgres_cores(window: &CpuWindow) -> f64 {
+    (window.groups.iter())
+        .filter(|(name, _)| name.starts_with("PostgreSQL"))
+        .map(|(_, cores)| cores)
+        .sum()
+}
+
+/// Runs pgbench `nice` steps down for `seconds` with the ceiling's clients,
+/// each running `script` against `url`; returns what it printed.
+fn pgbench(script: &Path, nice: i32, seconds: u32, url: &str) -> anyhow::Result<String> {
     let pgbench = pg_cluster::find_bin_dir()?.join("pgbench");
     ensure!(
         pgbench.is_file(),
@@ -605,7 +562,7 @@ fn append_ceiling(
         .args(["-n", &nice.to_string()])
         .arg(&pgbench)
         .args(["-n", "-M", "prepared", "-f"])
-        .arg(&script)
+        .arg(script)
         .args([
             "-c",
             &CEILING_CLIENTS.to_string(),
@@ -614,34 +571,19 @@ fn append_ceiling(
             "-T",
             &seconds.to_string(),
         ])
-        .arg(primary.url(database))
+        .arg(url)
         .env_remove("PGPASSWORD")
         .stdin(Stdio::null())
         .output()
         .context("running pgbench")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),
         "pgbench failed: {}{}",
         stdout,
         String::from_utf8_lossy(&output.stderr)
     );
-    let (tps, latency_ms) = parse_pgbench(&stdout)?;
-    primary.psql("postgres", &format!("DROP DATABASE {database}"))?;
-    let ceiling = Ceiling {
-        round: 1,
-        rows_per_s: tps * f64::from(CEILING_BATCH),
-        batch_rows: CEILING_BATCH,
-        clients: CEILING_CLIENTS,
-        tps,
-        latency_ms,
-        duration_s: seconds,
-    };
-    eprintln!(
-        "append ceiling: {:.0} rows/s ({tps:.0} tps of {CEILING_BATCH} rows, {latency_ms:.1} ms)",
-        ceiling.rows_per_s
-    );
-    Ok(ceiling)
+    Ok(stdout)
 }
 
 /// Transactions per second and average latency from pgbench's output.

@@ -43,6 +43,8 @@ pub struct CpuWatch {
     pub primary: Option<u32>,
     /// The replica's postmaster.
     pub replica: Option<u32>,
+    /// `gavel` is the HTTP floor ([`crate::floor`]) in Gavel's place.
+    pub floor: bool,
 }
 
 /// What a watched process counts towards.
@@ -311,10 +313,18 @@ impl Sampler {
     /// The groups' names, in order.
     fn names(&self) -> Vec<String> {
         let together = self.watch.gavel == Some(self.own);
+        let server = if self.watch.floor {
+            "HTTP floor"
+        } else {
+            "Gavel"
+        };
         self.groups
             .iter()
             .map(|&g| match g {
-                Group::Generator if together => "load generator and Gavel (one process)".into(),
+                Group::Generator if together => {
+                    format!("load generator and {server} (one process)")
+                }
+                Group::Gavel => server.into(),
                 g => g.name().into(),
             })
             .collect()
@@ -480,6 +490,13 @@ impl ProcessStat {
     fn reaped_ticks(&self) -> u64 {
         self.cutime + self.cstime
     }
+}
+
+/// CPU time, in seconds, of this process's children that have exited and
+/// been waited for: a child's whole time, once it is done.
+pub fn reaped_children_s() -> Option<f64> {
+    let stat = ProcessStat::read(std::process::id())?;
+    Some(stat.reaped_ticks() as f64 / TICKS_PER_S)
 }
 
 /// Every pid in `/proc`.

@@ -10,16 +10,22 @@
 //! - [`report`]: JSON, Markdown and SVG reports; [`scrape`]: Gavel's metrics.
 //! - [`disk`], [`cpu`]: probes of the disk's flushes and of CPU use beside a run.
 //! - [`priority`]: the load's runtime, at a lower scheduling priority than the service.
-//! - [`bench`](mod@bench): the one-command comparison on a private PostgreSQL.
+//! - [`bench`](mod@bench): the one-command comparison on a private PostgreSQL,
+//!   starting the server measured as [`launch`] says; [`floor`]: the HTTP
+//!   floor it can run in Gavel's place; [`drain`]: one resolver against a
+//!   backlog on one auction.
 
 pub mod audit;
 pub mod bench;
 pub mod client;
 pub mod cpu;
 pub mod disk;
+pub mod drain;
 pub mod event_stream;
+pub mod floor;
 pub mod freshness;
 pub mod generator;
+pub mod launch;
 pub mod priority;
 mod probe;
 pub mod receipts;

@@ -1,6 +1,7 @@
 //! `gavel-loadtest`: `bench` (the one-command comparison), `run` (one
-//! scenario against a running Gavel) and `report` (combine run reports);
-//! one function per subcommand, the work itself in the library.
+//! scenario against a running Gavel), `report` (combine run reports),
+//! `drain` (one resolver against a backlog) and `floor` (the HTTP floor
+//! server); one function per subcommand, the work itself in the library.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use gavel_loadtest::bench::{self, BenchOptions, Launcher};
-use gavel_loadtest::report::{Machine, Report, RunReport, BASELINES};
+use gavel_loadtest::report::{Machine, Report, RunReport, BASELINES, FLOOR_MODE};
 use gavel_loadtest::scenario::Scenario;
 use gavel_loadtest::{audit, cpu, freshness, generator, trace};
 
@@ -48,6 +49,42 @@ enum Command {
     /// Combine run reports (JSON) into report.json, report.md and chart.svg,
     /// or draw a combined report.json again (with its ceilings and rounds).
     Report(ReportArgs),
+    /// On a private PostgreSQL, append a backlog of pending bids on one
+    /// auction, start Gavel with its resolver, and measure how fast the
+    /// one resolver drains it.
+    Drain(DrainArgs),
+    /// Serve the HTTP floor: Gavel's HTTP stack answering the generator's
+    /// requests without a database (`bench --modes floor` starts it).
+    Floor(FloorArgs),
+}
+
+/// `drain`'s options.
+#[derive(Debug, clap::Args)]
+struct DrainArgs {
+    /// Pending bids in the backlog, all on one auction.
+    #[arg(long, default_value_t = 500_000)]
+    bids: u64,
+    /// The `gavel` binary (default: next to this one).
+    #[arg(long)]
+    gavel_bin: Option<PathBuf>,
+    /// Report directory (default: loadtests/reports/drain-<time>).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// No streaming replica (by default one replays the resolver's writes,
+    /// as in the bench).
+    #[arg(long)]
+    no_replica: bool,
+    /// Give up after this many seconds of draining.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+/// `floor`'s options.
+#[derive(Debug, clap::Args)]
+struct FloorArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
 }
 
 /// `bench`'s options.
@@ -60,7 +97,8 @@ struct BenchArgs {
     /// Bid-path modes to run, in order (`GAVEL_BID_PATH` values): `log`,
     /// Gavel's path, and the baselines it is compared with, `row_lock`
     /// (the classic row-lock transaction), `row_lock_fn` (the same in one
-    /// round trip) and `optimistic` (compare-and-set from every request).
+    /// round trip) and `optimistic` (compare-and-set from every request);
+    /// and `floor`, the HTTP floor in Gavel's place (no database).
     #[arg(
         long,
         value_delimiter = ',',
@@ -192,6 +230,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench(args).await,
         Command::Run(args) => run_scenario(args).await,
         Command::Report(args) => report(args),
+        Command::Drain(args) => drain(args).await,
+        Command::Floor(args) => gavel_loadtest::floor::run(args.listen).await,
     }
 }
 
@@ -203,8 +243,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(rounds >= 1, "--rounds: at least 1");
     for mode in &args.modes {
         anyhow::ensure!(
-            mode == "log" || BASELINES.contains(&mode.as_str()),
-            "--modes: '{mode}' is not a bid path (log, {})",
+            mode == "log" || mode == FLOOR_MODE || BASELINES.contains(&mode.as_str()),
+            "--modes: '{mode}' is not a bid path (log, {}) or {FLOOR_MODE}",
             BASELINES.join(", ")
         );
     }
@@ -232,6 +272,27 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     println!("{}", report.markdown());
     eprintln!("report: {}", out_dir.join("report.md").display());
+    Ok(())
+}
+
+/// `drain`: one resolver against a backlog, on a private PostgreSQL.
+async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+    let out_dir = (args.out_dir)
+        .unwrap_or_else(|| PathBuf::from("loadtests/reports").join(format!("drain-{stamp}")));
+    let report = gavel_loadtest::drain::drain(gavel_loadtest::drain::DrainOptions {
+        launcher: Launcher::Process(gavel_binary(args.gavel_bin)?),
+        settings: Vec::new(),
+        bids: args.bids,
+        work_dir: std::env::temp_dir().join(format!("gavel-drain-{}", std::process::id())),
+        out_dir: out_dir.clone(),
+        replica: !args.no_replica,
+        timeout: std::time::Duration::from_secs(args.timeout_s),
+        command: command_line(),
+    })
+    .await?;
+    println!("{}", report.markdown());
+    eprintln!("report: {}", out_dir.join("drain.md").display());
     Ok(())
 }
 
@@ -344,6 +405,8 @@ fn report(args: ReportArgs) -> anyhow::Result<()> {
         runs,
         ceiling: None,
         ceilings: Vec::new(),
+        efficiency: Vec::new(),
+        http_floor: Vec::new(),
     };
     report.write(&out_dir)?;
     eprintln!("report: {}", out_dir.join("report.md").display());

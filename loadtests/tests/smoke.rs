@@ -177,6 +177,8 @@ async fn bench_runs_every_mode_audits_them_and_writes_the_reports() {
         .as_ref()
         .expect("the append ceiling was measured");
     assert!(ceiling.rows_per_s > 1_000.0, "{ceiling:?}");
+    // PostgreSQL's and pgbench's CPU while it ran, for its CPU per row.
+    assert!(ceiling.cpu_cores.is_some_and(|c| c > 0.0), "{ceiling:?}");
 
     // The files: every run report, the combined JSON, Markdown and chart.
     for mode in MODES {
@@ -612,4 +614,114 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
 
     served.stop().await;
     std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// The HTTP floor answers the generator's requests with no database, as a
+/// process of its own (`gavel-loadtest floor`) and in `bench --modes floor`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_floor_answers_every_request_and_the_bench_runs_the_scenario_against_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut floor = Command::new(env!("CARGO_BIN_EXE_gavel-loadtest"))
+        .args(["floor", "--listen", &format!("127.0.0.1:{port}")])
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://127.0.0.1:{port}/api/auctions/{}/bids",
+        uuid::Uuid::nil()
+    );
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(r) = http.post(&url).body(r#"{"amount": 100}"#).send().await {
+            answer = Some((r.status().as_u16(), r.text().await.unwrap()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = floor.kill();
+    let _ = floor.wait();
+    let (status, body) = answer.expect("the floor answered");
+    assert_eq!(status, 202, "{body}");
+    assert!(body.contains(r#""status":"pending""#), "{body}");
+
+    let path = scenarios().join("smoke.toml");
+    let mut scenario = Scenario::load(&path).unwrap();
+    scenario.watchers = None;
+    let out_dir = scratch("floor-report");
+    let report = bench::bench(BenchOptions {
+        scenario_path: path,
+        scenario,
+        modes: vec!["floor".into()],
+        launcher: Launcher::InProcess,
+        out_dir: out_dir.clone(),
+        work_dir: scratch("floor-pg"),
+        ceiling_s: 0,
+        rounds: 1,
+        replica: false,
+        settings: Vec::new(),
+        statements: false,
+        generator_nice: 0,
+        command: "smoke test".into(),
+    })
+    .await
+    .unwrap();
+    let run = &report.runs[0];
+    assert_eq!(run.mode, "floor");
+    assert!(run.bids.requests >= 50, "{:?}", run.bids);
+    assert_eq!(run.bids.ok, run.bids.requests, "{:?}", run.bids.endings);
+    assert!(run.reads.ok >= 40, "{:?}", run.reads.endings);
+    assert!(run.targets.is_empty(), "the floor is held to no target");
+    let cpu = run.cpu.as_ref().expect("CPU use was measured");
+    assert!(cpu.requests.is_some_and(|n| n >= run.bids.ok), "{cpu:?}");
+    assert!(
+        (cpu.cpu.groups.iter()).any(|(n, _)| n == "load generator and HTTP floor (one process)"),
+        "{cpu:?}"
+    );
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("| floor |") && md.contains("not audited"),
+        "{md}"
+    );
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+/// A backlog appended straight into `bid_log` on one auction is queued by
+/// the schema and drained by one resolver, and the drain's report says how
+/// fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_on_one_auction_is_drained_by_one_resolver() {
+    let out_dir = scratch("drain-report");
+    let report = gavel_loadtest::drain::drain(gavel_loadtest::drain::DrainOptions {
+        launcher: Launcher::InProcess,
+        settings: quick_settings(),
+        bids: 5_000,
+        work_dir: scratch("drain-pg"),
+        out_dir: out_dir.clone(),
+        replica: false,
+        timeout: Duration::from_secs(60),
+        command: "smoke test".into(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the drain failed: {e:#}"));
+    assert_eq!(report.bids, 5_000);
+    assert_eq!(report.samples.last().unwrap().resolved, 5_000);
+    assert!(
+        report.drain_s > 0.0 && report.bids_per_s > 0.0,
+        "{report:?}"
+    );
+    assert!(report.peak_bids_per_s > 0.0, "{report:?}");
+    let md = std::fs::read_to_string(out_dir.join("drain.md")).unwrap();
+    assert!(
+        md.contains("# One-writer drain") && md.contains("bids/s** over the whole drain"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("drain.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["bids"], 5_000);
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }

@@ -1,7 +1,8 @@
 //! `report.md`: the combined report as Markdown, one function per section,
 //! in the order the sections appear.
 
-use super::{CpuBreakdown, Report, RoundComparison, RunReport};
+use super::cost::service_cores;
+use super::{CpuBreakdown, Efficiency, FloorCost, Report, RoundComparison, RunReport};
 use crate::cpu::CpuWindow;
 use crate::disk;
 use crate::freshness::FanOut;
@@ -20,6 +21,7 @@ impl Report {
         self.cpu_section(&mut md);
         self.ceiling_section(&mut md);
         self.comparison_section(&mut md);
+        self.cost_section(&mut md);
         self.targets_section(&mut md);
         self.audit_section(&mut md);
         md
@@ -186,7 +188,10 @@ impl Report {
         self.staleness_table(md);
         md.push_str("\n| mode | Gavel CPU | PostgreSQL CPU | Gavel + PostgreSQL | Gavel RSS (max) |\n| --- | ---: | ---: | ---: | ---: |\n");
         for r in self.runs.iter().filter(measured) {
-            let (gavel, postgres) = r.cpu.as_ref().map_or((None, None), service_cores);
+            let (gavel, postgres) = r
+                .cpu
+                .as_ref()
+                .map_or((None, None), |c| service_cores(&c.cpu));
             let cores = |c: Option<f64>| c.map_or("-".into(), |c| format!("{c:.2} cores"));
             md.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
@@ -401,6 +406,29 @@ impl Report {
         }
     }
 
+    /// "Cost per bid": log mode's CPU per bid against the append
+    /// ceiling's per row, and Gavel's own against the HTTP floor's.
+    fn cost_section(&self, md: &mut String) {
+        let (efficiency, floor) = (self.efficiencies(), self.floor_costs());
+        if efficiency.is_empty() && floor.is_empty() {
+            return;
+        }
+        md.push_str("\n## Cost per bid\n\n");
+        let (of_ceiling, of_floor) = self.cost_ratios();
+        let of_rounds = |n: usize| match n {
+            1 => String::new(),
+            n => format!(" (the median of {n} rounds)"),
+        };
+        if let Some(x) = of_ceiling {
+            md.push_str(&format!("- **Efficiency**: an accepted bid in log mode costs Gavel and PostgreSQL **{x:.1}×** the CPU of a row of the raw append ceiling{}.\n", of_rounds(efficiency.len())));
+        }
+        if let Some(x) = of_floor {
+            md.push_str(&format!("- **HTTP floor**: a request costs Gavel **{x:.1}×** the CPU it costs an endpoint on the same HTTP stack with no database behind it{}.\n", of_rounds(floor.len())));
+        }
+        efficiency_table(md, &efficiency);
+        floor_table(md, &floor);
+    }
+
     /// "Targets": each run held to the scenario's targets, target by target.
     fn targets_section(&self, md: &mut String) {
         for r in self.runs.iter().filter(|r| !r.targets.is_empty()) {
@@ -487,6 +515,48 @@ fn rounds_table(md: &mut String, rounds: &[RoundComparison]) {
     }
 }
 
+/// Each round's efficiency: log mode's CPU per accepted bid against the
+/// ceiling's per row.
+fn efficiency_table(md: &mut String, rounds: &[Efficiency]) {
+    if rounds.is_empty() {
+        return;
+    }
+    md.push_str("\nGavel and PostgreSQL: Gavel's process, the primary's client backends and its own processes, and the replica, over log mode's highest held step (the whole run without steps). A row of the ceiling: the CPU of PostgreSQL (primary and replica) and of pgbench while pgbench ran, over the rows appended.\n\n| round | run | over | Gavel + PostgreSQL per accepted bid | ceiling per row | ratio |\n| ---: | --- | --- | ---: | ---: | ---: |\n");
+    for e in rounds {
+        let assumed = if e.ceiling_cpu_measured {
+            ""
+        } else {
+            " (every core)"
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.0} µs | {:.1} µs{assumed} | {:.1}× |\n",
+            e.round, e.run, e.window, e.service_us_per_bid, e.ceiling_us_per_row, e.ratio
+        ));
+    }
+    if rounds.iter().any(|e| !e.ceiling_cpu_measured) {
+        md.push_str("\n(every core): the ceiling's CPU was not measured in this report; every core of the machine is counted as busy while pgbench ran.\n");
+    }
+}
+
+/// Each round's Gavel against the HTTP floor, per request answered.
+fn floor_table(md: &mut String, rounds: &[FloorCost]) {
+    if rounds.is_empty() {
+        return;
+    }
+    md.push_str("\nThe floor (`--modes floor`): the same generator and requests against an axum endpoint on the same HTTP/1.1 stack that answers every bid `202` and every read `200` without a database. CPU of the serving process per request answered (bids and reads), over each run's highest held step (the whole run without steps).\n\n| round | Gavel | per request | HTTP floor | per request | Gavel / floor |\n| ---: | --- | ---: | --- | ---: | ---: |\n");
+    for f in rounds {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} µs | {} | {:.1} µs | {:.1}× |\n",
+            f.round,
+            f.gavel_window,
+            f.gavel_us_per_request,
+            f.floor_window,
+            f.floor_us_per_request,
+            f.ratio
+        ));
+    }
+}
+
 /// The rows of the CPU table: each process group's share of the machine
 /// (and CPU time per accepted bid) in every run.
 fn cpu_rows(md: &mut String, runs: &[(&RunReport, &CpuBreakdown)]) {
@@ -515,18 +585,6 @@ fn cpu_rows(md: &mut String, runs: &[(&RunReport, &CpuBreakdown)]) {
         }
         md.push('\n');
     }
-}
-
-/// Gavel's and PostgreSQL's cores in `cpu` (none for Gavel when it ran
-/// inside the generator's process).
-fn service_cores(cpu: &CpuBreakdown) -> (Option<f64>, Option<f64>) {
-    let groups = &cpu.cpu.groups;
-    let gavel = (groups.iter()).find(|(n, _)| n == "Gavel").map(|(_, c)| *c);
-    let postgres = (groups.iter())
-        .filter(|(n, _)| n.starts_with("PostgreSQL"))
-        .map(|(_, c)| *c)
-        .sum();
-    (gavel, Some(postgres))
 }
 
 impl CpuBreakdown {

@@ -19,7 +19,10 @@ use crate::scenario::{Client, Scenario};
 use crate::scrape::ServerSample;
 
 mod chart;
+mod cost;
 mod markdown;
+
+pub use cost::{Efficiency, FloorCost, FLOOR_MODE};
 
 /// The bid paths kept to compare Gavel with (`GAVEL_BID_PATH`), in the
 /// order a bench runs them after `log`.
@@ -147,6 +150,10 @@ pub struct CpuBreakdown {
     pub window: String,
     /// Bids accepted (2xx) within it.
     pub accepted_bids: u64,
+    /// Requests answered within it: bids 2xx and reads 200 or 304 (none
+    /// in reports written before they were counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
     /// CPU use, in cores on average.
     pub cpu: CpuWindow,
 }
@@ -158,17 +165,30 @@ impl CpuBreakdown {
             .iter()
             .filter(|s| s.sustainable)
             .max_by(|a, b| a.rate.total_cmp(&b.rate));
+        let answered = |from: usize, cpu: &CpuWindow| {
+            let to = from + cpu.seconds;
+            let reads = output.recorder.window(Kind::Read, from, to).ok;
+            Some(output.recorder.window(Kind::Bid, from, to).ok + reads)
+        };
         match best {
-            Some(step) => Some(CpuBreakdown {
-                window: format!("the step at {:.0} bids/s", step.rate),
-                accepted_bids: step.window.ok,
-                cpu: step.cpu.clone()?,
-            }),
-            None => Some(CpuBreakdown {
-                window: "the whole run".into(),
-                accepted_bids: bids.ok,
-                cpu: usage.window(0, output.duration_s.ceil() as usize)?,
-            }),
+            Some(step) => {
+                let cpu = step.cpu.clone()?;
+                Some(CpuBreakdown {
+                    window: format!("the step at {:.0} bids/s", step.rate),
+                    accepted_bids: step.window.ok,
+                    requests: answered(step.from_s, &cpu),
+                    cpu,
+                })
+            }
+            None => {
+                let cpu = usage.window(0, output.duration_s.ceil() as usize)?;
+                Some(CpuBreakdown {
+                    window: "the whole run".into(),
+                    accepted_bids: bids.ok,
+                    requests: answered(0, &cpu),
+                    cpu,
+                })
+            }
         }
     }
 
@@ -328,11 +348,8 @@ impl RunReport {
     /// The scenario's targets are Gavel's; the baselines are only there
     /// to be compared with, so they are not held to them.
     fn check_targets(&self, scenario: &Scenario) -> Vec<TargetCheck> {
-        let Some(t) = scenario
-            .targets
-            .as_ref()
-            .filter(|_| !BASELINES.contains(&self.mode.as_str()))
-        else {
+        let held = !BASELINES.contains(&self.mode.as_str()) && self.mode != FLOOR_MODE;
+        let Some(t) = scenario.targets.as_ref().filter(|_| held) else {
             return Vec::new();
         };
         let mut checks = Vec::new();
@@ -484,6 +501,11 @@ pub struct Ceiling {
     pub latency_ms: f64,
     /// How long it ran, in seconds.
     pub duration_s: u32,
+    /// The CPU of PostgreSQL (the primary's processes and the replica)
+    /// and of pgbench while it ran, in cores on average (none in reports
+    /// written before it was measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_cores: Option<f64>,
 }
 
 /// The machine a report was measured on.
@@ -548,6 +570,14 @@ pub struct Report {
     /// The ceiling of every round, in order.
     #[serde(default)]
     pub ceilings: Vec<Ceiling>,
+    /// Log mode's CPU per bid over the ceiling's per row, by round
+    /// ([`Report::efficiencies`], filed when the report is written).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub efficiency: Vec<Efficiency>,
+    /// Gavel's own CPU per request over the HTTP floor's, by round
+    /// ([`Report::floor_costs`], filed when the report is written).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_floor: Vec<FloorCost>,
 }
 
 /// One round's comparison of log mode with every other mode (the
@@ -635,10 +665,12 @@ impl Report {
         label
     }
 
-    /// The modes other than log, in the order they first ran.
+    /// The modes other than log, in the order they first ran (the HTTP
+    /// floor is no design to compare rates with: its cost is compared).
     pub fn other_modes(&self) -> Vec<&str> {
         let mut modes: Vec<&str> = Vec::new();
-        for run in self.runs.iter().filter(|r| r.mode != "log") {
+        let other = |r: &&RunReport| r.mode != "log" && r.mode != FLOOR_MODE;
+        for run in self.runs.iter().filter(other) {
             if !modes.contains(&run.mode.as_str()) {
                 modes.push(&run.mode);
             }
@@ -709,10 +741,16 @@ impl Report {
         Ok(Some(report))
     }
 
-    /// Writes `report.json`, `report.md` and `chart.svg` into `dir`.
+    /// Writes `report.json` (with the cost figures derived from the
+    /// runs), `report.md` and `chart.svg` into `dir`.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        let json = Report {
+            efficiency: self.efficiencies(),
+            http_floor: self.floor_costs(),
+            ..self.clone()
+        };
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
         chart::chart(self, &dir.join("chart.svg"))?;
         Ok(())
@@ -767,6 +805,8 @@ mod tests {
             runs,
             ceiling: ceilings.get(1).or(ceilings.first()).cloned(),
             ceilings,
+            efficiency: Vec::new(),
+            http_floor: Vec::new(),
         }
     }
 
