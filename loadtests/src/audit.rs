@@ -174,20 +174,31 @@ async fn read_auctions(
 
 /// The bids of the run's auctions that the resolver still finds: those
 /// its progress through each auction has not passed (see
-/// `gavel::db::bids::Progress`).
+/// `gavel::db::bids::Progress`), or, on a schema from before `bid_log.xid`
+/// (another build under test), those in its queue of pending bids.
 async fn read_unresolved(
     client: &tokio_postgres::Client,
     ids: &[Uuid],
 ) -> anyhow::Result<HashSet<Uuid>> {
     let [after, open] = bids::UNRESOLVED;
-    let sql = format!(
+    let by_progress = format!(
         "SELECT p.id FROM auctions a CROSS JOIN LATERAL ( \
            SELECT id FROM bid_log b WHERE {after} \
            UNION ALL SELECT id FROM bid_log b WHERE {open}) p \
          WHERE a.id = ANY($1)"
     );
+    let queued = "SELECT id FROM pending_bids WHERE auction_id = ANY($1)";
+    let by_transaction: bool = client
+        .query_one(crate::bench::BY_TRANSACTION, &[])
+        .await?
+        .get(0);
+    let sql = if by_transaction {
+        by_progress.as_str()
+    } else {
+        queued
+    };
     Ok(client
-        .query(&sql, &[&ids])
+        .query(sql, &[&ids])
         .await?
         .iter()
         .map(|r| r.get(0))

@@ -234,7 +234,7 @@ async fn run_mode(
     primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {database}"))?;
     primary.psql("postgres", &format!("CREATE DATABASE {database}"))?;
     let database_url = primary.url(&database);
-    gavel::db::migrate(&database_url).await?;
+    options.launcher.migrate(&database_url).await?;
     if options.statements {
         primary.psql(
             &database,
@@ -453,6 +453,12 @@ pub(crate) async fn start_clusters(
     .await?
 }
 
+/// Whether the schema finds pending bids by the transaction that wrote
+/// them (`bid_log.xid`), as today's Gavel does; an older build under test
+/// (`--gavel-bin`) may run on a schema from before.
+pub(crate) const BY_TRANSACTION: &str = "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+     WHERE table_name = 'bid_log' AND column_name = 'xid')";
+
 /// The column and value a pending bid's insert adds when the schema finds
 /// pending bids by their transaction (`bid_log.xid`), as Gavel's append
 /// writes them; nothing on an older schema.
@@ -468,11 +474,7 @@ pub(crate) fn append_xid(by_transaction: bool) -> (&'static str, &'static str) {
 fn ceiling_script(primary: &PgCluster, database: &str, work_dir: &Path) -> anyhow::Result<PathBuf> {
     // A schema that finds pending bids by their transaction (`bid_log.xid`)
     // has the append write it, as Gavel's does.
-    let by_transaction = primary.psql(
-        database,
-        "SELECT count(*) FROM information_schema.columns \
-         WHERE table_name = 'bid_log' AND column_name = 'xid'",
-    )? == "1";
+    let by_transaction = primary.psql(database, BY_TRANSACTION)? == "t";
     let (xid_column, xid_value) = append_xid(by_transaction);
     let script = work_dir.join("append-ceiling.sql");
     std::fs::write(

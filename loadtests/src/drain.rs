@@ -130,7 +130,7 @@ async fn measure(
     primary.psql("postgres", &format!("DROP DATABASE IF EXISTS {DATABASE}"))?;
     primary.psql("postgres", &format!("CREATE DATABASE {DATABASE}"))?;
     let url = primary.url(DATABASE);
-    gavel::db::migrate(&url).await?;
+    options.launcher.migrate(&url).await?;
     let mut settings: HashMap<String, String> = options.settings.iter().cloned().collect();
     settings.insert("GAVEL_DATABASE_URL".into(), url.clone());
     let replica_url = replica.map(|r| r.url(DATABASE)).unwrap_or_default();
@@ -209,11 +209,7 @@ async fn preload(url: &str, auction: Uuid, bids: u64) -> anyhow::Result<f64> {
     eprintln!("appending a backlog of {bids} pending bids on one auction ...");
     let client = connect(url).await?;
     let by_transaction: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
-             WHERE table_name = 'bid_log' AND column_name = 'xid')",
-            &[],
-        )
+        .query_one(crate::bench::BY_TRANSACTION, &[])
         .await?
         .get(0);
     let (xid_column, xid_value) = crate::bench::append_xid(by_transaction);

@@ -26,6 +26,37 @@ pub enum Launcher {
     InProcess,
 }
 
+impl Launcher {
+    /// Migrates the database at `url` to the schema of the Gavel this
+    /// launcher starts: its binary's `gavel migrate` (so each build of a
+    /// before/after pair runs on its own schema), or this build's
+    /// migrations in process.
+    pub(crate) async fn migrate(&self, url: &str) -> anyhow::Result<()> {
+        let Launcher::Process(binary) = self else {
+            return gavel::db::migrate(url).await;
+        };
+        let mut settings = with_environment(HashMap::new());
+        settings.insert("GAVEL_DATABASE_URL".into(), url.into());
+        let binary = binary.clone();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(&binary)
+                .arg("migrate")
+                .envs(&settings)
+                .output()
+        })
+        .await?
+        .context("running gavel migrate")?;
+        if !output.status.success() {
+            bail!(
+                "gavel migrate failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A running server under test: Gavel or the HTTP floor.
 pub(crate) struct Server {
     api: SocketAddr,
