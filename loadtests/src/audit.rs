@@ -183,8 +183,8 @@ async fn read_unresolved(
     let [after, open] = bids::UNRESOLVED;
     let by_progress = format!(
         "SELECT p.id FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT id FROM bid_log b WHERE {after} \
-           UNION ALL SELECT id FROM bid_log b WHERE {open}) p \
+           SELECT id FROM {after} \
+           UNION ALL SELECT id FROM {open}) p \
          WHERE a.id = ANY($1)"
     );
     let queued = "SELECT id FROM pending_bids WHERE auction_id = ANY($1)";

@@ -45,8 +45,8 @@ static BACKLOG: LazyLock<String> = LazyLock::new(|| {
         "SELECT count(*), \
            coalesce(extract(epoch FROM clock_timestamp() - min(p.received_at)), 0)::float8 \
          FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT received_at FROM bid_log b WHERE {} \
-           UNION ALL SELECT received_at FROM bid_log b WHERE {}) p \
+           SELECT received_at FROM {} \
+           UNION ALL SELECT received_at FROM {}) p \
          WHERE a.status = 'open' OR a.settled_at > now() - interval '10 minutes'",
         bids::UNRESOLVED[0],
         bids::UNRESOLVED[1],

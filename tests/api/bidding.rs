@@ -929,8 +929,8 @@ async fn unresolved_bids(db: &tokio_postgres::Client) -> i64 {
     let [after, open] = gavel::db::bids::UNRESOLVED;
     let sql = format!(
         "SELECT count(*) FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT id FROM bid_log b WHERE {after} \
-           UNION ALL SELECT id FROM bid_log b WHERE {open}) p"
+           SELECT id FROM {after} \
+           UNION ALL SELECT id FROM {open}) p"
     );
     db.query_one(&sql, &[]).await.unwrap().get(0)
 }

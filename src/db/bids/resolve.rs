@@ -54,7 +54,8 @@ pub struct Progress {
     pub xid: i64,
     /// Its sequence number.
     pub seq: i64,
-    /// Transactions that may still hold bids at or before the position.
+    /// Transactions that may still hold bids at or before the position,
+    /// all below `xid`.
     pub open_xids: Vec<i64>,
 }
 
@@ -70,15 +71,30 @@ pub struct PendingRead {
     pub in_progress: Vec<i64>,
 }
 
-/// The bids not yet resolved of an auction `a`, as conditions on its bids
-/// `b` for two index range scans: those after its progress, and those of
-/// its open transactions at or before it (see [`Progress`]).
+/// The bids not yet resolved of an auction `a`, as two sources of its bids
+/// `b` (each a `FROM` list with its `WHERE`): those after its progress, one
+/// index range scan, and those of its open transactions, one index probe
+/// per transaction. The open transactions are all below the progress's
+/// transaction, so the two never overlap (see [`Progress`]). A subquery
+/// per open transaction (`OFFSET 0` keeps it one) stays a probe whatever
+/// the statistics: as a condition `b.xid = ANY(a.open_xids)`, or as a
+/// join, a generic plan made on a young table scanned the auction's whole
+/// log.
 pub const UNRESOLVED: [&str; 2] = [
-    "b.auction_id = a.id AND (b.xid, b.seq) > (a.resolved_xid, a.resolved_seq) \
-     AND b.status = 'pending'",
-    "b.auction_id = a.id AND b.xid = ANY(a.open_xids) \
-     AND (b.xid, b.seq) <= (a.resolved_xid, a.resolved_seq) AND b.status = 'pending'",
+    "bid_log b WHERE b.auction_id = a.id \
+     AND (b.xid, b.seq) > (a.resolved_xid, a.resolved_seq) AND b.status = 'pending'",
+    "unnest(a.open_xids) AS o(xid) CROSS JOIN LATERAL (SELECT *, ctid FROM bid_log \
+       WHERE auction_id = a.id AND xid = o.xid AND status = 'pending' OFFSET 0) b",
 ];
+
+/// [`COLUMNS`] of the bids `b`.
+fn qualified_columns() -> String {
+    COLUMNS
+        .split(',')
+        .map(|c| format!("b.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The pending bids of each of `auction_ids` the resolver applies next
 /// (see [`PendingRead`]), found by the transactions that wrote them (see
@@ -104,11 +120,12 @@ pub async fn pending(
              CROSS JOIN LATERAL (SELECT id, resolved_xid, resolved_seq, open_xids \
                                  FROM auctions WHERE id = u.id OFFSET 0) a \
              CROSS JOIN LATERAL ( \
-               (SELECT {COLUMNS}, xid, ctid::text AS row_version, false AS reopened \
-                FROM bid_log b WHERE {after} ORDER BY xid, seq LIMIT $2) \
+               (SELECT {columns}, b.xid, b.ctid::text AS row_version, false AS reopened \
+                FROM {after} ORDER BY b.xid, b.seq LIMIT $2) \
                UNION ALL \
-               (SELECT {COLUMNS}, xid, ctid::text, true FROM bid_log b WHERE {open})) p \
+               (SELECT {columns}, b.xid, b.ctid::text, true FROM {open})) p \
              CROSS JOIN snapshot",
+            columns = qualified_columns(),
             after = UNRESOLVED[0],
             open = UNRESOLVED[1],
         )
@@ -151,8 +168,8 @@ pub async fn auctions_with_pending(
             "SELECT a.id FROM auctions a \
              WHERE ($1::float8 IS NULL OR a.status = 'open' \
                     OR a.settled_at > now() - make_interval(secs => $1::float8)) \
-               AND (EXISTS (SELECT 1 FROM bid_log b WHERE {}) \
-                    OR EXISTS (SELECT 1 FROM bid_log b WHERE {})) \
+               AND (EXISTS (SELECT 1 FROM {}) \
+                    OR EXISTS (SELECT 1 FROM {})) \
              LIMIT $2",
             UNRESOLVED[0], UNRESOLVED[1],
         )
