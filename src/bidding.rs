@@ -250,9 +250,7 @@ impl BidDesk {
                         .await)
                 }
                 bids::Append::KeyExists(existing) => {
-                    let bid = self
-                        .replayed_bid(&existing, auction_id, amount, budget)
-                        .await?;
+                    let bid = replayed_bid(existing, amount)?;
                     Ok(self
                         .finish(bid, true, wait_until, resolutions, wal_position, budget)
                         .await)
@@ -287,34 +285,13 @@ impl BidDesk {
         Ok((appended.appended, appended.wal_position))
     }
 
-    // `replayed_bid`, `replay`, `finish` and `precheck` are the steps a bid
-    // is rarely parked in. Each runs boxed, so a bid waiting for its
-    // connection or its append (thousands at once under overload) holds a
-    // small future, not the largest of them.
+    // `replay`, `finish` and `precheck` are the steps a bid is rarely
+    // parked in. Each runs boxed, so a bid waiting for its connection or
+    // its append (thousands at once under overload) holds a small future,
+    // not the largest of them.
 
-    /// The bid a replayed key refers to, or 422 when the key was used for
-    /// a different request.
-    fn replayed_bid<'a>(
-        &'a self,
-        existing: &'a bids::KeyRecord,
-        auction_id: Uuid,
-        amount: Amount,
-        budget: Instant,
-    ) -> BoxFuture<'a, Result<bids::BidRecord, ApiError>> {
-        Box::pin(async move {
-            if existing.auction_id != auction_id || existing.amount != amount.get() {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            if let Some(bid) = &existing.bid {
-                return Ok(bid.clone());
-            }
-            let client = connection(&self.pool, budget).await?;
-            bids::get(&client, existing.bid_id).await?.ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("idempotency key points to a missing bid"))
-            })
-        })
-    }
-
+    /// The earlier bid of this bidder's `key` on the auction, if any, once
+    /// the request is checked to repeat it.
     fn replay<'a>(
         &'a self,
         bidder: &'a str,
@@ -324,14 +301,13 @@ impl BidDesk {
         budget: Instant,
     ) -> BoxFuture<'a, Result<Option<Replayed>, ApiError>> {
         Box::pin(async move {
-            let (existing, position) = self.lookups.find(bidder, key.as_str(), budget).await?;
+            let (existing, position) = (self.lookups)
+                .find(auction_id, bidder, key.as_str(), budget)
+                .await?;
             let Some(existing) = existing else {
                 return Ok(None);
             };
-            let bid = self
-                .replayed_bid(&existing, auction_id, amount, budget)
-                .await?;
-            Ok(Some((bid, position)))
+            Ok(Some((replayed_bid(existing, amount)?, position)))
         })
     }
 
@@ -547,6 +523,16 @@ impl BidDesk {
     pub fn pool_wait(&self) -> Duration {
         self.pool.timeouts().wait.unwrap_or(DEFAULT_POOL_WAIT)
     }
+}
+
+/// The bid an earlier request with the same key on the auction placed,
+/// which this request repeats; 422 when it asked for another amount (the
+/// bid's amount is the request's fingerprint).
+fn replayed_bid(existing: bids::BidRecord, amount: Amount) -> Result<bids::BidRecord, ApiError> {
+    if existing.amount != amount.get() {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    Ok(existing)
 }
 
 /// Counts a read refused at the door.

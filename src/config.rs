@@ -139,8 +139,6 @@ pub struct BidConfig {
     pub rate_limit: u32,
     /// Burst of bids one bidder may place at once (`GAVEL_BID_RATE_BURST`).
     pub rate_burst: u32,
-    /// How long idempotency keys are kept (`GAVEL_IDEMPOTENCY_RETENTION_H`, at least 24).
-    pub idempotency_retention: Duration,
 }
 
 /// How much work the API takes on at once and how long it may take.
@@ -295,9 +293,6 @@ impl Env<'_> {
             append_batch_max: self.number("GAVEL_APPEND_BATCH_MAX", 500, 1..=5_000)?,
             rate_limit: self.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
             rate_burst: self.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
-            idempotency_retention: Duration::from_secs(
-                3600 * self.number("GAVEL_IDEMPOTENCY_RETENTION_H", 48, 24..=24 * 365)? as u64,
-            ),
         })
     }
 

@@ -222,8 +222,7 @@ fn spawn_workers(
             state.signals.clone(),
             config.resolver.settle_grace,
             config.resolver.poll,
-        )
-        .with_key_retention(config.bids.idempotency_retention);
+        );
         tasks.spawn(resolver.run(workers.clone()));
     } else {
         tasks.spawn(listener::forward_bids(

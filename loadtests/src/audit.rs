@@ -286,8 +286,9 @@ fn check(report: &mut AuditReport, name: &str, problems: Vec<String>, fine: Stri
     });
 }
 
-/// The run's rows of `bid_log` by bidder and Idempotency-Key.
-type RowsByKey<'a> = HashMap<(&'a str, &'a str), Vec<&'a LogRow>>;
+/// The run's rows of `bid_log` by auction, bidder and Idempotency-Key (a
+/// key's scope).
+type RowsByKey<'a> = HashMap<(Uuid, &'a str, &'a str), Vec<&'a LogRow>>;
 
 /// Every bid sent against the log: acknowledged ones there once each,
 /// refused and unsent ones absent, none there twice or never sent.
@@ -300,7 +301,7 @@ fn check_acknowledged(
     let mut by_key: RowsByKey = HashMap::new();
     for row in log {
         by_key
-            .entry((row.bidder_id.as_str(), row.key.as_str()))
+            .entry((row.auction_id, row.bidder_id.as_str(), row.key.as_str()))
             .or_default()
             .push(row);
     }
@@ -315,10 +316,10 @@ fn check_acknowledged(
             report.bids_acknowledged
         ),
     );
-    let (twice, phantom) = twice_or_never_sent(sent, &by_key);
+    let (twice, phantom) = twice_or_never_sent(auctions, sent, &by_key);
     check(
         report,
-        "no bid is in bid_log twice (one row per bidder and Idempotency-Key)",
+        "no bid is in bid_log twice (one row per auction, bidder and Idempotency-Key)",
         twice,
         format!("{} rows, {} distinct keys", log.len(), by_key.len()),
     );
@@ -357,11 +358,13 @@ impl FatesInLog {
             unknown_in_log: 0,
         };
         for bid in sent {
-            let rows = by_key
-                .get(&(bid.bidder.as_str(), bid.key.as_str()))
-                .map_or(&[][..], Vec::as_slice);
-            let as_sent =
-                |r: &&LogRow| r.auction_id == auctions[bid.auction].id && r.amount == bid.amount;
+            let key = (
+                auctions[bid.auction].id,
+                bid.bidder.as_str(),
+                bid.key.as_str(),
+            );
+            let rows = by_key.get(&key).map_or(&[][..], Vec::as_slice);
+            let as_sent = |r: &&LogRow| r.amount == bid.amount;
             match &bid.fate {
                 Fate::Acked(id) => {
                     if !(rows.len() == 1 && rows[0].id == *id && as_sent(&rows[0])) {
@@ -392,7 +395,7 @@ impl FatesInLog {
                     [row] if as_sent(row) => found.unknown_in_log += 1,
                     // More than one row is caught by the duplicate check.
                     [row] => found.lost.push(format!(
-                        "bid {} (key {}) is in the log with another auction or amount than sent",
+                        "bid {} (key {}) is in the log with another amount than sent",
                         row.id, bid.key
                     )),
                     _ => {}
@@ -404,26 +407,31 @@ impl FatesInLog {
 }
 
 /// Keys with more than one row in the log, and rows the generator never sent.
-fn twice_or_never_sent(sent: &[SentBid], by_key: &RowsByKey) -> (Vec<String>, Vec<String>) {
-    let sent_keys: HashSet<(&str, &str)> = sent
+fn twice_or_never_sent(
+    auctions: &[RunAuction],
+    sent: &[SentBid],
+    by_key: &RowsByKey,
+) -> (Vec<String>, Vec<String>) {
+    let sent_keys: HashSet<(Uuid, &str, &str)> = sent
         .iter()
-        .map(|b| (b.bidder.as_str(), b.key.as_str()))
+        .map(|b| (auctions[b.auction].id, b.bidder.as_str(), b.key.as_str()))
         .collect();
     let mut twice = Vec::new();
     let mut phantom = Vec::new();
     for (key, rows) in by_key {
         if rows.len() > 1 {
             twice.push(format!(
-                "{} rows for bidder {} key {}",
+                "{} rows for auction {} bidder {} key {}",
                 rows.len(),
                 key.0,
-                key.1
+                key.1,
+                key.2
             ));
         }
         if !sent_keys.contains(key) {
             phantom.push(format!(
-                "bid {} (bidder {}, key {}) was never sent",
-                rows[0].id, key.0, key.1
+                "bid {} (auction {}, bidder {}, key {}) was never sent",
+                rows[0].id, key.0, key.1, key.2
             ));
         }
     }
@@ -693,6 +701,44 @@ mod tests {
             resolved_at: None,
             resolved_version: resolution_no,
         }
+    }
+
+    #[test]
+    fn a_key_is_one_row_per_auction() {
+        let auctions: Vec<RunAuction> = (0..2)
+            .map(|i| RunAuction {
+                id: Uuid::now_v7(),
+                label: format!("warm-{i}"),
+                ends_at: Utc::now(),
+                max_end_at: Utc::now(),
+            })
+            .collect();
+        let sent: Vec<SentBid> = (0..2)
+            .map(|auction| SentBid {
+                key: "k".into(),
+                bidder: "bidder".into(),
+                auction,
+                amount: 1_000,
+                offset_ms: 0,
+                fate: Fate::Unknown,
+            })
+            .collect();
+        let log: Vec<LogRow> = [0, 1, 1]
+            .iter()
+            .map(|&a| LogRow {
+                key: "k".into(),
+                ..row(auctions[a].id, "leading", Some(1))
+            })
+            .collect();
+        let mut by_key: RowsByKey = HashMap::new();
+        for row in &log {
+            let key = (row.auction_id, row.bidder_id.as_str(), row.key.as_str());
+            by_key.entry(key).or_default().push(row);
+        }
+        let (twice, phantom) = twice_or_never_sent(&auctions, &sent, &by_key);
+        assert!(phantom.is_empty(), "{phantom:?}");
+        assert_eq!(twice.len(), 1, "only the second auction's key: {twice:?}");
+        assert!(twice[0].contains(&auctions[1].id.to_string()));
     }
 
     #[test]

@@ -44,6 +44,7 @@ use deadpool_postgres::{Object, PoolError, TimeoutType};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use super::admission::Admission;
 use crate::db::bids::{self, Append, NewBid};
@@ -496,8 +497,8 @@ fn stalled(in_flight: &[Option<Instant>], now: Instant) -> bool {
 }
 
 /// Appends `bids`, each bid's outcome in order: one statement, plus one
-/// look-up when some keys were taken, unless a taken key is purged in
-/// between (then its bid is written in another round). A failure fails
+/// look-up when some keys were taken (should a taken key's bid not be
+/// found, it is written in another round). A failure fails
 /// only the bids not yet settled: a bid committed by an earlier round keeps
 /// its outcome. With the outcomes comes the primary's WAL position after
 /// the last statement that returned one: at or above every bid answered.
@@ -549,15 +550,21 @@ async fn settle(
             return Ok(());
         }
         // After the commit, so a key first used in this batch is found too.
-        let wanted: Vec<(&str, &str)> = taken
+        let wanted: Vec<(Uuid, &str, &str)> = taken
             .iter()
-            .map(|&i| (bids[i].bidder_id.as_str(), bids[i].key.as_str()))
+            .map(|&i| {
+                (
+                    bids[i].auction_id,
+                    bids[i].bidder_id.as_str(),
+                    bids[i].key.as_str(),
+                )
+            })
             .collect();
         let (found, position) = bids::find_keys(client, &wanted).await?;
         *wal_position = position.or(*wal_position);
         settle_found(bids, settled, &found);
-        // A key taken at the insert but gone now was purged in between:
-        // the next round writes its bid.
+        // A key is taken by a committed bid, and bids are never deleted:
+        // every look-up finds its bid, and the next round writes nothing.
     }
 }
 
@@ -570,13 +577,16 @@ fn unsettled(settled: &[Option<Append>]) -> impl Iterator<Item = usize> + '_ {
         .map(|(i, _)| i)
 }
 
-/// The unsettled bids to write next: the first of each (bidder, key), in
-/// order. A repeat of a key within the batch waits for the look-up, which
-/// finds the key's first use.
+/// The unsettled bids to write next: the first of each (auction, bidder,
+/// key), in order. A repeat of a key within the batch waits for the
+/// look-up, which finds the key's first use.
 fn first_use_of_each_key(bids: &[&NewBid], settled: &[Option<Append>]) -> Vec<usize> {
     let mut seen = HashSet::new();
     unsettled(settled)
-        .filter(|&i| seen.insert((bids[i].bidder_id.as_str(), bids[i].key.as_str())))
+        .filter(|&i| {
+            let bid = bids[i];
+            seen.insert((bid.auction_id, bid.bidder_id.as_str(), bid.key.as_str()))
+        })
         .collect()
 }
 
@@ -600,11 +610,12 @@ fn settle_inserted(
 fn settle_found(
     bids: &[&NewBid],
     settled: &mut [Option<Append>],
-    found: &HashMap<(String, String), bids::KeyRecord>,
+    found: &HashMap<bids::BidKey, bids::BidRecord>,
 ) {
     for (bid, outcome) in bids.iter().zip(settled.iter_mut()) {
         if outcome.is_none() {
-            if let Some(existing) = found.get(&(bid.bidder_id.clone(), bid.key.clone())) {
+            let key = (bid.auction_id, bid.bidder_id.clone(), bid.key.clone());
+            if let Some(existing) = found.get(&key) {
                 *outcome = Some(Append::KeyExists(existing.clone()));
             }
         }
@@ -643,13 +654,10 @@ mod tests {
         }
     }
 
-    fn key_record(bid: &NewBid) -> bids::KeyRecord {
-        bids::KeyRecord {
-            auction_id: bid.auction_id,
-            amount: bid.amount,
-            bid_id: bid.id,
-            bid: None,
-        }
+    /// What a look-up finds of `bid`'s key once `bid` is in the log.
+    fn in_log(bid: &NewBid) -> (bids::BidKey, bids::BidRecord) {
+        let key = (bid.auction_id, bid.bidder_id.clone(), bid.key.clone());
+        (key, record(bid, 1))
     }
 
     type Answer = oneshot::Receiver<Result<Appended, ApiError>>;
@@ -706,14 +714,11 @@ mod tests {
         assert!(matches!(settled[4], Some(Append::Inserted(ref r)) if r.id == c1.id));
         assert_eq!(unsettled(&settled).collect::<Vec<_>>(), [1, 2, 3]);
 
-        // The look-up finds Bob's earlier key and Alice's first use of "1";
-        // Alice's "2" is missing (purged in between) and is written again.
-        let found = HashMap::from([
-            (("bob".into(), "1".into()), key_record(&bid("bob", "1"))),
-            (("alice".into(), "1".into()), key_record(&a1)),
-        ]);
+        // The look-up finds Bob's earlier bid and Alice's first use of "1";
+        // should Alice's "2" not be found, it is written again.
+        let found = HashMap::from([in_log(&bid("bob", "1")), in_log(&a1)]);
         settle_found(&bids, &mut settled, &found);
-        assert!(matches!(settled[3], Some(Append::KeyExists(ref k)) if k.bid_id == a1.id));
+        assert!(matches!(settled[3], Some(Append::KeyExists(ref k)) if k.id == a1.id));
         assert!(matches!(settled[1], Some(Append::KeyExists(_))));
         assert_eq!(first_use_of_each_key(&bids, &settled), [2]);
     }
@@ -724,6 +729,23 @@ mod tests {
         let bids = [&first, &second, &third];
         let settled: Vec<Option<Append>> = bids.iter().map(|_| None).collect();
         assert_eq!(first_use_of_each_key(&bids, &settled), [0]);
+    }
+
+    #[test]
+    fn a_key_on_another_auction_is_another_bid() {
+        let here = bid("erin", "k");
+        let there = NewBid {
+            auction_id: Uuid::now_v7(),
+            ..bid("erin", "k")
+        };
+        let bids = [&here, &there];
+        let mut settled: Vec<Option<Append>> = bids.iter().map(|_| None).collect();
+        assert_eq!(first_use_of_each_key(&bids, &settled), [0, 1]);
+        // Found taken, each key settles its own bid only.
+        let found = HashMap::from([in_log(&there)]);
+        settle_found(&bids, &mut settled, &found);
+        assert!(settled[0].is_none());
+        assert!(matches!(settled[1], Some(Append::KeyExists(ref k)) if k.id == there.id));
     }
 
     #[tokio::test]

@@ -10,9 +10,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{connection, optimistic, row_lock, row_lock_fn, BidDesk, BidPath, Placed};
+use super::{
+    connection, optimistic, replayed_bid, row_lock, row_lock_fn, BidDesk, BidPath, Placed,
+};
 use crate::db::baselines::BidRequest;
 use crate::db::events::BidChange;
 use crate::db::{bids, reads};
@@ -31,8 +34,9 @@ pub(super) enum Placement {
         /// The auction's version after the bid.
         version: i64,
     },
-    /// The bidder already used this key; nothing was written.
-    KeyExists(bids::KeyRecord),
+    /// The bidder already used this key on the auction: the bid it names.
+    /// Nothing was written.
+    KeyExists(bids::BidRecord),
 }
 
 impl BidDesk {
@@ -91,13 +95,25 @@ impl BidDesk {
                 Ok(placed)
             }
             Placement::KeyExists(existing) => {
-                let bid = self
-                    .replayed_bid(&existing, auction_id, amount, budget)
-                    .await?;
+                let bid = replayed_bid(existing, amount)?;
                 Ok(self.finish(bid, true, wait_until, None, None, budget).await)
             }
         }
     }
+}
+
+/// The bid of a key another writer took first: the bid's insert was
+/// refused by the key's unique index ([`bids::key_taken`]), which waits for
+/// that writer's commit, so the bid is there to replay.
+pub(super) async fn taken_key(
+    client: &impl GenericClient,
+    request: &BidRequest<'_>,
+) -> Result<Placement, ApiError> {
+    let found = bids::find_key(client, request.auction_id, request.bidder_id, request.key).await?;
+    let bid = found.ok_or_else(|| {
+        ApiError::Internal(anyhow::anyhow!("a taken idempotency key names no bid"))
+    })?;
+    Ok(Placement::KeyExists(bid))
 }
 
 /// After a bid's commit: counts it, and tells waiting requests and the

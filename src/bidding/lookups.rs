@@ -9,7 +9,7 @@
 //! So a request queues its lookup, and a few looker tasks take turns: the
 //! one whose turn it is takes a connection, then everything queued (up to
 //! the batch maximum) and answers them all from one statement
-//! ([`bids::find_keys`], which reads the bid with its key and the WAL
+//! ([`bids::find_keys`], which reads the bid each key names and the WAL
 //! position for read-your-writes in the same round trip).
 //!
 //! A lookup not answered within its request's budget is answered
@@ -24,8 +24,9 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::PgLsn;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::db::bids::{self, KeyRecord};
+use crate::db::bids::{self, BidRecord};
 use crate::db::Pool;
 use crate::error::ApiError;
 
@@ -36,9 +37,9 @@ const BATCH_MAX: usize = 1_000;
 /// Lookups queued before new ones are refused at once.
 const QUEUE: usize = 4 * BATCH_MAX;
 
-/// What a lookup found: the key's first use, if any, and the primary's
+/// What a lookup found: the bid the key names, if any, and the primary's
 /// WAL position when it was read.
-pub(super) type Found = (Option<KeyRecord>, Option<PgLsn>);
+pub(super) type Found = (Option<BidRecord>, Option<PgLsn>);
 
 /// The queue of key lookups and the lookers that empty it. Cheap to clone.
 #[derive(Clone)]
@@ -56,6 +57,7 @@ struct Lookers {
 
 /// A queued lookup and where its answer goes.
 struct Lookup {
+    auction_id: Uuid,
     bidder: String,
     key: String,
     reply: oneshot::Sender<Result<Found, ApiError>>,
@@ -75,16 +77,18 @@ impl KeyLookups {
         }
     }
 
-    /// The first use of `key` by `bidder`, answered before `budget` or
-    /// refused `503 overloaded`.
+    /// The bid `bidder` placed with `key` on `auction_id`, answered before
+    /// `budget` or refused `503 overloaded`.
     pub(super) async fn find(
         &self,
+        auction_id: Uuid,
         bidder: &str,
         key: &str,
         budget: Instant,
     ) -> Result<Found, ApiError> {
         let (reply, answer) = oneshot::channel();
         let lookup = Lookup {
+            auction_id,
             bidder: bidder.to_owned(),
             key: key.to_owned(),
             reply,
@@ -162,15 +166,17 @@ async fn answer(client: &deadpool_postgres::Object, batch: Vec<Lookup>) {
     if batch.is_empty() {
         return;
     }
-    let wanted: Vec<(&str, &str)> = batch
+    let wanted: Vec<(Uuid, &str, &str)> = batch
         .iter()
-        .map(|l| (l.bidder.as_str(), l.key.as_str()))
+        .map(|l| (l.auction_id, l.bidder.as_str(), l.key.as_str()))
         .collect();
     let result = bids::find_keys(client, &wanted).await;
     match result {
         Ok((found, position)) => {
             for lookup in batch {
-                let record = found.get(&(lookup.bidder, lookup.key)).cloned();
+                let record = found
+                    .get(&(lookup.auction_id, lookup.bidder, lookup.key))
+                    .cloned();
                 let _ = lookup.reply.send(Ok((record, position)));
             }
         }

@@ -4,14 +4,17 @@
 //! Gavel's ratio against it is honest.
 //!
 //! Each attempt is two round trips and takes no lock while Gavel works:
-//! 1. read the auction with the database's clock, and the bidder's key
-//!    (two statements sent at once); a retry of a finished request replays
-//!    here;
+//! 1. read the auction with the database's clock, and the bid of the
+//!    bidder's key on it (two statements sent at once); a retry of a
+//!    finished request replays here;
 //! 2. apply the pure [`rules`] in Gavel, then write with one statement,
 //!    so one transaction and its commit: `UPDATE auctions ... WHERE id = $1
-//!    AND version = $v`, and only if it wins, the key claim, the bid with
-//!    its outcome, the displaced leader's mark and the event row (see
+//!    AND version = $v`, and only if it wins, the bid with its key and
+//!    outcome, the displaced leader's mark and the event row (see
 //!    `db::baselines::write_if_unchanged`); the WAL position rides behind.
+//!    A concurrent request with the same key cannot write too: its
+//!    compare-and-set finds the version moved, or its insert the key's
+//!    unique index taken.
 //!
 //! The row is locked only while that statement runs and commits, inside
 //! PostgreSQL. A write that finds the version moved writes nothing; the
@@ -34,7 +37,7 @@ use deadpool_postgres::Object;
 use tokio_postgres::types::PgLsn;
 use uuid::Uuid;
 
-use super::at_once::{bid_changes, Placement};
+use super::at_once::{bid_changes, taken_key, Placement};
 use crate::db::auctions::{self, StateUpdate};
 use crate::db::baselines::{self, BidRequest, OptimisticWrite, Written};
 use crate::db::bids;
@@ -73,7 +76,7 @@ async fn attempt_once(
 ) -> Result<Option<(Placement, Option<PgLsn>)>, ApiError> {
     let (read, key) = futures::join!(
         auctions::get_with_clock(client, request.auction_id),
-        bids::find_key(client, request.bidder_id, request.key),
+        bids::find_key(client, request.auction_id, request.bidder_id, request.key),
     );
     if let Some(existing) = key? {
         return Ok(Some((Placement::KeyExists(existing), None)));
@@ -121,10 +124,7 @@ async fn attempt_once(
         },
         Written::Conflict => return Ok(None),
         // A concurrent request with the key committed first: replay it.
-        Written::KeyTaken => match bids::find_key(client, request.bidder_id, request.key).await? {
-            Some(existing) => Placement::KeyExists(existing),
-            None => return Ok(None),
-        },
+        Written::KeyTaken => taken_key(client, request).await?,
     };
     Ok(Some((placement, wal_position)))
 }

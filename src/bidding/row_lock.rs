@@ -5,8 +5,8 @@
 //!
 //! Each bid is one transaction on an API pool connection: take the
 //! auction's lock (the advisory lock the resolver takes too), then
-//! `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`, claim the
-//! idempotency key, apply the pure [`rules`] to the locked state, `UPDATE`
+//! `SELECT ... FROM auctions WHERE id = $1 FOR UPDATE`, look the
+//! idempotency key up, apply the pure [`rules`] to the locked state, `UPDATE`
 //! the row (the resolver's compare-and-set, which cannot lose while the
 //! lock is held), insert the bid already resolved, mark a displaced leader
 //! outbid, record both changes in the event log, and commit. The bid's outcome is known at once, so it is answered like a bid
@@ -28,7 +28,7 @@
 
 use deadpool_postgres::{Object, Transaction};
 
-use super::at_once::{bid_changes, Placement};
+use super::at_once::{bid_changes, taken_key, Placement};
 use crate::db::auctions::{self, AuctionRecord};
 use crate::db::baselines::BidRequest;
 use crate::db::events::BidChange;
@@ -59,13 +59,16 @@ pub(super) async fn write(
     // the auction's advisory lock (the resolver's) takes no id, so ids
     // follow the order in which the auction's changes commit, as the event
     // log's readers need (see the `events` migration). A retry waits here
-    // for the first request to end, then replays.
+    // for the first request to end, then replays: a key belongs to one
+    // auction, and the row-lock paths write an auction's bids only under
+    // its lock, so a key found unused here stays so until this bid is
+    // written (any other writer is stopped by the key's unique index).
     auctions::lock(&tx, auction_id).await?;
     let Some((auction, now)) = auctions::get_for_update(&tx, auction_id).await? else {
         tx.rollback().await?;
         return Err(ApiError::NotFound("auction"));
     };
-    if let Some(existing) = bids::claim_key(&tx, bidder, key, auction_id, amount, bid_id).await? {
+    if let Some(existing) = bids::find_key(&tx, auction_id, bidder, key).await? {
         tx.rollback().await?;
         return Ok(Placement::KeyExists(existing));
     }
@@ -76,7 +79,12 @@ pub(super) async fn write(
         // The transaction's clock: the bid row's `received_at` too.
         received_at: now,
     };
-    let (bid, reason) = apply_locked(&tx, &auction, bid, key).await?;
+    let Some((bid, reason)) = apply_locked(&tx, &auction, bid, key).await? else {
+        // A writer that does not take the lock (the log path of another
+        // process) wrote the key first.
+        tx.rollback().await?;
+        return taken_key(&*client, request).await;
+    };
     // Requests of other processes waiting on this auction hear of it.
     tx.execute(
         "SELECT pg_notify($1, $2)",
@@ -97,14 +105,14 @@ pub(super) async fn write(
 /// Applies `bid` to the locked `auction` by the rules, writes the auction's
 /// new state, inserts the bid with its outcome (idempotency `key`), and
 /// marks a displaced leader outbid, recording both changes in the event
-/// log; returns the bid as stored and its
-/// rejection reason.
+/// log; returns the bid as stored and its rejection reason, or `None` when
+/// the key names a bid already (the transaction is then aborted).
 async fn apply_locked(
     tx: &Transaction<'_>,
     auction: &AuctionRecord,
     bid: BidInput,
     key: &str,
-) -> Result<(bids::BidRecord, Option<&'static str>), ApiError> {
+) -> Result<Option<(bids::BidRecord, Option<&'static str>)>, ApiError> {
     let mut state = auction.state.clone();
     let applied = rules::apply_bid(&auction.terms, &mut state, &bid);
     let resolution_no = auction.resolved_count + 1;
@@ -136,7 +144,11 @@ async fn apply_locked(
         idempotency_key: key,
         resolution: bids::Resolution::new(&applied, resolution_no, auction.version + 1),
     };
-    let stored = bids::insert_resolved(tx, &resolved).await?;
+    let stored = match bids::insert_resolved(tx, &resolved).await {
+        Ok(stored) => stored,
+        Err(e) if bids::key_taken(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     if let Some(displaced) = applied.displaced {
         bids::mark_outbid(tx, auction.id, displaced).await?;
     }
@@ -147,5 +159,5 @@ async fn apply_locked(
     };
     let changes = bid_changes(&auction.state, &applied, new);
     events::record_bid_changes(tx, auction.id, 0, auction.version + 1, &changes).await?;
-    Ok((stored, resolved.resolution.reason))
+    Ok(Some((stored, resolved.resolution.reason)))
 }

@@ -8,9 +8,9 @@
 //! behind it in the same round trip). The function (see its migration)
 //! answers a retry of a finished request before taking any lock, then
 //! takes the auction's advisory lock (the resolver's, in the same order as
-//! `row_lock`), reads the row, claims the key, applies a PL/pgSQL port of
-//! the rules, writes the row, the bid already resolved, the displaced
-//! leader's mark and the event row. No network round trip happens while
+//! `row_lock`), reads the row, looks the key up again, applies a PL/pgSQL
+//! port of the rules, writes the row, the bid already resolved, the
+//! displaced leader's mark and the event row. No network round trip happens while
 //! the lock is held; the commit's WAL flush still does.
 //!
 //! Other processes hear of the change from a NOTIFY sent after the commit,
@@ -26,8 +26,9 @@
 use deadpool_postgres::Object;
 use tokio_postgres::types::PgLsn;
 
-use super::at_once::Placement;
+use super::at_once::{taken_key, Placement};
 use crate::db::baselines::{self, BidRequest, FunctionPlacement};
+use crate::db::bids;
 use crate::error::ApiError;
 use crate::rules::RejectReason;
 
@@ -37,7 +38,12 @@ pub(super) async fn write(
     client: &Object,
     request: &BidRequest<'_>,
 ) -> Result<(Placement, Option<PgLsn>), ApiError> {
-    let (placement, wal_position) = baselines::place_bid_in_function(client, request).await?;
+    let (placement, wal_position) = match baselines::place_bid_in_function(client, request).await {
+        // A writer that does not take the auction's lock (the log path of
+        // another process) wrote the key first.
+        Err(e) if bids::key_taken(&e) => return Ok((taken_key(client, request).await?, None)),
+        placed => placed?,
+    };
     let placement = match placement {
         FunctionPlacement::Placed { bid, version } => Placement::Resolved {
             reason: (bid.reason.as_deref())

@@ -8,13 +8,11 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{PgLsn, ToSql};
-use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::auctions::StateUpdate;
-use super::bids::{BidRecord, KeyRecord, Resolution, COLUMNS};
+use super::bids::{key_taken, BidRecord, Resolution, COLUMNS};
 use super::events::BidChange;
 use super::reads;
 
@@ -23,8 +21,9 @@ use super::reads;
 pub enum FunctionPlacement {
     /// The bid is in the log with its outcome; the auction's new version.
     Placed { bid: BidRecord, version: i64 },
-    /// The bidder already used the key; nothing was written.
-    KeyExists(KeyRecord),
+    /// The bidder already used the key on the auction: the bid it names.
+    /// Nothing was written.
+    KeyExists(BidRecord),
     /// No such auction.
     NoAuction,
 }
@@ -52,23 +51,10 @@ pub async fn place_bid_in_function(
             bid: BidRecord::from_row(&row)?,
             version: row.try_get("version")?,
         },
-        "replay" => FunctionPlacement::KeyExists(KeyRecord {
-            auction_id: row.try_get("key_auction_id")?,
-            amount: row.try_get("key_amount")?,
-            bid_id: row.try_get("key_bid_id")?,
-            bid: bid_of(&row)?,
-        }),
+        "replay" => FunctionPlacement::KeyExists(BidRecord::from_row(&row)?),
         _ => FunctionPlacement::NoAuction,
     };
     Ok((placement, position))
-}
-
-/// The stored bid in a row that may have none (a key whose bid is gone).
-fn bid_of(row: &Row) -> Result<Option<BidRecord>, tokio_postgres::Error> {
-    match row.try_get::<_, Option<Uuid>>("id")? {
-        Some(_) => BidRecord::from_row(row).map(Some),
-        None => Ok(None),
-    }
 }
 
 /// What a bid request asked for, with the id its bid gets.
@@ -110,15 +96,17 @@ pub enum Written {
     Placed(BidRecord),
     /// The auction's version moved since it was read: nothing was written.
     Conflict,
-    /// The bidder's key was taken meanwhile: nothing was written.
+    /// The bidder's key on the auction was taken meanwhile: nothing was
+    /// written.
     KeyTaken,
 }
 
 /// The optimistic baseline's write, one statement (one transaction): the
-/// compare-and-set on the auction's version, and only if it wins the key
-/// claim, the bid with its outcome, the displaced leader's mark and the
-/// event row. A key claimed by a concurrent request fails the statement
-/// (and so undoes the compare-and-set) once that request commits.
+/// compare-and-set on the auction's version, and only if it wins the bid
+/// with its key and outcome, the displaced leader's mark and the event
+/// row. A key taken by a concurrent request fails the statement on the
+/// key's unique index (and so undoes the compare-and-set) once that
+/// request commits.
 pub async fn write_if_unchanged(
     client: &impl GenericClient,
     write: &OptimisticWrite<'_>,
@@ -130,23 +118,20 @@ pub async fn write_if_unchanged(
                       current_price = $6, bid_count = $7, ends_at = $8, resolved_count = $9, \
                       version = version + 1 \
                WHERE id = $1 AND version = $2 RETURNING id), \
-             claimed AS ( \
-               INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
-               SELECT $11::text, $12::text, id, $13::int8, $10::uuid FROM cas RETURNING bid_id), \
              outbid AS ( \
                UPDATE bid_log SET status = 'outbid' \
                WHERE auction_id = $1 AND id = $17 AND status = 'leading' \
-                 AND EXISTS (SELECT FROM claimed)), \
+                 AND EXISTS (SELECT FROM cas)), \
              recorded AS ( \
                INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, version) \
                SELECT $1::uuid, 0, 'bids', $18::uuid[], $19::text[], $20::text[], $2::int8 + 1 \
-               FROM claimed) \
+               FROM cas) \
              INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, \
                     received_at, status, reason, price_after, resolution_no, resolved_version, \
                     resolved_at) \
-             SELECT $1::uuid, bid_id, $11::text, $13::int8, $12::text, $14::timestamptz, $15::text, \
+             SELECT $1::uuid, $10::uuid, $11::text, $13::int8, $12::text, $14::timestamptz, $15::text, \
                     $16::text, $6::int8, $9::int8, $2::int8 + 1, now() \
-             FROM claimed RETURNING {COLUMNS}"
+             FROM cas RETURNING {COLUMNS}"
         ))
         .await?;
     let (update, bid, resolution) = (&write.update, write.bid, &write.resolution);
@@ -186,11 +171,4 @@ pub async fn write_if_unchanged(
         Err(e) => return Err(e),
     };
     Ok((written, position))
-}
-
-/// Whether `e` is a unique violation on a bidder's idempotency key.
-fn key_taken(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == SqlState::UNIQUE_VIOLATION && db.table() == Some("idempotency_keys")
-    })
 }

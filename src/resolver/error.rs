@@ -8,7 +8,7 @@ use std::fmt;
 use deadpool_postgres::PoolError;
 use tokio_postgres::error::SqlState;
 
-/// Why a resolution step, scan or housekeeping round failed.
+/// Why a resolution step or scan failed.
 #[derive(Debug)]
 pub enum ResolveError {
     /// A statement was cancelled by `statement_timeout`.

@@ -20,8 +20,7 @@
 //! so a bid whose transaction commits late is not skipped.
 //!
 //! Where things are:
-//! - `worker`: the loop (wake-ups, scans, groups of auctions, turns,
-//!   housekeeping);
+//! - `worker`: the loop (wake-ups, scans, groups of auctions, turns);
 //! - `transaction`: one transaction over a group of auctions, in named
 //!   steps (read, plan, write, verify, settle, publish);
 //! - `plan`: the pure batch planner, which decides what that transaction
@@ -78,7 +77,6 @@ pub struct Resolver {
     grace: chrono::Duration,
     poll: Duration,
     concurrency: usize,
-    key_retention: Duration,
     /// Auctions with a delayed retry scheduled (one at a time per auction).
     retrying: Arc<Mutex<HashSet<Uuid>>>,
     batch: Arc<BatchSize>,
@@ -98,7 +96,6 @@ impl Resolver {
             grace: chrono::Duration::from_std(settle_grace).unwrap_or(chrono::Duration::MAX),
             poll,
             concurrency,
-            key_retention: Duration::from_secs(48 * 3600),
             retrying: Arc::default(),
             batch: Arc::default(),
         }
@@ -107,11 +104,5 @@ impl Resolver {
     /// Bids the next resolution batch takes.
     pub fn batch_size(&self) -> i64 {
         self.batch.get()
-    }
-
-    /// Keeps idempotency keys for `retention` (the contract promises 24 h at least).
-    pub fn with_key_retention(mut self, retention: Duration) -> Self {
-        self.key_retention = retention;
-        self
     }
 }

@@ -2,8 +2,7 @@
 //! its polling interval, finds the auctions with work (pending bids, or
 //! due to settle), resolves them in groups, one transaction per group, and
 //! then drains, one by one, those with bids left; each auction gets a turn
-//! of a few batches so a hot one cannot starve the others. Between rounds
-//! it does its housekeeping: purging expired idempotency keys.
+//! of a few batches so a hot one cannot starve the others.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,10 +25,6 @@ const BATCHES_PER_TURN: usize = 4;
 const BUSY_RETRY: Duration = Duration::from_millis(20);
 /// Version conflicts in a row before a drain gives up until the next round.
 const MAX_CONFLICTS: u32 = 10;
-/// Idempotency keys deleted per housekeeping round.
-const PURGE_BATCH: i64 = 10_000;
-/// How often expired idempotency keys are looked for.
-const PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Most auctions found by one polling scan.
 const SCAN_LIMIT: i64 = 1_000;
 /// How long after its settlement an auction is still scanned for bids.
@@ -42,19 +37,7 @@ impl Resolver {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut next_scan = Instant::now();
         let mut next_full_scan = Instant::now();
-        let mut next_purge = Instant::now();
         loop {
-            if Instant::now() >= next_purge {
-                // Bounded per round so housekeeping never delays resolution for long.
-                match self.purge_expired_keys().await {
-                    Ok(n) if n == PURGE_BATCH as u64 => {}
-                    Ok(_) => next_purge = Instant::now() + PURGE_EVERY,
-                    Err(e) => {
-                        tracing::warn!(error = format!("{e:#}"), "purging idempotency keys failed");
-                        next_purge = Instant::now() + PURGE_EVERY;
-                    }
-                }
-            }
             let mut work: BTreeSet<Uuid> = self.signals.take_dirty().into_iter().collect();
             if work.remove(&Uuid::nil()) || Instant::now() >= next_scan {
                 let full = Instant::now() >= next_full_scan;
@@ -85,12 +68,6 @@ impl Resolver {
             total += self.drain(auction_id).await?;
         }
         Ok(total)
-    }
-
-    /// Deletes one batch of idempotency keys past their retention.
-    pub async fn purge_expired_keys(&self) -> Result<u64, ResolveError> {
-        let client = self.pool.get().await?;
-        Ok(bids::purge_idempotency_keys(&client, self.key_retention, PURGE_BATCH).await?)
     }
 
     /// The auctions with work: pending bids, or due to settle. A bid may

@@ -349,13 +349,13 @@ async fn an_optimistic_bid_that_never_wins_its_compare_and_set_is_shed_and_leave
     assert!(after - before >= 5.0, "five attempts, each a conflict");
     let keys: i64 = db
         .query_one(
-            "SELECT count(*) FROM idempotency_keys WHERE key = $1",
+            "SELECT count(*) FROM bid_log WHERE idempotency_key = $1",
             &[&key],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(keys, 0, "a shed bid leaves no key behind");
+    assert_eq!(keys, 0, "a shed bid leaves no bid, so no key, behind");
 
     // Once writes go through, the client's retry with the same key is a
     // new bid, placed once.
@@ -420,5 +420,72 @@ async fn each_baseline_binary_warns_at_start_and_its_resolver_settles() {
             .as_str()
             .unwrap()
             .contains("not for production"));
+    }
+}
+
+/// A key written by a writer that takes none of the baselines' locks (the
+/// log path of another process on the same database) while a baseline
+/// places a bid with it: the key's unique index stops the baseline's
+/// insert once that writer commits, and the request replays its bid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_taken_meanwhile_by_another_writer_replays_on_each_baseline() {
+    for path in [BidPath::RowLock, BidPath::RowLockFn, BidPath::Optimistic] {
+        let app = TestApp::spawn_with(|config| {
+            config.bids.path = path;
+            config.pools.statement_timeout = Duration::from_secs(10);
+            config.pools.lock_timeout = Duration::from_secs(10);
+        })
+        .await;
+        let auction = app.create_auction("seller-1", json!({})).await;
+        let auction_id = id_of(&auction);
+        let key = new_key();
+        // The log path's append of the same key, held open.
+        let mut held = app.db().await;
+        let append = held.transaction().await.unwrap();
+        let logged = Uuid::now_v7();
+        append
+            .execute(
+                "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+                 VALUES ($1, $2, 'alice', 1500, $3, pg_current_xact_id()::text::int8)",
+                &[&auction_id, &logged, &key],
+            )
+            .await
+            .unwrap();
+        let request = {
+            let (http, addr) = (app.http.clone(), app.addr);
+            let (token, key) = (app.token("alice", &[]), key.clone());
+            tokio::spawn(async move {
+                place_bid(&http, addr, &token, &auction_id.to_string(), 1_500, &key).await
+            })
+        };
+        let db = app.db().await;
+        eventually(
+            Duration::from_secs(5),
+            "the bid to wait on the key",
+            || async {
+                let waiting: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'transactionid'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                (waiting > 0).then_some(())
+            },
+        )
+        .await;
+        append.commit().await.unwrap();
+
+        let response = request.await.unwrap();
+        let (code, replayed) = (response.status(), header(&response, "idempotent-replayed"));
+        let body: Value = response.json().await.unwrap();
+        assert!(code.is_success(), "{path:?}: {code} {body}");
+        assert_eq!(replayed, "true", "{path:?}");
+        assert_eq!(id_of(&body), logged, "{path:?}");
+        wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
+        let bids = assert_consistent(&db, auction_id).await;
+        assert_eq!(bids.len(), 1, "{path:?}: one bid for the key");
+        app.stop().await;
     }
 }

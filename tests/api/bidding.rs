@@ -200,10 +200,8 @@ async fn a_bid_committing_after_a_later_sequenced_bid_is_still_resolved() {
     let tx = held.transaction().await.unwrap();
     let early_id = Uuid::now_v7();
     tx.execute(
-        "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
-         VALUES ('early', 'k-early', $1, 5000, $2) RETURNING bid_id) \
-         INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
-         SELECT $1, bid_id, 'early', 5000, 'k-early', pg_current_xact_id()::text::int8 FROM key",
+        "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         VALUES ($1, $2, 'early', 5000, 'k-early', pg_current_xact_id()::text::int8)",
         &[&auction_id, &early_id],
     )
     .await
@@ -319,14 +317,6 @@ async fn idempotency_key_replays_refuses_reuse_and_never_creates_two_bids() {
 
     let reused = app.bid("alice", &auction_id, 1600, &key).await;
     assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(
-        reused.json::<Value>().await.unwrap()["code"],
-        "idempotency_key_reused"
-    );
-    let other_auction = app.create_auction("seller-1", json!({})).await;
-    let reused = app
-        .bid("alice", other_auction["id"].as_str().unwrap(), 1500, &key)
-        .await;
     assert_eq!(
         reused.json::<Value>().await.unwrap()["code"],
         "idempotency_key_reused"
@@ -571,55 +561,75 @@ async fn a_bidder_over_the_rate_limit_gets_429_with_retry_after() {
 }
 
 #[tokio::test]
-async fn idempotency_keys_are_kept_for_their_retention_then_purged() {
+async fn a_key_is_kept_as_long_as_its_bid() {
     let app = TestApp::spawn().await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = auction["id"].as_str().unwrap();
-    let (old_key, fresh_key) = (new_key(), new_key());
-    for (key, amount) in [(&old_key, 1000), (&fresh_key, 2000)] {
-        assert_eq!(
-            app.bid("alice", auction_id, amount, key).await.status(),
-            StatusCode::ACCEPTED
-        );
-    }
+    let key = new_key();
+    let first = app.bid("alice", auction_id, 1000, &key).await;
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
     let db = app.db().await;
-    // Age one key past the retention, the other just inside it.
+    wait_resolved(&db, id_of(&auction), Duration::from_secs(10)).await;
+    // A bid received long past the contract's 24 h, resolved since.
     db.execute(
-        "UPDATE idempotency_keys SET created_at = now() - CASE WHEN key = $1 \
-         THEN interval '25 hours' ELSE interval '23 hours' END WHERE bidder_id = 'alice'",
-        &[&old_key],
+        "UPDATE bid_log SET received_at = now() - interval '30 days' WHERE id = $1",
+        &[&id_of(&first)],
     )
     .await
     .unwrap();
 
-    let config = test_config(&app.database_url);
-    let resolver = resolver_on(&config).with_key_retention(Duration::from_secs(24 * 3600));
-    assert_eq!(resolver.purge_expired_keys().await.unwrap(), 1);
-
-    let keys: Vec<String> = db
-        .query(
-            "SELECT key FROM idempotency_keys WHERE bidder_id = 'alice'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(keys, vec![fresh_key.clone()]);
-    // The bids themselves are facts and stay.
-    let bids: i64 = db
-        .query_one(
-            "SELECT count(*) FROM bid_log WHERE bidder_id = 'alice'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(bids, 2);
-    // Inside the retention a retry still replays.
-    let replay = app.bid("alice", auction_id, 2000, &fresh_key).await;
+    let replay = app.bid("alice", auction_id, 1000, &key).await;
+    assert!(replay.status().is_success(), "{}", replay.status());
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap()["id"], first["id"]);
+    let reused = app.bid("alice", auction_id, 2000, &key).await;
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn the_same_key_on_two_auctions_makes_a_bid_on_each() {
+    let app = TestApp::spawn().await;
+    let (one, two) = (
+        app.create_auction("seller-1", json!({})).await,
+        app.create_auction("seller-2", json!({})).await,
+    );
+    let (one_id, two_id) = (one["id"].as_str().unwrap(), two["id"].as_str().unwrap());
+    let key = new_key();
+    let on_one = app.bid("alice", one_id, 1500, &key).await;
+    assert_eq!(on_one.status(), StatusCode::ACCEPTED);
+    let on_one: Value = on_one.json().await.unwrap();
+    // The contract allows a refusal or a separate request: Gavel takes it
+    // as a separate request, whatever its amount.
+    let on_two = app.bid("alice", two_id, 2500, &key).await;
+    assert_eq!(on_two.status(), StatusCode::ACCEPTED);
+    assert!(on_two.headers().get("idempotent-replayed").is_none());
+    let on_two: Value = on_two.json().await.unwrap();
+    assert_ne!(on_two["id"], on_one["id"]);
+    assert_eq!(on_two["auction_id"], two["id"]);
+
+    // Each key replays its own auction's bid and refuses another amount there.
+    for (auction_id, amount, first) in [(one_id, 1500, &on_one), (two_id, 2500, &on_two)] {
+        let replay = app.bid("alice", auction_id, amount, &key).await;
+        assert!(replay.status().is_success(), "{}", replay.status());
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        assert_eq!(replay.json::<Value>().await.unwrap()["id"], first["id"]);
+        let reused = app.bid("alice", auction_id, amount + 100, &key).await;
+        assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            reused.json::<Value>().await.unwrap()["code"],
+            "idempotency_key_reused"
+        );
+    }
+    // Both are resolved on their own auctions, each the leader there.
+    let db = app.db().await;
+    for (auction, first) in [(&one, &on_one), (&two, &on_two)] {
+        wait_resolved(&db, id_of(auction), Duration::from_secs(10)).await;
+        let bids = assert_consistent(&db, id_of(auction)).await;
+        assert_eq!(bids.len(), 1);
+        assert_eq!(bids[0].id, id_of(first));
+        assert_eq!(bids[0].status, "leading");
+    }
 }
 
 #[tokio::test]

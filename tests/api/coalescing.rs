@@ -217,16 +217,7 @@ async fn bids_whose_statement_cannot_lock_the_log_are_answered_503_and_never_wri
         .await
         .unwrap()
         .get(0);
-    assert_eq!(logged, 0, "no refused bid is in the log");
-    let claimed: i64 = db
-        .query_one(
-            "SELECT count(*) FROM idempotency_keys WHERE key = ANY($1)",
-            &[&keys],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(claimed, 0, "nor is its idempotency key");
+    assert_eq!(logged, 0, "no refused bid is in the log, nor its key");
 
     // The log takes bids again at once.
     let after = app.bid("after", &auction_id, 9_000, &new_key()).await;
@@ -279,14 +270,14 @@ async fn every_bid_token_is_at_or_past_the_commit_of_the_bid_it_names() {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         let position = gavel::http::consistency::decode(&token)
             .unwrap_or_else(|| panic!("a bid answer carries a consistency token: {token:?}"));
-        // The key's row is written with the bid and never updated, so its
-        // xmin is the transaction that appended the bid.
+        // With the resolver off the bid's row is never updated, so its
+        // xmin is the transaction that appended it.
         let commits: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_get_wal_records_info($1, \
                                        LEAST($2, pg_current_wal_flush_lsn())) r \
                  WHERE r.resource_manager = 'Transaction' AND r.record_type = 'COMMIT' \
-                   AND r.xid = (SELECT xmin FROM idempotency_keys WHERE bid_id = $3)",
+                   AND r.xid = (SELECT xmin FROM bid_log WHERE id = $3)",
                 &[&start, &position, &id_of(&body)],
             )
             .await
@@ -299,4 +290,60 @@ async fn every_bid_token_is_at_or_past_the_commit_of_the_bid_it_names() {
         );
     }
     app.stop().await;
+}
+
+/// Appends `batch` with one statement: the ids and sequence numbers of
+/// the rows inserted, in sequence order.
+async fn append(
+    client: &deadpool_postgres::Client,
+    batch: &[gavel::db::bids::NewBid],
+) -> Vec<(Uuid, i64)> {
+    let batch: Vec<_> = batch.iter().collect();
+    let (inserted, _) = gavel::db::bids::append_batch(client, &batch).await.unwrap();
+    inserted.iter().map(|b| (b.id, b.seq)).collect()
+}
+
+/// An append inserts its rows in key order (so batches sharing keys never
+/// deadlock) but numbers them in the order its bids arrived, which is the
+/// order the resolver takes them in; a key already used is skipped.
+#[tokio::test]
+async fn a_batch_is_numbered_in_arrival_order_whatever_its_keys() {
+    let url = fresh_database().await;
+    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
+    let pool = gavel::db::build_pool(&url, "test-append", &settings).unwrap();
+    let client = pool.get().await.unwrap();
+    let auction_id = Uuid::now_v7();
+    let bid = |bidder: &str, key: &str| gavel::db::bids::NewBid {
+        auction_id,
+        id: Uuid::now_v7(),
+        bidder_id: bidder.into(),
+        amount: 1_000,
+        key: key.into(),
+    };
+    let ids = |rows: &[(Uuid, i64)]| rows.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+    // Bidders and keys in descending order.
+    let first = [bid("zoe", "z"), bid("yan", "y"), bid("ann", "a")];
+    let inserted = append(&client, &first).await;
+    let expected: Vec<Uuid> = first.iter().map(|b| b.id).collect();
+    assert_eq!(ids(&inserted), expected, "numbered in arrival order");
+    let db = connect(&url).await;
+    let written: Vec<String> = db
+        .query("SELECT bidder_id FROM bid_log ORDER BY ctid", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(written, ["ann", "yan", "zoe"], "written in key order");
+    // Yan's key is taken: skipped; the others follow the first batch.
+    let second = [bid("zoe", "z2"), bid("yan", "y"), bid("ann", "a2")];
+    let inserted_again = append(&client, &second).await;
+    assert_eq!(ids(&inserted_again), [second[0].id, second[2].id]);
+    assert!(inserted_again[0].1 > inserted[2].1);
+    let untracked: i64 = db
+        .query_one("SELECT count(*) FROM bid_log WHERE xid IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(untracked, 0, "every appended bid names its transaction");
 }

@@ -1,6 +1,7 @@
 //! Upgrades of a database that already holds bids: the schema as it was
 //! before a migration, bids in every state written as Gavel wrote them
-//! then, the migration, and Gavel resolving what was left pending.
+//! then, the migration, and Gavel resolving what was left pending and
+//! answering retries of the requests that wrote them.
 
 use std::borrow::Cow;
 
@@ -16,6 +17,8 @@ use gavel::rules::{self, AuctionState, AuctionTerms, Increments, Leader, Outcome
 
 /// The migration that finds pending bids by their transaction.
 const BY_TRANSACTION: i64 = 20261209000001;
+/// The migration that keeps idempotency keys in the bid log.
+const KEYS_IN_LOG: i64 = 20261209000002;
 
 /// Applies the embedded migrations older than `version`.
 async fn migrate_before(url: &str, version: i64) {
@@ -299,5 +302,110 @@ async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
     wait_resolved(&db, open.id, std::time::Duration::from_secs(20)).await;
     let bids = assert_consistent(&db, open.id).await;
     assert_eq!(bids.len(), 6);
+    app.stop().await;
+}
+
+/// A pending bid and its key as the append wrote them before keys moved
+/// into the bid log; returns its id.
+async fn append_with_key_row(
+    db: &tokio_postgres::Client,
+    auction_id: Uuid,
+    bidder: &str,
+    amount: i64,
+    key: &str,
+) -> Uuid {
+    let id = Uuid::now_v7();
+    db.execute(
+        "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, bid_id) \
+         VALUES ($3, $5, $1, $4, $2) RETURNING bid_id) \
+         INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, xid) \
+         SELECT $1, bid_id, $3, $4, $5, pg_current_xact_id()::text::int8 FROM key",
+        &[&auction_id, &id, &bidder, &amount, &key],
+    )
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test]
+async fn keys_move_into_the_log_and_old_requests_still_replay() {
+    let url = empty_database().await;
+    migrate_before(&url, KEYS_IN_LOG).await;
+    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
+    let pool = gavel::db::build_pool(&url, "test-seed", &settings).unwrap();
+    let seeding = pool.get().await.unwrap();
+    let db = connect(&url).await;
+    let auction = OldAuction::create(&seeding, Span::hours(1)).await.id;
+    let bid = |bidder: &'static str, amount: i64, key: &'static str| {
+        append_with_key_row(&db, auction, bidder, amount, key)
+    };
+    let ann = bid("ann", 1_000, "k-ann").await;
+    let bob = bid("bob", 2_000, "k-bob").await;
+    // Dan's key was purged after its retention; Cat's was purged, then
+    // used again on the same auction, as the old scope allowed.
+    let dan = bid("dan", 1_200, "k-dan").await;
+    let cat_before = bid("cat", 1_500, "k-cat").await;
+    db.execute(
+        "DELETE FROM idempotency_keys WHERE key IN ('k-dan', 'k-cat')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let cat = bid("cat", 3_000, "k-cat").await;
+
+    gavel::db::migrate(&url)
+        .await
+        .expect("the migration applies");
+    let gone = db
+        .query_one("SELECT to_regclass('idempotency_keys') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(gone.get::<_, bool>(0), "the key table is gone");
+    let retired: String = db
+        .query_one(
+            "SELECT idempotency_key FROM bid_log WHERE id = $1",
+            &[&cat_before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        retired.starts_with("k-cat ") && gavel::domain::IdempotencyKey::parse(&retired).is_err(),
+        "the older use of a reused key is retired: {retired:?}"
+    );
+
+    let app = TestApp::spawn_on(&url, |_| {}).await;
+    wait_resolved(&db, auction, std::time::Duration::from_secs(20)).await;
+    assert_consistent(&db, auction).await;
+    let on = auction.to_string();
+    // Retries of the old requests replay their bids, Dan's purged key too.
+    for (bidder, amount, key, id) in [
+        ("ann", 1_000, "k-ann", ann),
+        ("bob", 2_000, "k-bob", bob),
+        ("dan", 1_200, "k-dan", dan),
+        ("cat", 3_000, "k-cat", cat),
+    ] {
+        let replay = app.bid(bidder, &on, amount, key).await;
+        assert!(replay.status().is_success(), "{key}: {}", replay.status());
+        assert_eq!(replay.headers()["idempotent-replayed"], "true", "{key}");
+        let body: serde_json::Value = replay.json().await.unwrap();
+        assert_eq!(id_of(&body), id, "{key}");
+    }
+    // An old key with another amount is refused.
+    let reused = app.bid("bob", &on, 2_100, "k-bob").await;
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: serde_json::Value = reused.json().await.unwrap();
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    // New bids are written, once each, and resolved.
+    let key = new_key();
+    for _ in 0..2 {
+        let eve = app.bid("eve", &on, 5_000, &key).await;
+        assert!(eve.status().is_success(), "{}", eve.status());
+    }
+    wait_resolved(&db, auction, std::time::Duration::from_secs(20)).await;
+    let bids = assert_consistent(&db, auction).await;
+    assert_eq!(bids.len(), 6);
+    let leader = bids.iter().find(|b| b.status == "leading").unwrap();
+    assert_eq!(leader.bidder_id, "eve");
     app.stop().await;
 }

@@ -1,9 +1,9 @@
-//! Queries on `bid_log` and `idempotency_keys`, one file per caller:
-//! [`append`] for the bid paths (the log path's one-statement append of a
-//! batch of bids, the row-lock baseline's key claim and resolved insert),
-//! [`reads`] for reading bids back, and [`resolve`] for the resolver (the
-//! pending bids, its outcome writes, its housekeeping). What
-//! they share is here: a bid's row, and what resolving a bid writes to it.
+//! Queries on `bid_log`, one file per caller: [`append`] for the bid paths
+//! (the log path's one-statement append of a batch of bids, the key
+//! look-ups, the baselines' resolved insert), [`reads`] for reading bids
+//! back, and [`resolve`] for the resolver (the pending bids, its outcome
+//! writes). What they share is here: a bid's row, and what resolving a bid
+//! writes to it.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::{FromSql, Type};
@@ -19,13 +19,13 @@ pub mod reads;
 pub mod resolve;
 
 pub use append::{
-    append_batch, claim_key, find_key, find_keys, insert_resolved, Append, KeyRecord, NewBid,
+    append_batch, find_key, find_keys, insert_resolved, key_taken, Append, BidKey, NewBid,
     ResolvedBid,
 };
 pub use reads::{get, history};
 pub use resolve::{
-    auctions_with_pending, mark_outbid, pending, purge_idempotency_keys, record_outcomes,
-    BidOutcome, PendingBid, PendingRead, Progress, UNRESOLVED,
+    auctions_with_pending, mark_outbid, pending, record_outcomes, BidOutcome, PendingBid,
+    PendingRead, Progress, UNRESOLVED,
 };
 
 /// One row of the bid log.

@@ -1,8 +1,7 @@
 //! The resolver's queries: the pending bids (which auctions have some,
 //! the next of each, found by the transactions that wrote them: see
 //! [`Progress`]), the outcome writes of its transaction (into `bid_log`,
-//! displaced leaders; settlement is in [`crate::db::events`]), and its
-//! housekeeping (purging expired idempotency keys).
+//! displaced leaders; settlement is in [`crate::db::events`]).
 //!
 //! Each statement's plan must not depend on statistics that lag a hot
 //! auction by a whole burst: the comments say how each one avoids that.
@@ -265,23 +264,4 @@ pub async fn mark_outbid(
         )
         .await?;
     client.execute(&stmt, &[&auction_id, &bid_id]).await
-}
-
-/// Deletes up to `limit` idempotency keys older than `retention`; returns how many.
-pub async fn purge_idempotency_keys(
-    client: &impl GenericClient,
-    retention: std::time::Duration,
-    limit: i64,
-) -> Result<u64, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(
-            "DELETE FROM idempotency_keys WHERE (bidder_id, key) IN ( \
-               SELECT bidder_id, key FROM idempotency_keys \
-               WHERE created_at < now() - make_interval(secs => $1) LIMIT $2 \
-               FOR UPDATE SKIP LOCKED)",
-        )
-        .await?;
-    client
-        .execute(&stmt, &[&retention.as_secs_f64(), &limit])
-        .await
 }
