@@ -750,7 +750,7 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
     for lookup in [
         "pg_try_advisory_xact_lock",
         "FROM auctions WHERE id = ANY($1::uuid[])",
-        "ORDER BY xid, seq LIMIT $2",
+        "ORDER BY b.xid, b.seq LIMIT $2",
         "UPDATE auctions SET leader_bid_id",
         "UPDATE bid_log SET status = 'outbid'",
         "pg_notify",
