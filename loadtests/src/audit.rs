@@ -180,12 +180,9 @@ async fn read_unresolved(
     client: &tokio_postgres::Client,
     ids: &[Uuid],
 ) -> anyhow::Result<HashSet<Uuid>> {
-    let [after, open] = bids::UNRESOLVED;
     let by_progress = format!(
-        "SELECT p.id FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT id FROM {after} \
-           UNION ALL SELECT id FROM {open}) p \
-         WHERE a.id = ANY($1)"
+        "SELECT p.id FROM auctions a CROSS JOIN LATERAL {} p WHERE a.id = ANY($1)",
+        bids::unresolved("id")
     );
     let queued = "SELECT id FROM pending_bids WHERE auction_id = ANY($1)";
     let by_transaction: bool = client

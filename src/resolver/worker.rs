@@ -27,8 +27,6 @@ const BUSY_RETRY: Duration = Duration::from_millis(20);
 const MAX_CONFLICTS: u32 = 10;
 /// Most auctions found by one polling scan.
 const SCAN_LIMIT: i64 = 1_000;
-/// How long after its settlement an auction is still scanned for bids.
-const SETTLED_LATELY: Duration = Duration::from_secs(600);
 /// How often a scan looks at every auction, however long ago settled.
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
 
@@ -85,7 +83,7 @@ impl Resolver {
                 view: None,
             });
         }
-        let recent = (!full).then_some(SETTLED_LATELY);
+        let recent = (!full).then_some(bids::SETTLED_LATELY);
         let mut work: BTreeSet<Uuid> = bids::auctions_with_pending(&client, recent, SCAN_LIMIT)
             .await?
             .into_iter()

@@ -39,17 +39,15 @@ const LOCKS: &str = "\
       (SELECT coalesce(deadlocks, 0) FROM pg_stat_database WHERE datname = current_database())";
 
 /// The resolver's backlog: the bids not yet resolved of open auctions and
-/// of those settled within the last 10 minutes (the resolver's scan).
+/// of those settled lately (the auctions the resolver's scan looks at).
 static BACKLOG: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT count(*), \
            coalesce(extract(epoch FROM clock_timestamp() - min(p.received_at)), 0)::float8 \
-         FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT received_at FROM {} \
-           UNION ALL SELECT received_at FROM {}) p \
-         WHERE a.status = 'open' OR a.settled_at > now() - interval '10 minutes'",
-        bids::UNRESOLVED[0],
-        bids::UNRESOLVED[1],
+         FROM auctions a CROSS JOIN LATERAL {} p \
+         WHERE a.status = 'open' OR a.settled_at > now() - make_interval(secs => {})",
+        bids::unresolved("received_at"),
+        bids::SETTLED_LATELY.as_secs(),
     )
 });
 

@@ -936,11 +936,9 @@ fn resolver_pool_on(
 /// Bids the resolver still finds (see `gavel::db::bids::Progress`), as `db`
 /// sees them.
 async fn unresolved_bids(db: &tokio_postgres::Client) -> i64 {
-    let [after, open] = gavel::db::bids::UNRESOLVED;
     let sql = format!(
-        "SELECT count(*) FROM auctions a CROSS JOIN LATERAL ( \
-           SELECT id FROM {after} \
-           UNION ALL SELECT id FROM {open}) p"
+        "SELECT count(*) FROM auctions a CROSS JOIN LATERAL {} p",
+        gavel::db::bids::unresolved("id")
     );
     db.query_one(&sql, &[]).await.unwrap().get(0)
 }

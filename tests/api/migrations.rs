@@ -38,6 +38,20 @@ async fn migrate_before(url: &str, version: i64) {
     conn.close().await.unwrap();
 }
 
+/// A database migrated to the schema before `version`: its URL, a pooled
+/// connection to seed it through Gavel's queries, and a plain one.
+async fn database_before(
+    version: i64,
+) -> (String, deadpool_postgres::Client, tokio_postgres::Client) {
+    let url = empty_database().await;
+    migrate_before(&url, version).await;
+    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
+    let pool = gavel::db::build_pool(&url, "test-seed", &settings).unwrap();
+    let seeding = pool.get().await.unwrap();
+    let db = connect(&url).await;
+    (url, seeding, db)
+}
+
 /// One auction of the old schema, and what its resolver had written.
 struct OldAuction<'a> {
     db: &'a deadpool_postgres::Client,
@@ -221,12 +235,7 @@ async fn status_of(db: &tokio_postgres::Client, id: Uuid) -> (String, Option<Str
 
 #[tokio::test]
 async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
-    let url = empty_database().await;
-    migrate_before(&url, BY_TRANSACTION).await;
-    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
-    let pool = gavel::db::build_pool(&url, "test-seed", &settings).unwrap();
-    let seeding = pool.get().await.unwrap();
-    let db = connect(&url).await;
+    let (url, seeding, db) = database_before(BY_TRANSACTION).await;
     let minutes_ago = |m: i64| Utc::now() - Span::minutes(m);
 
     // Open: Ann outbid by Bob, Cat too low; Fay and Gus still pending.
@@ -329,12 +338,7 @@ async fn append_with_key_row(
 
 #[tokio::test]
 async fn keys_move_into_the_log_and_old_requests_still_replay() {
-    let url = empty_database().await;
-    migrate_before(&url, KEYS_IN_LOG).await;
-    let settings = gavel::db::PoolSettings::new(&test_config(&url), 1, "gavel-test");
-    let pool = gavel::db::build_pool(&url, "test-seed", &settings).unwrap();
-    let seeding = pool.get().await.unwrap();
-    let db = connect(&url).await;
+    let (url, seeding, db) = database_before(KEYS_IN_LOG).await;
     let auction = OldAuction::create(&seeding, Span::hours(1)).await.id;
     let bid = |bidder: &'static str, amount: i64, key: &'static str| {
         append_with_key_row(&db, auction, bidder, amount, key)

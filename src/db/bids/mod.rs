@@ -24,8 +24,8 @@ pub use append::{
 };
 pub use reads::{get, history};
 pub use resolve::{
-    auctions_with_pending, mark_outbid, pending, record_outcomes, BidOutcome, PendingBid,
-    PendingRead, Progress, UNRESOLVED,
+    auctions_with_pending, mark_outbid, pending, record_outcomes, unresolved, BidOutcome,
+    PendingBid, PendingRead, Progress, SETTLED_LATELY, UNRESOLVED,
 };
 
 /// One row of the bid log.

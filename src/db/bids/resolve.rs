@@ -86,6 +86,17 @@ pub const UNRESOLVED: [&str; 2] = [
        WHERE auction_id = a.id AND xid = o.xid AND status = 'pending' OFFSET 0) b",
 ];
 
+/// The bids not yet resolved of each auction `a` as one lateral subquery
+/// of `columns` (of its bids `b`): the two sources of [`UNRESOLVED`].
+pub fn unresolved(columns: &str) -> String {
+    let [after, open] = UNRESOLVED;
+    format!("(SELECT {columns} FROM {after} UNION ALL SELECT {columns} FROM {open})")
+}
+
+/// How long after its settlement an auction is still looked at for bids not
+/// yet resolved (by the resolver's scan and the backlog it reports).
+pub const SETTLED_LATELY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// [`COLUMNS`] of the bids `b`.
 fn qualified_columns() -> String {
     COLUMNS
@@ -105,11 +116,10 @@ pub async fn pending(
     limit: i64,
 ) -> Result<PendingRead, tokio_postgres::Error> {
     // Per auction, its row by key (`OFFSET 0` keeps the lookup a subquery,
-    // so no plan scans the auctions), then two index range scans on
-    // (auction_id, xid, seq): after the progress in order, up to the limit,
-    // and the open transactions' bids at or before it (few). One plan
-    // whatever the statistics, so it serves as a generic plan (see the
-    // resolver's `plan_modes`).
+    // so no plan scans the auctions), then the two sources of UNRESOLVED:
+    // after the progress in order, up to the limit, and the open
+    // transactions' bids (few). One plan whatever the statistics, so it
+    // serves as a generic plan (see the resolver's `plan_modes`).
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "WITH snapshot AS MATERIALIZED ( \
