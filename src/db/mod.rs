@@ -143,14 +143,13 @@ impl PoolSettings {
         }
     }
 
-    /// Plans each statement for its parameters. For the resolver: its
-    /// batches carry thousands of bids in arrays, and a generic plan, made
-    /// once while `bid_log` was small and blind to the arrays' length, can
-    /// join them row by row against the whole auction. A custom plan
-    /// sees each array's length, at a fraction of a millisecond of
-    /// planning per batch. The resolver switches back to generic plans,
-    /// within its transactions, for the statements that look rows up by
-    /// key (see `resolver::transaction::plan_modes`).
+    /// Plans each statement for its parameters. For the resolver's scans
+    /// (the auctions with bids to resolve or due to settle): a generic
+    /// plan, made once while the tables were small, can scan them whole
+    /// ever after; they run a few times a second, so planning each costs
+    /// little. Within its transactions the resolver switches to generic
+    /// plans that can only probe rows (see
+    /// `resolver::transaction::plan_modes`).
     pub fn with_custom_plans(mut self) -> Self {
         self.custom_plans = true;
         self

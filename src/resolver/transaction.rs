@@ -46,8 +46,8 @@ impl Resolver {
     /// longer pending, nothing is written and every auction
     /// written for is reported as [`Step::Conflict`].
     ///
-    /// The statements that look rows up by key run on generic plans, the
-    /// writes over the batch's arrays on plans made for them (`plan_modes`).
+    /// Every statement runs on a generic plan, planned once per session,
+    /// and the writes on plans that can only probe rows (`plan_modes`).
     /// An auction takes at most [`BatchSize`](super::BatchSize) bids.
     pub async fn resolve_auctions(
         &self,
@@ -69,13 +69,13 @@ impl Resolver {
         let started = Instant::now();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let [generic_plans, custom_plans] = plan_modes(&tx).await?;
+        let [generic_plans, probes_only] = plan_modes(&tx).await?;
         let snapshot = read(&tx, &generic_plans, auction_ids, limit).await?;
         let mut plan = plan::plan(&snapshot, auction_ids, limit, self.grace);
         if plan.batches.is_empty() {
             return Ok(plan.steps);
         }
-        let written = write(&tx, &custom_plans, &plan, &snapshot, &self.signals).await?;
+        let written = write(&tx, &probes_only, &plan, &snapshot, &self.signals).await?;
         if !written.verify(&plan) {
             let conflicts = plan.batches.iter().map(|b| (b.auction_id, Step::Conflict));
             plan.steps.extend(conflicts);
@@ -212,12 +212,13 @@ impl Written {
 /// outcomes and the event rows recording each bid's change.
 ///
 /// The writes touch different rows and are sent at once, one round trip.
-/// If a compare-and-set lost, or some bid was no longer pending, the caller drops the transaction and none of them is
-/// committed. The statements over the batch's arrays come after the switch
-/// back to custom plans (prepared, so on the wire before them).
+/// If a compare-and-set lost, or some bid was no longer pending, the
+/// caller drops the transaction and none of them is committed. They all
+/// come after the switch to plans that only probe rows (prepared, so on
+/// the wire before them).
 async fn write(
     tx: &Transaction<'_>,
-    custom_plans: &Statement,
+    probes_only: &Statement,
     plan: &Plan<'_>,
     snapshot: &Snapshot,
     signals: &Signals,
@@ -258,6 +259,7 @@ async fn write(
         })
         .collect();
     match futures::join!(
+        tx.execute(probes_only, &[]),
         futures::future::try_join_all(updates.iter().map(|u| auctions::compare_and_set(tx, u))),
         tx.execute(&notify, &notify_params),
         futures::future::try_join_all(
@@ -265,18 +267,17 @@ async fn write(
                 .iter()
                 .map(|&(auction_id, bid_id)| bids::mark_outbid(tx, auction_id, bid_id)),
         ),
-        tx.execute(custom_plans, &[]),
         bids::record_outcomes(tx, &plan.outcomes),
         futures::future::try_join_all((changes.iter()).map(|(id, version, changes)| {
             events::record_bid_changes(tx, *id, 0, *version, changes)
         })),
     ) {
-        (Ok(won), Ok(_), Ok(_), Ok(_), Ok(written), Ok(_)) => Ok(Written { won, written }),
-        (won, notified, marked, plan_mode, written, recorded) => Err(cause([
+        (Ok(_), Ok(won), Ok(_), Ok(_), Ok(written), Ok(_)) => Ok(Written { won, written }),
+        (plan_mode, won, notified, marked, written, recorded) => Err(cause([
+            plan_mode.err(),
             won.err(),
             notified.err(),
             marked.err(),
-            plan_mode.err(),
             written.err(),
             recorded.err(),
         ])),
@@ -349,22 +350,29 @@ fn settled_event(
     })
 }
 
-/// The statements that switch a resolver transaction to generic plans and
-/// back to custom ones (`SET LOCAL plan_cache_mode`), prepared.
+/// The statements that set how a resolver transaction's statements are
+/// planned, prepared: generic plans (`SET LOCAL plan_cache_mode`), then,
+/// for the writes, no sequential scan, hash or merge join.
 ///
 /// The resolver's sessions plan every statement for its parameters (see
-/// [`PoolSettings::with_custom_plans`](crate::db::PoolSettings::with_custom_plans)),
-/// which its writes over a batch's arrays need. Its other statements
-/// (the lock, the auction's row, the pending bids in queue order, the
-/// compare-and-set, the outbid marks, the notification) look rows up by
-/// key whatever their parameters, so a generic plan serves them all, and
-/// planning them once per batch would cost as much as running them.
+/// [`PoolSettings::with_custom_plans`](crate::db::PoolSettings::with_custom_plans))
+/// outside these transactions. Within them every statement looks rows up by
+/// key or by position whatever its parameters, so a generic plan serves it,
+/// and planning it once per batch would cost as much as running it. The
+/// reads stay probes by their form (see [`bids::pending`]). The writes
+/// over a batch's arrays are joins, and a generic plan made on a young
+/// table would hash the whole log; with those ways switched off, the only
+/// plan left fetches each bid by its row version (a TID scan per bid).
 async fn plan_modes(tx: &impl GenericClient) -> Result<[Statement; 2], tokio_postgres::Error> {
     let generic = tx
         .prepare_cached("SET LOCAL plan_cache_mode = force_generic_plan")
         .await?;
-    let custom = tx
-        .prepare_cached("SET LOCAL plan_cache_mode = force_custom_plan")
+    let probes_only = tx
+        .prepare_cached(
+            "SELECT set_config('enable_seqscan', 'off', true), \
+             set_config('enable_hashjoin', 'off', true), \
+             set_config('enable_mergejoin', 'off', true)",
+        )
         .await?;
-    Ok([generic, custom])
+    Ok([generic, probes_only])
 }

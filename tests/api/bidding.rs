@@ -706,7 +706,7 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
 }
 
 #[tokio::test]
-async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_key_lookups() {
+async fn the_resolver_plans_each_statement_once_and_its_writes_fetch_each_bid_by_position() {
     let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
@@ -747,35 +747,73 @@ async fn the_resolver_plans_its_writes_over_a_batch_for_it_and_reuses_plans_for_
         assert_eq!(found.len(), 1, "one statement has {fragment:?}: {plans:#?}");
         (found[0].1, found[0].2)
     };
-    for lookup in [
+    for statement in [
         "pg_try_advisory_xact_lock",
         "FROM auctions WHERE id = ANY($1::uuid[])",
         "ORDER BY b.xid, b.seq LIMIT $2",
         "UPDATE auctions SET leader_bid_id",
         "UPDATE bid_log SET status = 'outbid'",
         "pg_notify",
+        "UPDATE bid_log b SET status = u.status",
+        "INSERT INTO events (auction_id, n, kind, bid_ids",
     ] {
-        let (generic, custom) = plans_of(lookup);
-        // A statement's first use waits for it to be prepared, so a write
-        // sent before the switch back to custom plans may run after it once.
-        assert!(
-            custom <= 1,
-            "{lookup:?} was planned for its parameters {custom} times"
-        );
+        let (generic, custom) = plans_of(statement);
+        assert_eq!(custom, 0, "{statement:?} was planned for its parameters");
         assert!(
             generic >= 5,
-            "{lookup:?} ran on its generic plan {generic} times"
+            "{statement:?} ran on its generic plan {generic} times"
         );
     }
-    // The outcomes, a write over the batch's arrays.
-    let (generic, custom) = plans_of("UPDATE bid_log b SET status = u.status");
-    assert_eq!(generic, 0, "the outcomes ran on a generic plan");
-    assert_eq!(
-        custom, 7,
-        "the outcomes were planned for each of the 7 batches"
+    // The outcomes' plan, made as the resolver makes it on a young table:
+    // each bid fetched by its row version, never a scan of the log.
+    let outcomes = (plans.iter())
+        .find(|(statement, ..)| statement.contains("UPDATE bid_log b SET status = u.status"))
+        .map(|(statement, ..)| statement.clone())
+        .unwrap();
+    let plan = generic_plan_in_a_resolver_transaction(&client, &outcomes, 7).await;
+    assert!(plan.contains("Tid Scan on bid_log b"), "{plan}");
+    assert!(
+        !plan.contains("Seq Scan") && !plan.contains("Hash"),
+        "{plan}"
     );
     drop(client);
     assert_consistent(&app.db().await, auction_id).await;
+}
+
+/// The plan `statement` (with `params` parameters) gets in a resolver
+/// transaction on `client`: generic, with the planner settings the
+/// resolver's writes run under.
+async fn generic_plan_in_a_resolver_transaction(
+    client: &tokio_postgres::Client,
+    statement: &str,
+    params: usize,
+) -> String {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+             SELECT set_config('enable_seqscan', 'off', true), \
+                    set_config('enable_hashjoin', 'off', true), \
+                    set_config('enable_mergejoin', 'off', true); \
+             PREPARE probe AS {statement}"
+        ))
+        .await
+        .unwrap();
+    let nulls = vec!["NULL"; params].join(", ");
+    let rows = client
+        .simple_query(&format!("EXPLAIN EXECUTE probe({nulls})"))
+        .await
+        .unwrap();
+    client
+        .batch_execute("DEALLOCATE probe; ROLLBACK")
+        .await
+        .unwrap();
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[tokio::test]

@@ -107,12 +107,10 @@ pub async fn find_keys(
     client: &impl GenericClient,
     wanted: &[(Uuid, &str, &str)],
 ) -> Result<(HashMap<BidKey, BidRecord>, Option<PgLsn>), tokio_postgres::Error> {
+    // A function, so that its plan is made once per session (see its
+    // migration, `key_lookups_planned_once`).
     let stmt = client
-        .prepare_cached(
-            "SELECT b.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS w(auction_id, bidder_id, key) \
-             JOIN bid_log b ON b.auction_id = w.auction_id AND b.bidder_id = w.bidder_id \
-                           AND b.idempotency_key = w.key",
-        )
+        .prepare_cached("SELECT * FROM gavel_find_keys($1::uuid[], $2::text[], $3::text[])")
         .await?;
     let auction_ids: Vec<Uuid> = wanted.iter().map(|(auction, ..)| *auction).collect();
     let bidder_ids: Vec<&str> = wanted.iter().map(|(_, bidder, _)| *bidder).collect();
