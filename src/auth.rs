@@ -3,7 +3,10 @@
 //! `exp`, `aud` and `sub` are required, and an `nbf` (optional) is honoured:
 //! a token is refused before its `nbf` just as after its `exp`.
 
+use std::sync::Arc;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use quick_cache::sync::Cache;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::UserId;
@@ -100,6 +103,10 @@ pub enum TokenError {
 /// after its `exp` and until the second of its `nbf`.
 pub const LEEWAY_S: u64 = 0;
 
+/// How many verified tokens [`JwtKeys`] keeps: about 350 bytes each, so
+/// at most about 23 MiB.
+const VERIFIED_TOKENS: usize = 65_536;
+
 /// Signing and verification keys for one secret and audience.
 #[derive(Clone)]
 pub struct JwtKeys {
@@ -107,6 +114,32 @@ pub struct JwtKeys {
     decoding: DecodingKey,
     validation: Validation,
     audience: String,
+    /// Tokens verified lately, by their exact text: a client sends the
+    /// same token with every request, and its signature and claims need
+    /// checking once. Only tokens that verified enter; each use checks
+    /// `exp` and `nbf` again against the clock.
+    verified: Arc<Cache<Box<str>, Verified>>,
+}
+
+/// A token that verified: its user, and the time window it is valid in.
+#[derive(Clone)]
+struct Verified {
+    user: User,
+    nbf: Option<u64>,
+}
+
+impl Verified {
+    /// The user, if the token is valid at `now` (Unix seconds), by the
+    /// rules `jsonwebtoken` applies with no leeway.
+    fn at(&self, now: u64) -> Result<User, TokenError> {
+        if self.user.expires_at < now {
+            Err(TokenError::Expired)
+        } else if self.nbf.is_some_and(|nbf| nbf > now) {
+            Err(TokenError::NotYetValid)
+        } else {
+            Ok(self.user.clone())
+        }
+    }
 }
 
 impl JwtKeys {
@@ -125,11 +158,29 @@ impl JwtKeys {
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             validation,
             audience: audience.to_owned(),
+            verified: Arc::new(Cache::new(VERIFIED_TOKENS)),
         }
     }
 
     /// Verifies a token and returns its user.
     pub fn verify(&self, token: &str) -> Result<User, TokenError> {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`verify`](Self::verify) at `now` (Unix seconds) for a token seen
+    /// before; a new token is checked whole, on `jsonwebtoken`'s clock.
+    fn verify_at(&self, token: &str, now: u64) -> Result<User, TokenError> {
+        if let Some(verified) = self.verified.get(token) {
+            return verified.at(now);
+        }
+        let verified = self.decode(token)?;
+        let user = verified.user.clone();
+        self.verified.insert(token.into(), verified);
+        Ok(user)
+    }
+
+    /// Checks a token's signature and claims.
+    fn decode(&self, token: &str) -> Result<Verified, TokenError> {
         use jsonwebtoken::errors::ErrorKind;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
@@ -138,10 +189,13 @@ impl JwtKeys {
                 _ => TokenError::Invalid,
             })?;
         let id = UserId::parse(&data.claims.sub).map_err(|_| TokenError::Invalid)?;
-        Ok(User {
-            id,
-            roles: data.claims.roles,
-            expires_at: data.claims.exp,
+        Ok(Verified {
+            user: User {
+                id,
+                roles: data.claims.roles,
+                expires_at: data.claims.exp,
+            },
+            nbf: data.claims.nbf,
         })
     }
 
@@ -217,6 +271,36 @@ mod tests {
         let claims = format!(r#"{{"sub":"a","aud":"gavel","exp":{}}}"#, unix_now() + 60);
         let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&claims));
         assert_eq!(keys.verify(&unsigned).unwrap_err(), TokenError::Invalid);
+    }
+
+    #[test]
+    fn a_token_seen_before_is_still_refused_outside_its_time_window() {
+        let keys = JwtKeys::new(SECRET, "gavel");
+        let now = unix_now();
+        let token =
+            signed(serde_json::json!({"sub": "a", "aud": "gavel", "exp": now + 60, "nbf": now}));
+        assert_eq!(keys.verify_at(&token, now).unwrap().id.as_str(), "a");
+        assert!(
+            keys.verified.get(token.as_str()).is_some(),
+            "kept once verified"
+        );
+        // Seen again: the cached verdict follows the same rules as a decode.
+        assert_eq!(
+            keys.verify_at(&token, now + 60).unwrap().expires_at,
+            now + 60
+        );
+        assert_eq!(
+            keys.verify_at(&token, now + 61).unwrap_err(),
+            TokenError::Expired
+        );
+        assert_eq!(
+            keys.verify_at(&token, now - 1).unwrap_err(),
+            TokenError::NotYetValid
+        );
+        // A token that failed is never kept, so it is checked whole each time.
+        let forged = format!("{}x", token);
+        assert_eq!(keys.verify(&forged).unwrap_err(), TokenError::Invalid);
+        assert!(keys.verified.get(forged.as_str()).is_none());
     }
 
     fn signed(claims: serde_json::Value) -> String {

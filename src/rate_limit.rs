@@ -61,13 +61,15 @@ impl RateLimiter {
             buckets.next_sweep = Some(now + full_after);
             buckets.sweeps += 1;
         }
-        let bucket = buckets
-            .by_bidder
-            .entry(bidder.to_owned())
-            .or_insert(Bucket {
+        // Looked up before it is inserted: a known bidder costs no allocation.
+        if !buckets.by_bidder.contains_key(bidder) {
+            let full = Bucket {
                 tokens: self.burst,
                 refilled: now,
-            });
+            };
+            buckets.by_bidder.insert(bidder.to_owned(), full);
+        }
+        let bucket = buckets.by_bidder.get_mut(bidder).expect("inserted above");
         let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
         bucket.refilled = now;

@@ -7,6 +7,11 @@
 //! stalled, never as fewer requests (no coordinated omission). Completed
 //! requests are also counted by the second they finished in, which is the
 //! throughput the server delivered.
+//!
+//! Each attempt is also timed on its own, from when it was due (the first
+//! at the request's intended instant, a retry when its wait ended), by how
+//! it was answered: what the server took to accept or refuse, apart from
+//! the waits its `Retry-After` asked for.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -125,11 +130,25 @@ impl StreamSecond {
     }
 }
 
+/// How one attempt was answered, for its own latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// 2xx, or 304 for a conditional read.
+    Ok,
+    /// `503`: refused for overload.
+    Unavailable,
+    /// Anything else: another status, a timeout, a failed connection.
+    Otherwise,
+}
+
 /// One stream's totals.
 struct StreamTotals {
     endings: BTreeMap<String, u64>,
     ok_latency: Histogram<u64>,
     all_latency: Histogram<u64>,
+    /// Attempts answered 2xx, and 503, each from when it was due.
+    ok_attempts: Histogram<u64>,
+    unavailable_attempts: Histogram<u64>,
     retries: u64,
     replays: u64,
     denied_by_budget: u64,
@@ -142,6 +161,8 @@ impl StreamTotals {
             endings: BTreeMap::new(),
             ok_latency: histogram(),
             all_latency: histogram(),
+            ok_attempts: histogram(),
+            unavailable_attempts: histogram(),
             retries: 0,
             replays: 0,
             denied_by_budget: 0,
@@ -229,6 +250,17 @@ impl Recorder {
         }
     }
 
+    /// An attempt of a `kind` request was answered so, `latency` after it
+    /// was due.
+    pub fn attempt(&mut self, kind: Kind, answered: Answered, latency: Duration) {
+        let t = &mut self.totals[slot(kind)];
+        match answered {
+            Answered::Ok => t.ok_attempts.saturating_record(micros(latency)),
+            Answered::Unavailable => t.unavailable_attempts.saturating_record(micros(latency)),
+            Answered::Otherwise => {}
+        }
+    }
+
     /// Seconds recorded so far.
     pub fn len(&self) -> usize {
         self.seconds.len()
@@ -310,6 +342,8 @@ impl Recorder {
             idempotent_replays: t.replays,
             ok_latency_ms: Quantiles::of(&t.ok_latency),
             all_latency_ms: Quantiles::of(&t.all_latency),
+            ok_attempts_ms: Quantiles::of(&t.ok_attempts),
+            unavailable_attempts_ms: Quantiles::of(&t.unavailable_attempts),
         }
     }
 }
@@ -370,6 +404,11 @@ pub struct Quantiles {
 }
 
 impl Quantiles {
+    /// Whether no answer was counted.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
     /// The quantiles of `h`, whose values are microseconds.
     pub fn of(h: &Histogram<u64>) -> Quantiles {
         if h.is_empty() {
@@ -415,6 +454,12 @@ pub struct StreamSummary {
     pub ok_latency_ms: Quantiles,
     /// Latency of every answer, errors and timeouts included.
     pub all_latency_ms: Quantiles,
+    /// Each attempt answered 2xx (or 304), from when it was due.
+    #[serde(default, skip_serializing_if = "Quantiles::is_empty")]
+    pub ok_attempts_ms: Quantiles,
+    /// Each attempt answered `503`, from when it was due.
+    #[serde(default, skip_serializing_if = "Quantiles::is_empty")]
+    pub unavailable_attempts_ms: Quantiles,
 }
 
 #[cfg(test)]
@@ -478,6 +523,35 @@ mod tests {
             "{}",
             s.ok_latency_ms.max
         );
+    }
+
+    #[test]
+    fn each_attempt_is_timed_apart_by_its_answer() {
+        let mut r = Recorder::new();
+        // A bid refused twice in 5 ms, then accepted in 20 ms after its waits.
+        r.attempt(Kind::Bid, Answered::Unavailable, Duration::from_millis(5));
+        r.attempt(Kind::Bid, Answered::Unavailable, Duration::from_millis(5));
+        r.attempt(Kind::Bid, Answered::Ok, Duration::from_millis(20));
+        r.attempt(Kind::Bid, Answered::Otherwise, Duration::from_secs(2));
+        r.ended(ended(
+            0,
+            3,
+            Duration::from_millis(3_030),
+            3,
+            &Ending::Ok,
+            false,
+        ));
+        let bids = r.summary(Kind::Bid);
+        assert_eq!(bids.ok_latency_ms.count, 1);
+        assert!(
+            bids.ok_latency_ms.p99 >= 3_000.0,
+            "the bid's latency keeps its waits"
+        );
+        assert_eq!(bids.ok_attempts_ms.count, 1);
+        assert!((19.9..20.1).contains(&bids.ok_attempts_ms.p99));
+        assert_eq!(bids.unavailable_attempts_ms.count, 2);
+        assert!((4.9..5.1).contains(&bids.unavailable_attempts_ms.p50));
+        assert_eq!(r.summary(Kind::Read).ok_attempts_ms.count, 0);
     }
 
     #[test]

@@ -159,7 +159,7 @@ pub const SERVER_TIME: HeaderName = HeaderName::from_static("gavel-server-time")
 /// An instant as `Gavel-Server-Time` and `server_time` write it: UTC with
 /// exactly three fractional digits.
 pub fn format_server_time(now: DateTime<Utc>) -> String {
-    now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn server_time(now: DateTime<Utc>) -> HeaderValue {

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -17,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use chrono::Utc;
+use metrics::{Counter, Histogram};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -251,22 +253,30 @@ impl AuctionWatcher {
     }
 
     fn send(&mut self, latest: &Snapshot) -> Bytes {
+        // Registered once: a full fan-out sends one event per stream at once.
+        static SKIPPED: LazyLock<Counter> =
+            LazyLock::new(|| metrics::counter!("gavel_stream_versions_skipped_total"));
+        static SENT: LazyLock<Counter> =
+            LazyLock::new(|| metrics::counter!("gavel_stream_events_total", "event" => "auction"));
+        static DELIVERY: LazyLock<Histogram> =
+            LazyLock::new(|| metrics::histogram!("gavel_stream_delivery_seconds"));
         if !self.resumed && self.sent != i64::MIN {
-            let skipped = (latest.version() - self.sent - 1).max(0) as u64;
-            metrics::counter!("gavel_stream_versions_skipped_total").increment(skipped);
+            SKIPPED.increment((latest.version() - self.sent - 1).max(0) as u64);
         }
         self.resumed = false;
         self.sent = latest.version();
-        metrics::counter!("gavel_stream_events_total", "event" => "auction").increment(1);
-        metrics::histogram!("gavel_stream_delivery_seconds").record(latest.changed_at.elapsed());
+        SENT.increment(1);
+        DELIVERY.record(latest.changed_at.elapsed());
         let class = masking_class(&latest.auction, &self.user);
         let view = latest.rendered[class].get_or_init(|| render(&latest.auction, &self.user));
         // The view is rendered once per class; the time is this send's.
-        let time = format!(
-            ",\"server_time\":\"{}\"}}\n\n",
-            format_server_time(Utc::now())
-        );
-        Bytes::from([view.as_ref(), time.as_bytes()].concat())
+        let time = format_server_time(Utc::now());
+        let mut event = Vec::with_capacity(view.len() + time.len() + 20);
+        event.extend_from_slice(view);
+        event.extend_from_slice(b",\"server_time\":\"");
+        event.extend_from_slice(time.as_bytes());
+        event.extend_from_slice(b"\"}\n\n");
+        Bytes::from(event)
     }
 }
 

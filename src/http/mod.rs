@@ -14,7 +14,8 @@ pub mod health;
 pub mod serve;
 pub mod watch;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::error_handling::HandleErrorLayer;
@@ -24,6 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -261,15 +263,54 @@ async fn overload_response(error: BoxError) -> ApiError {
 /// Counts requests and records latency by method, matched route and status.
 async fn track_metrics(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = matched_route(&request).to_owned();
-    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    // A method of the client's own making is not a label of its own.
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    };
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!("gavel_http_requests_total", &labels).increment(1);
-    metrics::histogram!("gavel_http_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let (requests, duration) = request_metrics(method, route, response.status().as_u16());
+    requests.increment(1);
+    duration.record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The request counter and latency histogram of a method, route and
+/// status, registered at their first request: registering them by labels
+/// at every request allocated and hashed the labels each time.
+fn request_metrics(method: &'static str, route: &str, status: u16) -> (Counter, Histogram) {
+    type Handles = HashMap<String, Vec<(&'static str, u16, Counter, Histogram)>>;
+    static HANDLES: LazyLock<Mutex<Handles>> = LazyLock::new(Mutex::default);
+    let mut handles = HANDLES.lock().expect("request metrics");
+    if let Some(known) = handles.get(route) {
+        if let Some((.., counter, histogram)) =
+            (known.iter()).find(|(m, s, ..)| *m == method && *s == status)
+        {
+            return (counter.clone(), histogram.clone());
+        }
+    }
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route.to_owned()),
+        ("status", status.to_string()),
+    ];
+    let counter = metrics::counter!("gavel_http_requests_total", &labels);
+    let histogram = metrics::histogram!("gavel_http_request_duration_seconds", &labels);
+    (handles.entry(route.to_owned()).or_default()).push((
+        method,
+        status,
+        counter.clone(),
+        histogram.clone(),
+    ));
+    (counter, histogram)
 }
 
 /// The admin listener: Prometheus metrics, with the occupancy of `pools`

@@ -786,6 +786,16 @@ async fn every_bad_request_gets_its_problem_code() {
         "generated request ids are unique"
     );
 
+    // A method of the client's own making is counted as `other`.
+    let method = reqwest::Method::from_bytes(b"BIDNOW").unwrap();
+    let odd = app
+        .http
+        .request(method, app.url("/api/auctions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(odd.status(), StatusCode::METHOD_NOT_ALLOWED);
+
     // The refusals were counted by status on the admin listener.
     let metrics = app
         .http
@@ -804,6 +814,10 @@ async fn every_bad_request_gets_its_problem_code() {
             "requests with status {status} are counted"
         );
     }
+    assert!(
+        metrics.contains("method=\"other\"") && !metrics.contains("BIDNOW"),
+        "an unknown method is labelled other"
+    );
 
     app.stop().await;
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::{Amount, Fate, SentBid, Shared};
 use crate::client::{self, Failure};
 use crate::receipts::Seen;
-use crate::record::{Ended, Ending, Kind};
+use crate::record::{Answered, Ended, Ending, Kind};
 use crate::retry::Decision;
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -43,7 +43,33 @@ async fn slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
 /// Sends the request `build` makes once a slot is free: what it carries
 /// is decided when it goes out, as a client's would be, not while it
 /// waited for the generator's slot.
-async fn attempt(shared: &Shared, build: impl FnOnce() -> Request<client::Body>) -> Answer {
+async fn attempt(
+    shared: &Shared,
+    due: Instant,
+    build: impl FnOnce() -> Request<client::Body>,
+) -> Answer {
+    let answer = send_attempt(shared, build).await;
+    let status = match &answer {
+        Answer::Status(status, ..) => Some(*status),
+        _ => None,
+    };
+    note_attempt(shared, Kind::Bid, due, status);
+    answer
+}
+
+/// Files one attempt of a `kind` request, due at `due`, by its answer's
+/// status (`None`: no answer).
+fn note_attempt(shared: &Shared, kind: Kind, due: Instant, status: Option<StatusCode>) {
+    let answered = match status {
+        Some(s) if s.is_success() || s == StatusCode::NOT_MODIFIED => Answered::Ok,
+        Some(StatusCode::SERVICE_UNAVAILABLE) => Answered::Unavailable,
+        _ => Answered::Otherwise,
+    };
+    let latency = due.elapsed();
+    (shared.recorder.lock().expect("recorder")).attempt(kind, answered, latency);
+}
+
+async fn send_attempt(shared: &Shared, build: impl FnOnce() -> Request<client::Body>) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
@@ -172,9 +198,10 @@ pub(super) async fn send_bid(
     let since_t0 = || Instant::now().saturating_duration_since(shared.t0);
     shared.retries.first_attempt(since_t0());
     let (mut attempts, mut ambiguous, mut withheld) = (0, false, None);
+    let mut due = intended;
     let (ending, fate, replayed) = loop {
         attempts += 1;
-        let answer = attempt(shared, || {
+        let answer = attempt(shared, due, || {
             let (_, body) = body.get_or_insert_with(|| {
                 let amount = bid_amount(shared, auction, planned);
                 (amount, Bytes::from(format!("{{\"amount\":{amount}}}")))
@@ -192,7 +219,10 @@ pub(super) async fn send_bid(
                 .retries
                 .decide(attempts, retry_after, since_t0(), &mut rand::thread_rng());
         match decision {
-            Decision::Retry(wait) => tokio::time::sleep(wait).await,
+            Decision::Retry(wait) => {
+                tokio::time::sleep(wait).await;
+                due = Instant::now();
+            }
             Decision::Exhausted => break (ending, fate, false),
             Decision::Withheld(why) => {
                 withheld = Some(why);
@@ -270,7 +300,7 @@ pub(super) async fn send_read(shared: &Shared, intended: Instant, auction: usize
     let request = request
         .body(client::Body::default())
         .expect("the request is well formed");
-    let ending = match attempt_read(shared, request, auction, tag).await {
+    let ending = match attempt_read(shared, intended, request, auction, tag).await {
         Answer::Status(status, _, _, _)
             if status.is_success() || status == StatusCode::NOT_MODIFIED =>
         {
@@ -300,6 +330,7 @@ pub(super) async fn send_read(shared: &Shared, intended: Instant, auction: usize
 /// what the clients know of the auction, and the version shown is filed.
 async fn attempt_read(
     shared: &Shared,
+    due: Instant,
     request: Request<client::Body>,
     auction: usize,
     tag: Option<HeaderValue>,
@@ -307,7 +338,10 @@ async fn attempt_read(
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
     };
-    let response = match shared.client.send(request, shared.timeout).await {
+    let response = shared.client.send(request, shared.timeout).await;
+    let status = response.as_ref().ok().map(|r| r.status);
+    note_attempt(shared, Kind::Read, due, status);
+    let response = match response {
         Ok(response) => response,
         Err(Failure::Timeout) => return Answer::Timeout,
         Err(Failure::Transport) => return Answer::Transport,

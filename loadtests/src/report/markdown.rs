@@ -71,7 +71,36 @@ impl Report {
             ));
         }
         md.push_str("\nLatency is measured from each request's intended send time (open model), retries included, over the bids answered 2xx.\n\n");
+        self.attempts(md);
         self.client_policies(md);
+    }
+
+    /// Each bid attempt on its own, when some were answered `503`: what
+    /// the server took to accept or refuse, apart from the waits its
+    /// `Retry-After` asked for.
+    fn attempts(&self, md: &mut String) {
+        if self
+            .runs
+            .iter()
+            .all(|r| r.bids.unavailable_attempts_ms.count == 0)
+        {
+            return;
+        }
+        md.push_str("Each bid attempt on its own, from when it was due (the first at the bid's intended send time, a retry when its wait ended):\n\n| mode | attempts answered 2xx | p50 | p99 | answered 503 | p50 | p99 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for r in &self.runs {
+            let (ok, refused) = (&r.bids.ok_attempts_ms, &r.bids.unavailable_attempts_ms);
+            md.push_str(&format!(
+                "| {} | {} | {:.1} ms | {:.1} ms | {} | {:.1} ms | {:.1} ms |\n",
+                self.label(r),
+                ok.count,
+                ok.p50,
+                ok.p99,
+                refused.count,
+                refused.p50,
+                refused.p99
+            ));
+        }
+        md.push('\n');
     }
 
     /// The nice steps the load generator ran below Gavel and PostgreSQL.
