@@ -131,13 +131,13 @@ struct Verified {
 impl Verified {
     /// The user, if the token is valid at `now` (Unix seconds), by the
     /// rules `jsonwebtoken` applies with no leeway.
-    fn at(&self, now: u64) -> Result<User, TokenError> {
+    fn at(self, now: u64) -> Result<User, TokenError> {
         if self.user.expires_at < now {
             Err(TokenError::Expired)
         } else if self.nbf.is_some_and(|nbf| nbf > now) {
             Err(TokenError::NotYetValid)
         } else {
-            Ok(self.user.clone())
+            Ok(self.user)
         }
     }
 }
