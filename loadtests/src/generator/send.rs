@@ -40,9 +40,8 @@ async fn slot(shared: &Shared) -> Option<tokio::sync::SemaphorePermit<'_>> {
         .map(|permit| permit.expect("the semaphore is never closed"))
 }
 
-/// Sends the request `build` makes once a slot is free: what it carries
-/// is decided when it goes out, as a client's would be, not while it
-/// waited for the generator's slot.
+/// One attempt of a bid, due at `due` (see [`send_attempt`]), filed with
+/// its own latency.
 async fn attempt(
     shared: &Shared,
     due: Instant,
@@ -69,6 +68,9 @@ fn note_attempt(shared: &Shared, kind: Kind, due: Instant, status: Option<Status
     (shared.recorder.lock().expect("recorder")).attempt(kind, answered, latency);
 }
 
+/// Sends the request `build` makes once a slot is free: what it carries
+/// is decided when it goes out, as a client's would be, not while it
+/// waited for the generator's slot.
 async fn send_attempt(shared: &Shared, build: impl FnOnce() -> Request<client::Body>) -> Answer {
     let Some(_slot) = slot(shared).await else {
         return Answer::NotSent;
