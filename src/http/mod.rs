@@ -184,10 +184,12 @@ fn request_span(request: &Request) -> tracing::Span {
 /// The route template a request matched (never the raw path, which would
 /// put ids in labels), or `unmatched`.
 fn matched_route(request: &Request) -> &str {
-    request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
+    route_label(request.extensions().get::<MatchedPath>())
+}
+
+/// A matched route as a label: its template, or `unmatched`.
+fn route_label(matched: Option<&MatchedPath>) -> &str {
+    matched.map_or("unmatched", MatchedPath::as_str)
 }
 
 /// One access-log line per request, in the request's span: status and
@@ -276,7 +278,7 @@ async fn track_metrics(request: Request, next: Next) -> Response {
         _ => "other",
     };
     let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let route = route_label(route.as_ref());
     let (requests, duration) = request_metrics(method, route, response.status().as_u16());
     requests.increment(1);
     duration.record(started.elapsed().as_secs_f64());

@@ -60,12 +60,17 @@ async fn attempt(
 /// status (`None`: no answer).
 fn note_attempt(shared: &Shared, kind: Kind, due: Instant, status: Option<StatusCode>) {
     let answered = match status {
-        Some(s) if s.is_success() || s == StatusCode::NOT_MODIFIED => Answered::Ok,
+        Some(s) if answered_ok(s) => Answered::Ok,
         Some(StatusCode::SERVICE_UNAVAILABLE) => Answered::Unavailable,
         _ => Answered::Otherwise,
     };
     let latency = due.elapsed();
     (shared.recorder.lock().expect("recorder")).attempt(kind, answered, latency);
+}
+
+/// Whether `status` answers a request: 2xx, or 304 for a conditional read.
+fn answered_ok(status: StatusCode) -> bool {
+    status.is_success() || status == StatusCode::NOT_MODIFIED
 }
 
 /// Sends the request `build` makes once a slot is free: what it carries
@@ -303,11 +308,7 @@ pub(super) async fn send_read(shared: &Shared, intended: Instant, auction: usize
         .body(client::Body::default())
         .expect("the request is well formed");
     let ending = match attempt_read(shared, intended, request, auction, tag).await {
-        Answer::Status(status, _, _, _)
-            if status.is_success() || status == StatusCode::NOT_MODIFIED =>
-        {
-            Ending::Ok
-        }
+        Answer::Status(status, _, _, _) if answered_ok(status) => Ending::Ok,
         Answer::Status(status, _, body, _) if status.is_server_error() => {
             Ending::ServerError(problem_code(status, &body))
         }
