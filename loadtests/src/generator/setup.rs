@@ -146,6 +146,7 @@ fn watching(
         events_by_second,
         open_by_second,
         endings: Mutex::new(Vec::new()),
+        idle: Mutex::new(Vec::new()),
     })
 }
 

@@ -4,7 +4,11 @@
 //! `Last-Event-ID` when the stream drops. One task per stream; it reads
 //! only the `id:` and `event:` lines (and the short `data:` of `end`),
 //! never the views, and files each version's receipt time
-//! ([`crate::receipts`]) and the versions it skipped.
+//! ([`crate::receipts`]) and the versions it skipped. After `end` a
+//! watcher leaves its connection open, idle, as an HTTP client's pool
+//! would (a browser's among them); they are all closed once every watcher
+//! has finished, so that tearing down ten thousand connections does not
+//! share the machine with the final view still being delivered.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,6 +58,9 @@ pub(super) struct Watching {
     pub open_by_second: Vec<AtomicU32>,
     /// How each watcher ended.
     pub endings: Mutex<Vec<WatcherEnd>>,
+    /// The connections of streams that ended, left open until the
+    /// watchers have finished.
+    pub idle: Mutex<Vec<EventStream>>,
 }
 
 /// Counts across the watchers.
@@ -208,6 +215,7 @@ pub(super) async fn finish(shared: &Shared, watchers: Vec<JoinHandle<()>>, durat
     for handle in pending {
         let _ = handle.await;
     }
+    watching.idle.lock().expect("idle connections").clear();
 }
 
 /// What one watcher knows of its stream.
@@ -292,10 +300,11 @@ async fn follow(
     watching.open.fetch_add(1, Ordering::AcqRel);
     read_events(shared, *auction, &mut events, stream).await;
     watching.open.fetch_sub(1, Ordering::AcqRel);
-    stream
-        .end
-        .is_none()
-        .then(|| jitter(Duration::from_millis(200)))
+    if stream.end.is_some() {
+        watching.idle.lock().expect("idle connections").push(events);
+        return None;
+    }
+    Some(jitter(Duration::from_millis(200)))
 }
 
 /// A random wait between `base` and twice it, so that dropped watchers do
