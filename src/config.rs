@@ -116,6 +116,10 @@ pub struct ResolverConfig {
     pub enabled: bool,
     /// Polling fallback of the resolver (`GAVEL_RESOLVER_POLL_MS`).
     pub poll: Duration,
+    /// Shortest time between the starts of two rounds woken by new bids
+    /// (`GAVEL_RESOLVER_INTERVAL_MS`): bids arriving meanwhile share the
+    /// next round's transactions.
+    pub interval: Duration,
     /// Wait after `ends_at` before settling, so bids still committing are
     /// resolved first (`GAVEL_SETTLE_GRACE_MS`, default statement timeout + 1 s).
     pub settle_grace: Duration,
@@ -265,6 +269,7 @@ impl Env<'_> {
         Ok(ResolverConfig {
             enabled: self.choice("GAVEL_RESOLVER", "on", &["on", "off"])? == "on",
             poll: self.millis("GAVEL_RESOLVER_POLL_MS", 1_000, 10..=60_000)?,
+            interval: self.millis("GAVEL_RESOLVER_INTERVAL_MS", 10, 0..=1_000)?,
             // The grace covers a bid insert still committing at the end.
             settle_grace: self.at_least(
                 "GAVEL_SETTLE_GRACE_MS",
@@ -289,7 +294,7 @@ impl Env<'_> {
                 "optimistic" => BidPath::Optimistic,
                 _ => BidPath::Log,
             },
-            append_writers: self.number("GAVEL_APPEND_WRITERS", 2, 1..=64)?,
+            append_writers: self.number("GAVEL_APPEND_WRITERS", 1, 1..=64)?,
             append_batch_max: self.number("GAVEL_APPEND_BATCH_MAX", 500, 1..=5_000)?,
             rate_limit: self.number("GAVEL_BID_RATE_LIMIT", 10, 0..=1_000_000)? as u32,
             rate_burst: self.number("GAVEL_BID_RATE_BURST", 20, 1..=1_000_000)? as u32,
@@ -418,9 +423,6 @@ impl Env<'_> {
         Ok(value)
     }
 
-    /// Writers of coalesced appends: two by default (one statement commits
-    /// while the next batch is collected; more only make smaller batches on
-    /// a small machine), never more than the API pool has connections.
     fn edge_limits(&self) -> Result<EdgeLimits, ConfigError> {
         Ok(EdgeLimits {
             max_connections: self.number("GAVEL_MAX_CONNECTIONS", 10_000, 1..=1_000_000)?,
@@ -618,13 +620,14 @@ mod tests {
         assert!(c.reads.replica_urls.is_empty());
         assert_eq!(c.resolver.settle_grace, Duration::from_millis(6_000));
         assert!(c.resolver.enabled);
+        assert_eq!(c.resolver.interval, Duration::from_millis(10));
         assert_eq!(c.bids.path, BidPath::Log);
         assert_eq!(c.pools.lock_timeout, Duration::from_millis(500));
         assert_eq!(c.limits.request_timeout, Duration::from_millis(12_000));
         assert_eq!(c.reads.max_lag, Duration::from_millis(2_000));
         assert_eq!(c.telemetry.pg_sample_interval, Duration::from_millis(2_000));
         assert_eq!(c.reads.cache_ttl, Duration::from_millis(250));
-        assert_eq!(c.bids.append_writers, 2);
+        assert_eq!(c.bids.append_writers, 1);
         assert_eq!(c.bids.append_batch_max, 500);
         assert!(c.webhooks.urls.is_empty() && c.webhooks.secret.is_none());
         assert_eq!(c.webhooks.retry_base, Duration::from_millis(4_000));
@@ -671,7 +674,7 @@ mod tests {
     }
 
     #[test]
-    fn append_writers_default_to_two_whatever_the_api_pool() {
+    fn append_writers_default_to_one_whatever_the_api_pool() {
         let c = config(&[
             ("GAVEL_DATABASE_URL", URL),
             ("GAVEL_JWT_SECRET", SECRET),
@@ -679,7 +682,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            c.bids.append_writers, 2,
+            c.bids.append_writers, 1,
             "writers have connections of their own"
         );
         let c = config(&[

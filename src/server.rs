@@ -220,8 +220,7 @@ fn spawn_workers(
         let resolver = Resolver::new(
             state.pools.resolver.clone(),
             state.signals.clone(),
-            config.resolver.settle_grace,
-            config.resolver.poll,
+            &config.resolver,
         );
         tasks.spawn(resolver.run(workers.clone()));
     } else {

@@ -75,7 +75,7 @@ pub struct AppendSettings {
 impl Default for AppendSettings {
     fn default() -> Self {
         AppendSettings {
-            writers: 2,
+            writers: 1,
             batch_max: 500,
             write_limit: Duration::from_secs(6),
         }

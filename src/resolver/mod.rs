@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::config::ResolverConfig;
 use crate::db::Pool;
 use crate::signals::Signals;
 
@@ -76,6 +77,7 @@ pub struct Resolver {
     /// `settle_grace` as the planner compares it with database times.
     grace: chrono::Duration,
     poll: Duration,
+    interval: Duration,
     concurrency: usize,
     /// Auctions with a delayed retry scheduled (one at a time per auction).
     retrying: Arc<Mutex<HashSet<Uuid>>>,
@@ -83,18 +85,19 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver writing through `pool`, settling auctions `settle_grace`
-    /// after their end, scanning for missed work every `poll`.
-    pub fn new(pool: Pool, signals: Signals, settle_grace: Duration, poll: Duration) -> Self {
+    /// A resolver writing through `pool`, woken by `signals`, with the
+    /// grace, polling and round interval of `config`.
+    pub fn new(pool: Pool, signals: Signals, config: &ResolverConfig) -> Self {
         let concurrency = pool.status().max_size.max(1);
         instruments::register();
         Resolver {
             pool,
             signals,
-            settle_grace,
+            settle_grace: config.settle_grace,
             // Configured in milliseconds up to an hour: always in range.
-            grace: chrono::Duration::from_std(settle_grace).unwrap_or(chrono::Duration::MAX),
-            poll,
+            grace: chrono::Duration::from_std(config.settle_grace).unwrap_or(chrono::Duration::MAX),
+            poll: config.poll,
+            interval: config.interval,
             concurrency,
             retrying: Arc::default(),
             batch: Arc::default(),

@@ -3,6 +3,12 @@
 //! due to settle), resolves them in groups, one transaction per group, and
 //! then drains, one by one, those with bids left; each auction gets a turn
 //! of a few batches so a hot one cannot starve the others.
+//!
+//! Rounds start at most once per interval (`GAVEL_RESOLVER_INTERVAL_MS`):
+//! under a stream of bids, each round would otherwise take the few bids
+//! appended since the last, and a transaction's fixed cost (its round
+//! trips, its commit) would weigh on every bid. A round after a quiet
+//! spell starts at once.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,6 +42,7 @@ impl Resolver {
         let mut next_scan = Instant::now();
         let mut next_full_scan = Instant::now();
         loop {
+            let round = Instant::now();
             let mut work: BTreeSet<Uuid> = self.signals.take_dirty().into_iter().collect();
             if work.remove(&Uuid::nil()) || Instant::now() >= next_scan {
                 let full = Instant::now() >= next_full_scan;
@@ -53,6 +60,10 @@ impl Resolver {
                 () = shutdown.cancelled() => return,
                 () = self.signals.woken() => {}
                 () = tokio::time::sleep_until(next_scan.into()) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until((round + self.interval).into()) => {}
             }
         }
     }

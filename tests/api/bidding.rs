@@ -965,8 +965,7 @@ fn resolver_pool_on(
     let resolver = gavel::resolver::Resolver::new(
         pool.clone(),
         gavel::signals::Signals::new(),
-        config.resolver.settle_grace,
-        config.resolver.poll,
+        &config.resolver,
     );
     (pool, resolver)
 }
