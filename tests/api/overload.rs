@@ -28,6 +28,8 @@ async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
     const DEADLINE: Duration = Duration::from_secs(3);
     let app = TestApp::spawn_with(|config| {
         config.pools.api_size = 2;
+        // Two batches in flight, one held bid each, the rest queued.
+        config.bids.append_writers = 2;
         config.pools.wait_timeout = Duration::from_secs(1);
         config.limits.request_timeout = DEADLINE;
         // Long enough that only the request deadline ends a blocked request.
@@ -41,7 +43,7 @@ async fn a_saturated_pool_answers_503_fast_and_recovers_without_a_restart() {
     let warm = app.bid("warmup", &auction_id, 1_000, &new_key()).await;
     assert_eq!(warm.status(), StatusCode::ACCEPTED);
 
-    // Hold every append: the pool's two connections end up waiting on the lock.
+    // Hold every append: the two writers' batches end up waiting on the lock.
     let locker = app.db().await;
     locker
         .batch_execute("BEGIN; LOCK TABLE bid_log IN ACCESS EXCLUSIVE MODE")
