@@ -1,5 +1,5 @@
 //! The audit after every run, read from the database: every bid answered
-//! 2xx is in `bid_log` exactly once as sent, nothing refused, unsent or
+//! 2xx is in the bid log exactly once as sent, nothing refused, unsent or
 //! repeated is there, every bid has its outcome once the auctions settle,
 //! and Gavel's pure rules replayed over each auction's log give its state.
 //! It also measures every bid's resolver lag, which no client can see.
@@ -128,13 +128,28 @@ pub async fn audit(
     Ok(report)
 }
 
-/// The run's auctions' rows of `bid_log`, each auction's in resolution order.
+/// Whether the schema records outcomes per resolver batch, each bid's
+/// status derived by the `bids` view (another build under test may
+/// predate it and keep statuses in `bid_log`).
+const OUTCOMES_PER_BATCH: &str = "SELECT to_regclass('bid_outcomes') IS NOT NULL";
+
+/// Where a bid's status is read on the schema under test: the `bids` view,
+/// or `bid_log` on a schema before it.
+async fn bids_relation(client: &tokio_postgres::Client) -> anyhow::Result<&'static str> {
+    let per_batch: bool = client.query_one(OUTCOMES_PER_BATCH, &[]).await?.get(0);
+    Ok(if per_batch { "bids" } else { "bid_log" })
+}
+
+/// The run's auctions' bids, each auction's in resolution order.
 async fn read_log(client: &tokio_postgres::Client, ids: &[Uuid]) -> anyhow::Result<Vec<LogRow>> {
+    let relation = bids_relation(client).await?;
     let rows = client
         .query(
-            "SELECT auction_id, id, bidder_id, amount, idempotency_key, received_at, status, \
-                    reason, price_after, resolution_no, resolved_at, resolved_version \
-             FROM bid_log WHERE auction_id = ANY($1) ORDER BY auction_id, resolution_no, seq",
+            &format!(
+                "SELECT auction_id, id, bidder_id, amount, idempotency_key, received_at, status, \
+                        reason, price_after, resolution_no, resolved_at, resolved_version \
+                 FROM {relation} WHERE auction_id = ANY($1) ORDER BY auction_id, resolution_no, seq"
+            ),
             &[&ids],
         )
         .await?;
@@ -174,32 +189,30 @@ async fn read_auctions(
 
 /// The bids of the run's auctions that the resolver still finds: those
 /// its progress through each auction has not passed (see
-/// `gavel::db::bids::Progress`), or, on a schema from before `bid_log.xid`
-/// (another build under test), those in its queue of pending bids.
+/// `gavel::db::bids::Progress`), or, on a schema that keeps statuses in
+/// `bid_log` (another build under test), those still `pending` there.
 async fn read_unresolved(
     client: &tokio_postgres::Client,
     ids: &[Uuid],
 ) -> anyhow::Result<HashSet<Uuid>> {
-    let by_progress = format!(
-        "SELECT p.id FROM auctions a CROSS JOIN LATERAL {} p WHERE a.id = ANY($1)",
-        bids::unresolved("id")
-    );
-    let queued = "SELECT id FROM pending_bids WHERE auction_id = ANY($1)";
-    let by_transaction: bool = client
-        .query_one(crate::bench::BY_TRANSACTION, &[])
-        .await?
-        .get(0);
-    let sql = if by_transaction {
-        by_progress.as_str()
-    } else {
-        queued
-    };
     Ok(client
-        .query(sql, &[&ids])
+        .query(&unresolved_sql(client).await?, &[&ids])
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect())
+}
+
+/// The statement selecting the `id` of every bid still to resolve among
+/// the auctions `$1` (see [`read_unresolved`]).
+async fn unresolved_sql(client: &tokio_postgres::Client) -> anyhow::Result<String> {
+    Ok(match bids_relation(client).await? {
+        "bids" => format!(
+            "SELECT p.id FROM auctions a CROSS JOIN LATERAL {} p WHERE a.id = ANY($1)",
+            bids::unresolved("id")
+        ),
+        _ => "SELECT id FROM bid_log WHERE auction_id = ANY($1) AND status = 'pending'".into(),
+    })
 }
 
 /// Audits what a run sent, waiting at most [`SETTLE_PATIENCE`].
@@ -227,16 +240,17 @@ async fn wait_for_settlement(
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut last_said = Instant::now();
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM auctions \
+                 WHERE id = ANY($1) AND status <> 'closed' \
+                   AND ends_at < now() + make_interval(secs => $2)), \
+                (SELECT count(*) FROM ({}) p), \
+                (SELECT max(ends_at) FROM auctions WHERE id = ANY($1) AND status <> 'closed')",
+        unresolved_sql(client).await?
+    );
     loop {
         let row = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM auctions \
-                         WHERE id = ANY($1) AND status <> 'closed' \
-                           AND ends_at < now() + make_interval(secs => $2)), \
-                        (SELECT count(*) FROM bid_log WHERE auction_id = ANY($1) AND status = 'pending'), \
-                        (SELECT max(ends_at) FROM auctions WHERE id = ANY($1) AND status <> 'closed')",
-                &[&ids, &SETTLE_HORIZON.as_secs_f64()],
-            )
+            .query_one(&sql, &[&ids, &SETTLE_HORIZON.as_secs_f64()])
             .await?;
         let (open, pending): (i64, i64) = (row.get(0), row.get(1));
         if open == 0 && pending == 0 {

@@ -586,8 +586,8 @@ async fn a_trace_is_recorded_replayed_by_the_cli_and_a_tampered_log_fails_the_au
         .unwrap();
     let changed = db
         .execute(
-            "UPDATE bid_log SET price_after = COALESCE(price_after, 0) + 1 \
-             WHERE auction_id = $1 AND resolution_no = 1",
+            "UPDATE bid_outcomes SET prices[1] = COALESCE(prices[1], 0) + 1 \
+             WHERE auction_id = $1 AND first_no = 1",
             &[&other],
         )
         .await

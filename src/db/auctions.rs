@@ -183,16 +183,22 @@ pub async fn get_with_clock(
 }
 
 /// Reads the auctions among `ids` that exist (plain MVCC reads), in no
-/// particular order.
-pub async fn get_many(
+/// particular order, each with the resolver's progress through its bids.
+pub async fn get_many_with_progress(
     client: &impl GenericClient,
     ids: &[Uuid],
-) -> Result<Vec<AuctionRecord>, tokio_postgres::Error> {
-    static SQL: LazyLock<String> =
-        LazyLock::new(|| format!("SELECT {COLUMNS} FROM auctions WHERE id = ANY($1::uuid[])"));
+) -> Result<Vec<(AuctionRecord, Progress)>, tokio_postgres::Error> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {COLUMNS}, resolved_xid, resolved_seq, open_xids, ahead_xids, ahead_seqs \
+             FROM auctions WHERE id = ANY($1::uuid[])"
+        )
+    });
     let stmt = client.prepare_cached(&SQL).await?;
     let rows = client.query(&stmt, &[&ids]).await?;
-    rows.iter().map(AuctionRecord::from_row).collect()
+    rows.iter()
+        .map(|row| Ok((AuctionRecord::from_row(row)?, Progress::from_row(row)?)))
+        .collect()
 }
 
 /// Waits for the auction's advisory lock, held until the transaction ends:
@@ -292,6 +298,8 @@ pub async fn compare_and_set(
              resolved_xid = coalesce($14, resolved_xid), \
              resolved_seq = coalesce($15, resolved_seq), \
              open_xids = coalesce($16, open_xids), \
+             ahead_xids = coalesce($17, ahead_xids), \
+             ahead_seqs = coalesce($18, ahead_seqs), \
              version = version + 1 \
              WHERE id = $1 AND version = $2",
         )
@@ -300,6 +308,8 @@ pub async fn compare_and_set(
     let leader = state.leader.as_ref();
     let winner = update.settlement.flatten();
     let progress = update.progress;
+    let (ahead_xids, ahead_seqs): (Vec<i64>, Vec<i64>) =
+        progress.map_or_else(Default::default, |p| p.ahead.iter().copied().unzip());
     let updated = client
         .execute(
             &stmt,
@@ -320,6 +330,8 @@ pub async fn compare_and_set(
                 &progress.map(|p| p.xid),
                 &progress.map(|p| p.seq),
                 &progress.map(|p| &p.open_xids),
+                &progress.map(|_| &ahead_xids),
+                &progress.map(|_| &ahead_seqs),
             ],
         )
         .await?;

@@ -74,10 +74,16 @@ pub async fn record_bid_changes(
         .await
 }
 
-/// Settles the bids of `auction_id`, in one statement: the winning bid
-/// becomes `won`, every other live bid `lost`, and the `auction.settled`
-/// row (its `n`th for the auction in this transaction, which makes the
-/// auction's `version`) records each change and the marketplace's `data`.
+/// Records the settlement of `auction_id`'s bids, in one statement: the
+/// `auction.settled` row (its `n`th for the auction in this transaction,
+/// which makes the auction's `version`) lists every live bid, the winning
+/// one `won` and the others `lost`, with the marketplace's `data`. No bid
+/// row changes: the `bids` view derives both from the settled auction.
+///
+/// The live bids are those the resolver's batches accepted (each looked up
+/// by its sequence number) and those written with their outcome (the
+/// row-lock baselines and bids resolved before outcomes were kept per
+/// batch), which are the auction's rows without a transaction id.
 pub async fn settle(
     client: &impl GenericClient,
     auction_id: Uuid,
@@ -88,16 +94,23 @@ pub async fn settle(
 ) -> Result<u64, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(
-            "WITH changed AS ( \
-               UPDATE bid_log SET status = CASE WHEN id = $3 THEN 'won' ELSE 'lost' END \
-               WHERE auction_id = $1 AND status IN ('leading', 'outbid') \
-               RETURNING id, bidder_id, status) \
+            "WITH live AS ( \
+               SELECT b.id, b.bidder_id FROM bid_outcomes o \
+               CROSS JOIN LATERAL unnest(o.seqs, o.reasons) AS u(seq, reason) \
+               CROSS JOIN LATERAL (SELECT id, bidder_id FROM bid_log \
+                                   WHERE auction_id = o.auction_id AND seq = u.seq OFFSET 0) b \
+               WHERE o.auction_id = $1 AND u.reason IS NULL \
+               UNION ALL \
+               SELECT id, bidder_id FROM bid_log \
+               WHERE auction_id = $1 AND xid IS NULL AND status IN ('leading', 'outbid')) \
              INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, data, version) \
              SELECT $1, $2, 'auction.settled', \
                     coalesce(array_agg(id ORDER BY id), '{}'), \
                     coalesce(array_agg(bidder_id ORDER BY id), '{}'), \
-                    coalesce(array_agg(status ORDER BY id), '{}'), $4, $5 \
-             FROM changed",
+                    coalesce(array_agg(CASE WHEN id = $3 THEN 'won' ELSE 'lost' END ORDER BY id), \
+                             '{}'), \
+                    $4, $5 \
+             FROM live",
         )
         .await?;
     client
@@ -182,7 +195,8 @@ pub async fn exists(
     Ok(row.get(0))
 }
 
-/// The bids named by `keys` (auction, bid), in any order.
+/// The bids named by `keys` (auction, bid), in any order, as readers see
+/// them (the `bids` view).
 pub async fn bids(
     client: &impl GenericClient,
     keys: &[(Uuid, Uuid)],
@@ -192,7 +206,7 @@ pub async fn bids(
     }
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM bid_log \
+            "SELECT {COLUMNS} FROM bids \
              WHERE (auction_id, id) IN (SELECT * FROM unnest($1::uuid[], $2::uuid[]))"
         ))
         .await?;

@@ -30,6 +30,8 @@ pub(super) struct Snapshot {
     pub locked: HashSet<Uuid>,
     /// The auctions read, by id.
     pub auctions: HashMap<Uuid, AuctionRecord>,
+    /// The resolver's progress through each auction's bids, by id.
+    progress: HashMap<Uuid, Progress>,
     /// Their next pending bids, by auction and then in receipt order.
     pending: Vec<PendingBid>,
     /// The transactions the read of `pending` saw in progress.
@@ -41,7 +43,7 @@ impl Snapshot {
     pub fn new(
         now: DateTime<Utc>,
         locked: HashSet<Uuid>,
-        auctions: impl IntoIterator<Item = AuctionRecord>,
+        auctions: impl IntoIterator<Item = (AuctionRecord, Progress)>,
         read: PendingRead,
     ) -> Self {
         let PendingRead {
@@ -49,10 +51,18 @@ impl Snapshot {
             in_progress,
         } = read;
         pending.sort_by_key(|p| (p.bid.auction_id, p.bid.received_at, p.bid.seq));
+        let (auctions, progress) = auctions
+            .into_iter()
+            .map(|(a, p)| {
+                let id = a.id;
+                ((id, a), (id, p))
+            })
+            .unzip();
         Snapshot {
             now,
             locked,
-            auctions: auctions.into_iter().map(|a| (a.id, a)).collect(),
+            auctions,
+            progress,
             pending,
             in_progress,
         }
@@ -64,7 +74,7 @@ pub(super) struct Plan<'a> {
     /// The auctions with nothing to write (busy or idle), in the order asked.
     pub steps: Vec<(Uuid, Step)>,
     /// Every applied bid's outcome, batch after batch.
-    pub outcomes: Vec<BidOutcome<'a>>,
+    pub outcomes: Vec<BidOutcome>,
     /// The auctions with something to write.
     pub batches: Vec<Batch<'a>>,
 }
@@ -133,7 +143,12 @@ pub(super) fn plan<'a>(
             &mut plan.outcomes,
         ) {
             Some(mut batch) => {
-                batch.progress = progress(pending, &batch, &snapshot.in_progress);
+                let old = snapshot
+                    .progress
+                    .get(&auction_id)
+                    .cloned()
+                    .unwrap_or_default();
+                batch.progress = progress(&old, pending, &batch, &snapshot.in_progress);
                 plan.batches.push(batch);
             }
             None => plan.steps.push((auction_id, Step::Idle)),
@@ -152,7 +167,7 @@ fn plan_batch<'a>(
     full: bool,
     now: DateTime<Utc>,
     grace: chrono::Duration,
-    outcomes: &mut Vec<BidOutcome<'a>>,
+    outcomes: &mut Vec<BidOutcome>,
 ) -> Option<Batch<'a>> {
     let terms = &auction.terms;
     // Bids received after the current end of a soft-close auction wait
@@ -170,10 +185,7 @@ fn plan_batch<'a>(
     let mut displaced_earlier = Vec::new();
     let mut resolved_count = auction.resolved_count;
     let mut applied = Vec::with_capacity(pending.len());
-    for PendingBid {
-        bid, row_version, ..
-    } in pending
-    {
+    for PendingBid { bid, .. } in pending {
         // Sorted by receipt: every later bid would be held back too.
         if held_back(bid, state.ends_at) {
             break;
@@ -190,7 +202,7 @@ fn plan_batch<'a>(
         outcomes.push(BidOutcome {
             auction_id: auction.id,
             id: bid.id,
-            row_version,
+            seq: bid.seq,
             resolution: Resolution::new(&outcome, resolved_count, version),
         });
         applied.push(bid);
@@ -217,20 +229,30 @@ fn plan_batch<'a>(
 }
 
 /// The auction's progress once `batch` is applied (see [`Progress`] for
-/// why no bid is skipped): past the longest run of bids read after the
-/// old progress, in (transaction, sequence) order, that the batch applied
-/// (`None`: no such bid, the progress stays). Open are the transactions of
-/// `in_progress` below the new position, and those of bids read at or
-/// before it that the batch did not apply.
-fn progress(pending: &[PendingBid], batch: &Batch<'_>, in_progress: &[i64]) -> Option<Progress> {
-    let applied: std::collections::HashSet<Uuid> = batch.applied.iter().map(|b| b.id).collect();
+/// why no bid is skipped; `None` when the batch applied nothing, and the
+/// progress stays). The position moves past the longest run of bids read
+/// after the old one, in (transaction, sequence) order, that the batch
+/// applied. Open are the transactions of `in_progress` below the new
+/// position, and those of bids read there that the batch did not apply.
+/// Ahead are the bids applied, now or before, that the new progress
+/// still covers.
+fn progress(
+    old: &Progress,
+    pending: &[PendingBid],
+    batch: &Batch<'_>,
+    in_progress: &[i64],
+) -> Option<Progress> {
+    if batch.applied.is_empty() {
+        return None;
+    }
+    let applied: HashSet<Uuid> = batch.applied.iter().map(|b| b.id).collect();
     let mut after: Vec<&PendingBid> = pending.iter().filter(|p| !p.reopened).collect();
     after.sort_by_key(|p| (p.xid, p.bid.seq));
-    let passed = after
+    let (xid, seq) = after
         .iter()
         .take_while(|p| applied.contains(&p.bid.id))
-        .last()?;
-    let (xid, seq) = (passed.xid, passed.bid.seq);
+        .last()
+        .map_or((old.xid, old.seq), |p| (p.xid, p.bid.seq));
     let unapplied = (pending.iter())
         .filter(|p| p.reopened && !applied.contains(&p.bid.id))
         .map(|p| p.xid);
@@ -240,11 +262,23 @@ fn progress(pending: &[PendingBid], batch: &Batch<'_>, in_progress: &[i64]) -> O
         .collect();
     open_xids.sort_unstable();
     open_xids.dedup();
-    Some(Progress {
+    let mut new = Progress {
         xid,
         seq,
         open_xids,
-    })
+        ahead: Vec::new(),
+    };
+    let applied_now = (pending.iter())
+        .filter(|p| applied.contains(&p.bid.id))
+        .map(|p| (p.xid, p.bid.seq));
+    let mut ahead: Vec<(i64, i64)> = (old.ahead.iter().copied())
+        .chain(applied_now)
+        .filter(|&(x, s)| new.covers(x, s))
+        .collect();
+    ahead.sort_unstable();
+    ahead.dedup();
+    new.ahead = ahead;
+    Some(new)
 }
 
 #[cfg(test)]
@@ -302,7 +336,6 @@ mod tests {
                 resolved_at: None,
                 resolution_no: None,
             },
-            row_version: format!("(0,{seq})"),
             xid: 100 + seq,
             reopened: false,
         }
@@ -323,15 +356,28 @@ mod tests {
         bids: Vec<PendingBid>,
         in_progress: Vec<i64>,
     ) -> Snapshot {
-        let read = PendingRead { bids, in_progress };
-        Snapshot::new(t(now), HashSet::from([auction.id]), [auction.clone()], read)
+        read_after(now, auction, Progress::default(), bids, in_progress)
     }
 
-    /// Each outcome's row version and status, in the order written.
-    fn statuses<'a>(plan: &Plan<'a>) -> Vec<(&'a str, BidStatus)> {
+    /// [`read_with`] once the resolver has come to `progress`.
+    fn read_after(
+        now: i64,
+        auction: &AuctionRecord,
+        progress: Progress,
+        bids: Vec<PendingBid>,
+        in_progress: Vec<i64>,
+    ) -> Snapshot {
+        let read = PendingRead { bids, in_progress };
+        let auctions = [(auction.clone(), progress)];
+        Snapshot::new(t(now), HashSet::from([auction.id]), auctions, read)
+    }
+
+    /// Each outcome's bid (by sequence number) and status, in the order
+    /// recorded.
+    fn statuses(plan: &Plan<'_>) -> Vec<(i64, BidStatus)> {
         plan.outcomes
             .iter()
-            .map(|o| (o.row_version, o.resolution.status))
+            .map(|o| (o.seq, o.resolution.status))
             .collect()
     }
 
@@ -345,7 +391,7 @@ mod tests {
         assert!(plan.steps.is_empty());
         assert_eq!(
             statuses(&plan),
-            [("(0,2)", BidStatus::Outbid), ("(0,1)", BidStatus::Leading)]
+            [(2, BidStatus::Outbid), (1, BidStatus::Leading)]
         );
         let numbers: Vec<(i64, i64)> = plan
             .outcomes
@@ -390,7 +436,7 @@ mod tests {
         let read = read(30, &lamp, &[(9, "bob", 1_000, 20)]);
         let plan = plan(&read, &[lamp.id], 10, GRACE);
 
-        assert_eq!(statuses(&plan), [("(0,9)", BidStatus::Leading)]);
+        assert_eq!(statuses(&plan), [(9, BidStatus::Leading)]);
         assert_eq!(plan.outcomes[0].resolution.resolution_no, 2);
         assert_eq!(plan.batches[0].displaced_earlier, [earlier]);
     }
@@ -402,7 +448,7 @@ mod tests {
         let read = Snapshot::new(
             t(30),
             HashSet::from([idle.id, unknown]),
-            [busy.clone(), idle.clone()],
+            [busy.clone(), idle.clone()].map(|a| (a, Progress::default())),
             PendingRead {
                 bids: vec![pending(&busy, (1, "ann", 500, 10))],
                 in_progress: vec![],
@@ -429,7 +475,7 @@ mod tests {
         // Within the grace of Bob's bid: an earlier bid might still extend the end.
         let early_read = read(1_002, &lamp, &bids);
         let early = plan(&early_read, &[lamp.id], 10, GRACE);
-        assert_eq!(statuses(&early), [("(0,1)", BidStatus::Leading)]);
+        assert_eq!(statuses(&early), [(1, BidStatus::Leading)]);
         assert!(early.batches[0].settlement.is_none(), "a bid is held back");
         assert!(!early.batches[0].more);
 
@@ -437,10 +483,7 @@ mod tests {
         let late = plan(&late_read, &[lamp.id], 10, GRACE);
         assert_eq!(
             statuses(&late),
-            [
-                ("(0,1)", BidStatus::Leading),
-                ("(0,2)", BidStatus::Rejected)
-            ]
+            [(1, BidStatus::Leading), (2, BidStatus::Rejected)]
         );
         assert_eq!(
             late.outcomes[1].resolution.reason,
@@ -492,20 +535,22 @@ mod tests {
             pending(&lamp, (1, "ann", 500, 10)),
             pending(&lamp, (2, "bob", 900, 11)),
         ];
-        // 90 and 101 were in progress: 90 below the new position, 150 above it.
-        let read = read_with(30, &lamp, bids, vec![90, 101, 150]);
+        // 90, 99 and 150 were in progress: 90 and 99 below the new
+        // position, 150 above it.
+        let read = read_with(30, &lamp, bids, vec![90, 99, 150]);
         let plan = plan(&read, &[lamp.id], 10, GRACE);
 
         let expected = Progress {
             xid: 102,
             seq: 2,
-            open_xids: vec![90, 101],
+            open_xids: vec![90, 99],
+            ahead: vec![],
         };
         assert_eq!(plan.batches[0].progress, Some(expected));
     }
 
     #[test]
-    fn the_progress_stops_before_a_bid_held_back_and_moves_for_a_settlement_only_when_bids_pass() {
+    fn the_progress_stops_before_a_bid_held_back_and_lists_the_bids_applied_beyond_it() {
         let lamp = auction(60, 1);
         let bids = [(1, "ann", 500, 900), (2, "bob", 900, 1_001)];
         let early = read(1_002, &lamp, &bids);
@@ -529,7 +574,44 @@ mod tests {
         );
         let first_plan = plan(&first, &[lamp.id], 10, GRACE);
         assert_eq!(first_plan.outcomes.len(), 1);
-        assert_eq!(first_plan.batches[0].progress, None);
+        let ahead = Progress {
+            ahead: vec![(101, 1)],
+            ..Progress::default()
+        };
+        assert_eq!(first_plan.batches[0].progress.as_ref(), Some(&ahead));
+
+        // Once the grace has passed, Bob's bid is applied (the read no
+        // longer returns Ann's): the position passes it, and Ann's bid
+        // stays listed, still after the position.
+        let mut held = pending(&lamp, (2, "bob", 900, 1_001));
+        held.xid = 50;
+        let second = read_after(1_010, &lamp, ahead, vec![held], vec![]);
+        let second_plan = plan(&second, &[lamp.id], 10, GRACE);
+        let expected = Progress {
+            xid: 50,
+            seq: 2,
+            open_xids: vec![],
+            ahead: vec![(101, 1)],
+        };
+        assert_eq!(second_plan.batches[0].progress, Some(expected));
+
+        // A later bid passed takes Ann's off the list.
+        let progress = second_plan.batches[0].progress.clone().unwrap();
+        let cay = pending(&lamp, (3, "cay", 2_000, 1_011));
+        let third = read_after(1_020, &lamp, progress, vec![cay], vec![]);
+        let third_plan = plan(&third, &[lamp.id], 10, GRACE);
+        let progress = third_plan.batches[0].progress.clone().unwrap();
+        assert_eq!((progress.xid, progress.seq), (103, 3));
+        assert!(progress.ahead.is_empty());
+    }
+
+    #[test]
+    fn a_settlement_alone_leaves_the_progress_as_it_is() {
+        let lamp = auction(0, 4);
+        let due = read(1_006, &lamp, &[]);
+        let plan = plan(&due, &[lamp.id], 10, GRACE);
+        assert!(plan.batches[0].settlement.is_some());
+        assert_eq!(plan.batches[0].progress, None);
     }
 
     #[test]
@@ -550,5 +632,36 @@ mod tests {
             (progress.xid, progress.seq, progress.open_xids),
             (109, 9, vec![40])
         );
+        assert!(
+            progress.ahead.is_empty(),
+            "cay's transaction is no longer open"
+        );
+    }
+
+    #[test]
+    fn a_bid_applied_from_a_transaction_still_open_is_listed_ahead() {
+        let lamp = auction(60, 1);
+        let progress = Progress {
+            xid: 100,
+            seq: 5,
+            open_xids: vec![40],
+            ahead: vec![],
+        };
+        let mut late = pending(&lamp, (7, "bob", 900, 1_001));
+        (late.xid, late.reopened) = (40, true);
+        let mut early = pending(&lamp, (8, "cay", 800, 920));
+        (early.xid, early.reopened) = (40, true);
+        let read = read_after(1_002, &lamp, progress, vec![late, early], vec![]);
+        let plan = plan(&read, &[lamp.id], 10, GRACE);
+
+        // Bob's bid is held back; Cay's, of the same transaction, applied.
+        assert_eq!(statuses(&plan), [(8, BidStatus::Leading)]);
+        let expected = Progress {
+            xid: 100,
+            seq: 5,
+            open_xids: vec![40],
+            ahead: vec![(40, 8)],
+        };
+        assert_eq!(plan.batches[0].progress, Some(expected));
     }
 }

@@ -6,10 +6,12 @@
 //! number of auctions: begin, the locks with both reads, the writes,
 //! commit. Most auctions have a bid or two waiting at each round, and one
 //! transaction for each would cost more than its bids (a commit and its
-//! WAL flush, a dozen statements each). The reads and
-//! the writes over the bids are one statement each for the whole group;
-//! the compare-and-set and the outbid mark are one key lookup per auction,
-//! in the same round trip.
+//! WAL flush, a dozen statements each). The reads are one statement each
+//! for the whole group; each auction's writes are its compare-and-set (a
+//! key lookup), one row of outcomes and one event row, whatever the
+//! number of its bids, all in the same round trip. No bid row is written:
+//! a bid's status follows from its batch's outcomes and the auction row
+//! (the `bids` view).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,12 +44,12 @@ impl Resolver {
     /// One transaction over several auctions (distinct ids): lock each for
     /// this resolver, apply a batch of each one's pending bids, settle
     /// those due, and compare-and-set them all; returns each auction's
-    /// [`Step`]. If any auction's compare-and-set loses, or some bid was no
-    /// longer pending, nothing is written and every auction
-    /// written for is reported as [`Step::Conflict`].
+    /// [`Step`]. If any auction's compare-and-set loses, nothing is
+    /// written and every auction written for is reported as
+    /// [`Step::Conflict`].
     ///
     /// Every statement runs on a generic plan, planned once per session,
-    /// and the writes on plans that can only probe rows (`plan_modes`).
+    /// and settlement on plans that can only probe rows (`plan_modes`).
     /// An auction takes at most [`BatchSize`](super::BatchSize) bids.
     pub async fn resolve_auctions(
         &self,
@@ -75,13 +77,15 @@ impl Resolver {
         if plan.batches.is_empty() {
             return Ok(plan.steps);
         }
-        let written = write(&tx, &probes_only, &plan, &snapshot, &self.signals).await?;
-        if !written.verify(&plan) {
+        let won = write(&tx, &plan, &snapshot, &self.signals).await?;
+        if won.contains(&false) {
+            // Another writer moved some auction first: write nothing and
+            // start over from fresh state.
             let conflicts = plan.batches.iter().map(|b| (b.auction_id, Step::Conflict));
             plan.steps.extend(conflicts);
             return Ok(plan.steps);
         }
-        settle(&tx, &plan, &snapshot).await?;
+        settle(&tx, &probes_only, &plan, &snapshot).await?;
         tx.commit().await?;
         Ok(self.publish(plan, &snapshot, started))
     }
@@ -154,7 +158,7 @@ async fn read(
     let (locks, records, pending) = match futures::join!(
         tx.execute(generic_plans, &[]),
         tx.query(&lock, &lock_params),
-        auctions::get_many(tx, auction_ids),
+        auctions::get_many_with_progress(tx, auction_ids),
         bids::pending(tx, auction_ids, limit),
     ) {
         (Ok(_), Ok(locks), Ok(records), Ok(pending)) => (locks, records, pending),
@@ -176,53 +180,20 @@ async fn read(
     Ok(Snapshot::new(now, locked, records, pending))
 }
 
-/// What the writes of a transaction reported.
-struct Written {
-    /// Whether each auction's compare-and-set won.
-    won: Vec<bool>,
-    /// Outcomes written to still pending bids.
-    written: u64,
-}
-
-impl Written {
-    /// Whether the transaction may commit: every compare-and-set won and
-    /// every bid was still pending. Otherwise someone resolved
-    /// some of these bids outside the version protocol, or first: write
-    /// nothing and start over from fresh state.
-    fn verify(&self, plan: &Plan<'_>) -> bool {
-        if self.won.contains(&false) {
-            return false;
-        }
-        let expected = plan.outcomes.len() as u64;
-        if self.written != expected {
-            tracing::error!(
-                auctions = plan.batches.len(),
-                written = self.written,
-                expected,
-                "bids already resolved"
-            );
-            return false;
-        }
-        true
-    }
-}
-
 /// Writes the plan: each auction's compare-and-set (with its progress),
-/// the notification of other processes, the outbid marks, the bids'
-/// outcomes and the event rows recording each bid's change.
+/// the notification of other processes, each batch's outcomes and its
+/// event row recording each bid's change; returns whether each
+/// compare-and-set won.
 ///
 /// The writes touch different rows and are sent at once, one round trip.
-/// If a compare-and-set lost, or some bid was no longer pending, the
-/// caller drops the transaction and none of them is committed. They all
-/// come after the switch to plans that only probe rows (prepared, so on
-/// the wire before them).
+/// If a compare-and-set lost, the caller drops the transaction and none of
+/// them is committed.
 async fn write(
     tx: &Transaction<'_>,
-    probes_only: &Statement,
     plan: &Plan<'_>,
     snapshot: &Snapshot,
     signals: &Signals,
-) -> Result<Written, ResolveError> {
+) -> Result<Vec<bool>, ResolveError> {
     let updates: Vec<auctions::StateUpdate> = plan
         .batches
         .iter()
@@ -234,11 +205,6 @@ async fn write(
             settlement: b.settlement.as_ref().map(Option::as_ref),
             progress: b.progress.as_ref(),
         })
-        .collect();
-    let marks: Vec<(Uuid, Uuid)> = plan
-        .batches
-        .iter()
-        .flat_map(|b| b.displaced_earlier.iter().map(|&bid| (b.auction_id, bid)))
         .collect();
     let notifications: Vec<String> = plan
         .batches
@@ -259,27 +225,26 @@ async fn write(
         })
         .collect();
     match futures::join!(
-        tx.execute(probes_only, &[]),
         futures::future::try_join_all(updates.iter().map(|u| auctions::compare_and_set(tx, u))),
         tx.execute(&notify, &notify_params),
-        futures::future::try_join_all(
-            marks
-                .iter()
-                .map(|&(auction_id, bid_id)| bids::mark_outbid(tx, auction_id, bid_id)),
-        ),
-        bids::record_outcomes(tx, &plan.outcomes),
+        futures::future::try_join_all(plan.batches.iter().map(|b| {
+            bids::record_batch(
+                tx,
+                b.auction_id,
+                b.version,
+                &plan.outcomes[b.outcomes.clone()],
+            )
+        })),
         futures::future::try_join_all((changes.iter()).map(|(id, version, changes)| {
             events::record_bid_changes(tx, *id, 0, *version, changes)
         })),
     ) {
-        (Ok(_), Ok(won), Ok(_), Ok(_), Ok(written), Ok(_)) => Ok(Written { won, written }),
-        (plan_mode, won, notified, marked, written, recorded) => Err(cause([
-            plan_mode.err(),
+        (Ok(won), Ok(_), Ok(_), Ok(_)) => Ok(won),
+        (won, notified, recorded, changed) => Err(cause([
             won.err(),
             notified.err(),
-            marked.err(),
-            written.err(),
             recorded.err(),
+            changed.err(),
         ])),
     }
 }
@@ -288,7 +253,7 @@ async fn write(
 /// displaced, now outbid, then each bid applied with its outcome.
 fn bid_changes<'a>(
     batch: &'a Batch<'_>,
-    outcomes: &[BidOutcome<'_>],
+    outcomes: &[BidOutcome],
     snapshot: &'a Snapshot,
 ) -> Vec<BidChange<'a>> {
     let leader = (snapshot.auctions.get(&batch.auction_id)).and_then(|a| a.state.leader.as_ref());
@@ -309,14 +274,20 @@ fn bid_changes<'a>(
     displaced.chain(applied).collect()
 }
 
-/// Settles the bids of the auctions the plan settles, each with its
-/// `auction.settled` event row: after the outcomes, as it settles the bids
-/// they made leading.
+/// Writes the `auction.settled` event row of each auction the plan
+/// settles, listing its live bids won and lost: after the outcomes, as it
+/// lists the bids they accepted. Reading them joins each batch's bids to
+/// their rows, on plans that only probe (`probes_only`).
 async fn settle(
     tx: &Transaction<'_>,
+    probes_only: &Statement,
     plan: &Plan<'_>,
     snapshot: &Snapshot,
 ) -> Result<(), ResolveError> {
+    if plan.batches.iter().all(|b| b.settlement.is_none()) {
+        return Ok(());
+    }
+    tx.execute(probes_only, &[]).await?;
     futures::future::try_join_all(plan.batches.iter().filter_map(|b| {
         let winner = b.settlement.as_ref()?.as_ref();
         let auction = snapshot.auctions.get(&b.auction_id)?;
@@ -352,17 +323,17 @@ fn settled_event(
 
 /// The statements that set how a resolver transaction's statements are
 /// planned, prepared: generic plans (`SET LOCAL plan_cache_mode`), then,
-/// for the writes, no sequential scan, hash or merge join.
+/// for settlement, no sequential scan, hash or merge join.
 ///
 /// The resolver's sessions plan every statement for its parameters (see
 /// [`PoolSettings::with_custom_plans`](crate::db::PoolSettings::with_custom_plans))
 /// outside these transactions. Within them every statement looks rows up by
 /// key or by position whatever its parameters, so a generic plan serves it,
 /// and planning it once per batch would cost as much as running it. The
-/// reads stay probes by their form (see [`bids::pending`]). The writes
-/// over a batch's arrays are joins, and a generic plan made on a young
-/// table would hash the whole log; with those ways switched off, the only
-/// plan left fetches each bid by its row version (a TID scan per bid).
+/// reads stay probes by their form (see [`bids::pending`]). Settlement
+/// joins each batch's bids to their rows, and a generic plan made on a
+/// young table would hash the whole log; with those ways switched off, the
+/// only plan left looks each bid up by its key.
 async fn plan_modes(tx: &impl GenericClient) -> Result<[Statement; 2], tokio_postgres::Error> {
     let generic = tx
         .prepare_cached("SET LOCAL plan_cache_mode = force_generic_plan")

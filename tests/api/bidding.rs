@@ -706,15 +706,18 @@ async fn a_resolver_whose_batches_time_out_takes_smaller_ones_and_recovers() {
 }
 
 #[tokio::test]
-async fn the_resolver_plans_each_statement_once_and_its_writes_fetch_each_bid_by_position() {
+async fn the_resolver_plans_each_statement_once_and_settles_by_probes() {
     let app = TestApp::spawn_with(|c| c.resolver.enabled = false).await;
-    let auction = app.create_auction("seller-1", json!({})).await;
+    let mut config = test_config(&app.database_url);
+    config.resolver.settle_grace = Duration::from_millis(100);
+    let ends_at = chrono::Utc::now() + chrono::Duration::milliseconds(2_500);
+    let auction = app
+        .create_auction("seller-1", json!({"ends_at": ends_at.to_rfc3339()}))
+        .await;
     let auction_id = id_of(&auction);
-    let config = test_config(&app.database_url);
     // One connection, set up as the service's resolver pool is.
     let (pool, resolver) = resolver_pool_on(&config, Plans::Custom);
-    // One bid per batch, each outbidding the last: a leader displaced by a
-    // later batch is marked outbid by its own statement.
+    // One bid per batch, each outbidding the last.
     for (i, bidder) in ["ann", "bob", "cat", "dan", "eve", "fay", "gus"]
         .into_iter()
         .enumerate()
@@ -726,6 +729,18 @@ async fn the_resolver_plans_each_statement_once_and_its_writes_fetch_each_bid_by
         assert_eq!(response.status(), StatusCode::ACCEPTED);
         assert_eq!(resolver.drain(auction_id).await.unwrap(), 1);
     }
+    let wait = (ends_at + chrono::Duration::milliseconds(300) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    let settled = resolver.resolve_auction(auction_id).await.unwrap();
+    assert!(
+        matches!(
+            settled,
+            gavel::resolver::Step::Applied { settled: true, .. }
+        ),
+        "{settled:?}"
+    );
 
     // What the resolver's own session planned, statement by statement.
     let client = pool.get().await.unwrap();
@@ -739,45 +754,50 @@ async fn the_resolver_plans_each_statement_once_and_its_writes_fetch_each_bid_by
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect();
-    let plans_of = |fragment: &str| {
+    let statement_with = |fragment: &str| {
         let found: Vec<_> = plans
             .iter()
             .filter(|(statement, ..)| statement.contains(fragment))
             .collect();
         assert_eq!(found.len(), 1, "one statement has {fragment:?}: {plans:#?}");
-        (found[0].1, found[0].2)
+        found[0].clone()
     };
-    for statement in [
+    for fragment in [
         "pg_try_advisory_xact_lock",
         "FROM auctions WHERE id = ANY($1::uuid[])",
         "ORDER BY b.xid, b.seq LIMIT $2",
         "UPDATE auctions SET leader_bid_id",
-        "UPDATE bid_log SET status = 'outbid'",
         "pg_notify",
-        "UPDATE bid_log b SET status = u.status",
-        "INSERT INTO events (auction_id, n, kind, bid_ids",
+        "INSERT INTO bid_outcomes",
+        "VALUES ($1, $2, 'bids', $3, $4, $5, $6)",
     ] {
-        let (generic, custom) = plans_of(statement);
-        assert_eq!(custom, 0, "{statement:?} was planned for its parameters");
+        let (_, generic, custom) = statement_with(fragment);
+        assert_eq!(custom, 0, "{fragment:?} was planned for its parameters");
         assert!(
             generic >= 5,
-            "{statement:?} ran on its generic plan {generic} times"
+            "{fragment:?} ran on its generic plan {generic} times"
         );
     }
-    // The outcomes' plan, made as the resolver makes it on a young table:
-    // each bid fetched by its row version, never a scan of the log.
-    let outcomes = (plans.iter())
-        .find(|(statement, ..)| statement.contains("UPDATE bid_log b SET status = u.status"))
-        .map(|(statement, ..)| statement.clone())
-        .unwrap();
-    let plan = generic_plan_in_a_resolver_transaction(&client, &outcomes, 7).await;
-    assert!(plan.contains("Tid Scan on bid_log b"), "{plan}");
+    // Settlement's plan, made as the resolver makes it on a young table:
+    // each accepted bid looked up by key, never a scan of the log.
+    let (settle, ..) = statement_with("'auction.settled'");
+    let plan = generic_plan_in_a_resolver_transaction(&client, &settle, 5).await;
     assert!(
         !plan.contains("Seq Scan") && !plan.contains("Hash"),
         "{plan}"
     );
+    assert!(plan.contains("bid_log_history"), "{plan}");
     drop(client);
-    assert_consistent(&app.db().await, auction_id).await;
+    let bids = assert_consistent(&app.db().await, auction_id).await;
+    let won: Vec<&str> = (bids.iter())
+        .filter(|b| b.status == "won")
+        .map(|b| b.bidder_id.as_str())
+        .collect();
+    assert_eq!(won, ["gus"]);
+    assert!(bids
+        .iter()
+        .filter(|b| b.bidder_id != "gus")
+        .all(|b| b.status == "lost"));
 }
 
 /// The plan `statement` (with `params` parameters) gets in a resolver
@@ -895,7 +915,7 @@ async fn quiet_auctions_are_resolved_together_in_one_transaction() {
     // with its own auction's new version.
     let written: Vec<(Uuid, String, chrono::DateTime<chrono::Utc>, i64)> = db
         .query(
-            "SELECT b.auction_id, b.bidder_id, b.resolved_at, a.version FROM bid_log b \
+            "SELECT b.auction_id, b.bidder_id, b.resolved_at, a.version FROM bids b \
              JOIN auctions a ON a.id = b.auction_id AND a.version = b.resolved_version \
              WHERE b.bidder_id <> 'ann' AND b.status <> 'pending' ORDER BY b.bidder_id",
             &[],
@@ -981,7 +1001,7 @@ async fn unresolved_bids(db: &tokio_postgres::Client) -> i64 {
 }
 
 #[tokio::test]
-async fn outcomes_are_written_in_place_and_leave_nothing_to_resolve() {
+async fn outcomes_are_recorded_per_batch_without_writing_any_bid_again() {
     let app = TestApp::spawn().await;
     let auction = app.create_auction("seller-1", json!({})).await;
     let auction_id = id_of(&auction);
@@ -999,30 +1019,44 @@ async fn outcomes_are_written_in_place_and_leave_nothing_to_resolve() {
         0,
         "the auction's progress passed every resolved bid"
     );
-
-    // Each outcome is a heap-only tuple: a HOT update, which wrote no index
-    // entry (and so keeps the bid path's indexes from growing twice).
-    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
-        .await
-        .unwrap();
-    let rows = db
-        .query(
-            "SELECT b.status, (p.t_infomask2 & 32768) <> 0 AS heap_only \
-             FROM bid_log b \
-             JOIN LATERAL heap_page_items(get_raw_page('bid_log', \
-                  (b.ctid::text::point)[0]::int)) p \
-               ON p.lp = (b.ctid::text::point)[1]::int \
-             WHERE b.auction_id = $1",
+    // Every bid's row is still the version its append wrote (its `xmin` is
+    // the transaction recorded in it): no outcome, outbid mark or
+    // settlement updated it.
+    let rewritten: i64 = db
+        .query_one(
+            "SELECT count(*) FROM bid_log \
+             WHERE auction_id = $1 AND xmin::text::int8 <> xid % 4294967296",
             &[&auction_id],
         )
         .await
-        .unwrap();
-    assert_eq!(rows.len(), 3);
-    for row in rows {
-        let (status, heap_only): (String, bool) = (row.get(0), row.get(1));
-        assert_ne!(status, "pending");
-        assert!(heap_only, "a {status} bid's outcome was not a HOT update");
-    }
+        .unwrap()
+        .get(0);
+    assert_eq!(rewritten, 0);
+    // The batches' rows hold every outcome, once.
+    let recorded: i64 = db
+        .query_one(
+            "SELECT sum(cardinality(seqs)) FROM bid_outcomes WHERE auction_id = $1",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 3);
+    let statuses: Vec<(String, String)> = db
+        .query(
+            "SELECT bidder_id, status FROM bids WHERE auction_id = $1 ORDER BY bidder_id",
+            &[&auction_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expected = [("ann", "outbid"), ("bob", "leading"), ("cat", "outbid")];
+    assert_eq!(
+        statuses,
+        expected.map(|(b, s)| (b.to_owned(), s.to_owned()))
+    );
 }
 
 #[tokio::test]
@@ -1068,7 +1102,7 @@ async fn a_pending_bid_needs_the_transaction_that_wrote_it_and_is_then_resolved(
     .unwrap();
     wait_resolved(&db, auction_id, Duration::from_secs(10)).await;
     let status: String = db
-        .query_one("SELECT status FROM bid_log WHERE id = $1", &[&pending_id])
+        .query_one("SELECT status FROM bids WHERE id = $1", &[&pending_id])
         .await
         .unwrap()
         .get(0);

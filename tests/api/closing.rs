@@ -364,7 +364,7 @@ async fn a_bid_committing_after_settlement_is_rejected_and_keeps_the_winner() {
     wait_resolved(&db, auction_uuid, Duration::from_secs(10)).await;
     let row = db
         .query_one(
-            "SELECT status, reason FROM bid_log WHERE id = $1",
+            "SELECT status, reason FROM bids WHERE id = $1",
             &[&straggler],
         )
         .await

@@ -382,7 +382,7 @@ pub async fn wait_resolved(db: &tokio_postgres::Client, auction_id: Uuid, limit:
     loop {
         let pending: i64 = db
             .query_one(
-                "SELECT count(*) FROM bid_log WHERE auction_id = $1 AND status = 'pending'",
+                "SELECT count(*) FROM bids WHERE auction_id = $1 AND status = 'pending'",
                 &[&auction_id],
             )
             .await
@@ -447,7 +447,7 @@ impl AuditBid {
 pub async fn audit_bids(db: &tokio_postgres::Client, auction_id: Uuid) -> Vec<AuditBid> {
     db.query(
         "SELECT id, bidder_id, amount, received_at, status, reason, price_after, resolution_no \
-         FROM bid_log WHERE auction_id = $1 ORDER BY resolution_no NULLS LAST, seq",
+         FROM bids WHERE auction_id = $1 ORDER BY resolution_no NULLS LAST, seq",
         &[&auction_id],
     )
     .await

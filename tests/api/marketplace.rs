@@ -66,7 +66,7 @@ pub async fn expected_settlement(app: &TestApp, auction_id: &str) -> Value {
     let row = db
         .query_one(
             "SELECT winner_id, current_price, currency, reserve_price, leader_max, bid_count, \
-               (SELECT id FROM bid_log WHERE auction_id = $1 AND status = 'won') \
+               (SELECT id FROM bids WHERE auction_id = $1 AND status = 'won') \
              FROM auctions WHERE id = $1",
             &[&id],
         )

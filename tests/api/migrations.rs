@@ -19,6 +19,18 @@ use gavel::rules::{self, AuctionState, AuctionTerms, Increments, Leader, Outcome
 const BY_TRANSACTION: i64 = 20261209000001;
 /// The migration that keeps idempotency keys in the bid log.
 const KEYS_IN_LOG: i64 = 20261209000002;
+/// The migration that records outcomes once per resolver batch.
+const OUTCOMES_PER_BATCH: i64 = 20261211000001;
+
+/// How the Gavel of an old schema found pending bids.
+#[derive(Clone, Copy, PartialEq)]
+enum Era {
+    /// In a queue table (`pending_bids`), keys in their own table.
+    Queue,
+    /// By the transaction that wrote them, keys in the bid log; outcomes
+    /// written into each bid's row.
+    ByTransaction,
+}
 
 /// Applies the embedded migrations older than `version`.
 async fn migrate_before(url: &str, version: i64) {
@@ -55,6 +67,7 @@ async fn database_before(
 /// One auction of the old schema, and what its resolver had written.
 struct OldAuction<'a> {
     db: &'a deadpool_postgres::Client,
+    era: Era,
     id: Uuid,
     terms: AuctionTerms,
     state: AuctionState,
@@ -62,8 +75,9 @@ struct OldAuction<'a> {
 }
 
 impl<'a> OldAuction<'a> {
-    /// An auction that started an hour ago and ends `ends_in` from now.
-    async fn create(db: &'a deadpool_postgres::Client, ends_in: Span) -> Self {
+    /// An auction of `era` that started an hour ago and ends `ends_in`
+    /// from now.
+    async fn create(db: &'a deadpool_postgres::Client, era: Era, ends_in: Span) -> Self {
         let id = Uuid::now_v7();
         let increments = Increments::default_table();
         let row = db
@@ -91,6 +105,7 @@ impl<'a> OldAuction<'a> {
         let state = AuctionState::opening(ends_at);
         OldAuction {
             db,
+            era,
             id,
             terms,
             state,
@@ -98,18 +113,26 @@ impl<'a> OldAuction<'a> {
         }
     }
 
-    /// A bid and its idempotency key as the old append wrote them (the
-    /// queue's trigger queues it), received `at`; returns its id.
+    /// A bid and its idempotency key as the old append wrote them (in the
+    /// queue era, the queue's trigger queues it), received `at`; returns
+    /// its id.
     async fn append(&self, bidder: &str, amount: i64, at: DateTime<Utc>) -> Uuid {
         let id = Uuid::now_v7();
-        self.db
-            .execute(
+        let sql = match self.era {
+            Era::Queue => {
                 "WITH key AS (INSERT INTO idempotency_keys (bidder_id, key, auction_id, amount, \
                  bid_id) VALUES ($3, 'k-' || $3, $1, $4, $2) RETURNING bid_id) \
                  INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, \
-                 received_at) SELECT $1, bid_id, $3, $4, 'k-' || $3, $5 FROM key",
-                &[&self.id, &id, &bidder, &amount, &at],
-            )
+                 received_at) SELECT $1, bid_id, $3, $4, 'k-' || $3, $5 FROM key"
+            }
+            Era::ByTransaction => {
+                "INSERT INTO bid_log (auction_id, id, bidder_id, amount, idempotency_key, \
+                 received_at, xid) \
+                 VALUES ($1, $2, $3, $4, 'k-' || $3, $5, pg_current_xact_id()::text::int8)"
+            }
+        };
+        self.db
+            .execute(sql, &[&self.id, &id, &bidder, &amount, &at])
             .await
             .unwrap();
         id
@@ -119,6 +142,22 @@ impl<'a> OldAuction<'a> {
     /// rules, the leader it displaced marked outbid.
     async fn resolve(&mut self, bidder: &str, amount: i64, at: DateTime<Utc>) -> Uuid {
         let id = self.append(bidder, amount, at).await;
+        self.resolve_appended(id, bidder, amount, at, true).await;
+        id
+    }
+
+    /// The old resolver's outcome of the bid `id` (see [`Self::resolve`]);
+    /// in the by-transaction era, with `pass` the resolver's progress
+    /// passes it, without it the bid is resolved beyond the progress (as
+    /// after a bid held back before it).
+    async fn resolve_appended(
+        &mut self,
+        id: Uuid,
+        bidder: &str,
+        amount: i64,
+        at: DateTime<Utc>,
+        pass: bool,
+    ) {
         let input = rules::BidInput {
             id,
             bidder_id: bidder.into(),
@@ -150,10 +189,16 @@ impl<'a> OldAuction<'a> {
             )
             .await
             .unwrap();
-        self.db
-            .execute("DELETE FROM pending_bids WHERE id = $1", &[&id])
-            .await
-            .unwrap();
+        let passed = match self.era {
+            Era::Queue => Some("DELETE FROM pending_bids WHERE id = $1"),
+            Era::ByTransaction => pass.then_some(
+                "UPDATE auctions a SET resolved_xid = b.xid, resolved_seq = b.seq \
+                 FROM bid_log b WHERE b.id = $1 AND a.id = b.auction_id",
+            ),
+        };
+        if let Some(sql) = passed {
+            self.db.execute(sql, &[&id]).await.unwrap();
+        }
         let mut changes = Vec::new();
         if let Some(displaced) = applied.displaced {
             self.db
@@ -181,7 +226,6 @@ impl<'a> OldAuction<'a> {
         events::record_bid_changes(self.db, self.id, 0, self.resolved, &changes)
             .await
             .unwrap();
-        id
     }
 
     /// Writes the state the old resolver committed; with `settle`, settles
@@ -193,7 +237,20 @@ impl<'a> OldAuction<'a> {
         let version = self.resolved + i64::from(settle);
         if settle {
             let winning_bid = winner.as_ref().map(|w| w.bid_id);
-            events::settle(self.db, self.id, 1, version, winning_bid, &json!({}))
+            self.db
+                .execute(
+                    "WITH changed AS ( \
+                       UPDATE bid_log SET status = CASE WHEN id = $3 THEN 'won' ELSE 'lost' END \
+                       WHERE auction_id = $1 AND status IN ('leading', 'outbid') \
+                       RETURNING id, bidder_id, status) \
+                     INSERT INTO events (auction_id, n, kind, bid_ids, bidders, statuses, data, \
+                                         version) \
+                     SELECT $1, 1, 'auction.settled', coalesce(array_agg(id ORDER BY id), '{}'), \
+                            coalesce(array_agg(bidder_id ORDER BY id), '{}'), \
+                            coalesce(array_agg(status ORDER BY id), '{}'), '{}', $2 \
+                     FROM changed",
+                    &[&self.id, &version, &winning_bid],
+                )
                 .await
                 .unwrap();
         }
@@ -224,10 +281,22 @@ impl<'a> OldAuction<'a> {
     }
 }
 
-/// The status of bid `id`.
+/// Checks each bid's status and reason as readers see them.
+async fn assert_statuses(db: &tokio_postgres::Client, expected: &[(Uuid, &str, Option<&str>)]) {
+    for &(id, status, reason) in expected {
+        let found = status_of(db, id).await;
+        assert_eq!(
+            (found.0.as_str(), found.1.as_deref()),
+            (status, reason),
+            "bid {id}"
+        );
+    }
+}
+
+/// The status of bid `id`, as readers see it.
 async fn status_of(db: &tokio_postgres::Client, id: Uuid) -> (String, Option<String>) {
     let row = db
-        .query_one("SELECT status, reason FROM bid_log WHERE id = $1", &[&id])
+        .query_one("SELECT status, reason FROM bids WHERE id = $1", &[&id])
         .await
         .unwrap();
     (row.get(0), row.get(1))
@@ -239,7 +308,7 @@ async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
     let minutes_ago = |m: i64| Utc::now() - Span::minutes(m);
 
     // Open: Ann outbid by Bob, Cat too low; Fay and Gus still pending.
-    let mut open = OldAuction::create(&seeding, Span::hours(1)).await;
+    let mut open = OldAuction::create(&seeding, Era::Queue, Span::hours(1)).await;
     let ann = open.resolve("ann", 1_000, minutes_ago(30)).await;
     let bob = open.resolve("bob", 2_000, minutes_ago(29)).await;
     let cat = open.resolve("cat", 50, minutes_ago(28)).await;
@@ -247,7 +316,7 @@ async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
     let fay = open.append("fay", 3_000, minutes_ago(2)).await;
     let gus = open.append("gus", 2_500, minutes_ago(1)).await;
     // Settled: Eve won over Dan; Hal's bid reached it after its settlement.
-    let mut settled = OldAuction::create(&seeding, Span::minutes(-10)).await;
+    let mut settled = OldAuction::create(&seeding, Era::Queue, Span::minutes(-10)).await;
     let dan = settled.resolve("dan", 700, minutes_ago(20)).await;
     let eve = settled.resolve("eve", 900, minutes_ago(19)).await;
     settled.commit(true).await;
@@ -288,14 +357,7 @@ async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
         (eve, "won", None),
         (hal, "rejected", Some("auction_closed")),
     ];
-    for (id, status, reason) in expected {
-        let found = status_of(&db, id).await;
-        assert_eq!(
-            (found.0.as_str(), found.1.as_deref()),
-            (status, reason),
-            "bid {id}"
-        );
-    }
+    assert_statuses(&db, &expected).await;
 
     // The keys carried over: a retry of Fay's request is a replay.
     let replay = app.bid("fay", &open.id.to_string(), 3_000, "k-fay").await;
@@ -311,6 +373,125 @@ async fn bids_in_every_state_are_carried_over_and_the_pending_ones_resolved() {
     wait_resolved(&db, open.id, std::time::Duration::from_secs(20)).await;
     let bids = assert_consistent(&db, open.id).await;
     assert_eq!(bids.len(), 6);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bids_resolved_in_their_rows_keep_their_outcomes_and_the_pending_ones_get_a_batch() {
+    let (url, seeding, db) = database_before(OUTCOMES_PER_BATCH).await;
+    let minutes_ago = |m: i64| Utc::now() - Span::minutes(m);
+
+    // Open: Ann outbid by Bob, then Jon, resolved beyond the progress while
+    // Ida's earlier bid (an earlier transaction) waited; Ida and Fay pending.
+    let mut open = OldAuction::create(&seeding, Era::ByTransaction, Span::hours(1)).await;
+    let ann = open.resolve("ann", 1_000, minutes_ago(30)).await;
+    let bob = open.resolve("bob", 2_000, minutes_ago(29)).await;
+    let ida = open.append("ida", 4_000, minutes_ago(3)).await;
+    let jon = open.append("jon", 2_500, minutes_ago(2)).await;
+    (open.resolve_appended(jon, "jon", 2_500, minutes_ago(2), false)).await;
+    open.commit(false).await;
+    let fay = open.append("fay", 3_000, minutes_ago(1)).await;
+    // Settled: Eve won over Dan; Hal's bid reached it after its settlement.
+    let mut settled = OldAuction::create(&seeding, Era::ByTransaction, Span::minutes(-10)).await;
+    let dan = settled.resolve("dan", 700, minutes_ago(20)).await;
+    let eve = settled.resolve("eve", 900, minutes_ago(19)).await;
+    settled.commit(true).await;
+    let hal = settled.append("hal", 5_000, minutes_ago(1)).await;
+    // Ending: settled by the new resolver, over Kim's and Lea's outcomes in
+    // their rows and Mo's in a batch.
+    let mut ending = OldAuction::create(&seeding, Era::ByTransaction, Span::seconds(4)).await;
+    let kim = ending.resolve("kim", 1_000, minutes_ago(5)).await;
+    let lea = ending.resolve("lea", 1_500, minutes_ago(4)).await;
+    ending.commit(false).await;
+    let mo = ending.append("mo", 1_200, minutes_ago(1)).await;
+
+    gavel::db::migrate(&url)
+        .await
+        .expect("the migration applies");
+    // Before anything runs, readers see what the old schema said.
+    let before = [
+        (ann, "outbid"),
+        (bob, "outbid"),
+        (jon, "leading"),
+        (ida, "pending"),
+        (fay, "pending"),
+        (dan, "lost"),
+        (eve, "won"),
+        (hal, "pending"),
+    ];
+    for (id, status) in before {
+        assert_eq!(status_of(&db, id).await.0, status, "bid {id} before");
+    }
+
+    let app = TestApp::spawn_on(&url, |_| {}).await;
+    for auction in [open.id, settled.id] {
+        wait_resolved(&db, auction, std::time::Duration::from_secs(20)).await;
+        assert_consistent(&db, auction).await;
+    }
+    let settlement = eventually(std::time::Duration::from_secs(20), "the settlement", || {
+        let db = &db;
+        async move {
+            let row = db
+                .query_opt(
+                    "SELECT bid_ids, statuses FROM events \
+                     WHERE auction_id = $1 AND kind = 'auction.settled'",
+                    &[&ending.id],
+                )
+                .await
+                .unwrap()?;
+            Some((row.get::<_, Vec<Uuid>>(0), row.get::<_, Vec<String>>(1)))
+        }
+    })
+    .await;
+    assert_consistent(&db, ending.id).await;
+    let mut expected_settlement = vec![(kim, "lost"), (lea, "won"), (mo, "lost")];
+    expected_settlement.sort();
+    let found: Vec<(Uuid, &str)> = (settlement.0.iter().copied())
+        .zip(settlement.1.iter().map(String::as_str))
+        .collect();
+    assert_eq!(found, expected_settlement, "every live bid, old and new");
+    let expected = [
+        (kim, "lost", None),
+        (lea, "won", None),
+        (mo, "lost", None),
+        (ann, "outbid", None),
+        (bob, "outbid", None),
+        (jon, "outbid", None),
+        (ida, "leading", None),
+        (fay, "outbid", None),
+        (dan, "lost", None),
+        (eve, "won", None),
+        (hal, "rejected", Some("auction_closed")),
+    ];
+    assert_statuses(&db, &expected).await;
+    // The bids resolved since were not written again: their batches hold
+    // their outcomes.
+    let rows: Vec<(Uuid, String)> = db
+        .query(
+            "SELECT b.id, b.status FROM bid_log b \
+             WHERE b.id = ANY($1) AND EXISTS (SELECT 1 FROM bid_outcomes o \
+                   WHERE o.auction_id = b.auction_id AND b.seq = ANY(o.seqs))",
+            &[&vec![ida, fay, hal]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, status)| status == "pending"),
+        "{rows:?}"
+    );
+    // A retry of Ida's request replays her bid with its status now.
+    let replay = app.bid("ida", &open.id.to_string(), 4_000, "k-ida").await;
+    assert!(replay.status().is_success(), "{}", replay.status());
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let body: serde_json::Value = replay.json().await.unwrap();
+    assert_eq!(
+        (id_of(&body), body["status"].as_str()),
+        (ida, Some("leading"))
+    );
     app.stop().await;
 }
 
@@ -339,7 +520,9 @@ async fn append_with_key_row(
 #[tokio::test]
 async fn keys_move_into_the_log_and_old_requests_still_replay() {
     let (url, seeding, db) = database_before(KEYS_IN_LOG).await;
-    let auction = OldAuction::create(&seeding, Span::hours(1)).await.id;
+    let auction = OldAuction::create(&seeding, Era::Queue, Span::hours(1))
+        .await
+        .id;
     let bid = |bidder: &'static str, amount: i64, key: &'static str| {
         append_with_key_row(&db, auction, bidder, amount, key)
     };

@@ -61,7 +61,7 @@ async fn two_processes_on_one_database_apply_every_bid_once() {
     // Each committed version applied a distinct, contiguous slice of bids.
     let versions: Vec<(i64, i64, i64)> = db
         .query(
-            "SELECT resolved_version, min(resolution_no), max(resolution_no) FROM bid_log \
+            "SELECT resolved_version, min(resolution_no), max(resolution_no) FROM bids \
              WHERE auction_id = $1 GROUP BY resolved_version ORDER BY resolved_version",
             &[&auction_uuid],
         )

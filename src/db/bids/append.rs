@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{BidRecord, Resolution, COLUMNS};
 use crate::db::reads;
+use crate::domain::BidStatus;
 
 /// The unique index that holds an idempotency key to one bid.
 const KEY_INDEX: &str = "bid_log_idempotency_key";
@@ -70,7 +71,7 @@ pub async fn append_batch(
     bids: &[&NewBid],
 ) -> Result<(Vec<BidRecord>, Option<PgLsn>), tokio_postgres::Error> {
     let stmt = client
-        .prepare_cached(&format!(
+        .prepare_cached(
             "WITH input AS ( \
                SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[]) \
                  WITH ORDINALITY AS i(auction_id, id, bidder_id, amount, key, ord)), \
@@ -81,8 +82,8 @@ pub async fn append_batch(
              SELECT auction_id, id, seq, bidder_id, amount, key, pg_current_xact_id()::text::int8 \
              FROM numbered ORDER BY auction_id, bidder_id, key \
              ON CONFLICT (auction_id, bidder_id, idempotency_key) DO NOTHING \
-             RETURNING {COLUMNS}"
-        ))
+             RETURNING id, seq, received_at",
+        )
         .await?;
     let auction_ids: Vec<Uuid> = bids.iter().map(|b| b.auction_id).collect();
     let ids: Vec<Uuid> = bids.iter().map(|b| b.id).collect();
@@ -91,10 +92,29 @@ pub async fn append_batch(
     let keys: Vec<&str> = bids.iter().map(|b| b.key.as_str()).collect();
     let params: [&(dyn ToSql + Sync); 5] = [&auction_ids, &ids, &bidder_ids, &amounts, &keys];
     let (rows, position) = reads::with_wal_position(client, client.query(&stmt, &params)).await;
-    let mut inserted = rows?
-        .iter()
-        .map(BidRecord::from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+    // The row of each bid inserted is what it asked for, pending, with
+    // the sequence number and time the insert gave it.
+    let by_id: HashMap<Uuid, &NewBid> = bids.iter().map(|&b| (b.id, b)).collect();
+    let mut inserted = Vec::with_capacity(bids.len());
+    for row in rows? {
+        let id: Uuid = row.try_get(0)?;
+        let Some(bid) = by_id.get(&id) else {
+            continue;
+        };
+        inserted.push(BidRecord {
+            auction_id: bid.auction_id,
+            id,
+            seq: row.try_get(1)?,
+            bidder_id: bid.bidder_id.clone(),
+            amount: bid.amount,
+            status: BidStatus::Pending,
+            reason: None,
+            price_after: None,
+            received_at: row.try_get(2)?,
+            resolved_at: None,
+            resolution_no: None,
+        });
+    }
     // Rows come back in no promised order; `seq` is the order of `bids`.
     inserted.sort_by_key(|bid| bid.seq);
     Ok((inserted, position))
@@ -141,7 +161,7 @@ pub async fn find_key(
 ) -> Result<Option<BidRecord>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM bid_log \
+            "SELECT {COLUMNS} FROM bids \
              WHERE auction_id = $1 AND bidder_id = $2 AND idempotency_key = $3"
         ))
         .await?;
@@ -210,4 +230,21 @@ pub async fn insert_resolved(
         )
         .await?;
     BidRecord::from_row(&row)
+}
+
+/// Marks a bid leading before as outbid (the row-lock baseline, which
+/// keeps every bid's status in its row, as the classic design does; the
+/// `bids` view derives it either way).
+pub async fn mark_outbid(
+    client: &impl GenericClient,
+    auction_id: Uuid,
+    bid_id: Uuid,
+) -> Result<u64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE bid_log SET status = 'outbid' \
+             WHERE auction_id = $1 AND id = $2 AND status = 'leading'",
+        )
+        .await?;
+    client.execute(&stmt, &[&auction_id, &bid_id]).await
 }

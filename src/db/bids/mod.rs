@@ -2,8 +2,8 @@
 //! (the log path's one-statement append of a batch of bids, the key
 //! look-ups, the baselines' resolved insert), [`reads`] for reading bids
 //! back, and [`resolve`] for the resolver (the pending bids, its outcome
-//! writes). What they share is here: a bid's row, and what resolving a bid
-//! writes to it.
+//! records). What they share is here: a bid as readers see it (the `bids`
+//! view over `bid_log`, with its status derived), and a bid's outcome.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::{FromSql, Type};
@@ -19,16 +19,17 @@ pub mod reads;
 pub mod resolve;
 
 pub use append::{
-    append_batch, find_key, find_keys, insert_resolved, key_taken, Append, BidKey, NewBid,
-    ResolvedBid,
+    append_batch, find_key, find_keys, insert_resolved, key_taken, mark_outbid, Append, BidKey,
+    NewBid, ResolvedBid,
 };
 pub use reads::{get, history};
 pub use resolve::{
-    auctions_with_pending, mark_outbid, pending, record_outcomes, unresolved, BidOutcome,
-    PendingBid, PendingRead, Progress, SETTLED_LATELY, UNRESOLVED,
+    auctions_with_pending, pending, record_batch, unresolved, BidOutcome, PendingBid, PendingRead,
+    Progress, SETTLED_LATELY, UNRESOLVED,
 };
 
-/// One row of the bid log.
+/// One bid as the `bids` view shows it: its row of the bid log, with its
+/// outcome and status.
 #[derive(Debug, Clone)]
 pub struct BidRecord {
     /// The auction bid on.
@@ -88,7 +89,8 @@ impl BidRecord {
     }
 }
 
-/// What resolving a bid writes to its row, whichever path resolves it.
+/// A bid's outcome, whichever path resolves it: the resolver records it in
+/// its batch's `bid_outcomes` row, the row-lock baselines in the bid's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolution {
     /// `leading`, `outbid` or `rejected`.
@@ -104,7 +106,7 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    /// The row of a bid as the rules `applied` it, `resolution_no`th in
+    /// The outcome of a bid as the rules `applied` it, `resolution_no`th in
     /// its auction, committed with the auction's `resolved_version`.
     pub fn new(applied: &rules::Applied, resolution_no: i64, resolved_version: i64) -> Self {
         let (status, reason) = outcome_columns(applied.outcome);

@@ -1,5 +1,6 @@
-//! Reads of bids back: one bid by id (a bid's own view, a replay, a wait
-//! for its outcome) and a page of an auction's public history.
+//! Reads of bids back, with their status (the `bids` view): one bid by id
+//! (a bid's own view, a replay, a wait for its outcome) and a page of an
+//! auction's public history.
 
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
@@ -12,7 +13,7 @@ pub async fn get(
     bid_id: Uuid,
 ) -> Result<Option<BidRecord>, tokio_postgres::Error> {
     let stmt = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM bid_log WHERE id = $1"))
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM bids WHERE id = $1"))
         .await?;
     client
         .query_opt(&stmt, &[&bid_id])
@@ -30,7 +31,7 @@ pub async fn history(
 ) -> Result<Vec<BidRecord>, tokio_postgres::Error> {
     let stmt = client
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM bid_log WHERE auction_id = $1 AND seq < $2 \
+            "SELECT {COLUMNS} FROM bids WHERE auction_id = $1 AND seq < $2 \
              ORDER BY seq DESC LIMIT $3"
         ))
         .await?;

@@ -1,7 +1,7 @@
 //! The resolver's queries: the pending bids (which auctions have some,
 //! the next of each, found by the transactions that wrote them: see
-//! [`Progress`]), the outcome writes of its transaction (into `bid_log`,
-//! displaced leaders; settlement is in [`crate::db::events`]).
+//! [`Progress`]) and the outcome record of each batch (`bid_outcomes`;
+//! settlement is in [`crate::db::events`]).
 //!
 //! Each statement's plan must not depend on statistics that lag a hot
 //! auction by a whole burst: the comments say how each one avoids that.
@@ -11,16 +11,13 @@ use std::sync::LazyLock;
 use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{BidRecord, Resolution, COLUMNS};
+use super::{BidRecord, Resolution};
+use crate::domain::BidStatus;
 
 /// A pending bid as the resolver read it inside its transaction.
 pub struct PendingBid {
     /// The bid.
     pub bid: BidRecord,
-    /// Where the row version read lives (`bid_log.ctid`, as text): the
-    /// outcome write finds the row by it, whatever the statistics say.
-    /// Only meaningful inside the transaction that read it.
-    pub row_version: String,
     /// The transaction that appended it (`bid_log.xid`).
     pub xid: i64,
     /// Whether it lies at or before its auction's progress, written by one
@@ -44,10 +41,10 @@ pub struct PendingBid {
 /// position is resolved, except bids of transactions the snapshot saw in
 /// progress below it: those go to `open_xids`, with any transaction whose
 /// bids read there were not all applied. A transaction that rolled back
-/// leaves the list at the next move. Bids resolved beyond the progress
-/// (held back before them, applied after) are read again and skipped by
-/// their status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// leaves the list at the next move. Bids applied that the position has
+/// not passed (applied after one held back before them, or of a
+/// transaction still open) are listed in `ahead` and not read again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
     /// The transaction of the last bid passed.
     pub xid: i64,
@@ -56,6 +53,29 @@ pub struct Progress {
     /// Transactions that may still hold bids at or before the position,
     /// all below `xid`.
     pub open_xids: Vec<i64>,
+    /// Bids applied that lie after the position or belong to a transaction
+    /// of `open_xids`, as (transaction, sequence), in that order.
+    pub ahead: Vec<(i64, i64)>,
+}
+
+impl Progress {
+    /// The progress stored on an auction's row.
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Result<Self, tokio_postgres::Error> {
+        let ahead_xids: Vec<i64> = row.try_get("ahead_xids")?;
+        let ahead_seqs: Vec<i64> = row.try_get("ahead_seqs")?;
+        Ok(Progress {
+            xid: row.try_get("resolved_xid")?,
+            seq: row.try_get("resolved_seq")?,
+            open_xids: row.try_get("open_xids")?,
+            ahead: ahead_xids.into_iter().zip(ahead_seqs).collect(),
+        })
+    }
+
+    /// Whether the bid at (`xid`, `seq`) is still looked at: after the
+    /// position, or of a transaction left open.
+    pub fn covers(&self, xid: i64, seq: i64) -> bool {
+        (xid, seq) > (self.xid, self.seq) || self.open_xids.contains(&xid)
+    }
 }
 
 /// What [`pending`] read: the bids, and the transactions its snapshot saw
@@ -78,12 +98,15 @@ pub struct PendingRead {
 /// per open transaction (`OFFSET 0` keeps it one) stays a probe whatever
 /// the statistics: as a condition `b.xid = ANY(a.open_xids)`, or as a
 /// join, a generic plan made on a young table scanned the auction's whole
-/// log.
+/// log. Bids already applied there are in `a.ahead_seqs` (see
+/// [`Progress::ahead`]); rows written with their outcome are not pending.
 pub const UNRESOLVED: [&str; 2] = [
     "bid_log b WHERE b.auction_id = a.id \
-     AND (b.xid, b.seq) > (a.resolved_xid, a.resolved_seq) AND b.status = 'pending'",
-    "unnest(a.open_xids) AS o(xid) CROSS JOIN LATERAL (SELECT *, ctid FROM bid_log \
-       WHERE auction_id = a.id AND xid = o.xid AND status = 'pending' OFFSET 0) b",
+     AND (b.xid, b.seq) > (a.resolved_xid, a.resolved_seq) AND b.status = 'pending' \
+     AND b.seq <> ALL(a.ahead_seqs)",
+    "unnest(a.open_xids) AS o(xid) CROSS JOIN LATERAL (SELECT * FROM bid_log \
+       WHERE auction_id = a.id AND xid = o.xid AND status = 'pending' \
+         AND seq <> ALL(a.ahead_seqs) OFFSET 0) b",
 ];
 
 /// The bids not yet resolved of each auction `a` as one lateral subquery
@@ -97,14 +120,9 @@ pub fn unresolved(columns: &str) -> String {
 /// yet resolved (by the resolver's scan and the backlog it reports).
 pub const SETTLED_LATELY: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// [`COLUMNS`] of the bids `b`.
-fn qualified_columns() -> String {
-    COLUMNS
-        .split(',')
-        .map(|c| format!("b.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+/// What the resolver reads of a pending bid `b`: what the rules need.
+const PENDING_COLUMNS: &str =
+    "b.auction_id, b.id, b.seq, b.bidder_id, b.amount, b.received_at, b.xid";
 
 /// The pending bids of each of `auction_ids` the resolver applies next
 /// (see [`PendingRead`]), found by the transactions that wrote them (see
@@ -126,15 +144,14 @@ pub async fn pending(
                SELECT ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(pg_current_snapshot()) x) \
                  AS in_progress) \
              SELECT p.*, snapshot.in_progress FROM unnest($1::uuid[]) AS u(id) \
-             CROSS JOIN LATERAL (SELECT id, resolved_xid, resolved_seq, open_xids \
+             CROSS JOIN LATERAL (SELECT id, resolved_xid, resolved_seq, open_xids, ahead_seqs \
                                  FROM auctions WHERE id = u.id OFFSET 0) a \
              CROSS JOIN LATERAL ( \
-               (SELECT {columns}, b.xid, b.ctid::text AS row_version, false AS reopened \
-                FROM {after} ORDER BY b.xid, b.seq LIMIT $2) \
+               (SELECT {columns}, false AS reopened FROM {after} ORDER BY b.xid, b.seq LIMIT $2) \
                UNION ALL \
-               (SELECT {columns}, b.xid, b.ctid::text, true FROM {open})) p \
+               (SELECT {columns}, true FROM {open})) p \
              CROSS JOIN snapshot",
-            columns = qualified_columns(),
+            columns = PENDING_COLUMNS,
             after = UNRESOLVED[0],
             open = UNRESOLVED[1],
         )
@@ -149,8 +166,19 @@ pub async fn pending(
         .iter()
         .map(|row| {
             Ok(PendingBid {
-                bid: BidRecord::from_row(row)?,
-                row_version: row.try_get("row_version")?,
+                bid: BidRecord {
+                    auction_id: row.try_get("auction_id")?,
+                    id: row.try_get("id")?,
+                    seq: row.try_get("seq")?,
+                    bidder_id: row.try_get("bidder_id")?,
+                    amount: row.try_get("amount")?,
+                    status: BidStatus::Pending,
+                    reason: None,
+                    price_after: None,
+                    received_at: row.try_get("received_at")?,
+                    resolved_at: None,
+                    resolution_no: None,
+                },
                 xid: row.try_get("xid")?,
                 reopened: row.try_get("reopened")?,
             })
@@ -189,89 +217,56 @@ pub async fn auctions_with_pending(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// The resolver's outcome for one pending bid, as its transaction writes it.
+/// The resolver's outcome for one pending bid, as its transaction records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BidOutcome<'a> {
+pub struct BidOutcome {
     /// The auction of the bid.
     pub auction_id: Uuid,
     /// The bid id.
     pub id: Uuid,
-    /// Where the bid's row version lives ([`PendingBid::row_version`]).
-    pub row_version: &'a str,
-    /// What the bid's row gets.
+    /// Its sequence number (`bid_log.seq`).
+    pub seq: i64,
+    /// Its outcome.
     pub resolution: Resolution,
 }
 
-/// Writes the outcomes of pending bids; returns how many rows were still
-/// pending (the caller aborts the transaction if that is not all of them).
-///
-/// No index of `bid_log` covers an outcome column, so each outcome is a
-/// HOT update: a new version on the same page, no index entry written.
-///
-/// Each outcome names the row version the resolver read in this
-/// transaction, and the join fetches exactly that tuple (a TID scan per
-/// outcome), so the plan does not depend on statistics, which lag a hot
-/// auction by hundreds of thousands of bids in its final minutes: looked
-/// up by auction and id, or by a list of row versions, the planner chose
-/// scans of the auction's whole log, or of the whole list, per outcome.
-///
-/// The id and the pending status are checked again: a version that changed
-/// since the read is not written, and the count tells the caller.
-pub async fn record_outcomes(
+/// Records the outcomes of one auction's batch (at least one, in
+/// resolution order) as its `bid_outcomes` row, written with the auction's
+/// `version`: one row whatever the number of bids. Each bid's status
+/// follows from it and the auction row (the `bids` view).
+pub async fn record_batch(
     client: &impl GenericClient,
-    outcomes: &[BidOutcome<'_>],
+    auction_id: Uuid,
+    version: i64,
+    outcomes: &[BidOutcome],
 ) -> Result<u64, tokio_postgres::Error> {
+    let Some(first) = outcomes.first() else {
+        return Ok(0);
+    };
     let stmt = client
         .prepare_cached(
-            "UPDATE bid_log b SET status = u.status, reason = u.reason, price_after = u.price, \
-             resolution_no = u.no, resolved_version = u.version, resolved_at = now() \
-             FROM unnest($1::text[]::tid[], $2::uuid[], $3::text[], $4::text[], $5::int8[], \
-                         $6::int8[], $7::int8[]) AS u(row_version, id, status, reason, price, no, \
-                                                     version) \
-             WHERE b.ctid = u.row_version AND b.id = u.id AND b.status = 'pending'",
+            "INSERT INTO bid_outcomes (auction_id, version, first_seq, last_seq, first_no, \
+             seqs, reasons, prices) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .await?;
-    // The statement takes one array per column.
-    let row_versions: Vec<&str> = outcomes.iter().map(|o| o.row_version).collect();
-    let ids: Vec<Uuid> = outcomes.iter().map(|o| o.id).collect();
-    let resolutions = || outcomes.iter().map(|o| &o.resolution);
-    let statuses: Vec<&str> = resolutions().map(|r| r.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = resolutions().map(|r| r.reason).collect();
-    let prices: Vec<Option<i64>> = resolutions().map(|r| r.price_after).collect();
-    let resolution_nos: Vec<i64> = resolutions().map(|r| r.resolution_no).collect();
-    let versions: Vec<i64> = resolutions().map(|r| r.resolved_version).collect();
+    let seqs: Vec<i64> = outcomes.iter().map(|o| o.seq).collect();
+    let reasons: Vec<Option<&str>> = outcomes.iter().map(|o| o.resolution.reason).collect();
+    let prices: Vec<Option<i64>> = outcomes.iter().map(|o| o.resolution.price_after).collect();
+    let first_seq = seqs.iter().copied().min().unwrap_or(first.seq);
+    let last_seq = seqs.iter().copied().max().unwrap_or(first.seq);
     client
         .execute(
             &stmt,
             &[
-                &row_versions,
-                &ids,
-                &statuses,
+                &auction_id,
+                &version,
+                &first_seq,
+                &last_seq,
+                &first.resolution.resolution_no,
+                &seqs,
                 &reasons,
                 &prices,
-                &resolution_nos,
-                &versions,
             ],
         )
         .await
-}
-
-/// Marks a previously leading bid as outbid.
-///
-/// One statement per bid, looked up by key: the resolver sends one for
-/// each auction of a group whose leader was outbid, all in one round trip.
-/// One statement over arrays of bids, joined to `bid_log`, ran on a
-/// generic plan that scanned the log.
-pub async fn mark_outbid(
-    client: &impl GenericClient,
-    auction_id: Uuid,
-    bid_id: Uuid,
-) -> Result<u64, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(
-            "UPDATE bid_log SET status = 'outbid' \
-             WHERE auction_id = $1 AND id = $2 AND status = 'leading'",
-        )
-        .await?;
-    client.execute(&stmt, &[&auction_id, &bid_id]).await
 }
