@@ -15,7 +15,6 @@ use uuid::Uuid;
 
 use super::{BidRecord, Resolution, COLUMNS};
 use crate::db::reads;
-use crate::domain::BidStatus;
 
 /// The unique index that holds an idempotency key to one bid.
 const KEY_INDEX: &str = "bid_log_idempotency_key";
@@ -101,19 +100,12 @@ pub async fn append_batch(
         let Some(bid) = by_id.get(&id) else {
             continue;
         };
-        inserted.push(BidRecord {
-            auction_id: bid.auction_id,
-            id,
-            seq: row.try_get(1)?,
-            bidder_id: bid.bidder_id.clone(),
-            amount: bid.amount,
-            status: BidStatus::Pending,
-            reason: None,
-            price_after: None,
-            received_at: row.try_get(2)?,
-            resolved_at: None,
-            resolution_no: None,
-        });
+        inserted.push(BidRecord::pending(
+            (bid.auction_id, id, row.try_get(1)?),
+            bid.bidder_id.clone(),
+            bid.amount,
+            row.try_get(2)?,
+        ));
     }
     // Rows come back in no promised order; `seq` is the order of `bids`.
     inserted.sort_by_key(|bid| bid.seq);

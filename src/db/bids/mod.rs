@@ -72,6 +72,28 @@ impl BidRecord {
         }
     }
 
+    /// A bid just appended, not yet resolved.
+    pub(crate) fn pending(
+        (auction_id, id, seq): (Uuid, Uuid, i64),
+        bidder_id: String,
+        amount: i64,
+        received_at: DateTime<Utc>,
+    ) -> Self {
+        BidRecord {
+            auction_id,
+            id,
+            seq,
+            bidder_id,
+            amount,
+            status: BidStatus::Pending,
+            reason: None,
+            price_after: None,
+            received_at,
+            resolved_at: None,
+            resolution_no: None,
+        }
+    }
+
     pub(crate) fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
         Ok(BidRecord {
             auction_id: row.try_get("auction_id")?,

@@ -12,7 +12,6 @@ use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{BidRecord, Resolution};
-use crate::domain::BidStatus;
 
 /// A pending bid as the resolver read it inside its transaction.
 pub struct PendingBid {
@@ -166,19 +165,16 @@ pub async fn pending(
         .iter()
         .map(|row| {
             Ok(PendingBid {
-                bid: BidRecord {
-                    auction_id: row.try_get("auction_id")?,
-                    id: row.try_get("id")?,
-                    seq: row.try_get("seq")?,
-                    bidder_id: row.try_get("bidder_id")?,
-                    amount: row.try_get("amount")?,
-                    status: BidStatus::Pending,
-                    reason: None,
-                    price_after: None,
-                    received_at: row.try_get("received_at")?,
-                    resolved_at: None,
-                    resolution_no: None,
-                },
+                bid: BidRecord::pending(
+                    (
+                        row.try_get("auction_id")?,
+                        row.try_get("id")?,
+                        row.try_get("seq")?,
+                    ),
+                    row.try_get("bidder_id")?,
+                    row.try_get("amount")?,
+                    row.try_get("received_at")?,
+                ),
                 xid: row.try_get("xid")?,
                 reopened: row.try_get("reopened")?,
             })
