@@ -448,6 +448,9 @@ impl Writers {
                 }
             }
         }
+        if !woken.is_empty() {
+            self.signals.bids_committed();
+        }
         // Committed: from here on nothing may fail these bids' requests.
         self.batch_ended(slot);
         for (submission, outcome) in batch.into_iter().zip(outcomes) {

@@ -144,7 +144,7 @@ impl LiveViews {
         let inner = Arc::new(Inner {
             views,
             feeds: Mutex::new(HashMap::new()),
-            pace: Pace::new(max_streams, events_per_s),
+            pace: Pace::new(max_streams, events_per_s, signals.clone()),
         });
         tokio::spawn(follow(
             Arc::downgrade(&inner),

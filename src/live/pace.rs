@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify, Semaphore};
 
+use crate::signals::Signals;
+
 /// How long a version stays the latest before streams may send it early.
 pub const QUIET: Duration = Duration::from_millis(50);
 /// The share of the budget the streams' pauses spend; the rest fills the reserve.
@@ -34,6 +36,8 @@ struct Budget {
     max_streams: usize,
     per_s: f64,
     reserve: Mutex<Reserve>,
+    /// Tells whether the process is taking bids.
+    signals: Signals,
 }
 
 /// Events that may go out beyond the pauses: refilled at the rest of the
@@ -44,8 +48,9 @@ struct Reserve {
 }
 
 impl Pace {
-    /// A budget of `per_s` events a second over at most `max_streams` streams.
-    pub fn new(max_streams: usize, per_s: usize) -> Self {
+    /// A budget of `per_s` events a second over at most `max_streams`
+    /// streams, whose reserve waits while `signals` tell of bids committed.
+    pub fn new(max_streams: usize, per_s: usize, signals: Signals) -> Self {
         let per_s = per_s.max(1) as f64;
         Pace {
             inner: Arc::new(Budget {
@@ -56,6 +61,7 @@ impl Pace {
                     tokens: per_s,
                     at: Instant::now(),
                 }),
+                signals,
             }),
         }
     }
@@ -83,9 +89,13 @@ impl Pace {
         Duration::from_secs_f64(open as f64 / (budget.per_s * SHARED))
     }
 
-    /// Takes one event from the reserve, if it holds one.
+    /// Takes one event from the reserve, if it holds one and no bid was
+    /// committed within the last [`QUIET`].
     fn take_reserve(&self) -> bool {
         let budget = &self.inner;
+        if budget.signals.bids_committed_within(QUIET) {
+            return false;
+        }
         let mut reserve = budget.reserve.lock().expect("reserve");
         let now = Instant::now();
         let refill = now.duration_since(reserve.at).as_secs_f64() * budget.per_s * (1.0 - SHARED);
@@ -183,7 +193,7 @@ mod tests {
 
     #[test]
     fn each_open_stream_pauses_for_its_share_of_the_budget() {
-        let pace = Pace::new(100, 1_000);
+        let pace = Pace::new(100, 1_000, Signals::new());
         let _open = with_open(&pace, 40);
         // 40 streams sharing 800 events a second: one each 50 ms.
         assert_eq!(pace.interval(), Duration::from_millis(50));
@@ -196,18 +206,28 @@ mod tests {
 
     #[test]
     fn a_few_streams_are_not_paused() {
-        let pace = Pace::new(100, 20_000);
+        let pace = Pace::new(100, 20_000, Signals::new());
         let _open = with_open(&pace, 10);
         assert_eq!(Pacer::new(pace, watch::channel(0).1, 7).pause(), None);
     }
 
     #[test]
     fn the_reserve_holds_a_second_of_budget_and_refills_at_the_rest() {
-        let pace = Pace::new(10, 100);
+        let pace = Pace::new(10, 100, Signals::new());
         let taken = (0..150).filter(|_| pace.take_reserve()).count();
         assert!((100..=101).contains(&taken), "{taken}");
         // A fifth of 100 a second: at least 2 more after 100 ms.
         std::thread::sleep(Duration::from_millis(100));
         assert!(pace.take_reserve() && pace.take_reserve());
+    }
+
+    #[test]
+    fn the_reserve_waits_while_the_process_commits_bids() {
+        let signals = Signals::new();
+        let pace = Pace::new(10, 100, signals.clone());
+        signals.bids_committed();
+        assert!(!pace.take_reserve(), "spent while bids were committed");
+        std::thread::sleep(QUIET + Duration::from_millis(10));
+        assert!(pace.take_reserve(), "kept after the bids stopped");
     }
 }

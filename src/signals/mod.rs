@@ -5,7 +5,9 @@
 pub mod listener;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
@@ -50,6 +52,9 @@ struct Inner {
     /// Auctions this process changed, for other processes to hear of.
     changed_here: Marks,
     resolved: broadcast::Sender<Resolved>,
+    /// When this process last committed a bid, in µs after `started`.
+    last_commit_us: AtomicU64,
+    started: Instant,
 }
 
 /// A set of auctions marked for a consumer, which takes them all at once
@@ -93,6 +98,8 @@ impl Signals {
                 dirty: Marks::default(),
                 changed_here: Marks::default(),
                 resolved,
+                last_commit_us: AtomicU64::new(0),
+                started: Instant::now(),
             }),
         }
     }
@@ -100,6 +107,22 @@ impl Signals {
     /// Records that `auction_id` has new pending bids and wakes the consumer.
     pub fn bid_appended(&self, auction_id: Uuid) {
         self.inner.dirty.mark(auction_id);
+    }
+
+    /// Records that this process just committed bids: it is taking bids,
+    /// which the live views spend no reserve on top of (see `live::pace`).
+    pub fn bids_committed(&self) {
+        let now = self.inner.started.elapsed().as_micros() as u64;
+        self.inner
+            .last_commit_us
+            .store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether this process committed bids within the last `within`.
+    pub fn bids_committed_within(&self, within: Duration) -> bool {
+        let last = self.inner.last_commit_us.load(Ordering::Relaxed);
+        let now = self.inner.started.elapsed().as_micros() as u64;
+        last != 0 && now.saturating_sub(last) < within.as_micros() as u64
     }
 
     /// Takes the set of auctions marked since the last call.

@@ -386,6 +386,29 @@ async fn a_watcher_that_stops_reading_holds_up_no_one() {
     assert!(events <= 30);
 }
 
+/// The last change before a lull goes out from the budget's reserve at
+/// once instead of waiting for the stream's pause.
+#[tokio::test]
+async fn the_last_change_before_a_lull_is_not_held_for_the_pause() {
+    // One stream with 1 event a second: a pause of 0.625 s to 1.875 s
+    // after each event, and a reserve of one event.
+    let app = TestApp::spawn_with(|c| c.limits.stream_events_per_s = 1).await;
+    let auction = app.create_auction("seller-1", json!({})).await;
+    let auction_id = auction["id"].as_str().unwrap().to_owned();
+    let mut watcher = stream(&app, &auction_id, &app.token("watcher", &[]), None).await;
+    let (first, _) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    let paused = std::time::Instant::now();
+    app.bid_resolved("alice", &auction_id, 1_500).await;
+    let (version, view) = view_of(&watcher.next_event(WAIT).await.unwrap());
+    let took = paused.elapsed();
+    assert!(version > first);
+    assert_eq!(view["leading_bidder"], gavel::domain::mask_user("alice"));
+    assert!(
+        took < Duration::from_millis(600),
+        "sent {took:?} after the first event: it waited for the pause"
+    );
+}
+
 /// With its event budget shared by many streams, a stream waits its share
 /// after each event: versions resolved meanwhile are skipped for the latest,
 /// and the final view cuts the wait short.
