@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -14,7 +14,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::consistency::{self, ReadToken};
-use super::extract::{idempotency_key, parse_id, prefer_wait, JsonBody, PathId};
+use super::extract::{parse_id, BidHeaders, JsonBody, PathId};
 use super::{AppState, QueueWait};
 use crate::auth::User;
 use crate::db::bids::BidRecord;
@@ -89,20 +89,17 @@ pub async fn place(
     State(state): State<AppState>,
     user: User,
     PathId(auction_id): PathId,
-    headers: HeaderMap,
+    headers: BidHeaders,
     admitted: Option<Extension<QueueWait>>,
     body: Result<JsonBody<PlaceBid>, ApiError>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let queue_wait = admitted.map_or(state.bids.pool_wait(), |Extension(QueueWait(w))| w);
     let auction_id = parse_id(&auction_id, "auction")?;
-    let key = idempotency_key(&headers)?;
+    let key = headers.key?;
     let JsonBody(body) = body?;
     let amount = body.amount()?;
-    let wait = prefer_wait(&headers);
-    // Their bytes share hyper's read buffer of the request: not held while
-    // the bid waits.
-    drop((headers, body));
+    let wait = headers.wait;
 
     let placed = state
         .bids

@@ -3,6 +3,7 @@
 //! shape), request ids, and reading the body in full under its own short
 //! timeout before the request may take an in-flight slot or a connection.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody as _};
@@ -11,6 +12,7 @@ use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use uuid::Uuid;
 
 use super::extract::BODY_LIMIT;
 use super::REQUEST_ID;
@@ -25,16 +27,16 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Longest client-chosen `X-Request-Id` that is echoed.
 const MAX_REQUEST_ID: usize = 200;
 
-/// Refuses a request whose target or headers exceed Gavel's limits with
-/// `414` or `431`.
-pub async fn check_head(request: Request, next: Next) -> Response {
+/// The `414` or `431` for a request whose target or headers exceed
+/// Gavel's limits; `None` for a request within them.
+pub fn head_refusal(request: &Request) -> Option<Response> {
     let target = request
         .uri()
         .path_and_query()
         .map_or(0, |pq| pq.as_str().len());
     if target > MAX_URI_BYTES {
         refused("uri_too_long");
-        return ApiError::UriTooLong(MAX_URI_BYTES).into_response();
+        return Some(ApiError::UriTooLong(MAX_URI_BYTES).into_response());
     }
     let headers = request.headers();
     let bytes: usize = headers
@@ -43,28 +45,32 @@ pub async fn check_head(request: Request, next: Next) -> Response {
         .sum();
     if headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES {
         refused("headers_too_large");
-        return ApiError::HeadersTooLarge {
-            fields: MAX_HEADER_FIELDS,
-            bytes: MAX_HEADER_BYTES,
-        }
-        .into_response();
+        return Some(
+            ApiError::HeadersTooLarge {
+                fields: MAX_HEADER_FIELDS,
+                bytes: MAX_HEADER_BYTES,
+            }
+            .into_response(),
+        );
     }
-    next.run(request).await
+    None
 }
 
-/// Drops an `X-Request-Id` that is empty, too long, not visible ASCII or
-/// sent more than once, so a fresh one is generated in its place.
-pub fn drop_invalid_request_id(mut request: Request) -> Request {
-    let mut ids = request.headers().get_all(&REQUEST_ID).iter();
-    let valid = match (ids.next(), ids.next()) {
-        (Some(id), None) => is_valid_request_id(id.as_bytes()),
-        (None, _) => true,
-        (Some(_), Some(_)) => false,
-    };
-    if !valid {
-        request.headers_mut().remove(&REQUEST_ID);
+/// The request's id: its `X-Request-Id` when that is sent once and is
+/// short visible ASCII, else a fresh UUID put in its place.
+pub fn request_id(request: &mut Request) -> HeaderValue {
+    let headers = request.headers_mut();
+    let mut ids = headers.get_all(&REQUEST_ID).iter();
+    if let (Some(id), None) = (ids.next(), ids.next()) {
+        if is_valid_request_id(id.as_bytes()) {
+            return id.clone();
+        }
     }
-    request
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    let id = Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let id = HeaderValue::from_str(id).expect("a UUID is a header value");
+    headers.insert(REQUEST_ID.clone(), id.clone());
+    id
 }
 
 fn is_valid_request_id(id: &[u8]) -> bool {
@@ -83,7 +89,13 @@ pub async fn read_body(State(limit): State<Duration>, request: Request, next: Ne
     if body.size_hint().lower() > BODY_LIMIT as u64 {
         return closing(refusal("too_large", ApiError::PayloadTooLarge(BODY_LIMIT)));
     }
-    let read = tokio::time::timeout(limit, Limited::new(body, BODY_LIMIT).collect()).await;
+    // A body already received (most are, in the packet of their head) is
+    // taken without arming the timer.
+    let mut collect = std::pin::pin!(Limited::new(body, BODY_LIMIT).collect());
+    let read = match futures::poll!(collect.as_mut()) {
+        Poll::Ready(read) => Ok(read),
+        Poll::Pending => tokio::time::timeout(limit, collect).await,
+    };
     let refusal = match read {
         Ok(Ok(collected)) => {
             let body = Body::from(collected.to_bytes());

@@ -51,46 +51,54 @@ impl FromRequestParts<AppState> for User {
     }
 }
 
-/// A JSON object body: `application/json`, at most [`BODY_LIMIT`] bytes.
-struct JsonObject(Map<String, Value>);
-
-impl<S: Send + Sync> FromRequest<S> for JsonObject {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        if !is_json(req.headers()) {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(BODY_LIMIT)
-            } else {
-                ApiError::InvalidRequest("the request body could not be read".into())
-            }
-        })?;
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(_) => Err(ApiError::InvalidRequest(
-                "the body must be a JSON object".into(),
-            )),
-            Err(e) => Err(ApiError::InvalidRequest(format!("malformed JSON: {e}"))),
-        }
-    }
-}
-
-/// A JSON object body ([`JsonObject`]) read into the request type `T`,
-/// whose fields say the body's shape; their values are judged by the
-/// handler, which reports every invalid field at once.
+/// A JSON object body (`application/json`, at most [`BODY_LIMIT`] bytes)
+/// read into the request type `T`, whose fields say the body's shape;
+/// their values are judged by the handler, which reports every invalid
+/// field at once.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let JsonObject(map) = JsonObject::from_request(req, state).await?;
+        if !is_json(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = read_bytes(req, state).await?;
+        // An object of the right shape is read straight into `T` (which
+        // would also take an array); anything else is read again as a
+        // map, for the contract's message.
+        if bytes.trim_ascii_start().starts_with(b"{") {
+            if let Ok(body) = serde_json::from_slice(&bytes) {
+                return Ok(JsonBody(body));
+            }
+        }
+        let map = object(&bytes)?;
         serde_json::from_value(Value::Object(map))
             .map(JsonBody)
             .map_err(|e| ApiError::InvalidRequest(format!("malformed JSON: {e}")))
+    }
+}
+
+/// The whole body, within [`BODY_LIMIT`].
+async fn read_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(BODY_LIMIT)
+        } else {
+            ApiError::InvalidRequest("the request body could not be read".into())
+        }
+    })
+}
+
+/// `bytes` as a JSON object, or the contract's problem with it.
+fn object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(ApiError::InvalidRequest(format!("malformed JSON: {e}"))),
     }
 }
 
@@ -101,14 +109,12 @@ fn is_json(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let (kind, subtype) = essence.split_at_checked(12).unwrap_or((essence, ""));
+    kind.eq_ignore_ascii_case("application/")
+        && (subtype.eq_ignore_ascii_case("json")
+            || (subtype.len() >= 5
+                && subtype.as_bytes()[subtype.len() - 5..].eq_ignore_ascii_case(b"+json")))
 }
 
 /// The `{id}` segment of a path, as sent; a segment that is not even
@@ -134,7 +140,7 @@ pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
 
 /// The `Idempotency-Key` header: missing is 400 `idempotency_key_missing`,
 /// malformed 400 `invalid_request`.
-pub fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
+fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> {
     let raw = headers
         .get("idempotency-key")
         .ok_or(ApiError::IdempotencyKeyMissing)?;
@@ -144,13 +150,32 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, ApiError> 
     IdempotencyKey::parse(raw).map_err(ApiError::InvalidRequest)
 }
 
+/// The headers of a bid: its `Idempotency-Key` (judged when the handler
+/// asks, so problems are reported in the contract's order) and its
+/// `Prefer: wait`. Read from the request head without copying it.
+pub struct BidHeaders {
+    pub key: Result<IdempotencyKey, ApiError>,
+    pub wait: Option<u64>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BidHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(BidHeaders {
+            key: idempotency_key(&parts.headers),
+            wait: prefer_wait(&parts.headers),
+        })
+    }
+}
+
 /// Most seconds a client may ask to wait for its bid's outcome.
 pub const MAX_WAIT_S: u64 = 10;
 
 /// The `wait=N` preference of RFC 7240 (`Prefer: wait=3`), capped at
 /// [`MAX_WAIT_S`]; an absent or unreadable preference is ignored, as the
 /// RFC asks.
-pub fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
+fn prefer_wait(headers: &HeaderMap) -> Option<u64> {
     prefer_wait_up_to(headers, MAX_WAIT_S)
 }
 
@@ -210,6 +235,8 @@ mod tests {
             "content-type",
             "application/merge-patch+json"
         )])));
+        assert!(is_json(&headers(&[("content-type", "Application/JSON")])));
+        assert!(!is_json(&headers(&[("content-type", "application/jsonx")])));
         assert!(!is_json(&headers(&[("content-type", "text/plain")])));
         assert!(!is_json(&headers(&[])));
     }

@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tracing::Instrument as _;
 
 use crate::auth::JwtKeys;
 use crate::bidding::{self, BidDesk, Door};
@@ -144,24 +144,27 @@ pub fn api_router(state: AppState) -> Router {
         .merge(events::router())
         .merge(feed::router(&state))
         .merge(watch::router())
-        .layer(middleware::from_fn(track_metrics))
         .with_state(state);
     edge::register_metrics();
-    routes.layer(
-        ServiceBuilder::new()
-            .map_request(edge::drop_invalid_request_id)
-            .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
-            .layer(
-                tower_http::trace::TraceLayer::new_for_http()
-                    .make_span_with(request_span)
-                    .on_request(())
-                    .on_response(log_response)
-                    .on_failure(()),
-            )
-            .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
-            .layer(middleware::map_response(security_headers))
-            .layer(middleware::from_fn(edge::check_head)),
-    )
+    routes.layer(middleware::from_fn(frame))
+}
+
+/// The edge of every request, in one layer: its `X-Request-Id` (see
+/// [`edge::request_id`]), its span and access-log line, the limits on its
+/// head, the request metrics, and on the response the security headers
+/// and the request id.
+async fn frame(mut request: Request, next: Next) -> Response {
+    let id = edge::request_id(&mut request);
+    let span = request_span(&request);
+    let started = Instant::now();
+    let mut response = match edge::head_refusal(&request) {
+        Some(refusal) => refusal,
+        None => track_metrics(request, next).instrument(span.clone()).await,
+    };
+    span.in_scope(|| log_response(&response, started.elapsed()));
+    security_headers(&mut response);
+    response.headers_mut().entry(&REQUEST_ID).or_insert(id);
+    response
 }
 
 /// The span every request runs in: its id, method, matched route and path.
@@ -194,7 +197,7 @@ fn route_label(matched: Option<&MatchedPath>) -> &str {
 
 /// One access-log line per request, in the request's span: status and
 /// latency. (Failures are logged with their cause where they happen.)
-fn log_response(response: &Response, latency: Duration, _span: &tracing::Span) {
+fn log_response(response: &Response, latency: Duration) {
     tracing::info!(
         status = response.status().as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,
@@ -237,7 +240,7 @@ async fn admit(State(state): State<AppState>, mut request: Request, next: Next) 
 /// Sets the security headers on a response. A response that chose its own
 /// Content-Security-Policy keeps it: only the watch page does, to load its
 /// script and style from `'self'` (see `watch.rs`).
-async fn security_headers(mut response: Response) -> Response {
+fn security_headers(response: &mut Response) {
     let headers = response.headers_mut();
     for (name, value) in &SECURITY_HEADERS {
         if name == header::CONTENT_SECURITY_POLICY && headers.contains_key(name) {
@@ -245,7 +248,6 @@ async fn security_headers(mut response: Response) -> Response {
         }
         headers.insert(name.clone(), value.clone());
     }
-    response
 }
 
 /// The answer to a request shed by the in-flight limit or cut off by its deadline.
