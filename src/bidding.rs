@@ -166,7 +166,8 @@ impl BidDesk {
         if self.path.resolves_in_request() {
             return Door::Open(self.pool_wait());
         }
-        let door = self.admission.bid(self.appender.queued(), self.pool_wait());
+        let queue = (self.appender.queued(), self.appender.capacity());
+        let door = self.admission.bid(queue, self.pool_wait());
         if matches!(door, Door::Open(_)) {
             admission::count("bid", "admitted");
         }

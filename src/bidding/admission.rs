@@ -118,9 +118,11 @@ impl Admission {
         self.roll(&mut state, now);
     }
 
-    /// Whether a bid arriving now, to a queue of `queued` waiting bids, may
-    /// enter, and how long it may wait there (`normal` when not overloaded).
-    pub fn bid(&self, queued: usize, normal: Duration) -> Door {
+    /// Whether a bid arriving now, to a queue of `queued` waiting bids out
+    /// of the `capacity` it holds, may enter, and how long it may wait
+    /// there (`normal` when not overloaded). A full queue is a refusal at
+    /// the door: before the request costs its authentication and parsing.
+    pub fn bid(&self, (queued, capacity): (usize, usize), normal: Duration) -> Door {
         let now = Instant::now();
         let mut state = self.state.lock().expect("admission state");
         self.roll(&mut state, now);
@@ -131,10 +133,11 @@ impl Admission {
         // What the writers commit while an admitted bid may wait; unknown
         // (everything fits) until they have committed something.
         let room = (state.rate * wait.as_secs_f64()).ceil() as usize;
-        let full = match state.overloaded_since {
-            Some(_) => queued >= room.max(1),
-            None => state.rate > 0.0 && queued >= room.max(1),
-        };
+        let full = queued >= capacity
+            || match state.overloaded_since {
+                Some(_) => queued >= room.max(1),
+                None => state.rate > 0.0 && queued >= room.max(1),
+            };
         if !full {
             return Door::Open(wait);
         }
@@ -285,6 +288,9 @@ mod tests {
 
     const NORMAL: Duration = Duration::from_secs(1);
 
+    /// A queue that holds more than any test fills.
+    const ROOMY: usize = 1_000_000;
+
     fn overloaded(admission: &Admission) -> bool {
         admission.state.lock().unwrap().overloaded_since.is_some()
     }
@@ -314,7 +320,7 @@ mod tests {
         }
         admission.written(1, Duration::from_millis(1));
         assert!(!overloaded(&admission));
-        assert_eq!(admission.bid(5, NORMAL), Door::Open(NORMAL));
+        assert_eq!(admission.bid((5, ROOMY), NORMAL), Door::Open(NORMAL));
         assert_eq!(admission.read(), Door::Open(Duration::ZERO));
     }
 
@@ -327,8 +333,11 @@ mod tests {
         admission.written(1, Duration::from_millis(55));
         assert!(overloaded(&admission));
         // 50 ms of 2,000 bids a second: 100 fit.
-        assert_eq!(admission.bid(10, NORMAL), Door::Open(OVERLOAD_WAIT));
-        let Door::Refused { retry_after_s } = admission.bid(500, NORMAL) else {
+        assert_eq!(
+            admission.bid((10, ROOMY), NORMAL),
+            Door::Open(OVERLOAD_WAIT)
+        );
+        let Door::Refused { retry_after_s } = admission.bid((500, ROOMY), NORMAL) else {
             panic!("a long queue refuses");
         };
         assert!((1..=2).contains(&retry_after_s), "{retry_after_s}");
@@ -343,7 +352,10 @@ mod tests {
         admission.written(1, Duration::from_millis(55));
         assert!(overloaded(&admission));
         // Short waits, but the door refused bids: still overloaded.
-        assert!(matches!(admission.bid(500, NORMAL), Door::Refused { .. }));
+        assert!(matches!(
+            admission.bid((500, ROOMY), NORMAL),
+            Door::Refused { .. }
+        ));
         window(&admission, 200, Duration::from_millis(1));
         admission.written(1, Duration::from_millis(1));
         assert!(overloaded(&admission));
@@ -351,7 +363,7 @@ mod tests {
         window(&admission, 100, Duration::from_millis(1));
         admission.written(1, Duration::from_millis(1));
         assert!(!overloaded(&admission));
-        assert_eq!(admission.bid(5, NORMAL), Door::Open(NORMAL));
+        assert_eq!(admission.bid((5, ROOMY), NORMAL), Door::Open(NORMAL));
     }
 
     #[test]
@@ -384,17 +396,33 @@ mod tests {
     fn a_stall_is_not_overload_but_a_bid_that_could_not_be_taken_in_time_is_refused() {
         let admission = Admission::new();
         // Nothing known yet: everything fits.
-        assert_eq!(admission.bid(10_000, NORMAL), Door::Open(NORMAL));
+        assert_eq!(admission.bid((10_000, ROOMY), NORMAL), Door::Open(NORMAL));
         window(&admission, 100, Duration::from_millis(5));
         // 1,000 a second: 1,000 fit in a second's wait.
-        assert_eq!(admission.bid(900, NORMAL), Door::Open(NORMAL));
-        assert!(matches!(admission.bid(1_000, NORMAL), Door::Refused { .. }));
+        assert_eq!(admission.bid((900, ROOMY), NORMAL), Door::Open(NORMAL));
+        assert!(matches!(
+            admission.bid((1_000, ROOMY), NORMAL),
+            Door::Refused { .. }
+        ));
         // One slow window (the catch-up after a stall) is not overload,
         // and neither is a while in which the writers write nothing.
         window(&admission, 100, Duration::from_millis(300));
         age(&admission, INTERVAL * 3);
-        assert!(matches!(admission.bid(50, NORMAL), Door::Open(_)));
+        assert!(matches!(admission.bid((50, ROOMY), NORMAL), Door::Open(_)));
         assert!(!overloaded(&admission));
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_at_the_door_overloaded_or_not() {
+        let admission = Admission::new();
+        assert!(matches!(
+            admission.bid((256, 256), NORMAL),
+            Door::Refused {
+                retry_after_s: 1..=2
+            }
+        ));
+        assert!(!overloaded(&admission));
+        assert_eq!(admission.bid((255, 256), NORMAL), Door::Open(NORMAL));
     }
 
     #[test]

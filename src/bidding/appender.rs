@@ -223,6 +223,11 @@ impl Appender {
         self.writers.waiting.load(Ordering::Relaxed)
     }
 
+    /// The most bids the queue holds.
+    pub(super) fn capacity(&self) -> usize {
+        self.queue.max_capacity()
+    }
+
     /// Appends `bid` with the next batch, unless it cannot be taken into
     /// one before `budget`. The bid's time in the queue is its wait for a
     /// connection, and shows in the append pool's metrics as one: among the
@@ -245,10 +250,11 @@ impl Appender {
         if let Err(e) = self.queue.try_send(submission) {
             self.writers.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(match e {
-                // As many bids wait as the writers' next batches can hold.
+                // As many bids wait as the writers' next batches can hold
+                // (the door refuses most bids beyond: this one came between).
                 mpsc::error::TrySendError::Full(_) => {
                     pool.wait_ended(queued_at, WaitEnd::TimedOut);
-                    ApiError::Overloaded
+                    self.writers.admission.queue_refusal()
                 }
                 mpsc::error::TrySendError::Closed(_) => {
                     pool.wait_ended(queued_at, WaitEnd::Abandoned);
