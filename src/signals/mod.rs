@@ -1,6 +1,7 @@
 //! In-process signals between the bid path and the resolver: which auctions
 //! have new bids (wake the resolver) and which bids were just resolved (wake
-//! requests waiting with `Prefer: wait`).
+//! requests waiting with `Prefer: wait`), and for the live views whether
+//! the process is taking bids.
 
 pub mod listener;
 
