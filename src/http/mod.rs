@@ -155,7 +155,7 @@ pub fn api_router(state: AppState) -> Router {
 /// and the request id.
 async fn frame(mut request: Request, next: Next) -> Response {
     let id = edge::request_id(&mut request);
-    let span = request_span(&request);
+    let span = request_span(&request, &id);
     let started = Instant::now();
     let mut response = match edge::head_refusal(&request) {
         Some(refusal) => refusal,
@@ -167,13 +167,11 @@ async fn frame(mut request: Request, next: Next) -> Response {
     response
 }
 
-/// The span every request runs in: its id, method, matched route and path.
-fn request_span(request: &Request) -> tracing::Span {
-    let request_id = request
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+/// The span every request runs in: its id (`id`), method, matched route
+/// and path.
+fn request_span(request: &Request, id: &HeaderValue) -> tracing::Span {
+    // Visible ASCII, as `edge::request_id` makes sure.
+    let request_id = id.to_str().unwrap_or("");
     let route = matched_route(request);
     tracing::info_span!(
         "request",
