@@ -772,6 +772,22 @@ impl TestApp {
 
     /// Places a bid with `Prefer: wait=5` and returns its resolved view.
     pub async fn bid_resolved(&self, bidder: &str, auction_id: &str, amount: i64) -> Value {
+        let (status, body) = self.bid_waiting(bidder, auction_id, amount).await;
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "bid of {amount} by {bidder} resolved while waiting: {body}"
+        );
+        body
+    }
+
+    /// Places a bid with `Prefer: wait=5`; returns the status and body.
+    pub async fn bid_waiting(
+        &self,
+        bidder: &str,
+        auction_id: &str,
+        amount: i64,
+    ) -> (StatusCode, Value) {
         let response = self
             .http
             .post(self.url(&format!("/api/auctions/{auction_id}/bids")))
@@ -783,13 +799,7 @@ impl TestApp {
             .await
             .expect("bid request");
         let status = response.status();
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(
-            status,
-            StatusCode::CREATED,
-            "bid of {amount} by {bidder} resolved while waiting: {body}"
-        );
-        body
+        (status, response.json().await.unwrap())
     }
 
     /// Polls the auction until it is settled `closed`; returns its view.
